@@ -1,0 +1,91 @@
+"""One validated configuration object for every PROBE option.
+
+`ProbeConfig` is built once (from Python or from ``--probe-*`` command-line flags) and checked
+twice: on construction for values that are wrong in themselves, and by
+:meth:`ProbeConfig.validate_for_model` against the model's expert count, top-k and EP size,
+because some limits (how many replica slots make sense) depend on the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop")
+ASSIGNMENT_POLICIES = ("locality_even",)
+
+
+@dataclass
+class ProbeConfig:
+    """Options of the PROBE MoE layer.
+
+    Attributes:
+        replica_slots_per_rank: expert slots per EP rank that can hold a copy of an expert owned by
+            another rank (the paper uses 3). 0 turns replication off: the layer then behaves
+            exactly like Megatron's ``alltoall`` dispatcher.
+        expert_backend: how native experts and replica slots are computed in one grouped GEMM per
+            projection: ``te`` (Transformer Engine ``GroupedLinear``, GPU, bf16/FP8),
+            ``grouped_mm`` (``torch._grouped_mm``), ``loop`` (one GEMM per expert), or ``auto``
+            (TE on GPU when installed, else grouped_mm where it runs, else loop).
+        assignment_policy: how tokens of a replicated expert are split between its copies when
+            no explicit assignment is given. ``locality_even``: tokens that originate on a rank
+            holding a copy stay there; the others are split evenly over all copies.
+        validate_assignment: check every assignment against the true token counts before
+            dispatch (cheap; turn off only when a trusted planner produces it).
+    """
+
+    replica_slots_per_rank: int = 0
+    expert_backend: str = "auto"
+    assignment_policy: str = "locality_even"
+    validate_assignment: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.replica_slots_per_rank, bool) or not isinstance(
+            self.replica_slots_per_rank, int
+        ):
+            raise TypeError(
+                f"replica_slots_per_rank must be an int, got {self.replica_slots_per_rank!r}"
+            )
+        if self.replica_slots_per_rank < 0:
+            raise ValueError(
+                f"replica_slots_per_rank={self.replica_slots_per_rank} is negative; "
+                "valid values are 0 (no replication) or a positive slot count"
+            )
+        if self.expert_backend not in EXPERT_BACKENDS:
+            raise ValueError(
+                f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}"
+            )
+        if self.assignment_policy not in ASSIGNMENT_POLICIES:
+            raise ValueError(
+                f"assignment_policy={self.assignment_policy!r} is not one of {ASSIGNMENT_POLICIES}"
+            )
+
+    def validate_for_model(self, num_experts: int, ep_size: int, topk: Optional[int] = None) -> None:
+        """Raise ValueError when this config cannot serve a model of this shape."""
+        if num_experts is None or num_experts <= 0:
+            raise ValueError(f"num_experts={num_experts} must be a positive expert count")
+        if ep_size <= 0:
+            raise ValueError(f"expert-parallel size {ep_size} must be positive")
+        if num_experts % ep_size != 0:
+            divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by expert-parallel size {ep_size}; "
+                f"valid EP sizes for {num_experts} experts: {divisors}"
+            )
+        if topk is not None and not (1 <= topk <= num_experts):
+            raise ValueError(f"moe_router_topk={topk} must be between 1 and num_experts={num_experts}")
+        foreign = num_experts - num_experts // ep_size
+        if self.replica_slots_per_rank > foreign:
+            raise ValueError(
+                f"replica_slots_per_rank={self.replica_slots_per_rank} exceeds the {foreign} experts "
+                f"that other ranks own (num_experts={num_experts}, ep={ep_size}); "
+                f"valid range: 0..{foreign}"
+            )
+
+    def replace(self, **changes) -> "ProbeConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Integration layer: Megatron-Core glue (router, MoE layer, layer spec, CPU support)."""

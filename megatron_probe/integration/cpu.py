@@ -1,0 +1,46 @@
+"""What Megatron-Core 0.16 needs to run on CPU over gloo (see shared notes, megatron-cpu).
+
+* ``GlobalMemoryBuffer`` allocates on CUDA (attention scratch): :class:`DeviceGlobalMemoryBuffer`
+  allocates on a given device.
+* the model-parallel RNG tracker reads the CUDA RNG: the inference tracker avoids it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as tp_random
+from megatron.core.utils import GlobalMemoryBuffer
+
+
+class DeviceGlobalMemoryBuffer(GlobalMemoryBuffer):
+    def __init__(self, device="cpu"):
+        super().__init__()
+        self.device = torch.device(device)
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        n = 1
+        for d in tensor_shape:
+            n *= d
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.buffer[(name, dtype)] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(*tensor_shape)
+
+
+def initialize_megatron_parallel(ep_size: int, seed: int = 1234, device: str = "cpu") -> None:
+    """Megatron model-parallel state for expert parallelism ``ep_size`` (TP = PP = 1) on top of
+    an initialised ``torch.distributed`` default group."""
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=1, expert_model_parallel_size=ep_size
+    )
+    if device == "cpu":
+        tp_random.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
+        parallel_state._GLOBAL_MEMORY_BUFFER = DeviceGlobalMemoryBuffer("cpu")
+    else:
+        tp_random.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_megatron_parallel() -> None:
+    parallel_state.destroy_model_parallel()

@@ -1,0 +1,1 @@
+"""Mechanism layer: what moves data (dispatcher, expert bank, collectives, expert compute)."""

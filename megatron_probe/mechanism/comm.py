@@ -1,0 +1,75 @@
+"""Collectives the PROBE data path needs, written to run on gloo (CPU) and NCCL (GPU) alike.
+
+Megatron's own all-to-all helper allocates its buffers with ``device="cuda"``; these allocate
+on the input's device and accept uneven splits, which both gloo and NCCL support.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all along dim 0; its gradient is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.group = group
+        ctx.output_splits = output_splits
+        ctx.input_splits = input_splits
+        return _all_to_all_raw(x, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (
+            _AllToAll.apply(grad.contiguous(), ctx.input_splits, ctx.output_splits, ctx.group),
+            None,
+            None,
+            None,
+        )
+
+
+def _all_to_all_raw(x, output_splits: List[int], input_splits: List[int], group):
+    if group_size(group) == 1:
+        return x
+    x = x.contiguous()
+    out = x.new_empty((int(sum(output_splits)),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group):
+    """All-to-all of rows of ``x``: ``input_splits[r]`` rows go to rank r, ``output_splits[r]``
+    rows arrive from rank r (autograd-safe)."""
+    return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
+
+
+def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """``[ep, *x.shape]``: every rank's ``x`` stacked in group-rank order (no autograd)."""
+    n = group_size(group)
+    if n == 1:
+        return x.unsqueeze(0)
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def global_rank(group, rank_in_group: int) -> int:
+    if group is None:
+        return rank_in_group
+    return dist.get_global_rank(group, rank_in_group)

@@ -1,0 +1,177 @@
+"""``ProbeTokenDispatcher``: Megatron's token-dispatcher interface over replicated experts.
+
+Dropless. Each rank computes ``S = L + R`` expert slots (its ``L`` native experts, then ``R``
+replica slots). A token routed to expert ``e`` may be computed on any rank holding a copy of
+``e``; the *assignment* says how many of each source rank's tokens of ``e`` go to each copy.
+Dispatch always follows the true router output; placement and assignment only decide *where*
+each (token, expert) pair is computed, never *whether*, so the layer output cannot change.
+
+Order of operations (the ``alltoall`` dispatcher's, plus the slot mapping):
+1. ``dispatch_preprocess``: all-gather per-expert counts ``[ep, E]``; choose or check the
+   assignment; permute tokens expert-major with Megatron's ``permute`` (so the combine sums each
+   token's top-k outputs in the stock order); then reorder the pairs by destination slot.
+2. ``token_dispatch``: one uneven all-to-all for tokens and one for probs.
+3. ``dispatch_postprocess``: chunks arrive ``[src][slot]``; sort them ``[slot][src]`` and hand
+   the experts ``tokens_per_expert`` of length ``S``.
+4-6. the exact inverse.
+
+With no replica in the placement this moves the same rows to the same ranks as Megatron's
+``alltoall`` dispatcher.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import permute, sort_chunks_by_idxs, unpermute
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_probe.config import ProbeConfig
+from megatron_probe.mechanism.comm import all_gather_rows, all_to_all
+from megatron_probe.policy.placement import (
+    ExpertLayout,
+    assignment_from_placement,
+    empty_placement,
+    holder_slots,
+    slot_experts,
+    validate_assignment,
+    validate_placement,
+)
+
+
+class ProbeTokenDispatcher(MoETokenDispatcher):
+    def __init__(self, num_local_experts, local_expert_indices, config, pg_collection,
+                 probe_config: Optional[ProbeConfig] = None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.tp_size != 1:
+            raise NotImplementedError(
+                f"ProbeTokenDispatcher supports expert tensor parallel size 1, got {self.tp_size}"
+            )
+        self.probe_config = probe_config or ProbeConfig()
+        self.num_experts = config.num_moe_experts
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        self.layout = ExpertLayout(self.num_experts, self.ep_size, self.probe_config.replica_slots_per_rank)
+        if num_local_experts != self.layout.num_local_experts:
+            raise ValueError(f"num_local_experts={num_local_experts} != {self.layout.num_local_experts}")
+        self.ep_rank = torch.distributed.get_rank(self.ep_group) if self.ep_size > 1 else 0
+        self.placement = empty_placement(self.layout)
+        self._holder_slots = holder_slots(self.placement, self.layout)
+        self._pending_assignment: Optional[torch.Tensor] = None
+        self.assignment_fn: Optional[Callable] = None  # (counts [ep,E], placement, layout) -> assign
+        S, ep = self.layout.slots_per_rank, self.ep_size
+        # chunk orders: received [src][slot] -> experts want [slot][src], and back
+        idx = torch.arange(ep * S)
+        self._sort_to_slot_major = idx.view(ep, S).T.ravel()
+        self._sort_to_src_major = idx.view(S, ep).T.ravel()
+        self.last_counts: Optional[torch.Tensor] = None
+        self.last_assignment: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ plan inputs
+    def set_placement(self, placement: torch.Tensor) -> None:
+        validate_placement(placement, self.layout)
+        self.placement = placement.detach().cpu().long().clone()
+        self._holder_slots = holder_slots(self.placement, self.layout)
+
+    def set_next_assignment(self, assignment: Optional[torch.Tensor]) -> None:
+        """Use this ``[ep, E, ep]`` assignment for the next dispatch only (checked against the
+        true counts then). Every rank must pass the same tensor."""
+        self._pending_assignment = None if assignment is None else assignment.detach().cpu().long()
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
+        self.hidden_shape_before_permute = hidden.shape
+        self.routing_map = routing_map
+        E, L, S, ep = self.num_experts, self.num_local_experts, self.layout.slots_per_rank, self.ep_size
+        if routing_map.shape != (hidden.shape[0], E):
+            raise ValueError(f"routing_map {tuple(routing_map.shape)} != ({hidden.shape[0]}, {E})")
+
+        local_counts = routing_map.sum(dim=0).long()
+        counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
+        me = self.ep_rank
+        assign = self._choose_assignment(counts)  # [ep, E, ep], CPU
+        self.last_counts, self.last_assignment = counts, assign
+
+        num_pairs = int(counts[me].sum())
+        permuted, permuted_probs, self.reversed_mapping = permute(
+            hidden, routing_map, probs=probs, num_out_tokens=num_pairs, fused=False
+        )
+        # destination slot of every pair (pairs are expert-major, token-minor)
+        mine = assign[me]  # [E, ep]
+        pair_expert = torch.repeat_interleave(torch.arange(E), counts[me])
+        first_pair = torch.cumsum(counts[me], 0) - counts[me]
+        rank_in_expert = torch.arange(num_pairs) - first_pair[pair_expert]
+        bounds = torch.cumsum(mine, dim=1)  # [E, ep]: pairs [bounds[d-1], bounds[d]) go to d
+        pair_dst = torch.searchsorted(bounds[pair_expert], rank_in_expert.unsqueeze(1), right=True).squeeze(1)
+        pair_slot = self._holder_slots[pair_dst, pair_expert]
+        pair_global_slot = pair_dst * S + pair_slot
+        self.send_order = torch.sort(pair_global_slot, stable=True).indices
+        send_counts = torch.bincount(pair_global_slot, minlength=ep * S).view(ep, S)
+        self.input_splits = send_counts.sum(1).tolist()
+
+        # what each source sends to each of my slots, derived from the shared assignment
+        held = slot_experts(self.placement, self.layout)[me]  # [S]
+        recv = torch.zeros(ep, S, dtype=torch.long)
+        valid = held >= 0
+        recv[:, valid] = assign[:, held[valid], me]
+        self.recv_counts = recv  # [src, slot]
+        self.output_splits = recv.sum(1).tolist()
+        self.tokens_per_slot = recv.sum(0)
+
+        device = permuted.device
+        order = self.send_order.to(device)
+        return permuted.index_select(0, order), permuted_probs.index_select(0, order)
+
+    def _choose_assignment(self, counts: torch.Tensor) -> torch.Tensor:
+        if self._pending_assignment is not None:
+            assign, self._pending_assignment = self._pending_assignment, None
+            validate_assignment(assign, counts, self.placement, self.layout)
+            return assign
+        if self.assignment_fn is not None:
+            assign = self.assignment_fn(counts, self.placement, self.layout).cpu().long()
+        else:
+            assign = assignment_from_placement(
+                counts, self.placement, self.layout, self.probe_config.assignment_policy
+            )
+        if self.probe_config.validate_assignment:
+            validate_assignment(assign, counts, self.placement, self.layout)
+        return assign
+
+    def token_dispatch(self, hidden_states, probs):
+        tokens = all_to_all(hidden_states, self.output_splits, self.input_splits, self.ep_group)
+        probs = all_to_all(probs, self.output_splits, self.input_splits, self.ep_group)
+        return tokens, probs
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        if self.ep_size > 1 and self.layout.slots_per_rank > 1:
+            hidden_states, probs = sort_chunks_by_idxs(
+                hidden_states, self.recv_counts.ravel(), self._sort_to_slot_major,
+                probs=probs, fused=False,
+            )
+        return hidden_states, self.tokens_per_slot.clone(), probs
+
+    # ------------------------------------------------------------------ combine
+    def combine_preprocess(self, hidden_states):
+        if self.ep_size > 1 and self.layout.slots_per_rank > 1:
+            hidden_states, _ = sort_chunks_by_idxs(
+                hidden_states, self.recv_counts.T.ravel(), self._sort_to_src_major, fused=False
+            )
+        return hidden_states
+
+    def token_combine(self, hidden_states):
+        return all_to_all(hidden_states, self.input_splits, self.output_splits, self.ep_group)
+
+    def combine_postprocess(self, hidden_states):
+        # undo the slot ordering: pair i of the expert-major order was sent at position inv[i]
+        order = self.send_order.to(hidden_states.device)
+        pairs = torch.empty_like(hidden_states)
+        pairs = pairs.index_copy(0, order, hidden_states)
+        out = unpermute(
+            pairs, self.reversed_mapping, restore_shape=self.hidden_shape_before_permute,
+            routing_map=self.routing_map, fused=False,
+        )
+        return out.view(self.hidden_shape)

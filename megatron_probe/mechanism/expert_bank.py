@@ -1,0 +1,172 @@
+"""Expert weight bank: native experts and replica slots of one rank in one tensor per projection.
+
+``fc1[S, F1, H]`` and ``fc2[S, H, F]`` with ``S = L + R``. Rows ``0..L-1`` *are* the stock expert
+module's parameters: the parameters are re-bound as views of these rows, so the bank costs no
+extra memory for native experts and the state dict keeps the stock keys and shapes. Rows
+``L..L+R-1`` are replica slots: plain buffers, never saved, filled by :meth:`ExpertBank.fill`.
+
+If anything replaces a native parameter's storage (``module.to()``, ``param.data = ...``), the
+next :meth:`ExpertBank.weights` call notices the broken view and copies the new weights in, so a
+stale bank can never be computed with.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_probe.mechanism.comm import all_gather_rows, global_rank, group_rank, group_size
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_placement
+
+ParamRef = Tuple[torch.nn.Module, str]
+
+
+class ExpertBank(torch.nn.Module):
+    def __init__(self, layout: ExpertLayout, ep_group=None):
+        super().__init__()
+        self.layout = layout
+        self.ep_group = ep_group
+        self.ep_rank = group_rank(ep_group)
+        self._fc1_refs: List[ParamRef] = []
+        self._fc2_refs: List[ParamRef] = []
+        self.register_buffer("fc1", None, persistent=False)
+        self.register_buffer("fc2", None, persistent=False)
+        # expert held by each of this rank's replica slots (-1: empty); host-side bookkeeping
+        self.slot_expert = torch.full((layout.replica_slots,), EMPTY_SLOT, dtype=torch.long)
+        self.version = 0  # bumped whenever the bank tensors are re-allocated
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------------ native weights
+    def adopt(self, fc1_refs: List[ParamRef], fc2_refs: List[ParamRef]) -> None:
+        """Make the bank's native rows the storage of these parameters (copied in once)."""
+        L = self.layout.num_local_experts
+        if len(fc1_refs) != L or len(fc2_refs) != L:
+            raise ValueError(f"expected {L} native experts, got {len(fc1_refs)} / {len(fc2_refs)}")
+        self._fc1_refs, self._fc2_refs = list(fc1_refs), list(fc2_refs)
+        self.fc1 = self._rebuild(self._fc1_refs, self.fc1)
+        self.fc2 = self._rebuild(self._fc2_refs, self.fc2)
+        self.version += 1
+
+    def _rebuild(self, refs: List[ParamRef], old_bank: Optional[torch.Tensor]) -> torch.Tensor:
+        L, R = self.layout.num_local_experts, self.layout.replica_slots
+        params = [getattr(m, n) for m, n in refs]
+        shape, dtype, device = params[0].shape, params[0].dtype, params[0].device
+        for i, p in enumerate(params):
+            if p.shape != shape or p.dtype != dtype or p.device != device:
+                raise ValueError(
+                    f"native expert {i} weight is {tuple(p.shape)} {p.dtype} on {p.device}, "
+                    f"expert 0 is {tuple(shape)} {dtype} on {device}; experts must match"
+                )
+        bank = torch.empty((L + R,) + tuple(shape), dtype=dtype, device=device)
+        with torch.no_grad():
+            bank[:L].copy_(torch.stack([p.detach() for p in params]))
+            if R:
+                if old_bank is not None and tuple(old_bank.shape[1:]) == tuple(shape):
+                    bank[L:].copy_(old_bank[L:])
+                else:
+                    bank[L:].zero_()
+                    self.slot_expert.fill_(EMPTY_SLOT)
+        for i, ((module, name), p) in enumerate(zip(refs, params)):
+            view = torch.nn.Parameter(bank[i], requires_grad=p.requires_grad)
+            view.__dict__.update(p.__dict__)  # keep Megatron's parameter attributes
+            setattr(module, name, view)
+        return bank
+
+    def _views_intact(self) -> bool:
+        for bank, refs in ((self.fc1, self._fc1_refs), (self.fc2, self._fc2_refs)):
+            if bank is None:
+                return False
+            for i, (m, n) in enumerate(refs):
+                p = getattr(m, n)
+                if p.data_ptr() != bank[i].data_ptr() or p.shape != bank.shape[1:] or p.dtype != bank.dtype:
+                    return False
+        return True
+
+    def ensure_current(self) -> None:
+        if not self._views_intact():
+            self.adopt(self._fc1_refs, self._fc2_refs)
+
+    def native_params(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        return ([getattr(m, n) for m, n in self._fc1_refs], [getattr(m, n) for m, n in self._fc2_refs])
+
+    def weights(self, differentiable: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(fc1, fc2)`` for all ``S`` slots.
+
+        ``differentiable=True`` stacks the native parameters so gradients reach them (training);
+        otherwise the bank itself is returned, with no copy (inference).
+        """
+        self.ensure_current()
+        if not differentiable:
+            return self.fc1, self.fc2
+        L = self.layout.num_local_experts
+        n1, n2 = self.native_params()
+        fc1 = torch.cat([torch.stack(n1), self.fc1[L:].detach()])
+        fc2 = torch.cat([torch.stack(n2), self.fc2[L:].detach()])
+        return fc1, fc2
+
+    def expert_bytes(self) -> int:
+        L = self.layout.num_local_experts
+        return (self.fc1[0].numel() * self.fc1.element_size()) + (
+            self.fc2[0].numel() * self.fc2.element_size()
+        ) if L else 0
+
+    def replica_bytes(self) -> int:
+        return self.layout.replica_slots * self.expert_bytes()
+
+    # ------------------------------------------------------------------ replica slots
+    def fill(self, placement: torch.Tensor) -> int:
+        """Copy weights so that replica slots hold ``placement`` (``[ep, R]``); collective.
+
+        Every rank of the EP group must call it with the same placement. Only slots whose
+        content changes move; the copies are point-to-point from each expert's home rank.
+        Synchronous: returns when this rank's copies are complete. Returns the number of
+        slots this rank received.
+        """
+        layout = self.layout
+        validate_placement(placement, layout)
+        self.ensure_current()
+        placement = placement.detach().cpu().long()
+        L, R, ep = layout.num_local_experts, layout.replica_slots, layout.ep_size
+        me = self.ep_rank
+        ops = []
+        received = 0
+        # known contents of every rank's slots: each rank tracks only its own, so derive the
+        # set of changed slots from a gathered copy of the previous placement.
+        previous = self._gather_slot_experts()
+        tag = 0
+        for r in range(ep):
+            for s in range(R):
+                e = int(placement[r, s])
+                changed = e != int(previous[r, s])
+                tag += 2
+                if e == EMPTY_SLOT or not changed:
+                    continue
+                home = e // L
+                if me == home:
+                    ops.append(self._isend(self.fc1[e - home * L], r, tag))
+                    ops.append(self._isend(self.fc2[e - home * L], r, tag + 1))
+                if me == r:
+                    ops.append(self._irecv(self.fc1[L + s], home, tag))
+                    ops.append(self._irecv(self.fc2[L + s], home, tag + 1))
+                    received += 1
+        for op in ops:
+            if op is not None:
+                op.wait()
+        self.slot_expert = placement[me].clone()
+        self.bytes_received += received * self.expert_bytes()
+        return received
+
+    def _gather_slot_experts(self) -> torch.Tensor:
+        if group_size(self.ep_group) == 1:
+            return self.slot_expert.view(1, -1).clone()
+        return all_gather_rows(self.slot_expert.to(self.fc1.device), self.ep_group).cpu()
+
+    def _isend(self, t: torch.Tensor, dst: int, tag: int):
+        if dst == self.ep_rank:
+            raise RuntimeError("a rank never sends a replica to itself")  # placement forbids it
+        return dist.isend(t.contiguous(), global_rank(self.ep_group, dst), group=self.ep_group, tag=tag)
+
+    def _irecv(self, t: torch.Tensor, src: int, tag: int):
+        return dist.irecv(t, global_rank(self.ep_group, src), group=self.ep_group, tag=tag)

@@ -1,0 +1,89 @@
+"""Compute all expert slots of a rank (native experts and replicas) with one grouped GEMM per
+projection, applying the activation and routing probabilities exactly as Megatron's expert MLP
+does (``fc2(act(fc1(x)) * p)``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_probe.mechanism.grouped_gemm import grouped_linear, grouped_mm_supported
+from megatron_probe.mechanism import te_backend
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend ``auto`` stands for on this device and dtype, or the requested one if it runs."""
+    if requested == "auto":
+        if device.type == "cuda" and te_backend.HAVE_TE:
+            return "te"
+        if grouped_mm_supported(device, dtype):
+            return "grouped_mm"
+        return "loop"
+    if requested == "te" and not (te_backend.HAVE_TE and device.type == "cuda"):
+        raise RuntimeError(
+            "expert_backend='te' needs Transformer Engine and a CUDA device "
+            f"(TE importable: {te_backend.HAVE_TE}, device: {device}); use 'auto', 'grouped_mm' or 'loop'"
+        )
+    if requested == "grouped_mm" and not grouped_mm_supported(device, dtype):
+        raise RuntimeError(
+            f"expert_backend='grouped_mm': torch._grouped_mm does not run for {dtype} on {device} "
+            "(CPU: fp32/bf16; CUDA: bf16 on compute capability >= 9.0); use 'auto' or 'loop'"
+        )
+    return requested
+
+
+def check_expert_config(config) -> None:
+    """Reject Megatron expert options this compute path does not reproduce (never compute wrong)."""
+    if config.add_bias_linear:
+        raise NotImplementedError("PROBE experts do not support add_bias_linear=True (expert biases)")
+    if getattr(config, "use_te_activation_func", False):
+        raise NotImplementedError("PROBE experts do not support use_te_activation_func=True")
+    if getattr(config, "moe_latent_size", None):
+        raise NotImplementedError("PROBE experts do not support moe_latent_size")
+    if getattr(config, "moe_apply_probs_on_input", False) and config.moe_router_topk != 1:
+        raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1 (as in Megatron)")
+
+
+def expert_activation(h: torch.Tensor, probs: torch.Tensor, config) -> torch.Tensor:
+    """Megatron MLP's activation (gated or plain, clamp and offset) times the per-token prob."""
+    if config.gated_linear_unit:
+        x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+        val = getattr(config, "activation_func_clamp_value", None)
+        if val is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        h = config.activation_func(x_glu) * (x_linear + getattr(config, "glu_linear_offset", 0.0))
+    else:
+        h = config.activation_func(h)
+    dtype = h.dtype
+    return (h * probs.unsqueeze(-1)).to(dtype)
+
+
+class SlotExpertCompute:
+    """Stateless apart from the resolved backend and, for TE, its GroupedLinear wrappers."""
+
+    def __init__(self, config, backend: str = "auto"):
+        check_expert_config(config)
+        self.config = config
+        self.requested_backend = backend
+        self.backend: Optional[str] = None
+        self._te: Optional[te_backend.TEGroupedSlots] = None
+
+    def __call__(self, x, tokens_per_slot, probs, fc1, fc2, bank_version: int = 0):
+        if self.backend is None:
+            self.backend = resolve_backend(self.requested_backend, fc1.device, fc1.dtype)
+        counts = [int(c) for c in tokens_per_slot.tolist()]
+        if sum(counts) != x.shape[0]:
+            raise RuntimeError(f"tokens_per_slot sums to {sum(counts)}, but {x.shape[0]} tokens arrived")
+        if self.config.moe_apply_probs_on_input:
+            x = (probs.unsqueeze(-1) * x).to(x.dtype)
+            probs = torch.ones_like(probs)
+        if self.backend == "te":
+            if self._te is None or self._te.version != bank_version:
+                self._te = te_backend.TEGroupedSlots(fc1, fc2, self.config, bank_version)
+            return self._te(x, counts, probs, self.config)
+        h = grouped_linear(x, fc1, counts, self.backend)
+        h = expert_activation(h, probs, self.config)
+        return grouped_linear(h, fc2, counts, self.backend)
