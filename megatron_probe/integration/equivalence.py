@@ -232,7 +232,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         case = ROUTING_CASES[trial % len(ROUTING_CASES)] if trial < 2 * len(ROUTING_CASES) else \
             ROUTING_CASES[int(torch.randint(len(ROUTING_CASES), (), generator=gen))]
         score_fn = ["softmax", "sigmoid"][int(torch.randint(2, (), generator=gen))]
-        pre_softmax = score_fn == "softmax" and bool(torch.randint(2, (), generator=gen))
+        pre_softmax = score_fn == "softmax" and (bool(torch.randint(2, (), generator=gen)) or K == 1)
         use_bias = score_fn == "sigmoid" and bool(torch.randint(2, (), generator=gen))
         gated = bool(torch.randint(2, (), generator=gen)) or opts.fp8_recipe != "none"
         act = F.silu if gated else F.gelu

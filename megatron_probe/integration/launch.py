@@ -34,11 +34,17 @@ def _entry(rank, world_size, port, backend, fn, args):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     _init(rank, world_size, backend)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    _shutdown()
+
+
+def _shutdown():
+    """Orderly teardown: wait until every rank is done before any closes its connections
+    (gloo aborts a peer whose pair is torn down mid-transfer). Skipped after an error, where a
+    barrier would hang; the spawner then stops the other ranks."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _init(rank, world_size, backend):
@@ -55,10 +61,8 @@ def run_distributed(fn: Callable, world_size: int, *args, backend: str | None = 
         if world_size not in (ws, None):
             raise ValueError(f"asked for {world_size} processes but torchrun started {ws}")
         _init(rank, ws, backend)
-        try:
-            fn(rank, ws, *args)
-        finally:
-            dist.destroy_process_group()
+        fn(rank, ws, *args)
+        _shutdown()
         return
     if backend == "nccl" and world_size > torch.cuda.device_count():
         raise ValueError(f"{world_size} NCCL ranks need {world_size} GPUs, found {torch.cuda.device_count()}")

@@ -1,0 +1,335 @@
+"""Functions run on every rank of a spawned gloo group by the distributed tests.
+
+Each writes what it observed to ``out_dir/rank{r}.json``; the test process asserts on it, so a
+failure inside a worker shows as a clear assertion and a crash as a failed spawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore")
+
+
+def _dump(out_dir, rank, obj):
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(obj, f)
+
+
+def _config(ep, E=8, K=2, H=32, Fh=64, dtype=torch.float32, **kw):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = dict(
+        num_layers=2, hidden_size=H, num_attention_heads=4, ffn_hidden_size=Fh, num_moe_experts=E,
+        moe_router_topk=K, expert_model_parallel_size=ep, moe_token_dispatcher_type="alltoall",
+        use_cpu_initialization=True, add_bias_linear=False, params_dtype=dtype,
+        moe_aux_loss_coeff=0.0, gated_linear_unit=True, activation_func=F.silu,
+        bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+    )
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+def _probe_layer(cfg, R, backend="auto"):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_probe import ProbeConfig, probe_layer_spec
+
+    spec = probe_layer_spec(get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False),
+                            ProbeConfig(replica_slots_per_rank=R, expert_backend=backend))
+    return build_module(spec.submodules.mlp, config=cfg)
+
+
+def _stock_layer(cfg):
+    """Stock MoELayer (SequentialMLP experts); built with the CPU-constructible 'allgather'
+    dispatcher, which does not change its parameters."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_probe.integration.router import ProbeRouter
+
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False).submodules.mlp
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, router=ProbeRouter))
+    return build_module(spec, config=dataclasses.replace(cfg, moe_token_dispatcher_type="allgather"))
+
+
+def _init(ep):
+    from megatron_probe.integration.cpu import initialize_megatron_parallel
+
+    initialize_megatron_parallel(ep)
+
+
+# --------------------------------------------------------------------------- equivalence
+def equivalence(rank, ws, opts_dict, out_dir):
+    from megatron_probe.integration.equivalence import EquivalenceOptions, run_rank
+
+    report = run_rank(rank, ws, EquivalenceOptions(**opts_dict))
+    if report is not None:
+        _dump(out_dir, rank, report.to_json())
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_roundtrip(rank, ws, out_dir):
+    _init(ws)
+    torch.manual_seed(100 + rank)
+    cfg = _config(ws)
+    R = 2 if ws > 1 else 0
+    stock = _stock_layer(cfg)
+    probe = _probe_layer(cfg, R)
+    if R:
+        pl = torch.full((ws, R), -1, dtype=torch.long)
+        pl[0, 0] = cfg.num_moe_experts - 1
+        pl[1, 0] = 0
+        probe.set_replica_placement(pl)
+    s_sd, p_sd = stock.state_dict(), probe.state_dict()
+    res = {
+        "same_keys": sorted(s_sd) == sorted(p_sd),
+        "same_shapes": all(tuple(s_sd[k].shape) == tuple(p_sd[k].shape) for k in s_sd if k in p_sd
+                           and isinstance(s_sd[k], torch.Tensor)),
+        "no_bank_keys": not any("expert_bank" in k for k in p_sd),
+    }
+    path = os.path.join(out_dir, f"stock_rank{rank}.pt")
+    torch.save(s_sd, path)
+    probe.load_state_dict(torch.load(path, weights_only=False))
+    p_sd2 = probe.state_dict()
+    res["stock_to_probe_equal"] = all(torch.equal(s_sd[k], p_sd2[k]) for k in s_sd if isinstance(s_sd[k], torch.Tensor))
+    # the bank follows the loaded weights (views), replicas refreshed by a new fill
+    fc1, _ = probe.expert_bank.weights(differentiable=False)
+    res["bank_is_loaded_weights"] = all(
+        torch.equal(fc1[j], s_sd[f"experts.local_experts.{j}.linear_fc1.weight"]) for j in range(probe.num_local_experts))
+    # and back: PROBE -> stock
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.add_(1.0)
+    path2 = os.path.join(out_dir, f"probe_rank{rank}.pt")
+    torch.save(probe.state_dict(), path2)
+    stock.load_state_dict(torch.load(path2, weights_only=False))
+    res["probe_to_stock_equal"] = all(
+        torch.equal(stock.state_dict()[k], probe.state_dict()[k]) for k in s_sd if isinstance(s_sd[k], torch.Tensor))
+    # a checkpoint whose expert shapes differ
+    other = _stock_layer(_config(ws, Fh=48))
+    try:
+        probe.load_state_dict(other.state_dict())
+        res["shape_error"] = None
+    except RuntimeError as e:
+        res["shape_error"] = str(e)
+    # a checkpoint from a model with another expert count / hidden size
+    other2 = _stock_layer(_config(ws, E=16, H=32))
+    try:
+        probe.load_state_dict(other2.state_dict())
+        res["model_error"] = None
+    except ValueError as e:
+        res["model_error"] = str(e)
+    _dump(out_dir, rank, res)
+
+
+def gpt_model_equivalence(rank, ws, out_dir):
+    """Two-layer GPTModel from a stock spec and from probe_layer_spec(stock spec): same state
+    dict; same logits (EP=1: against the stock model; EP>1: with and without replicas)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_probe import ProbeConfig, probe_layer_spec
+    from megatron_probe.integration.router import ProbeRouter
+
+    _init(ws)
+    torch.manual_seed(7)
+    E = 8
+    cfg = _config(ws, E=E)
+    stock_spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
+    stock_spec.submodules.mlp.submodules.router = ProbeRouter  # stock gating needs CUDA
+    R = 2 if ws > 1 else 0
+    pspec = probe_layer_spec(stock_spec, ProbeConfig(replica_slots_per_rank=R))
+    kw = dict(vocab_size=128, max_sequence_length=32, position_embedding_type="learned_absolute")
+    probe = GPTModel(config=cfg, transformer_layer_spec=pspec, **kw).eval()
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    mask = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1).view(1, 1, 16, 16)
+    res = {}
+    if ws == 1:
+        import dataclasses
+
+        stock = GPTModel(config=dataclasses.replace(cfg, moe_token_dispatcher_type="allgather"),
+                         transformer_layer_spec=stock_spec, **kw).eval()
+        res["same_keys"] = sorted(stock.state_dict()) == sorted(probe.state_dict())
+        probe.load_state_dict(stock.state_dict())
+        with torch.no_grad():
+            a, b = stock(tokens, pos, mask), probe(tokens, pos, mask)
+        res["max_abs"] = (a - b).abs().max().item()
+        res["bit_exact"] = bool(torch.equal(a, b))
+    else:
+        with torch.no_grad():
+            a = probe(tokens, pos, mask)
+            layers = [l.mlp for l in probe.decoder.layers]
+            pl = torch.full((ws, R), -1, dtype=torch.long)
+            for r in range(ws):
+                foreign = [e for e in range(E) if e // (E // ws) != r]
+                pl[r, :R] = torch.tensor(foreign[:R])
+            for m in layers:
+                m.set_replica_placement(pl)
+            b = probe(tokens, pos, mask)
+            loads = [m.token_dispatcher.last_assignment.sum(dim=(0, 1)).tolist() for m in layers]
+        res["max_abs"] = (a - b).abs().max().item()
+        res["scale"] = a.abs().max().item()
+        res["loads"] = loads
+        res["layer_types"] = sorted({type(m).__name__ for m in layers})
+    _dump(out_dir, rank, res)
+
+
+# --------------------------------------------------------------------------- replica bank
+def bank_fill(rank, ws, out_dir):
+    _init(ws)
+    torch.manual_seed(0)
+    cfg = _config(ws, E=8)
+    layer = _probe_layer(cfg, R=3)
+    L = layer.num_local_experts
+    # every rank knows every expert's weights: gather them for the check
+    from megatron_probe.mechanism.comm import all_gather_rows
+
+    bank = layer.expert_bank
+    fc1_all = all_gather_rows(bank.fc1[:L].contiguous(), layer.ep_group).reshape(-1, *bank.fc1.shape[1:])
+    fc2_all = all_gather_rows(bank.fc2[:L].contiguous(), layer.ep_group).reshape(-1, *bank.fc2.shape[1:])
+    res = {"moves": []}
+    placements = []
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        pl = torch.full((ws, 3), -1, dtype=torch.long)
+        for r in range(ws):
+            foreign = [e for e in range(8) if e // L != r]
+            perm = torch.randperm(len(foreign), generator=g).tolist()
+            for s in range(3):
+                if step == 2 or torch.rand((), generator=g) < 0.8:
+                    pl[r, s] = foreign[perm[s]]
+        if step == 3:
+            pl = placements[-1].clone()  # unchanged placement: nothing moves
+        placements.append(pl)
+        moved = layer.set_replica_placement(pl)
+        ok = True
+        for s in range(3):
+            e = int(pl[rank, s])
+            if e >= 0:
+                ok &= torch.equal(bank.fc1[L + s], fc1_all[e]) and torch.equal(bank.fc2[L + s], fc2_all[e])
+        res["moves"].append({"moved": moved, "correct": bool(ok)})
+    res["replica_bytes"] = layer.replica_memory_bytes()
+    res["expert_bytes"] = bank.expert_bytes()
+    # storage sharing: native parameters are the bank rows
+    p0 = layer.experts.local_experts[0].linear_fc1.weight
+    res["native_is_view"] = p0.data_ptr() == bank.fc1[0].data_ptr()
+    # dtype change re-binds the views and keeps replicas
+    layer.to(torch.bfloat16)
+    x = torch.randn(6, 1, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, _ = layer(x)
+    res["after_to_bf16_view"] = layer.experts.local_experts[0].linear_fc1.weight.data_ptr() == bank.fc1[0].data_ptr()
+    res["after_to_bf16_dtype"] = str(bank.fc1.dtype)
+    e = int(placements[-1][rank, 0])
+    res["replica_kept"] = bool(torch.equal(bank.fc1[L], fc1_all[e].to(torch.bfloat16))) if e >= 0 else True
+    # replacing a parameter's storage is noticed before the next compute
+    lin = layer.experts.local_experts[1].linear_fc2
+    lin.weight.data = torch.zeros_like(lin.weight)
+    _, fc2 = bank.weights(differentiable=False)
+    res["swap_noticed"] = bool(torch.equal(fc2[1], torch.zeros_like(fc2[1])))
+    _dump(out_dir, rank, res)
+
+
+# --------------------------------------------------------------------------- bad input
+def bad_inputs(rank, ws, out_dir):
+    from megatron_probe import ProbeConfig
+
+    _init(ws)
+    res = {}
+
+    def catch(key, fn, exc=(ValueError, NotImplementedError, TypeError)):
+        try:
+            fn()
+            res[key] = None
+        except exc as e:
+            res[key] = f"{type(e).__name__}: {e}"
+
+    cfg = _config(ws, E=8)
+    catch("too_many_slots", lambda: _probe_layer(cfg, R=7))
+    catch("topk_gt_experts", lambda: ProbeConfig().validate_for_model(8, ws, 9))
+    layer = _probe_layer(cfg, R=2)
+    catch("placement_bad_expert", lambda: layer.set_replica_placement(torch.tensor([[9, -1], [0, -1]])))
+    catch("placement_bad_slot", lambda: layer.set_replica_placement(torch.tensor([[5, -1, 6], [0, -1, 1]])))
+    catch("placement_own_expert", lambda: layer.set_replica_placement(torch.tensor([[0, -1], [4, -1]])))
+    layer.set_replica_placement(torch.tensor([[5, -1], [0, -1]]))
+    x = torch.randn(10, 1, 32, generator=torch.Generator().manual_seed(rank))
+
+    def forward_with(assign_fn):
+        from megatron_probe.mechanism.comm import all_gather_rows
+
+        with torch.no_grad():
+            _, rmap = layer.router(x)
+            counts = all_gather_rows(rmap.sum(0).long(), layer.ep_group)
+            from megatron_probe.policy import locality_even_assignment
+
+            a = locality_even_assignment(counts, layer.token_dispatcher.placement, layer.layout)
+            layer.set_next_assignment(assign_fn(a, counts))
+            layer(x)
+
+    def lose(a, c):
+        s, e = (c > 0).nonzero()[0].tolist()
+        a[s, e] = 0
+        return a
+
+    def dup(a, c):
+        a[0, 5, 1] += 1
+        return a
+
+    def stray(a, c):
+        a[1, 6, 0] += 1  # rank 0 holds no copy of 6
+        a[1, 6, 1] -= 1
+        return a
+
+    catch("assign_lose", lambda: forward_with(lose))
+    catch("assign_dup", lambda: forward_with(dup))
+    catch("assign_stray", lambda: forward_with(stray))
+    # after all that, a normal forward still works (no hang, no stale state)
+    with torch.no_grad():
+        out, _ = layer(x)
+    res["forward_after_errors"] = list(out.shape)
+    # grads with replicas are refused; without replicas they flow
+    layer.train()
+    catch("grad_with_replicas", lambda: layer(x.clone().requires_grad_())[0].sum().backward())
+    _dump(out_dir, rank, res)
+
+
+def expert_grads(rank, ws, out_dir):
+    """Training path without replicas: expert weight grads equal a dense recompute."""
+    from megatron_probe.mechanism.comm import all_gather_rows
+
+    _init(ws)
+    torch.manual_seed(3)
+    cfg = _config(ws, E=8)
+    layer = _probe_layer(cfg, R=2)
+    layer.train()
+    x = torch.randn(12, 1, 32, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    out, _ = layer(x)
+    out.sum().backward()
+    probs, rmap = layer.router(x.detach())
+    X = all_gather_rows(x.detach().view(-1, 32), layer.ep_group).view(-1, 32)
+    P = all_gather_rows(probs.detach(), layer.ep_group).view(-1, 8)
+    M = all_gather_rows(rmap, layer.ep_group).view(-1, 8)
+    err = 0.0
+    for j, e in enumerate(layer.local_expert_indices):
+        mod = layer.experts.local_experts[j]
+        w1 = mod.linear_fc1.weight.detach().clone().requires_grad_()
+        w2 = mod.linear_fc2.weight.detach().clone().requires_grad_()
+        h = X @ w1.T
+        a, b = torch.chunk(h, 2, -1)
+        y = (P[:, e] * M[:, e]).unsqueeze(-1) * ((F.silu(a) * b) @ w2.T)
+        y.sum().backward()
+        err = max(err, (w1.grad - mod.linear_fc1.weight.grad).abs().max().item(),
+                  (w2.grad - mod.linear_fc2.weight.grad).abs().max().item())
+    res = {"max_grad_err": err, "input_grad": x.grad is not None and bool(torch.isfinite(x.grad).all())}
+    _dump(out_dir, rank, res)
