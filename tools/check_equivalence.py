@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="process-group backend (auto: NCCL on GPU, gloo on CPU; gloo on GPU lets "
+                        "several ranks share one GPU, staging transfers through host memory)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock MoELayer comparison")
     p.add_argument("--json", help="write the result JSON here")
     a = p.parse_args(argv)
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
-        run_distributed(_worker, a.ep, opts, path, backend="nccl" if device == "cuda" else "gloo")
+        backend = a.dist_backend if a.dist_backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+        run_distributed(_worker, a.ep, opts, path, backend=backend)
         if not os.path.exists(path):  # torchrun ranks other than 0
             return 0
         with open(path) as f:
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
     print(
         f"\nequivalence ep={result['ep']} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
-        f"dtype={a.dtype} device={device}: {result['trials']} trials, "
+        f"dtype={a.dtype} device={device} dist={backend}: {result['trials']} trials, "
         f"max_abs_diff={result['max_abs_diff']:.3e}, max_rel_vs_dense={result['max_rel_diff_vs_dense']:.3e}, "
         f"bit-exact vs stock in {result['bit_exact_vs_stock']}/{result['compared_with_stock']}, "
         f"{'PASSED' if result['passed'] else 'FAILED'} ({result['seconds']:.1f}s)"

@@ -48,7 +48,7 @@ def _shutdown():
 
 
 def _init(rank, world_size, backend):
-    if backend == "nccl":
+    if torch.cuda.is_available():  # gloo too: several ranks may share one GPU
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, rank=rank, world_size=world_size)
 

@@ -44,10 +44,18 @@ class _AllToAll(torch.autograd.Function):
         )
 
 
+def needs_host_staging(group, t: torch.Tensor) -> bool:
+    """gloo moves host memory: a device tensor on a gloo group goes through a CPU copy (used when
+    several ranks share one GPU, where NCCL refuses to run)."""
+    return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
 def _all_to_all_raw(x, output_splits: List[int], input_splits: List[int], group):
     if group_size(group) == 1:
         return x
     x = x.contiguous()
+    if needs_host_staging(group, x):
+        return _all_to_all_raw(x.cpu(), output_splits, input_splits, group).to(x.device)
     out = x.new_empty((int(sum(output_splits)),) + tuple(x.shape[1:]))
     dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group)
     return out
@@ -64,6 +72,8 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     n = group_size(group)
     if n == 1:
         return x.unsqueeze(0)
+    if needs_host_staging(group, x):
+        return all_gather_rows(x.cpu(), group).to(x.device)
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.stack(parts)

@@ -17,7 +17,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_probe.mechanism.comm import all_gather_rows, global_rank, group_rank, group_size
+from megatron_probe.mechanism.comm import (
+    all_gather_rows,
+    global_rank,
+    group_rank,
+    group_size,
+    needs_host_staging,
+)
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_placement
 
 ParamRef = Tuple[torch.nn.Module, str]
@@ -151,9 +157,10 @@ class ExpertBank(torch.nn.Module):
                     ops.append(self._irecv(self.fc1[L + s], home, tag))
                     ops.append(self._irecv(self.fc2[L + s], home, tag + 1))
                     received += 1
-        for op in ops:
-            if op is not None:
-                op.wait()
+        for work, finish in ops:
+            work.wait()
+            if finish is not None:
+                finish()
         self.slot_expert = placement[me].clone()
         self.bytes_received += received * self.expert_bytes()
         return received
@@ -166,7 +173,13 @@ class ExpertBank(torch.nn.Module):
     def _isend(self, t: torch.Tensor, dst: int, tag: int):
         if dst == self.ep_rank:
             raise RuntimeError("a rank never sends a replica to itself")  # placement forbids it
-        return dist.isend(t.contiguous(), global_rank(self.ep_group, dst), group=self.ep_group, tag=tag)
+        buf = t.detach().cpu() if needs_host_staging(self.ep_group, t) else t.detach().contiguous()
+        work = dist.isend(buf, global_rank(self.ep_group, dst), group=self.ep_group, tag=tag)
+        return work, None
 
     def _irecv(self, t: torch.Tensor, src: int, tag: int):
-        return dist.irecv(t, global_rank(self.ep_group, src), group=self.ep_group, tag=tag)
+        if needs_host_staging(self.ep_group, t):
+            buf = torch.empty(t.shape, dtype=t.dtype)
+            work = dist.irecv(buf, global_rank(self.ep_group, src), group=self.ep_group, tag=tag)
+            return work, lambda: t.copy_(buf)
+        return dist.irecv(t, global_rank(self.ep_group, src), group=self.ep_group, tag=tag), None

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Every GPU check of the foundation in one run (about 5 minutes on one H200).
+
+1. environment (GPU, torch, CUDA, NCCL, Transformer Engine);
+2. equivalence with NCCL at EP = number of GPUs, fp32 and bf16, every GEMM backend that runs
+   (loop, torch._grouped_mm, TE GroupedLinear) and, with TE, FP8 (DelayedScaling,
+   Float8CurrentScaling, MXFP8BlockScaling);
+3. equivalence at EP = 2 with two ranks sharing the GPU over gloo (CUDA tensors staged through
+   host memory): the replica path (bank fill, slot mapping, S = L + R grouped GEMM) on CUDA;
+4. timings with CUDA events: expert compute per backend, and one PROBE MoE layer forward
+   against the stock Megatron MoELayer (alltoall dispatcher) in the same process, as a ratio.
+
+  python tools/gpu_check.py --out results/gpu_check          (tools/gpu_check.sh wraps it)
+  python tools/gpu_check.py --device cpu --quick             (dry run of the same code on CPU)
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+
+def env_report():
+    from megatron_probe.mechanism import te_backend
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(), "te_available": te_backend.HAVE_TE,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    try:
+        import megatron.core
+
+        info["megatron_core"] = getattr(megatron.core, "__version__", "?")
+    except Exception as e:  # pragma: no cover
+        info["megatron_core"] = f"import failed: {e}"
+    if torch.cuda.is_available():
+        info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(),
+                    capability=list(torch.cuda.get_device_capability(0)), cuda=torch.version.cuda,
+                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+    if te_backend.HAVE_TE:
+        import transformer_engine
+
+        info["transformer_engine"] = transformer_engine.__version__
+    return info
+
+
+def run_equivalence(name, args, out_dir, timeout=300):
+    path = os.path.join(out_dir, f"eq_{name}.json")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "check_equivalence.py"), *args, "--json", path]
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        rc, tail = r.returncode, (r.stdout + r.stderr).strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        rc, tail = 124, ["timed out"]
+    res = {"name": name, "cmd": " ".join(cmd[1:]), "rc": rc, "seconds": round(time.time() - t0, 1), "tail": tail}
+    if os.path.exists(path):
+        j = json.load(open(path))
+        res.update({k: j[k] for k in ("max_abs_diff", "max_rel_diff_vs_dense", "bit_exact_vs_stock",
+                                      "compared_with_stock", "trials", "ep", "passed")})
+        res["backends"] = sorted({c["backend"] for c in j["cases"]})
+    print(f"[equivalence] {name}: rc={rc} {res.get('passed')} {tail[-1] if tail else ''}", flush=True)
+    return res
+
+
+class Timer:
+    """Median of CUDA-event timings (host clock on CPU)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, reps=20, warmup=5):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def skewed_counts(total, groups, gen):
+    w = 1.0 / torch.arange(1, groups + 1, dtype=torch.float64) ** 1.1
+    w = w[torch.randperm(groups, generator=gen)]
+    c = torch.floor(w / w.sum() * total).long()
+    c[0] += total - int(c.sum())
+    return c
+
+
+def time_expert_backends(device, quick):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_probe.mechanism.expert_compute import SlotExpertCompute
+    from megatron_probe.integration.equivalence import available_backends
+
+    H, Fh, S, T = (256, 256, 6, 2048) if quick else (2048, 1024, 19, 16384)
+    dtype = torch.bfloat16
+    cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=8, ffn_hidden_size=Fh,
+                            num_moe_experts=16, moe_router_topk=4, add_bias_linear=False,
+                            gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+                            bias_activation_fusion=False, params_dtype=dtype, bf16=True)
+    gen = torch.Generator().manual_seed(0)
+    counts = skewed_counts(T, S, gen)
+    x = torch.randn(T, H, generator=gen).to(device, dtype)
+    probs = torch.rand(T, generator=gen).to(device, torch.float32)
+    fc1 = (torch.randn(S, 2 * Fh, H, generator=gen) / H ** 0.5).to(device, dtype)
+    fc2 = (torch.randn(S, H, Fh, generator=gen) / Fh ** 0.5).to(device, dtype)
+    flops = 2 * T * H * 2 * Fh + 2 * T * Fh * H
+    timer = Timer(device)
+    rows, ref = [], None
+    for backend in available_backends(device, dtype):
+        comp = SlotExpertCompute(cfg, backend)
+        with torch.no_grad():
+            y = comp(x, counts, probs, fc1, fc2)
+            ms = timer(lambda: comp(x, counts, probs, fc1, fc2))
+        ref = y.float() if ref is None else ref
+        rel = ((y.float() - ref).norm() / ref.norm()).item()
+        rows.append({"backend": backend, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
+                     "rel_vs_first": rel, "shape": f"T={T} H={H} F={Fh} slots={S} bf16 skewed"})
+        print(f"[experts] {backend:10s} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s  rel={rel:.2e}", flush=True)
+    return rows
+
+
+def _layer_timing_worker(rank, ws, device_type, quick, out_path):
+    import dataclasses
+
+    import torch.nn.functional as F
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_probe import ProbeConfig, probe_layer_spec
+    from megatron_probe.integration.cpu import initialize_megatron_parallel
+    from megatron_probe.integration.router import ProbeRouter
+
+    warnings.filterwarnings("ignore")
+    initialize_megatron_parallel(ws, device=device_type)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    E, K, H, Fh, T = (8, 2, 128, 128, 512) if quick else (16, 4, 1024, 1024, 4096)
+    dtype = torch.bfloat16
+    cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=8, ffn_hidden_size=Fh,
+                            num_moe_experts=E, moe_router_topk=K, add_bias_linear=False, gated_linear_unit=True,
+                            activation_func=F.silu, bias_activation_fusion=False, params_dtype=dtype, bf16=True,
+                            moe_aux_loss_coeff=0.0, moe_router_dtype="fp32", expert_model_parallel_size=ws,
+                            use_cpu_initialization=True,
+                            moe_token_dispatcher_type="alltoall" if device_type == "cuda" else "allgather")
+    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
+    spec.submodules.mlp.submodules.router = ProbeRouter  # stock gating needs TE's GEMM
+    stock = build_module(spec.submodules.mlp, config=cfg).to(device).eval()
+    rows = []
+    for backend in ("loop", "grouped_mm"):
+        from megatron_probe.integration.equivalence import available_backends
+
+        if backend not in available_backends(device, dtype):
+            continue
+        probe = build_module(probe_layer_spec(spec, ProbeConfig(expert_backend=backend)).submodules.mlp,
+                             config=dataclasses.replace(cfg, moe_token_dispatcher_type="alltoall")).to(device).eval()
+        probe.load_state_dict(stock.state_dict())
+        x = torch.randn(T, 1, H, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        timer = Timer(device)
+        with torch.no_grad():
+            diff = (stock(x)[0].float() - probe(x)[0].float()).abs().max().item()
+            t_stock = timer(lambda: stock(x))
+            t_probe = timer(lambda: probe(x))
+            t_stock2 = timer(lambda: stock(x))  # measured twice: the spread is the noise
+        rows.append({"probe_backend": backend, "stock_ms": round(t_stock, 4), "stock_ms_again": round(t_stock2, 4),
+                     "probe_ms": round(t_probe, 4), "probe_over_stock": round(t_probe / t_stock, 3),
+                     "max_abs_diff": diff, "shape": f"E={E} topk={K} H={H} F={Fh} T={T} bf16 EP={ws}",
+                     "stock_dispatcher": cfg.moe_token_dispatcher_type})
+        print(f"[layer] probe({backend}) {t_probe:.3f} ms vs stock {t_stock:.3f}/{t_stock2:.3f} ms "
+              f"ratio {t_probe / t_stock:.3f} diff {diff:.2e}", flush=True)
+    if rank == 0:
+        json.dump(rows, open(out_path, "w"))
+
+
+def time_layer(device, quick, out_dir):
+    from megatron_probe.integration.launch import run_distributed
+
+    path = os.path.join(out_dir, "layer_timing.json")
+    run_distributed(_layer_timing_worker, 1, device.type, quick, path,
+                    backend="nccl" if device.type == "cuda" else "gloo")
+    return json.load(open(path)) if os.path.exists(path) else []
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "gpu_check"))
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes and few trials (dry run)")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    device = torch.device(a.device)
+    t0 = time.time()
+    report = {"env": env_report(), "equivalence": [], "experts": [], "layer": [], "skipped": []}
+    print(json.dumps(report["env"]), flush=True)
+    ngpu = max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
+    tr = "4" if a.quick else "14"
+    dev = ["--device", a.device]
+    big = ["--hidden", "256", "--ffn", "512", "--max-tokens", "256"]
+    eq = report["equivalence"]
+    eq.append(run_equivalence("nccl_fp32", ["--ep", str(ngpu), "--experts", "8", "--topk", "2",
+                                            "--replica-slots", "0" if ngpu == 1 else "2", "--trials", tr] + dev, a.out))
+    eq.append(run_equivalence("nccl_bf16", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
+                                            "--replica-slots", "0" if ngpu == 1 else "3", "--trials", tr,
+                                            "--dtype", "bf16"] + big + dev, a.out))
+    eq.append(run_equivalence("shared_gpu_ep2_bf16", ["--ep", "2", "--experts", "16", "--topk", "4",
+                                                      "--replica-slots", "3", "--trials", tr, "--dtype", "bf16",
+                                                      "--dist-backend", "gloo"] + big + dev, a.out))
+    eq.append(run_equivalence("shared_gpu_ep2_fp32", ["--ep", "2", "--experts", "8", "--topk", "2",
+                                                      "--replica-slots", "2", "--trials", tr,
+                                                      "--dist-backend", "gloo"] + dev, a.out))
+    if report["env"]["te_available"] and device.type == "cuda":
+        for recipe in ("delayed", "current", "mxfp8"):
+            eq.append(run_equivalence(f"te_fp8_{recipe}", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
+                                                             "--replica-slots", "0", "--trials", "7", "--dtype",
+                                                             "bf16", "--backend", "te", "--fp8", recipe] + big + dev,
+                                      a.out))
+    else:
+        report["skipped"].append("Transformer Engine not importable here: TE GroupedLinear and FP8 recipes not run")
+    report["experts"] = time_expert_backends(device, a.quick)
+    report["layer"] = time_layer(device, a.quick, a.out)
+    report["seconds"] = round(time.time() - t0, 1)
+    report["passed"] = all(e.get("passed") for e in eq)
+    with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print("\n== summary ==")
+    for e in eq:
+        print(f"{e['name']:22s} passed={e.get('passed')} trials={e.get('trials')} max_abs={e.get('max_abs_diff')} "
+              f"backends={e.get('backends')} exact_vs_stock={e.get('bit_exact_vs_stock')}/{e.get('compared_with_stock')}")
+    for r in report["experts"]:
+        print(f"experts {r['backend']:10s} {r['ms']:.3f} ms {r['tflops']} TFLOP/s ({r['shape']})")
+    for r in report["layer"]:
+        print(f"layer probe[{r['probe_backend']}]/stock = {r['probe_over_stock']} ({r['probe_ms']} vs {r['stock_ms']}"
+              f"/{r['stock_ms_again']} ms, {r['shape']})")
+    for s in report["skipped"]:
+        print("skipped:", s)
+    print(f"total {report['seconds']} s; all equivalence passed: {report['passed']}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU check of the foundation issue, in one go (about 5 minutes on one H200).
+# On a machine without megatron-core (e.g. a bare CUDA image), carry wheels in .whl/:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 nvtx
+# Results: $OUT (or results/gpu_check) /gpu_check.json and eq_*.json, plus the console table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST=${OUT:-results/gpu_check}
+PYTHON=${PYTHON:-python3}
+if ! $PYTHON -c "import megatron.core" 2>/dev/null; then
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    else
+        echo "megatron-core is not importable and no wheels in .whl/ (see the header of this script)"; exit 1
+    fi
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
+$PYTHON tools/gpu_check.py --out "$DEST" "$@"
