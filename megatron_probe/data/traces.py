@@ -1,0 +1,317 @@
+"""Routing traces: one in-memory structure, one versioned file format, loaders for public data.
+
+In memory
+---------
+:class:`RoutingTrace` holds, for a model with ``L`` MoE layers, ``E`` experts and top-``K``:
+
+* ``steps``: a list of :class:`TraceStep`, one per engine step, each with ``topk_ids``
+  ``[L, T, K]`` int64 (``-1`` where a layer has no routing for a token), optional
+  ``topk_probs`` ``[L, T, K]``, ``request_id`` / ``position`` / ``phase`` / ``source_rank``
+  ``[T]``, and optional MoE-input hidden states per layer (``hidden[l] = (token_index [Ts],
+  states [Ts, H])``, subsampled);
+* ``heat`` ``[L, E]``: how many tokens routed to each expert (from the steps, or given by an
+  aggregate file, which has no steps);
+* ``source``/``generated`` flags: where the data came from, and whether it was synthesised.
+
+On disk (``megatron_probe.trace`` version 1)
+--------------------------------------------
+``torch.save`` of a dict: ``{"format": "megatron_probe.trace", "version": 1, "meta": {model,
+num_layers, num_experts, topk, source, generated, notes, ...}, "heat": [L, E] int64, "steps":
+[{"topk_ids": int16 [L,T,K], "topk_probs": float16 [L,T,K] | None, "request_id": int32 [T],
+"position": int32 [T], "phase": int8 [T], "source_rank": int16 [T], "hidden": {layer: (int32
+[Ts], bfloat16 [Ts,H])}}]}``. :func:`save_trace` / :func:`load_trace` write and read it and
+check every field; :func:`load_any` picks the loader from the file.
+
+Public formats (``../shared/traces``, see its README)
+-----------------------------------------------------
+* ``*.route.csv`` (BigMoeOnEdge, per token): :func:`load_route_csv`. The prefill rows of the
+  last layer are missing in those files (the recording engine skips it); that documented gap
+  is kept as ``-1``, any other missing layer is an error.
+* ``coactivation_*.json`` (mbolt, per-layer aggregates): :func:`load_coactivation_json`; no
+  steps, only ``heat``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+TRACE_FORMAT = "megatron_probe.trace"
+TRACE_VERSION = 1
+
+
+class TraceFormatError(ValueError):
+    """A trace file that cannot be read as what it claims to be."""
+
+
+@dataclass
+class TraceStep:
+    topk_ids: torch.Tensor  # [L, T, K] int64, -1 = no routing recorded
+    topk_probs: Optional[torch.Tensor] = None  # [L, T, K] float32
+    request_id: Optional[torch.Tensor] = None  # [T]
+    position: Optional[torch.Tensor] = None  # [T] token position inside its request
+    phase: Optional[torch.Tensor] = None  # [T] 0 prefill, 1 decode
+    source_rank: Optional[torch.Tensor] = None  # [T]
+    hidden: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[1]
+
+    def expert_counts(self, layer: int, num_experts: int) -> torch.Tensor:
+        ids = self.topk_ids[layer]
+        ids = ids[ids >= 0]
+        return torch.bincount(ids.long(), minlength=num_experts)
+
+    def rank_expert_counts(self, layer: int, num_experts: int, ep: int) -> torch.Tensor:
+        """``[ep, E]`` per-source-rank counts (``source_rank`` or, if absent, token i on rank i % ep)."""
+        ids = self.topk_ids[layer].long()
+        src = self.source_rank.long() if self.source_rank is not None else torch.arange(ids.shape[0]) % ep
+        out = torch.zeros(ep, num_experts, dtype=torch.long)
+        valid = ids >= 0
+        rows = src.unsqueeze(1).expand_as(ids)[valid]
+        out.index_put_((rows, ids[valid]), torch.ones_like(rows), accumulate=True)
+        return out
+
+
+@dataclass
+class RoutingTrace:
+    model: str
+    num_layers: int
+    num_experts: int
+    topk: int
+    source: str
+    generated: bool = False
+    steps: List[TraceStep] = field(default_factory=list)
+    heat: Optional[torch.Tensor] = None  # [L, E]
+    n_tokens: int = 0
+    notes: str = ""
+    extra: Dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.heat is None:
+            self.heat = self.compute_heat()
+        if not self.n_tokens and self.steps:
+            self.n_tokens = sum(s.num_tokens for s in self.steps)
+
+    def compute_heat(self) -> torch.Tensor:
+        heat = torch.zeros(self.num_layers, self.num_experts, dtype=torch.long)
+        for s in self.steps:
+            for l in range(self.num_layers):
+                heat[l] += s.expert_counts(l, self.num_experts)
+        return heat
+
+    def validate(self) -> None:
+        L, E, K = self.num_layers, self.num_experts, self.topk
+        if self.heat.shape != (L, E):
+            raise TraceFormatError(f"heat has shape {tuple(self.heat.shape)}, expected ({L}, {E})")
+        for i, s in enumerate(self.steps):
+            if s.topk_ids.dim() != 3 or s.topk_ids.shape[0] != L or s.topk_ids.shape[2] != K:
+                raise TraceFormatError(
+                    f"step {i}: topk_ids has shape {tuple(s.topk_ids.shape)}, expected ({L}, T, {K})")
+            bad = (s.topk_ids < -1) | (s.topk_ids >= E)
+            if bad.any():
+                raise TraceFormatError(f"step {i}: expert id {int(s.topk_ids[bad][0])} outside 0..{E - 1}")
+            for name in ("request_id", "position", "phase", "source_rank"):
+                v = getattr(s, name)
+                if v is not None and v.shape != (s.num_tokens,):
+                    raise TraceFormatError(f"step {i}: {name} has shape {tuple(v.shape)}, expected ({s.num_tokens},)")
+            if s.topk_probs is not None and s.topk_probs.shape != s.topk_ids.shape:
+                raise TraceFormatError(f"step {i}: topk_probs shape {tuple(s.topk_probs.shape)} != topk_ids shape")
+
+
+# ---------------------------------------------------------------------------- own format
+def save_trace(trace: RoutingTrace, path: str) -> None:
+    trace.validate()
+    meta = dict(model=trace.model, num_layers=trace.num_layers, num_experts=trace.num_experts, topk=trace.topk,
+                source=trace.source, generated=trace.generated, notes=trace.notes, n_tokens=trace.n_tokens,
+                extra=trace.extra)
+
+    def opt(t, dtype):
+        return None if t is None else t.to(dtype)
+
+    steps = [{
+        "topk_ids": s.topk_ids.to(torch.int16), "topk_probs": opt(s.topk_probs, torch.float16),
+        "request_id": opt(s.request_id, torch.int32), "position": opt(s.position, torch.int32),
+        "phase": opt(s.phase, torch.int8), "source_rank": opt(s.source_rank, torch.int16),
+        "hidden": None if s.hidden is None else {int(l): (i.to(torch.int32), h.to(torch.bfloat16))
+                                                 for l, (i, h) in s.hidden.items()},
+    } for s in trace.steps]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": meta, "heat": trace.heat, "steps": steps},
+               path)
+
+
+def load_trace(path: str) -> RoutingTrace:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TraceFormatError(f"{path}: not a megatron_probe trace file ({type(e).__name__}: {e})") from e
+    if not isinstance(blob, dict) or blob.get("format") != TRACE_FORMAT:
+        raise TraceFormatError(f"{path}: format is {blob.get('format') if isinstance(blob, dict) else type(blob)}, "
+                               f"expected {TRACE_FORMAT!r}")
+    if blob.get("version") != TRACE_VERSION:
+        raise TraceFormatError(f"{path}: trace version {blob.get('version')} is not supported (this code reads "
+                               f"version {TRACE_VERSION})")
+    meta = blob["meta"]
+    for key in ("model", "num_layers", "num_experts", "topk", "source"):
+        if key not in meta:
+            raise TraceFormatError(f"{path}: meta has no {key!r}")
+    steps = []
+    for s in blob["steps"]:
+        def f32(t):
+            return None if t is None else t.float()
+
+        def i64(t):
+            return None if t is None else t.long()
+
+        steps.append(TraceStep(
+            topk_ids=s["topk_ids"].long(), topk_probs=f32(s["topk_probs"]), request_id=i64(s["request_id"]),
+            position=i64(s["position"]), phase=i64(s["phase"]), source_rank=i64(s["source_rank"]),
+            hidden=None if s["hidden"] is None else {int(l): (i.long(), h) for l, (i, h) in s["hidden"].items()},
+        ))
+    tr = RoutingTrace(model=meta["model"], num_layers=meta["num_layers"], num_experts=meta["num_experts"],
+                      topk=meta["topk"], source=meta["source"], generated=meta.get("generated", False), steps=steps,
+                      heat=blob["heat"].long(), n_tokens=meta.get("n_tokens", 0), notes=meta.get("notes", ""),
+                      extra=meta.get("extra", {}))
+    tr.validate()
+    return tr
+
+
+# ---------------------------------------------------------------------------- public formats
+ROUTE_CSV_HEADER = ["turn", "phase", "step", "layer", "slot", "expert", "weight", "residency", "expert_bytes"]
+
+
+def load_route_csv(path: str, strict_layers: bool = True) -> RoutingTrace:
+    """BigMoeOnEdge ``route_trace v1`` per-token CSV -> RoutingTrace.
+
+    The prefill batch is one step, each decode token one step (the recording engine ran one
+    request). Raises :class:`TraceFormatError` on an unknown header or preamble, a row whose
+    layer, slot or expert is out of range, a token with a wrong number of slots, or a token
+    missing layers (other than the documented missing last layer of prefill rows)."""
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.splitlines()
+    pre = [l for l in lines if l.startswith("#")]
+    body = [l for l in lines if not l.startswith("#") and l.strip()]
+    if not pre or not pre[0].startswith("# route_trace v1"):
+        raise TraceFormatError(f"{path}: first line must be '# route_trace v1', got {pre[0] if pre else '(none)'!r}")
+    meta = {}
+    for tok in pre[1].lstrip("# ").split() if len(pre) > 1 else []:
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            meta[k] = v
+    for key in ("n_layer", "n_expert", "n_expert_used"):
+        if key not in meta:
+            raise TraceFormatError(f"{path}: preamble has no {key}= (got {sorted(meta)})")
+    L, E, K = int(meta["n_layer"]), int(meta["n_expert"]), int(meta["n_expert_used"])
+    if not body:
+        raise TraceFormatError(f"{path}: no CSV rows")
+    reader = csv.reader(io.StringIO("\n".join(body)))
+    header = next(reader)
+    if header != ROUTE_CSV_HEADER:
+        raise TraceFormatError(f"{path}: unknown header {header}; expected {ROUTE_CSV_HEADER}")
+    tokens: Dict[Tuple[int, int], Dict] = {}
+    for n, row in enumerate(reader, start=2):
+        if len(row) != len(ROUTE_CSV_HEADER):
+            raise TraceFormatError(f"{path}: row {n} has {len(row)} fields, expected {len(ROUTE_CSV_HEADER)}")
+        turn, phase, step, layer, slot, expert = (int(x) for x in row[:6])
+        weight = float(row[6])
+        if not 0 <= layer < L:
+            raise TraceFormatError(f"{path}: row {n}: layer {layer} outside 0..{L - 1}")
+        if not 0 <= slot < K:
+            raise TraceFormatError(f"{path}: row {n}: slot {slot} outside 0..{K - 1} (top-k is {K})")
+        if not 0 <= expert < E:
+            raise TraceFormatError(f"{path}: row {n}: expert {expert} outside 0..{E - 1}")
+        t = tokens.setdefault((turn, step), {"phase": phase, "ids": {}, "w": {}})
+        t["ids"].setdefault(layer, [-1] * K)[slot] = expert
+        t["w"].setdefault(layer, [0.0] * K)[slot] = weight
+    keys = sorted(tokens)
+    for key in keys:
+        t = tokens[key]
+        missing = [l for l in range(L) if l not in t["ids"]]
+        allowed = [L - 1] if t["phase"] == 0 else []
+        if strict_layers and [m for m in missing if m not in allowed]:
+            raise TraceFormatError(f"{path}: token turn={key[0]} step={key[1]} has no rows for layers "
+                                   f"{[m for m in missing if m not in allowed][:10]} (trace has {L} layers)")
+        for l, ids in t["ids"].items():
+            if -1 in ids:
+                raise TraceFormatError(f"{path}: token step={key[1]} layer {l} has {K - ids.count(-1)} of {K} slots")
+
+    def tensorise(group):
+        ids = torch.full((L, len(group), K), -1, dtype=torch.long)
+        w = torch.zeros(L, len(group), K)
+        for j, key in enumerate(group):
+            for l, row in tokens[key]["ids"].items():
+                ids[l, j] = torch.tensor(row)
+                w[l, j] = torch.tensor(tokens[key]["w"][l])
+        return ids, w
+
+    steps = []
+    prefill = [k for k in keys if tokens[k]["phase"] == 0]
+    decode = [k for k in keys if tokens[k]["phase"] != 0]
+    groups = ([prefill] if prefill else []) + [[k] for k in decode]
+    for g in groups:
+        ids, w = tensorise(g)
+        steps.append(TraceStep(topk_ids=ids, topk_probs=w, request_id=torch.tensor([k[0] for k in g]),
+                               position=torch.tensor([k[1] for k in g]),
+                               phase=torch.tensor([tokens[k]["phase"] for k in g])))
+    model = os.path.basename(meta.get("model", path)).split(".gguf")[0]
+    return RoutingTrace(model=model, num_layers=L, num_experts=E, topk=K, source=f"route_csv:{path}", steps=steps,
+                        notes="one request; prefill rows lack the last layer (recording engine)")
+
+
+def load_coactivation_json(path: str) -> RoutingTrace:
+    """mbolt coactivation aggregate -> RoutingTrace with ``heat`` only (no steps)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{path}: not JSON ({e})") from e
+    for key in ("n_layers", "n_expert_per_layer", "k", "n_decode_tokens", "layers"):
+        if key not in data:
+            raise TraceFormatError(f"{path}: no {key!r} field (has {sorted(data)[:12]})")
+    L, E, K = int(data["n_layers"]), int(data["n_expert_per_layer"]), int(data["k"])
+    layers = data["layers"]
+    if len(layers) != L:
+        raise TraceFormatError(f"{path}: {len(layers)} layers listed, n_layers says {L} (missing layers)")
+    heat = torch.zeros(L, E, dtype=torch.long)
+    for i, layer in enumerate(layers):
+        h = layer.get("heat")
+        if h is None or len(h) != E:
+            raise TraceFormatError(f"{path}: layer {i} heat has {None if h is None else len(h)} entries, expected {E}")
+        heat[i] = torch.tensor(h, dtype=torch.long)
+    n = int(data["n_decode_tokens"])
+    over = heat.sum(1) > n * K
+    if over.any():
+        raise TraceFormatError(f"{path}: layer {int(over.nonzero()[0])} heat sums to more than tokens x k")
+    return RoutingTrace(model=data.get("model", os.path.basename(path)), num_layers=L, num_experts=E, topk=K,
+                        source=f"coactivation_json:{path}", heat=heat, n_tokens=n,
+                        notes="aggregate over decode tokens: no per-token rows, no request boundaries")
+
+
+def load_any(path: str) -> RoutingTrace:
+    """Pick the loader by file name / content."""
+    if path.endswith(".route.csv") or path.endswith(".csv"):
+        return load_route_csv(path)
+    if path.endswith(".json"):
+        return load_coactivation_json(path)
+    return load_trace(path)
+
+
+def shared_trace_files(shared_dir: Optional[str] = None) -> List[str]:
+    """Every public trace file in ``../shared/traces`` (relative to the repository root)."""
+    root = shared_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                      "..", "shared", "traces")
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for fn in sorted(files):
+            if fn.endswith(".route.csv") or (fn.startswith("coactivation_") and fn.endswith(".json")):
+                out.append(os.path.normpath(os.path.join(dirpath, fn)))
+    return sorted(out)

@@ -1,0 +1,182 @@
+"""Serving workloads built from held-out text, and the step schedule a continuous-batching
+engine derives from them.
+
+File format (``megatron_probe.workload`` version 1, JSON): ``{"format", "version", "scenario",
+"description", "source", "tokenizer", "requests": [{"id", "arrival_step", "domain", "source_file",
+"prompt_tokens", "output_tokens", "prompt", "reference_output"}]}``. ``prompt`` and
+``reference_output`` are text from one held-out document (the output is the document's true
+continuation: replaying it teacher-forced routes exactly as greedy serving would route the same
+tokens); lengths are in tokens of the named tokenizer.
+
+Scenarios: ``steady`` (mixed domains, even arrivals), ``shift`` (one domain, then an abrupt
+switch to another domain at a given step, the paper's Code -> Chinese test), ``repeat`` (a few
+prompts duplicated: extreme skew), ``bursty`` (Poisson bursts of a single domain).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+WORKLOAD_FORMAT = "megatron_probe.workload"
+WORKLOAD_VERSION = 1
+SCENARIOS = ("steady", "shift", "repeat", "bursty")
+
+
+@dataclass
+class Request:
+    id: int
+    arrival_step: int
+    domain: str
+    source_file: str
+    prompt_tokens: int
+    output_tokens: int
+    prompt: str
+    reference_output: str
+    prompt_ids: Optional[List[int]] = None  # token ids under the workload's tokenizer
+    output_ids: Optional[List[int]] = None
+
+
+@dataclass
+class Workload:
+    scenario: str
+    description: str
+    source: str
+    tokenizer: str
+    requests: List[Request] = field(default_factory=list)
+    extra: Dict = field(default_factory=dict)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"format": WORKLOAD_FORMAT, "version": WORKLOAD_VERSION, "scenario": self.scenario,
+                       "description": self.description, "source": self.source, "tokenizer": self.tokenizer,
+                       "extra": self.extra, "requests": [asdict(r) for r in self.requests]}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "Workload":
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("format") != WORKLOAD_FORMAT or data.get("version") != WORKLOAD_VERSION:
+            raise ValueError(f"{path}: not a {WORKLOAD_FORMAT} v{WORKLOAD_VERSION} file "
+                             f"(format={data.get('format')!r}, version={data.get('version')!r})")
+        reqs = [Request(**r) for r in data["requests"]]
+        for r in reqs:
+            if r.prompt_tokens <= 0 or r.output_tokens <= 0 or r.arrival_step < 0:
+                raise ValueError(f"{path}: request {r.id} has prompt_tokens={r.prompt_tokens}, "
+                                 f"output_tokens={r.output_tokens}, arrival_step={r.arrival_step}")
+        return cls(data["scenario"], data["description"], data["source"], data["tokenizer"], reqs,
+                   data.get("extra", {}))
+
+
+def _cut_request(tok, doc, gen, prompt_range, output_range, max_len):
+    ids = tok.encode(doc.text).ids
+    p = int(torch.randint(prompt_range[0], prompt_range[1] + 1, (), generator=gen))
+    o = int(torch.randint(output_range[0], output_range[1] + 1, (), generator=gen))
+    p, o = min(p, max_len - o), o
+    if len(ids) < p + o + 1:
+        return None
+    start = int(torch.randint(0, len(ids) - p - o, (), generator=gen))
+    return tok.decode(ids[start:start + p]), tok.decode(ids[start + p:start + p + o]), ids[start:start + p], \
+        ids[start + p:start + p + o]
+
+
+def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, num_requests: int = 160,
+                   steps: int = 400, max_len: int = 256, prompt_range=(24, 128), output_range=(16, 96),
+                   shift_step: int = 200, shift_from: str = "python", shift_to: str = "ja_ru",
+                   tokenizer_name: str = "") -> Workload:
+    """Requests cut from held-out documents (``heldout[domain] = [Document]``)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; valid: {SCENARIOS}")
+    gen = torch.Generator().manual_seed(seed)
+    domains = sorted(heldout)
+    reqs: List[Request] = []
+
+    def add(domain, arrival, fixed=None):
+        for _ in range(50):
+            docs = heldout[domain]
+            doc = docs[int(torch.randint(len(docs), (), generator=gen))]
+            cut = fixed or _cut_request(tok, doc, gen, prompt_range, output_range, max_len)
+            if cut is None:
+                continue
+            prompt, out, pids, oids = cut
+            reqs.append(Request(len(reqs), int(arrival), domain, doc.path, len(pids), len(oids), prompt, out,
+                                list(pids), list(oids)))
+            return cut
+        raise RuntimeError(f"no held-out document of domain {domain!r} is long enough for a request")
+
+    arrivals = torch.linspace(0, steps * 0.75, num_requests).round().long().tolist()
+    if scenario == "steady":
+        for i, t in enumerate(arrivals):
+            add(domains[i % len(domains)], t)
+        desc = "mixed domains, one arrival every few steps"
+    elif scenario == "shift":
+        for t in arrivals:
+            add(shift_from if t < shift_step else shift_to, t)
+        desc = f"{shift_from} requests, then only {shift_to} requests from step {shift_step}"
+    elif scenario == "repeat":
+        protos = [add(domains[i % len(domains)], 0) for i in range(4)]
+        reqs.clear()
+        for i, t in enumerate(arrivals):
+            p = protos[i % 4]
+            add(domains[i % 4 % len(domains)], t, fixed=p)
+        desc = "4 prompts, each duplicated many times (extreme skew)"
+    else:  # bursty
+        t, i = 0.0, 0
+        rate_gap = steps * 0.75 / max(1, num_requests)
+        while len(reqs) < num_requests:
+            burst_domain = domains[int(torch.randint(len(domains), (), generator=gen))]
+            size = int(torch.poisson(torch.tensor(8.0), generator=gen)) + 1
+            for _ in range(min(size, num_requests - len(reqs))):
+                add(burst_domain, round(t))
+            t += rate_gap * size * float(torch.empty(()).exponential_(1.0, generator=gen))
+            i += 1
+        desc = "Poisson bursts, each burst from a single domain"
+    return Workload(scenario, desc, "held-out split of megatron_probe.data.corpus", tokenizer_name, reqs,
+                    {"seed": seed, "shift_step": shift_step if scenario == "shift" else None})
+
+
+@dataclass
+class StepWork:
+    """What one engine step computes: for each request, a range of its token positions."""
+
+    step: int
+    chunks: List[tuple]  # (request_id, start, end) positions in prompt+output
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e - s for _, s, e in self.chunks)
+
+
+def schedule_steps(workload: Workload, prefill_chunk: int = 64, max_active: int = 32,
+                   max_steps: Optional[int] = None) -> List[StepWork]:
+    """Continuous batching: requests join at their arrival step (when fewer than ``max_active``
+    are running), prefill in chunks of ``prefill_chunk`` tokens, then decode one token a step,
+    and leave after their last output token. Deterministic (FIFO by arrival, then id)."""
+    pending = sorted(workload.requests, key=lambda r: (r.arrival_step, r.id))
+    active: Dict[int, list] = {}
+    steps: List[StepWork] = []
+    step = 0
+    i = 0
+    while (i < len(pending) or active) and (max_steps is None or step < max_steps):
+        while i < len(pending) and pending[i].arrival_step <= step and len(active) < max_active:
+            r = pending[i]
+            # positions fed to the model: the prompt, then every output token but the last
+            # (the last prefill chunk yields output token 1, each decode step the next)
+            active[r.id] = [0, r.prompt_tokens, r.prompt_tokens + r.output_tokens - 1]
+            i += 1
+        chunks = []
+        for rid, st in list(active.items()):
+            done, prompt, total = st
+            end = min(done + prefill_chunk, prompt) if done < prompt else done + 1
+            chunks.append((rid, done, end))
+            st[0] = end
+            if end >= total:
+                del active[rid]
+        steps.append(StepWork(step, chunks))
+        step += 1
+    return steps
