@@ -333,3 +333,33 @@ def expert_grads(rank, ws, out_dir):
                   (w2.grad - mod.linear_fc2.weight.grad).abs().max().item())
     res = {"max_grad_err": err, "input_grad": x.grad is not None and bool(torch.isfinite(x.grad).all())}
     _dump(out_dir, rank, res)
+
+
+# --------------------------------------------------------------------------- trained model
+def tiny_moe_generate(rank, ws, ckpt, replicas, out_dir):
+    """Greedy tokens of the checkpoint at EP=ws (PROBE spec, optionally with replicas on every
+    layer) for a prompt that depends on the rank."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.integration.recorder import moe_layers
+    from megatron_probe.integration.tiny_moe import greedy_generate, load_model
+
+    _init(ws)
+    R = 2 if (replicas and ws > 1) else 0
+    model, tok, cfg = load_model(ckpt, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=R),
+                                 ep=ws, rank=rank)
+    if R:
+        L = cfg.num_experts // ws
+        pl = torch.full((ws, R), -1, dtype=torch.long)
+        for r in range(ws):
+            foreign = [e for e in range(cfg.num_experts) if e // L != r]
+            pl[r] = torch.tensor(foreign[r::max(1, len(foreign) // R)][:R])
+        for m in moe_layers(model):
+            m.set_replica_placement(pl)
+    prompts = ["def main(argv):\n    parser = argparse.", "Diese Option bewirkt, dass"]
+    out = {}
+    for i in range(len(prompts)):
+        # each rank serves a different prompt in the same forward passes (EP shares experts, not tokens)
+        mine = prompts[(i + rank) % len(prompts)]
+        ids = tok.encode(mine).ids
+        out[mine] = greedy_generate(model, ids, 12, cfg.seq_length, eos_id=None)
+    _dump(out_dir, rank, out)

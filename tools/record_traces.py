@@ -91,14 +91,10 @@ def main():
 
     from megatron_probe.data.traces import load_trace, save_trace
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
-    from megatron_probe.integration.launch import free_port
+    from megatron_probe.integration.launch import init_single_process
     from megatron_probe.integration.tiny_moe import load_model
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    initialize_megatron_parallel(1)
+    init_single_process()
     t0 = time.time()
     model, tok, cfg = load_model(a.checkpoint, spec="probe")
     wl = Workload.load(a.workload)

@@ -33,14 +33,10 @@ def main():
     import torch.distributed as dist
 
     from megatron_probe.data.corpus import build_corpus
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
-    from megatron_probe.integration.launch import free_port
+    from megatron_probe.integration.launch import init_single_process
     from megatron_probe.integration.tiny_moe import greedy_generate, load_model
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    initialize_megatron_parallel(1)
+    init_single_process()
     probe, tok, cfg = load_model(a.checkpoint, spec="probe")
     stock, _, _ = load_model(a.checkpoint, spec="stock")
     eot = tok.token_to_id("<|endoftext|>")

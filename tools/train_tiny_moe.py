@@ -119,17 +119,11 @@ def main():
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if not dist.is_initialized():
-        from megatron_probe.integration.launch import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
     from megatron_probe.data.corpus import build_corpus, corpus_fingerprint
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
+    from megatron_probe.integration.launch import init_single_process
     from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, causal_mask
 
-    initialize_megatron_parallel(1, seed=a.seed)
+    init_single_process(seed=a.seed)
     t_start = time.time()
     corpus = build_corpus(a.max_bytes_per_domain)
     tok = train_tokenizer(corpus, a.vocab)

@@ -67,3 +67,14 @@ def run_distributed(fn: Callable, world_size: int, *args, backend: str | None = 
     if backend == "nccl" and world_size > torch.cuda.device_count():
         raise ValueError(f"{world_size} NCCL ranks need {world_size} GPUs, found {torch.cuda.device_count()}")
     mp.spawn(_entry, args=(world_size, free_port(), backend, fn, args), nprocs=world_size, join=True)
+
+
+def init_single_process(seed: int = 1234) -> None:
+    """A one-rank gloo group plus Megatron's parallel state (EP = 1), for single-process tools."""
+    from megatron_probe.integration.cpu import initialize_megatron_parallel
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    initialize_megatron_parallel(1, seed=seed)
