@@ -363,3 +363,24 @@ def tiny_moe_generate(rank, ws, ckpt, replicas, out_dir):
         ids = tok.encode(mine).ids
         out[mine] = greedy_generate(model, ids, 12, cfg.seq_length, eos_id=None)
     _dump(out_dir, rank, out)
+
+
+# --------------------------------------------------------------------------- planner
+def planner_determinism(rank, ws, out_dir):
+    """Every rank plans from the same all-gathered counts; the plans must be identical."""
+    from megatron_probe.mechanism.comm import all_gather_rows
+    from megatron_probe.policy import ExpertLayout
+    from megatron_probe.policy.cost_model import ExpertCost
+    from megatron_probe.policy.planner import assign_on_truth, plan_probe
+
+    torch.manual_seed(rank)
+    lay = ExpertLayout(32, ws, 3)
+    mine = torch.randint(0, 100, (32,))
+    mine[rank * 3] += 1000
+    counts = all_gather_rows(mine, None if ws == 1 else dist.group.WORLD)
+    cost = ExpertCost(0.1, 5.0)
+    pl, A = plan_probe(counts, lay, cost)
+    A2 = assign_on_truth(counts, pl, lay, cost)
+    flat = torch.cat([pl.flatten(), A.flatten(), A2.flatten()])
+    allp = all_gather_rows(flat, dist.group.WORLD)
+    _dump(out_dir, rank, {"identical": bool((allp == allp[0]).all()), "replicas": int((pl >= 0).sum())})

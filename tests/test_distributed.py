@@ -112,3 +112,10 @@ def test_expert_gradients(tmp_path):
     for r in range(2):
         assert res[r]["max_grad_err"] < 1e-5, res[r]
         assert res[r]["input_grad"]
+
+
+@pytest.mark.slow
+def test_planner_identical_on_every_rank(tmp_path):
+    res = _run(dist_workers.planner_determinism, 2, tmp_path)
+    for r in range(2):
+        assert res[r]["identical"] and res[r]["replicas"] > 0, res[r]

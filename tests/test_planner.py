@@ -1,0 +1,144 @@
+"""Cost model and PROBE planner (policy layer): property tests over random inputs."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_probe.policy import ExpertLayout, validate_assignment, validate_placement
+from megatron_probe.policy.cost_model import (
+    PRESETS,
+    ExpertCost,
+    HardwareProfile,
+    ModelShape,
+    dispatch_volume,
+    get_profile,
+    transfer_budget,
+    transfer_time_us,
+    transfer_window_us,
+)
+from megatron_probe.policy.planner import (
+    assign_on_truth,
+    plan_probe,
+    rank_times,
+    static_assignment,
+    water_fill_split,
+)
+
+COST = ExpertCost(per_token_us=0.1, per_active_expert_us=5.0)
+
+
+def test_presets_and_profile_json(tmp_path):
+    for name in ("h100-sxm", "h200-sxm", "h800", "a100-sxm"):
+        hw = get_profile(name)
+        assert hw.peak_tflops > 0 and hw.nvlink_gbps > hw.ib_gbps and hw.source
+    p = tmp_path / "hw.json"
+    PRESETS["h200-sxm"].to_json(str(p))
+    assert get_profile(str(p)) == PRESETS["h200-sxm"]
+    with pytest.raises(ValueError, match="unknown hardware profile 'tpu'"):
+        get_profile("tpu")
+
+
+def test_cost_model_numbers_follow_the_formulas():
+    hw, sh = PRESETS["h200-sxm"], ModelShape(2880, 2880, 128, 4, kv_dim=512)
+    assert sh.expert_bytes == 3 * 2880 * 2880 * 2
+    assert transfer_time_us(hw, sh, 1) == pytest.approx(sh.expert_bytes / 450e9 * 1e6)
+    assert transfer_time_us(hw, sh, 1, inter_node=True) > 9 * transfer_time_us(hw, sh, 1)
+    c = ExpertCost.from_profile(hw, sh)
+    assert c.per_active_expert_us == pytest.approx(c.per_token_us * hw.gemm_n_half)
+    assert float(c.rank_time(torch.tensor([0, 10, 0]))) == pytest.approx(10 * c.per_token_us + c.per_active_expert_us)
+    w = transfer_window_us(hw, sh, 768, 1024, ep=8)
+    assert transfer_budget(hw, sh, w) == int(w // transfer_time_us(hw, sh, 1))
+    assert transfer_budget(hw, sh, w, inter_node=True) < transfer_budget(hw, sh, w)
+
+
+def test_dispatch_volume_deduplicates_per_rank():
+    # token 0 (rank 0) -> experts on ranks 1, 1, 0: one copy to rank 1, none to itself
+    send, recv = dispatch_volume(torch.tensor([[1, 1, 0], [0, 0, 0]]), torch.tensor([0, 1]), ep=2, token_bytes=10)
+    assert send.tolist() == [10.0, 10.0] and recv.tolist() == [10.0, 10.0]
+
+
+def test_water_fill_split():
+    assert water_fill_split(torch.tensor([0.0, 10.0]), 10, 1.0).tolist() == [10, 0]
+    assert water_fill_split(torch.tensor([0.0, 10.0]), 30, 1.0).tolist() == [20, 10]
+    s = water_fill_split(torch.tensor([5.0, 0.0, 5.0]), 7, 1.0)
+    assert int(s.sum()) == 7 and s[1] >= 5
+
+
+@st.composite
+def cases(draw):
+    ep = draw(st.sampled_from([1, 2, 4, 8]))
+    L = draw(st.integers(1, 6))
+    E = ep * L
+    R = draw(st.integers(0, min(4, E - L)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["random", "zeros", "one_expert", "skewed"]))
+    if kind == "zeros":
+        counts = torch.zeros(ep, E, dtype=torch.long)
+    elif kind == "one_expert":
+        counts = torch.zeros(ep, E, dtype=torch.long)
+        counts[:, int(torch.randint(E, (), generator=g))] = torch.randint(0, 500, (ep,), generator=g)
+    else:
+        w = torch.rand(E, generator=g) ** (4 if kind == "skewed" else 1)
+        counts = torch.stack([torch.multinomial(w + 1e-6, 200, replacement=True, generator=g).bincount(minlength=E)
+                              for _ in range(ep)])
+    b_in = draw(st.one_of(st.none(), st.integers(0, 4)))
+    b_out = draw(st.one_of(st.none(), st.integers(0, 4)))
+    return ExpertLayout(E, ep, R), counts, b_in, b_out
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases())
+def test_plan_is_valid_within_budgets_and_never_worse(case):
+    lay, counts, b_in, b_out = case
+    pl, A = plan_probe(counts, lay, COST, budget_in=b_in, budget_out=b_out)
+    validate_placement(pl, lay)
+    validate_assignment(A, counts, pl, lay)  # every token once, only to ranks with a copy
+    n_in = (pl >= 0).sum(1)
+    assert (int(n_in.max()) if n_in.numel() else 0) <= (lay.replica_slots if b_in is None else min(b_in, lay.replica_slots))
+    if b_out is not None and lay.replica_slots:
+        homes = pl[pl >= 0] // lay.num_local_experts
+        assert int(torch.bincount(homes, minlength=lay.ep_size).max()) <= b_out
+    before = rank_times(static_assignment(counts, lay), COST).max()
+    after = rank_times(A, COST).max()
+    assert after <= before + 1e-9
+    # re-assignment on the same counts is valid too and no worse than the plan's own split
+    A2 = assign_on_truth(counts, pl, lay, COST)
+    validate_assignment(A2, counts, pl, lay)
+    assert rank_times(A2, COST).max() <= before + 1e-9
+
+
+def test_zero_budget_returns_static_and_determinism():
+    lay = ExpertLayout(16, 4, 3)
+    g = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 300, (4, 16), generator=g)
+    counts[:, 0] += 2000
+    pl, A = plan_probe(counts, lay, COST, budget_in=0)
+    assert (pl == -1).all() and torch.equal(A, static_assignment(counts, lay))
+    pl1, A1 = plan_probe(counts, lay, COST)
+    pl2, A2 = plan_probe(counts.clone(), lay, COST)
+    assert torch.equal(pl1, pl2) and torch.equal(A1, A2)
+    t0, t1 = rank_times(static_assignment(counts, lay), COST), rank_times(A1, COST)
+    assert float(t1.max() / t1.mean()) < float(t0.max() / t0.mean()) - 0.3  # the hot rank is relieved
+
+
+def test_planner_bad_input():
+    lay = ExpertLayout(8, 2, 2)
+    with pytest.raises(ValueError, match=r"counts has shape \(2, 4\), expected \(2, 8\)"):
+        plan_probe(torch.zeros(2, 4, dtype=torch.long), lay, COST)
+    bad = torch.zeros(2, 8, dtype=torch.long)
+    bad[1, 3] = -2
+    with pytest.raises(ValueError, match=r"counts\[1, 3\] = -2 is negative"):
+        plan_probe(bad, lay, COST)
+    with pytest.raises(TypeError, match="integer token counts"):
+        plan_probe(torch.zeros(2, 8), lay, COST)
+    with pytest.raises(ValueError, match="budget_in=-1 is negative"):
+        plan_probe(torch.zeros(2, 8, dtype=torch.long), lay, COST, budget_in=-1)
+    with pytest.raises(ValueError, match="unknown hardware profile fields"):
+        import json
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({"name": "x", "peak_tflops": 1, "hbm_gbps": 1, "nvlink_gbps": 1, "ib_gbps": 1, "warp": 3}, f)
+        HardwareProfile.from_json(f.name)
