@@ -39,3 +39,38 @@ def test_check_equivalence_cli_rejects_bad_shapes(args, msg):
     r = _tool(*args, timeout=120)
     assert r.returncode == 2
     assert msg in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_planner_cli(tmp_path):
+    shared = os.path.join(ROOT, "..", "shared", "traces", "mbolt", "coactivation_qwen3-30b-a3b.json")
+    if not os.path.exists(shared):
+        pytest.skip("../shared/traces not present")
+    out = tmp_path / "ev.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_planner.py"), "--trace", shared, "--steps", "4",
+                        "--layers", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["ep"] == 8 and res["replica_slots"] == 3
+    pol = res["policies"]
+    for name in ("static", "eplb", "probe", "probe+reassign", "oracle"):
+        assert pol[name]["ir_mean"] >= 1.0 and "ir_p95" in pol[name]
+    assert pol["probe"]["plan_us_median"] > 0
+    assert pol["probe"]["ir_mean"] < pol["static"]["ir_mean"]
+    assert "GENERATED" in res["policies_by_trace"]["coactivation_qwen3-30b-a3b.json"]["data"]
+    assert "skipped" in pol["optimal"]
+
+
+@pytest.mark.slow
+def test_calibrate_hardware_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "cpu.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "calibrate_hardware.py"), "--quick", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    from megatron_probe.policy.cost_model import get_profile
+
+    prof = get_profile(str(out))
+    assert prof.name == "measured-cpu" and prof.peak_tflops > 0 and prof.hbm_gbps > 0 and prof.nvlink_gbps > 0
+    assert 0 < prof.gemm_eta_max <= 1 and prof.gemm_n_half >= 0 and "calibrate_hardware.py" in prof.source
+    detail = json.loads((tmp_path / "cpu_detail.json").read_text())
+    assert len(detail["tokens_per_expert"]) == len(detail["seconds_per_expert"]) >= 5

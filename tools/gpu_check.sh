@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the foundation issue, in one go (about 5 minutes on one H200).
+# Every GPU check, in one go (foundation: about 2 minutes on one H200; planner: about 1 minute).
 # On a machine without megatron-core (e.g. a bare CUDA image), carry wheels in .whl/:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 nvtx
@@ -18,4 +18,13 @@ if ! $PYTHON -c "import megatron.core" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-$PYTHON tools/gpu_check.py --out "$DEST" "$@"
+# usage: gpu_check.sh [all|foundation|planner]
+MODE=${1:-all}
+rc=0
+if [ "$MODE" = all ] || [ "$MODE" = foundation ]; then
+    $PYTHON tools/gpu_check.py --out "$DEST" || rc=1
+fi
+if [ "$MODE" = all ] || [ "$MODE" = planner ]; then
+    $PYTHON tools/gpu_check_planner.py --out "$DEST" || rc=1
+fi
+exit $rc

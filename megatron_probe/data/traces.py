@@ -70,9 +70,15 @@ class TraceStep:
         return torch.bincount(ids.long(), minlength=num_experts)
 
     def rank_expert_counts(self, layer: int, num_experts: int, ep: int) -> torch.Tensor:
-        """``[ep, E]`` per-source-rank counts (``source_rank`` or, if absent, token i on rank i % ep)."""
+        """``[ep, E]`` per-source-rank counts at EP ``ep``. Requests are spread over ranks round-robin
+        (``request_id % ep``); without request ids, ``source_rank % ep``, else token ``i`` on ``i % ep``."""
         ids = self.topk_ids[layer].long()
-        src = self.source_rank.long() if self.source_rank is not None else torch.arange(ids.shape[0]) % ep
+        if self.request_id is not None:
+            src = self.request_id.long() % ep
+        elif self.source_rank is not None:
+            src = self.source_rank.long() % ep
+        else:
+            src = torch.arange(ids.shape[0]) % ep
         out = torch.zeros(ep, num_experts, dtype=torch.long)
         valid = ids >= 0
         rows = src.unsqueeze(1).expand_as(ids)[valid]

@@ -20,6 +20,8 @@ One iteration:
    originate on ``dst`` (they then never leave their rank), then the other ranks' in rank order;
 4. no admissible move for the pair (no expert, or no gain): the pair is marked invalid and the
    next iteration tries the next fastest rank; when no destination is left, the loop idles.
+:func:`assign_on_truth` re-splits tokens on the true counts at dispatch time: the same loop
+with the placement fixed (tokens move only to copies that exist; locality first as above).
 The plan never raises the slowest rank's time (every move lowers ``t_src`` and leaves
 ``t_dst`` below the old ``t_src``), and with a zero transfer budget and no existing replica it
 returns the static placement.
@@ -61,17 +63,23 @@ def rank_times(assign: torch.Tensor, cost: ExpertCost) -> torch.Tensor:
 
 
 def plan_probe(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
-               budget_out: Optional[int] = None, k_max: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+               budget_out: Optional[int] = None, k_max: int = 16,
+               placement: Optional[torch.Tensor] = None, validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy replica placement and token split for one layer (see the module docstring).
 
     Args:
         counts: ``[ep, E]`` (predicted) tokens each rank routes to each expert.
         budget_in: new replicas a rank may receive (default: its replica slots ``R``).
         budget_out: copies a home rank may send (default: unlimited).
+        placement: keep this placement and only re-split tokens over the copies it has (the
+            re-assignment on true counts); no new copy is made.
+        validate: check ``counts`` for negative entries (a host synchronisation on GPU; pass
+            False inside a CUDA graph once the producer is trusted).
     Returns:
         ``(placement [ep, R], assignment [ep, E, ep])`` on ``counts.device``.
     """
-    _check_counts(counts, layout)
+    if validate:
+        _check_counts(counts, layout)
     ep, E, L, R = layout.ep_size, layout.num_experts, layout.num_local_experts, layout.replica_slots
     for name, b in (("budget_in", budget_in), ("budget_out", budget_out)):
         if b is not None and b < 0:
@@ -81,117 +89,153 @@ def plan_probe(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, bud
     dev = counts.device
     cap_in = min(R, R if budget_in is None else budget_in)
     cap_out = E * ep if budget_out is None else budget_out
-    c, o = cost.per_token_us, cost.per_active_expert_us
+    # integer arithmetic in "token units" (an active expert costs o_u tokens): the same plan on
+    # every rank and every device, with no floating-point rounding at decision boundaries
+    o_u = int(round(cost.per_active_expert_us / cost.per_token_us)) if cost.per_token_us > 0 else 0
     A = static_assignment(counts, layout)
     slots = torch.full((ep, R), EMPTY_SLOT, dtype=torch.long, device=dev)
     held = torch.zeros(ep, E, dtype=torch.bool, device=dev)  # replica copies only
     n_in = torch.zeros(ep, dtype=torch.long, device=dev)
+    if placement is not None:
+        slots = placement.to(dev).long().clone()
+        rows = torch.arange(ep, device=dev).unsqueeze(1).expand_as(slots)
+        held[rows[slots >= 0], slots[slots >= 0]] = True
+        cap_in = 0
     n_out = torch.zeros(ep, dtype=torch.long, device=dev)
     invalid = torch.eye(ep, dtype=torch.bool, device=dev)
     ranks = torch.arange(ep, device=dev)
     experts = torch.arange(E, device=dev)
     home = experts // L
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    big = torch.iinfo(torch.long).max
+    # every index below is a 1-element tensor: indexing with a 0-dim tensor would call .item()
     for _ in range(k_max if R > 0 else 0):
-        t = rank_times(A, cost)
-        src = torch.argmax(t)
-        dst_ok = ~invalid[src]
-        dst = torch.argmin(torch.where(dst_ok, t, inf))
+        on_all = A.sum(0)
+        t = on_all.sum(0) + o_u * (on_all > 0).sum(0)  # [ep] int64 rank time in token units
+        src = torch.argmax(t).view(1)
+        dst_ok = ~invalid.index_select(0, src)[0]
+        dst = torch.argmin(torch.where(dst_ok, t, torch.full_like(t, big))).view(1)
         any_dst = dst_ok.any()
-        on_src = A[:, :, src]  # [ep_src, E] tokens computed on src
-        movable = on_src.sum(0) - on_src[src]  # tokens from other ranks
+        on_src = A.index_select(2, src)[:, :, 0]  # [ep_src, E] tokens computed on src
+        movable = on_src.sum(0) - on_src.index_select(0, src)[0]  # tokens from other ranks
         native = home == src
-        dst_has = held[dst]
-        can_copy = (n_in[dst] < cap_in) & (n_out[src] < cap_out)
+        dst_has = held.index_select(0, dst)[0]
+        can_copy = (n_in.index_select(0, dst) < cap_in) & (n_out.index_select(0, src) < cap_out)
         eligible = native & (movable > 0) & (dst_has | can_copy)
         score = torch.where(eligible, movable, torch.full_like(movable, -1))
-        e_star = torch.argmax(score)
-        has_e = score[e_star] > 0
-        new_copy = ~dst_has[e_star]
-        o_new = torch.where(new_copy | (A[:, e_star, dst].sum() == 0), o, 0.0)
-        x_gain = torch.floor((t[src] - t[dst] - o_new) / (2 * c))
-        x_mean = torch.floor((t[src] - t.mean()) / c)
-        x = torch.minimum(torch.minimum(x_gain, x_mean), movable[e_star].to(torch.float64)).clamp_min(0).long()
+        e_star = torch.argmax(score).view(1)
+        has_e = score.index_select(0, e_star) > 0
+        new_copy = ~dst_has.index_select(0, e_star)
+        o_new = torch.where(new_copy | (A[:, e_star, dst].sum() == 0), o_u, 0)
+        t_src, t_dst = t.index_select(0, src), t.index_select(0, dst)
+        x_gain = torch.div(t_src - t_dst - o_new, 2, rounding_mode="floor")
+        x_mean = torch.div(t_src * ep - t.sum(), ep, rounding_mode="floor")
+        x = torch.minimum(torch.minimum(x_gain, x_mean), movable.index_select(0, e_star)).clamp_min(0)
         ok = any_dst & has_e & (x > 0)
         # locality first: dst's own tokens, then the other ranks' in rank order (never src's)
-        order = torch.cat([dst.view(1), ranks[ranks != dst]])
+        order = torch.argsort(torch.where(ranks == dst, -1, ranks))  # fixed shape: no host sync
         avail = A[order, e_star, src] * (order != src)
         before = torch.cumsum(avail, 0) - avail
         take_o = torch.minimum(avail, (x - before).clamp_min(0)) * ok
         take = torch.zeros(ep, dtype=torch.long, device=dev).index_put((order,), take_o)
-        A[:, e_star, src] -= take
-        A[:, e_star, dst] += take
+        A.index_put_((ranks, e_star.expand(ep), src.expand(ep)), -take, accumulate=True)
+        A.index_put_((ranks, e_star.expand(ep), dst.expand(ep)), take, accumulate=True)
         add_slot = ok & new_copy
-        free = slots[dst] == EMPTY_SLOT
-        slot_idx = torch.argmax(free.long())
-        slots[dst, slot_idx] = torch.where(add_slot, e_star, slots[dst, slot_idx])
-        held[dst, e_star] = held[dst, e_star] | add_slot
-        n_in[dst] += add_slot.long()
-        n_out[src] += add_slot.long()
+        free = slots.index_select(0, dst)[0] == EMPTY_SLOT
+        slot_idx = torch.argmax(free.long()).view(1)
+        slots.index_put_((dst, slot_idx), torch.where(add_slot, e_star, slots[dst, slot_idx]))
+        held.index_put_((dst, e_star), held[dst, e_star] | add_slot)
+        n_in.index_put_((dst,), add_slot.long(), accumulate=True)
+        n_out.index_put_((src,), add_slot.long(), accumulate=True)
         # a pair that cannot help is not tried again
-        invalid[src, dst] = invalid[src, dst] | (any_dst & ~ok)
+        invalid.index_put_((src, dst), invalid[src, dst] | (any_dst & ~ok))
     return slots, A
 
 
-def water_fill_split(base: torch.Tensor, amount: int, per_token: float) -> torch.Tensor:
-    """Split ``amount`` tokens over holders with base times ``base`` [h] to equalise
-    ``base + per_token * share`` as far as possible; integer shares, lowest base first."""
-    h = base.numel()
-    if amount <= 0 or h == 0:
-        return torch.zeros(h, dtype=torch.long)
-    b = base.double() / per_token  # in tokens
-    order = torch.argsort(b, stable=True)
-    sb = b[order]
-    csum = torch.cumsum(sb, 0)
-    k = torch.arange(1, h + 1, dtype=torch.float64)
-    level = (amount + csum) / k
-    nxt = torch.cat([sb[1:], torch.tensor([float("inf")], dtype=torch.float64)])
-    j = int(((level <= nxt) & (level >= sb)).nonzero()[0])
-    lam = float(level[j])
-    share = torch.zeros(h, dtype=torch.long)
-    fill = torch.floor(torch.clamp(lam - sb[: j + 1], min=0)).long()
-    rest = amount - int(fill.sum())
-    fill[:rest] += 1  # remainder to the least loaded
-    share[order[: j + 1]] = fill
-    return share
+def assign_on_truth(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost,
+                    k_max: int = 32) -> torch.Tensor:
+    """Re-assignment at dispatch time: the planner's water-filling on the true counts with the
+    placement fixed (tokens move only to copies that exist). Returns the assignment."""
+    from megatron_probe.policy.placement import validate_placement
+
+    validate_placement(placement, layout)
+    return plan_probe_host(counts, layout, cost, k_max=k_max, placement=placement)[1]
 
 
-def _interval_split(src_amounts: torch.Tensor, dst_amounts: torch.Tensor) -> torch.Tensor:
-    """``[n_src, n_dst]`` transport plan filling destinations in order from sources in order."""
-    se = torch.cumsum(src_amounts, 0)
-    ss = se - src_amounts
-    de = torch.cumsum(dst_amounts, 0)
-    ds = de - dst_amounts
-    lo = torch.maximum(ss.unsqueeze(1), ds.unsqueeze(0))
-    hi = torch.minimum(se.unsqueeze(1), de.unsqueeze(0))
-    return (hi - lo).clamp_min(0)
+def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
+                    budget_out: Optional[int] = None, k_max: int = 16,
+                    placement: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same algorithm as :func:`plan_probe`, for the host: NumPy with incremental rank
+    times and early exit (tensor-op dispatch dominates the tensor version on a CPU). Produces
+    exactly the same plan (tested)."""
+    import numpy as np
 
-
-def assign_on_truth(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout,
-                    cost: ExpertCost) -> torch.Tensor:
-    """Token split for a fixed placement from the true counts (re-assignment at dispatch time).
-
-    Each replicated expert, heaviest first, has all its tokens water-filled over its copies
-    against the load of everything else; then locality first: each copy is filled with tokens
-    that originate on its own rank before any other rank's tokens are sent to it.
-    """
     _check_counts(counts, layout)
-    counts = counts.long().cpu()
-    placement = placement.long().cpu()
-    holds = holder_slots(placement, layout) >= 0  # [ep, E]
-    A = static_assignment(counts, layout)
-    replicated = (holds.sum(0) > 1).nonzero().flatten()
-    if replicated.numel() == 0:
-        return A
-    load = counts.sum(0)
-    for e in replicated[torch.argsort(load[replicated], descending=True, stable=True)].tolist():
-        hs = holds[:, e].nonzero().flatten()
-        A[:, e, :] = 0
-        base = rank_times(A, cost)[hs]
-        share = water_fill_split(base, int(counts[:, e].sum()), cost.per_token_us)
-        own = torch.minimum(share, counts[hs, e])  # locality first
-        A[hs, e, hs] = own
-        rest = counts[:, e].clone()
-        rest[hs] -= own
-        A[:, e, hs] += _interval_split(rest, share - own)
-    return A
+    for name, b in (("budget_in", budget_in), ("budget_out", budget_out)):
+        if b is not None and b < 0:
+            raise ValueError(f"{name}={b} is negative")
+    if k_max < 0:
+        raise ValueError(f"k_max={k_max} is negative")
+    ep, E, L, R = layout.ep_size, layout.num_experts, layout.num_local_experts, layout.replica_slots
+    cap_in = min(R, R if budget_in is None else budget_in)
+    cap_out = E * ep if budget_out is None else budget_out
+    o_u = int(round(cost.per_active_expert_us / cost.per_token_us)) if cost.per_token_us > 0 else 0
+    cnt = counts.detach().cpu().numpy().astype(np.int64)
+    A = np.zeros((ep, E, ep), dtype=np.int64)
+    e_ids = np.arange(E)
+    A[:, e_ids, e_ids // L] = cnt
+    on = A.sum(0)  # [E, ep]
+    t = on.sum(0) + o_u * (on > 0).sum(0)  # int64 token units
+    slots = np.full((ep, R), EMPTY_SLOT, dtype=np.int64)
+    held = np.zeros((ep, E), dtype=bool)
+    n_in = np.zeros(ep, dtype=np.int64)
+    if placement is not None:
+        slots = placement.detach().cpu().numpy().astype(np.int64).copy()
+        for r, e in zip(*np.nonzero(slots >= 0)):
+            held[r, slots[r, e]] = True
+        cap_in = 0
+    n_out = np.zeros(ep, dtype=np.int64)
+    invalid = np.eye(ep, dtype=bool)
+    for _ in range(k_max if R > 0 else 0):
+        src = int(np.argmax(t))
+        dst_ok = ~invalid[src]
+        if not dst_ok.any():
+            break  # nothing can change any more: the tensor version idles from here on
+        dst = int(np.argmin(np.where(dst_ok, t, np.iinfo(np.int64).max)))
+        lo, hi = src * L, (src + 1) * L
+        movable = on[lo:hi, src] - A[src, lo:hi, src]
+        can_copy = n_in[dst] < cap_in and n_out[src] < cap_out
+        eligible = (movable > 0) & (held[dst, lo:hi] | can_copy)
+        score = np.where(eligible, movable, -1)
+        j = int(np.argmax(score))
+        e_star = lo + j
+        ok = score[j] > 0
+        if ok:
+            new_copy = not held[dst, e_star]
+            o_new = o_u if (new_copy or A[:, e_star, dst].sum() == 0) else 0
+            x = int(min((t[src] - t[dst] - o_new) // 2, (t[src] * ep - t.sum()) // ep, movable[j]))
+            ok = x > 0
+        if not ok:
+            invalid[src, dst] = True
+            continue
+        order = np.concatenate([[dst], [r for r in range(ep) if r != dst]])
+        avail = A[order, e_star, src] * (order != src)
+        before = np.cumsum(avail) - avail
+        take_o = np.minimum(avail, np.maximum(x - before, 0))
+        take = np.zeros(ep, dtype=np.int64)
+        take[order] = take_o
+        moved = int(take.sum())
+        A[:, e_star, src] -= take
+        A[:, e_star, dst] += take
+        was_active_dst = on[e_star, dst] > 0
+        on[e_star, src] -= moved
+        on[e_star, dst] += moved
+        t[src] = on[:, src].sum() + o_u * (on[:, src] > 0).sum()
+        t[dst] = on[:, dst].sum() + o_u * (on[:, dst] > 0).sum()
+        del was_active_dst
+        if new_copy:
+            free = np.nonzero(slots[dst] == EMPTY_SLOT)[0][0]
+            slots[dst, free] = e_star
+            held[dst, e_star] = True
+            n_in[dst] += 1
+            n_out[src] += 1
+    return torch.from_numpy(slots), torch.from_numpy(A)

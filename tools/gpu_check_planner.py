@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""GPU checks of the planner issue: calibrate the GPU into a hardware profile, and time the
+PROBE planner on the GPU (CUDA events), eagerly and captured in a CUDA graph (possible only
+because the planner makes no host synchronisation), checking the GPU plan equals the host plan.
+
+  python tools/gpu_check_planner.py --out results/gpu_planner
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+def main():
+    from megatron_probe.policy.cost_model import PRESETS, ExpertCost, ModelShape
+    from megatron_probe.policy.placement import ExpertLayout
+    from megatron_probe.policy.planner import plan_probe, plan_probe_host, rank_times, static_assignment
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "gpu_planner"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    dev = torch.device(a.device)
+    report = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "calibrate_hardware.py"), "--device", a.device,
+                        "--out", os.path.join(a.out, "profile.json")] + ([] if dev.type == "cuda" else ["--quick"]),
+                       capture_output=True, text=True, timeout=300)
+    report["calibration_rc"] = r.returncode
+    print(r.stdout[-1500:], r.stderr[-1500:], flush=True)
+    if os.path.exists(os.path.join(a.out, "profile.json")):
+        report["profile"] = json.load(open(os.path.join(a.out, "profile.json")))
+    cost = ExpertCost.from_profile(PRESETS["h200-sxm"], ModelShape(2880, 2880, 128, 4))
+    rows = []
+    for E, ep, R in ((128, 8, 3), (256, 8, 3), (128, 32, 4)):
+        lay = ExpertLayout(E, ep, R)
+        g = torch.Generator().manual_seed(E + ep)
+        w = torch._sample_dirichlet(torch.full((E,), 0.3, dtype=torch.float64), generator=g)
+        counts = torch.stack([torch.multinomial(w, 768 * 4, replacement=True, generator=g).bincount(minlength=E)
+                              for _ in range(ep)])
+        host = plan_probe_host(counts, lay, cost)
+        c_dev = counts.to(dev)
+        plan = lambda: plan_probe(c_dev, lay, cost, validate=False)  # noqa: E731
+        pl, A = plan()
+        same = bool(torch.equal(pl.cpu(), host[0]) and torch.equal(A.cpu(), host[1]))
+        ts = []
+        for i in range(30):
+            if dev.type == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                plan()
+                e.record()
+                torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e) * 1e3)
+            else:
+                t0 = time.perf_counter()
+                plan()
+                ts.append((time.perf_counter() - t0) * 1e6)
+        ts.sort()
+        row = {"E": E, "ep": ep, "R": R, "k_max": 16, "gpu_equals_host": same, "eager_us_median": round(ts[15], 1)}
+        if dev.type == "cuda":
+            try:
+                static_in = c_dev.clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        plan_probe(static_in, lay, cost, validate=False)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    g_pl, g_A = plan_probe(static_in, lay, cost, validate=False)
+                graph.replay()
+                torch.cuda.synchronize()
+                row["graph_equals_host"] = bool(torch.equal(g_pl.cpu(), host[0]) and torch.equal(g_A.cpu(), host[1]))
+                gts = []
+                for _ in range(30):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    graph.replay()
+                    e.record()
+                    torch.cuda.synchronize()
+                    gts.append(s.elapsed_time(e) * 1e3)
+                gts.sort()
+                row["graph_us_median"] = round(gts[15], 1)
+            except Exception as ex:  # report, do not hide
+                row["graph_error"] = f"{type(ex).__name__}: {ex}"[:300]
+        t0 = rank_times(static_assignment(counts, lay), cost)
+        t1 = rank_times(host[1], cost)
+        row["ir_time_static"] = round(float(t0.max() / t0.mean()), 3)
+        row["ir_time_planned"] = round(float(t1.max() / t1.mean()), 3)
+        rows.append(row)
+        print(row, flush=True)
+    report["planner"] = rows
+    with open(os.path.join(a.out, "gpu_planner.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    ok = all(r["gpu_equals_host"] and r.get("graph_equals_host", True) for r in rows)
+    print("all plans equal the host plan:", ok)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
