@@ -182,7 +182,7 @@ def main():
     for row in res["layers"]:
         lines.append(f"| {row['layer']} | " + " | ".join(
             f"{row[d]['max_over_mean']} ({row[d]['entropy_bits']})" for d in domains) + " |")
-    lines += ["", f"## Imbalance ratio IR per batch, contiguous placement: mean (max) over batches and layers", "",
+    lines += ["", "## Imbalance ratio IR per batch, contiguous placement: mean (max) over batches and layers", "",
               "| batches | " + " | ".join(f"EP {e}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
     for kind in ["mixed"] + domains:
         lines.append(f"| {kind} | " + " | ".join(f"{res['ir'][kind][e]['mean']} ({res['ir'][kind][e]['max']})"

@@ -209,8 +209,6 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     from megatron_probe.integration.spec import probe_layer_spec
     from megatron_probe.mechanism import te_backend
     from megatron_probe.mechanism.comm import all_gather_rows
-    from megatron_probe.policy.placement import holder_slots
-
     ep = world_size
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     dtype = _torch_dtype(opts.dtype)
@@ -327,7 +325,6 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
                 rank_loads=[int(v) for v in loads], passed=bool(allstats[:, 3].min() > 0),
             ))
         del layer
-        _ = holder_slots
     report.seconds = time.time() - t0
     RouterReplay.clear_global_router_replay_instances()
     destroy_megatron_parallel()

@@ -86,7 +86,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
         self.hidden_shape_before_permute = hidden.shape
         self.routing_map = routing_map
-        E, L, S, ep = self.num_experts, self.num_local_experts, self.layout.slots_per_rank, self.ep_size
+        E, S, ep = self.num_experts, self.layout.slots_per_rank, self.ep_size
         if routing_map.shape != (hidden.shape[0], E):
             raise ValueError(f"routing_map {tuple(routing_map.shape)} != ({hidden.shape[0]}, {E})")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from megatron_probe.mechanism.grouped_gemm import grouped_linear, grouped_mm_supported
 from megatron_probe.mechanism import te_backend

@@ -14,7 +14,7 @@ native placement is fixed, as in the PROBE layer, and only the replica slots are
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Optional
+from typing import Deque
 
 import torch
 

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
-from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, holder_slots
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout
 
 
 def _check_counts(counts: torch.Tensor, layout: ExpertLayout) -> None:
@@ -226,12 +226,10 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
         moved = int(take.sum())
         A[:, e_star, src] -= take
         A[:, e_star, dst] += take
-        was_active_dst = on[e_star, dst] > 0
         on[e_star, src] -= moved
         on[e_star, dst] += moved
         t[src] = on[:, src].sum() + o_u * (on[:, src] > 0).sum()
         t[dst] = on[:, dst].sum() + o_u * (on[:, dst] > 0).sum()
-        del was_active_dst
         if new_copy:
             free = np.nonzero(slots[dst] == EMPTY_SLOT)[0][0]
             slots[dst, free] = e_star
