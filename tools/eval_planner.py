@@ -99,6 +99,7 @@ def datasets(args, ep):
     """(name, label, counts [steps, L, ep, E]) for every trace."""
     files = args.trace or (shared_trace_files() + sorted(glob.glob(os.path.join(ROOT, "traces", "*.pt"))))
     per_token = [f for f in shared_trace_files() if f.endswith(".route.csv")]
+    ref_trace = load_any(per_token[0]) if per_token else None  # request skew for the generator
     out = []
     for f in files:
         tr = load_any(f)
@@ -112,7 +113,7 @@ def datasets(args, ep):
             out.append((os.path.basename(f), f"recorded ({tr.source}), {int(c[:, 0].sum() / len(c) / tr.topk)} "
                                              f"tokens/step", c, tr.topk))
             continue
-        ref = load_any(per_token[0]) if per_token else tr
+        ref = ref_trace or tr
         alpha = fit_alpha(tr.heat[:L], ref.topk, max(1, ref.n_tokens), observed_request_skew(ref), seed=args.seed)
         reqs = ep * max(1, 64 // ep)
         gen = generate_counts(tr.heat[:L], tr.topk, args.steps, args.tokens_per_step, ep, requests_per_step=reqs,

@@ -98,7 +98,7 @@ def main():
     rec = RoutingRecorder(model, record_hidden=False)
 
     @torch.no_grad()
-    def batch_counts(seqs):
+    def batch_counts(seqs, model=model, rec=rec):
         c = torch.zeros(L, E, dtype=torch.long)
         for i in range(0, len(seqs), 8):
             forward_logits(model, torch.stack(seqs[i:i + 8]))
@@ -122,12 +122,9 @@ def main():
 
     torch.manual_seed(0)
     random_model = build_model(cfg, spec="probe").eval()
-    model_ref = model
-    model = random_model
-    rec = RoutingRecorder(random_model, record_hidden=False)
-    rand_totals = {d: batch_counts(windows(d, seqs_per_batch)) for d in domains}
-    rec.close()
-    model = model_ref
+    rand_rec = RoutingRecorder(random_model, record_hidden=False)
+    rand_totals = {d: batch_counts(windows(d, seqs_per_batch), random_model, rand_rec) for d in domains}
+    rand_rec.close()
 
     res = {"checkpoint": os.path.relpath(a.checkpoint, ROOT), "batch_tokens": seqs_per_batch * S, "batches": a.batches,
            "layers": [], "domains": domains, "ir": {}, "shift": {}, "public": {}}

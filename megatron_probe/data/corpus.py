@@ -145,11 +145,6 @@ _ROFF_ESCAPES = [
     (re.compile(r"\\\[([^\]]*)\]"), _unicode_escape),
     (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),  # font changes
     (re.compile(r"\\s[+-]?\d+"), ""),  # size changes
-    (re.compile(r"\\\(em|\\\(en"), "-"),
-    (re.compile(r"\\\(lq|\\\(rq|\\\(dq"), '"'),
-    (re.compile(r"\\\(oq|\\\(cq|\\\(aq"), "'"),
-    (re.compile(r"\\\(bu"), "*"),
-    (re.compile(r"\\\[[^\]]*\]"), ""),
     (re.compile(r"\\\(.."), ""),
     (re.compile(r"\\\*(\(..|\[[^\]]*\]|.)"), ""),
     (re.compile(r"\\[&|^%:]"), ""),

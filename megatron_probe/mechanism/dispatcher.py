@@ -58,7 +58,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             raise ValueError(f"num_local_experts={num_local_experts} != {self.layout.num_local_experts}")
         self.ep_rank = torch.distributed.get_rank(self.ep_group) if self.ep_size > 1 else 0
         self.placement = empty_placement(self.layout)
-        self._holder_slots = holder_slots(self.placement, self.layout)
+        self._refresh_tables()
         self._pending_assignment: Optional[torch.Tensor] = None
         self.assignment_fn: Optional[Callable] = None  # (counts [ep,E], placement, layout) -> assign
         S, ep = self.layout.slots_per_rank, self.ep_size
@@ -73,7 +73,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
     def set_placement(self, placement: torch.Tensor) -> None:
         validate_placement(placement, self.layout)
         self.placement = placement.detach().cpu().long().clone()
+        self._refresh_tables()
+
+    def _refresh_tables(self) -> None:
+        """Lookup tables derived from the placement: slot of each expert on each rank, and the
+        expert held by each of this rank's slots."""
         self._holder_slots = holder_slots(self.placement, self.layout)
+        self._my_slot_experts = slot_experts(self.placement, self.layout)[self.ep_rank]
 
     def set_next_assignment(self, assignment: Optional[torch.Tensor]) -> None:
         """Use this ``[ep, E, ep]`` assignment for the next dispatch only (checked against the
@@ -114,7 +120,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self.input_splits = send_counts.sum(1).tolist()
 
         # what each source sends to each of my slots, derived from the shared assignment
-        held = slot_experts(self.placement, self.layout)[me]  # [S]
+        held = self._my_slot_experts  # [S]
         recv = torch.zeros(ep, S, dtype=torch.long)
         valid = held >= 0
         recv[:, valid] = assign[:, held[valid], me]

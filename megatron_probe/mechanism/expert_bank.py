@@ -17,13 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_probe.mechanism.comm import (
-    all_gather_rows,
-    global_rank,
-    group_rank,
-    group_size,
-    needs_host_staging,
-)
+from megatron_probe.mechanism.comm import global_rank, group_rank, needs_host_staging
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_placement
 
 ParamRef = Tuple[torch.nn.Module, str]
@@ -39,8 +33,9 @@ class ExpertBank(torch.nn.Module):
         self._fc2_refs: List[ParamRef] = []
         self.register_buffer("fc1", None, persistent=False)
         self.register_buffer("fc2", None, persistent=False)
-        # expert held by each of this rank's replica slots (-1: empty); host-side bookkeeping
-        self.slot_expert = torch.full((layout.replica_slots,), EMPTY_SLOT, dtype=torch.long)
+        # the placement the replica slots of every rank hold (-1: empty); fill() is collective
+        # with the same placement on every rank, so each rank can keep the whole table
+        self.placement = torch.full((layout.ep_size, layout.replica_slots), EMPTY_SLOT, dtype=torch.long)
         self.version = 0  # bumped whenever the bank tensors are re-allocated
         self.bytes_received = 0
 
@@ -73,7 +68,7 @@ class ExpertBank(torch.nn.Module):
                     bank[L:].copy_(old_bank[L:])
                 else:
                     bank[L:].zero_()
-                    self.slot_expert.fill_(EMPTY_SLOT)
+                    self.placement.fill_(EMPTY_SLOT)
         for i, ((module, name), p) in enumerate(zip(refs, params)):
             view = torch.nn.Parameter(bank[i], requires_grad=p.requires_grad)
             view.__dict__.update(p.__dict__)  # keep Megatron's parameter attributes
@@ -138,9 +133,7 @@ class ExpertBank(torch.nn.Module):
         me = self.ep_rank
         ops = []
         received = 0
-        # known contents of every rank's slots: each rank tracks only its own, so derive the
-        # set of changed slots from a gathered copy of the previous placement.
-        previous = self._gather_slot_experts()
+        previous = self.placement
         tag = 0
         for r in range(ep):
             for s in range(R):
@@ -161,14 +154,9 @@ class ExpertBank(torch.nn.Module):
             work.wait()
             if finish is not None:
                 finish()
-        self.slot_expert = placement[me].clone()
+        self.placement = placement.clone()
         self.bytes_received += received * self.expert_bytes()
         return received
-
-    def _gather_slot_experts(self) -> torch.Tensor:
-        if group_size(self.ep_group) == 1:
-            return self.slot_expert.view(1, -1).clone()
-        return all_gather_rows(self.slot_expert.to(self.fc1.device), self.ep_group).cpu()
 
     def _isend(self, t: torch.Tensor, dst: int, tag: int):
         if dst == self.ep_rank:

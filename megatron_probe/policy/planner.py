@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
-from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_placement
 
 
 def _check_counts(counts: torch.Tensor, layout: ExpertLayout) -> None:
@@ -155,8 +155,6 @@ def assign_on_truth(counts: torch.Tensor, placement: torch.Tensor, layout: Exper
                     k_max: int = 32) -> torch.Tensor:
     """Re-assignment at dispatch time: the planner's water-filling on the true counts with the
     placement fixed (tokens move only to copies that exist). Returns the assignment."""
-    from megatron_probe.policy.placement import validate_placement
-
     validate_placement(placement, layout)
     return plan_probe_host(counts, layout, cost, k_max=k_max, placement=placement)[1]
 
