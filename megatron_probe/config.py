@@ -33,14 +33,45 @@ class ProbeConfig:
             holding a copy stay there; the others are split evenly over all copies.
         validate_assignment: check every assignment against the true token counts before
             dispatch (cheap; turn off only when a trusted planner produces it).
+        predictor_hidden: width of each lookahead predictor's residual MLP (``W2 SiLU(W1 h)``
+            added to the frozen router copy); 0 keeps the frozen copy alone.
+        predictor_layer0: also predict MoE layer 0, from its own pre-attention input.
+        predictor_online: distil the predictors online against the true routers (False: frozen).
+        predictor_lr: learning rate of the online distillation (AdamW).
+        predictor_period: engine steps between two online updates (their samples accumulate).
+        predictor_sample_tokens: tokens per layer kept per step for the online update.
+        predictor_state: predictor state file to warm-start from (``tools/distill_predictor.py``
+            writes one beside the checkpoint); ``None``: start from the frozen router copies.
+        predictor_side_stream: on GPU, run the online update on a side stream.
     """
 
     replica_slots_per_rank: int = 0
     expert_backend: str = "auto"
     assignment_policy: str = "locality_even"
     validate_assignment: bool = True
+    predictor_hidden: int = 256
+    predictor_layer0: bool = True
+    predictor_online: bool = True
+    predictor_lr: float = 3e-4
+    predictor_period: int = 1
+    predictor_sample_tokens: int = 256
+    predictor_state: Optional[str] = None
+    predictor_side_stream: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("predictor_hidden", "predictor_period", "predictor_sample_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        if self.predictor_hidden < 0:
+            raise ValueError(f"predictor_hidden={self.predictor_hidden} is negative; valid: 0 (frozen router "
+                             "copy only) or a positive residual width")
+        if self.predictor_period < 1:
+            raise ValueError(f"predictor_period={self.predictor_period}; valid: >= 1 engine steps per update")
+        if self.predictor_sample_tokens < 1:
+            raise ValueError(f"predictor_sample_tokens={self.predictor_sample_tokens}; valid: >= 1")
+        if not (isinstance(self.predictor_lr, (int, float)) and 0 < self.predictor_lr < float("inf")):
+            raise ValueError(f"predictor_lr={self.predictor_lr!r}; valid: a positive finite learning rate")
         if isinstance(self.replica_slots_per_rank, bool) or not isinstance(
             self.replica_slots_per_rank, int
         ):

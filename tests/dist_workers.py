@@ -384,3 +384,45 @@ def planner_determinism(rank, ws, out_dir):
     flat = torch.cat([pl.flatten(), A.flatten(), A2.flatten()])
     allp = all_gather_rows(flat, dist.group.WORLD)
     _dump(out_dir, rank, {"identical": bool((allp == allp[0]).all()), "replicas": int((pl >= 0).sum())})
+
+
+# --------------------------------------------------------------------------- lookahead predictor
+def lookahead_counts(rank, ws, out_dir):
+    """Every rank forecasts its own tokens (different lengths per rank); the all-gathered
+    ``[ep, E]`` counts must hold each rank's local forecast in its row, and the model's output
+    must be the same with the predictors attached (also after online updates)."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.integration.lookahead import LookaheadRuntime
+    from megatron_probe.integration.recorder import RoutingRecorder
+    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, forward_logits
+
+    _init(ws)
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
+                        expert_ffn_hidden=16, seq_length=64, vocab_size=128)
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=1), ep=ws)
+    model.eval()
+    gen = torch.Generator().manual_seed(100 + rank)
+    batches = [torch.randint(0, cfg.vocab_size, (1, 17 + 7 * rank + 3 * step), generator=gen) for step in range(3)]
+    with torch.no_grad():
+        refs = [forward_logits(model, b) for b in batches]
+    rt = LookaheadRuntime(model, ProbeConfig(replica_slots_per_rank=1, predictor_hidden=8, predictor_lr=1e-2))
+    same, rows_ok, sums_ok, checked = True, True, True, 0
+    for b, ref in zip(batches, refs):
+        with torch.no_grad(), RoutingRecorder(model, record_layer_input=True) as rec:
+            out = forward_logits(model, b)
+            same &= bool(torch.equal(out, ref))
+            recs, inp = rec.pop(), rec.pop_layer_input()
+            for L in sorted(rt.predictors.layers):
+                src = inp if L == 0 else recs[L - 1][0]
+                local = rt.predictors[L].predict_counts(src)
+                gathered = rt.predicted_counts(L)
+                parts = [None] * ws
+                dist.all_gather_object(parts, local.tolist())
+                rows_ok &= gathered.shape == (ws, cfg.num_experts) and gathered.tolist() == parts
+                sums_ok &= gathered.sum(0).tolist() == torch.tensor(parts).sum(0).tolist()
+                checked += 1
+        rt.end_step()
+    _dump(out_dir, rank, {"same_output": same, "rows_ok": rows_ok, "sums_ok": sums_ok, "checked": checked,
+                          "updates": rt.distiller.updates, "topk_acc": rt.metrics()["local"]["mean_topk_acc"]})
+    rt.close()

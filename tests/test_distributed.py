@@ -118,3 +118,15 @@ def test_planner_identical_on_every_rank(tmp_path):
     res = _run(dist_workers.planner_determinism, 2, tmp_path)
     for r in range(2):
         assert res[r]["identical"] and res[r]["replicas"] > 0, res[r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_lookahead_counts_all_gathered_and_output_unchanged(tmp_path, ws):
+    res = _run(dist_workers.lookahead_counts, ws, tmp_path)
+    assert len(res) == ws
+    for r in range(ws):
+        d = res[r]
+        assert d["same_output"] and d["rows_ok"] and d["sums_ok"], d
+        assert d["checked"] == 3 * 3 and d["updates"] == 3, d
+        assert 0 < d["topk_acc"] <= 1, d

@@ -74,3 +74,61 @@ def test_calibrate_hardware_writes_a_loadable_profile(tmp_path):
     assert 0 < prof.gemm_eta_max <= 1 and prof.gemm_n_half >= 0 and "calibrate_hardware.py" in prof.source
     detail = json.loads((tmp_path / "cpu_detail.json").read_text())
     assert len(detail["tokens_per_expert"]) == len(detail["seconds_per_expert"]) >= 5
+
+
+def _run_tool(name, *args, timeout=900):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "checkpoints", "tiny-moe-v1", "model.pt")),
+                    reason="no shipped checkpoint")
+def test_distill_then_eval_predictor_cli(tmp_path):
+    pred = tmp_path / "pred.pt"
+    r = _run_tool("distill_predictor.py", "--train-requests", "10", "--epochs", "2", "--residual-hidden", "16",
+                  "--out", str(pred), "--json", str(tmp_path / "fit.json"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["source"].startswith("training-split") and fit["tokens"] > 100
+    assert all(fit["after"][L]["loss"] < fit["before"][L]["loss"] for L in fit["after"])
+    out = tmp_path / "ev.json"
+    r = _run_tool("eval_predictor.py", "--predictor", str(pred), "--predictor-hidden", "16", "--max-steps", "8",
+                  "--ep", "4", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) >= {"distilled", "frozen", "prev_step", "prev_token", "prev_layer"}
+    for name, m in res["methods"].items():
+        assert {"layers", "mean_topk_acc", "mean_recall_2k", "mean_rank_load_err"} <= set(m)
+        for row in m["layers"]:
+            assert {"layer", "topk_acc", "half_hit", "recall_2k", "rank_load_err"} <= set(row)
+            for k in ("topk_acc", "half_hit", "recall_2k"):
+                assert row[k] is None or 0 <= row[k] <= 1, (name, row)
+    assert res["methods"]["prev_step"]["mean_topk_acc"] is None  # counts only
+    assert [row["layer"] for row in res["methods"]["prev_layer"]["layers"]] == [1, 2, 3, 4, 5]
+    assert res["ep"] == 4 and res["cost"]["predictor_params"] > res["cost"]["router_params"]
+    assert "before_switch" in res["segments"]
+    assert "distilled" in r.stdout and "prev_token" in r.stdout
+
+
+def test_predictor_tools_reject_bad_input(tmp_path):
+    r = _run_tool("eval_predictor.py", "--predictor", str(tmp_path / "missing.pt"), timeout=300)
+    assert r.returncode == 2 and "no predictor state at" in r.stderr
+    r = _run_tool("eval_predictor.py", "--ep", "3", timeout=300)
+    assert r.returncode == 2 and "--ep 3 does not divide the model's 32 experts" in r.stderr
+    r = _run_tool("distill_predictor.py", "--epochs", "0", timeout=300)
+    assert r.returncode == 2 and "--epochs 0 must be >= 1" in r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "checkpoints", "tiny-moe-v1", "model.pt")),
+                    reason="no shipped checkpoint")
+def test_distill_predictor_rejects_a_trace_without_hidden_states(tmp_path):
+    import torch
+
+    from megatron_probe.data.traces import RoutingTrace, TraceStep, save_trace
+
+    step = TraceStep(topk_ids=torch.randint(0, 32, (6, 5, 4)))
+    save_trace(RoutingTrace("tiny-moe-v1", 6, 32, 4, "test", steps=[step]), str(tmp_path / "t.pt"))
+    r = _run_tool("distill_predictor.py", "--trace", str(tmp_path / "t.pt"), "--out", str(tmp_path / "p.pt"),
+                  timeout=300)
+    assert r.returncode != 0 and "has no hidden states" in r.stderr

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check, in one go (foundation: about 2 minutes on one H200; planner: about 1 minute).
+# Every GPU check, in one go (foundation: about 2 minutes on one H200; planner: about 1 minute;
+# predictor: under a minute, not yet run on a GPU).
 # On a machine without megatron-core (e.g. a bare CUDA image), carry wheels in .whl/:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 nvtx
@@ -18,7 +19,7 @@ if ! $PYTHON -c "import megatron.core" 2>/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
-# usage: gpu_check.sh [all|foundation|planner]
+# usage: gpu_check.sh [all|foundation|planner|predictor]
 MODE=${1:-all}
 rc=0
 if [ "$MODE" = all ] || [ "$MODE" = foundation ]; then
@@ -26,5 +27,8 @@ if [ "$MODE" = all ] || [ "$MODE" = foundation ]; then
 fi
 if [ "$MODE" = all ] || [ "$MODE" = planner ]; then
     $PYTHON tools/gpu_check_planner.py --out "$DEST" || rc=1
+fi
+if [ "$MODE" = all ] || [ "$MODE" = predictor ]; then
+    $PYTHON tools/gpu_check_predictor.py --out "$DEST" || rc=1
 fi
 exit $rc

@@ -2,6 +2,7 @@
 """Write the serving workloads (steady, shift, repeat, bursty) from the held-out corpus split.
 
   python tools/make_workloads.py --out workloads
+  python tools/make_workloads.py --split train --scenarios steady --out /tmp/train   # predictor warm start
 """
 
 import argparse
@@ -26,19 +27,21 @@ def main():
     p.add_argument("--shift-step", type=int, default=200)
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000, help="as in training (same split)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                   help="documents to cut requests from (train: only for distilling predictors)")
     a = p.parse_args()
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(a.checkpoint, "tokenizer.json"))
     cfg = TinyMoEConfig.from_json(os.path.join(a.checkpoint, "config.json"))
     corpus = build_corpus(a.max_bytes_per_domain)
-    heldout = {d: dc.heldout for d, dc in corpus.items()}
+    docs = {d: (dc.heldout if a.split == "heldout" else dc.train) for d, dc in corpus.items()}
     prompt_range = (max(4, cfg.seq_length // 10), cfg.seq_length // 2)
     output_range = (max(2, cfg.seq_length // 16), cfg.seq_length * 3 // 8)
     for i, sc in enumerate(a.scenarios):
-        wl = build_workload(sc, heldout, tok, seed=a.seed + i, num_requests=a.requests, steps=a.steps,
+        wl = build_workload(sc, docs, tok, seed=a.seed + i, num_requests=a.requests, steps=a.steps,
                             max_len=cfg.seq_length, prompt_range=prompt_range, output_range=output_range,
-                            shift_step=a.shift_step,
+                            shift_step=a.shift_step, split=a.split,
                             tokenizer_name=os.path.relpath(os.path.join(a.checkpoint, "tokenizer.json"), ROOT))
         path = os.path.join(a.out, f"{sc}.json")
         wl.save(path)

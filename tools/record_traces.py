@@ -6,7 +6,8 @@ schedule (continuous batching, chunked prefill) then decides which tokens form e
 is per token and the model causal, so this equals what serving the workload step by step routes.
 Per step and MoE layer the trace has the tokens' request, position, phase and source rank
 (requests are spread over EP ranks round-robin), top-k expert ids and probabilities, and the
-MoE-input hidden states of a sampled share of tokens.
+MoE-input hidden states of a sampled share of tokens (plus, under layer key -1, the same tokens'
+pre-attention input of the layer holding MoE layer 0, which its same-layer predictor reads).
 
   python tools/record_traces.py --workload workloads/shift.json --out traces/shift.pt
 """
@@ -22,51 +23,6 @@ sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-
-
-def build_trace(model, cfg, workload, ep, hidden_fraction, prefill_chunk, max_active, seed, max_steps=None,
-                model_name="tiny-moe"):
-    from megatron_probe.data.traces import RoutingTrace, TraceStep
-    from megatron_probe.data.workloads import schedule_steps
-    from megatron_probe.integration.recorder import record_sequences
-
-    reqs = {r.id: r for r in workload.requests}
-    seqs = {rid: (r.prompt_ids + r.output_ids)[: r.prompt_tokens + r.output_tokens - 1] for rid, r in reqs.items()}
-    schedule = schedule_steps(workload, prefill_chunk=prefill_chunk, max_active=max_active, max_steps=max_steps)
-    used = sorted({rid for st in schedule for rid, _, _ in st.chunks})
-    per_req = dict(zip(used, record_sequences(model, [seqs[r] for r in used], record_hidden=hidden_fraction > 0)))
-    gen = torch.Generator().manual_seed(seed)
-    L = cfg.num_layers
-    steps = []
-    for st in schedule:
-        ids, prs, rid_l, pos_l, phase_l = [], [], [], [], []
-        for rid, s, e in st.chunks:
-            rec = per_req[rid]
-            ids.append(torch.stack([rec[l][1][s:e] for l in range(L)]))
-            prs.append(torch.stack([rec[l][2][s:e] for l in range(L)]))
-            rid_l += [rid] * (e - s)
-            pos_l += list(range(s, e))
-            phase_l += [0 if p < reqs[rid].prompt_tokens else 1 for p in range(s, e)]
-        T = len(rid_l)
-        hidden = None
-        if hidden_fraction > 0 and T:
-            keep = (torch.rand(T, generator=gen) < hidden_fraction).nonzero().flatten()
-            hidden = {}
-            for l in range(L):
-                rows = torch.cat([per_req[rid][l][0][s:e] for rid, s, e in st.chunks])
-                hidden[l] = (keep, rows[keep].to(torch.bfloat16))
-        rid_t = torch.tensor(rid_l, dtype=torch.long)
-        steps.append(TraceStep(
-            topk_ids=torch.cat(ids, 1) if ids else torch.zeros(L, 0, cfg.topk, dtype=torch.long),
-            topk_probs=torch.cat(prs, 1) if prs else torch.zeros(L, 0, cfg.topk),
-            request_id=rid_t, position=torch.tensor(pos_l, dtype=torch.long),
-            phase=torch.tensor(phase_l, dtype=torch.long), source_rank=rid_t % ep, hidden=hidden))
-    return RoutingTrace(model=model_name, num_layers=L, num_experts=cfg.num_experts, topk=cfg.topk,
-                        source=f"recorded:{workload.scenario}", steps=steps,
-                        notes=f"recorded by tools/record_traces.py; ep={ep} (source_rank = request id % ep); "
-                              f"hidden states for ~{hidden_fraction:.0%} of tokens",
-                        extra={"ep": ep, "prefill_chunk": prefill_chunk, "max_active": max_active,
-                               "scenario": workload.scenario, "hidden_fraction": hidden_fraction})
 
 
 def main():
@@ -90,6 +46,7 @@ def main():
     import torch.distributed as dist
 
     from megatron_probe.data.traces import load_trace, save_trace
+    from megatron_probe.integration.recorder import build_trace
     from megatron_probe.data.workloads import Workload
     from megatron_probe.integration.launch import init_single_process
     from megatron_probe.integration.tiny_moe import load_model

@@ -8,7 +8,8 @@ In memory
   ``[L, T, K]`` int64 (``-1`` where a layer has no routing for a token), optional
   ``topk_probs`` ``[L, T, K]``, ``request_id`` / ``position`` / ``phase`` / ``source_rank``
   ``[T]``, and optional MoE-input hidden states per layer (``hidden[l] = (token_index [Ts],
-  states [Ts, H])``, subsampled);
+  states [Ts, H])``, subsampled; ``hidden[-1]``, when present, is the pre-attention input of the
+  transformer layer holding MoE layer 0);
 * ``heat`` ``[L, E]``: how many tokens routed to each expert (from the steps, or given by an
   aggregate file, which has no steps);
 * ``source``/``generated`` flags: where the data came from, and whether it was synthesised.

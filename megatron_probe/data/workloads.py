@@ -88,8 +88,12 @@ def _cut_request(tok, doc, gen, prompt_range, output_range, max_len):
 def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, num_requests: int = 160,
                    steps: int = 400, max_len: int = 256, prompt_range=(24, 128), output_range=(16, 96),
                    shift_step: int = 200, shift_from: str = "python", shift_to: str = "ja_ru",
-                   tokenizer_name: str = "") -> Workload:
-    """Requests cut from held-out documents (``heldout[domain] = [Document]``)."""
+                   tokenizer_name: str = "", split: str = "heldout") -> Workload:
+    """Requests cut from the documents ``heldout[domain] = [Document]``: the held-out split for
+    every evaluation workload; ``split='train'`` labels a workload cut from training documents
+    (used only to warm-start the predictors, so evaluation stays on unseen text)."""
+    if split not in ("heldout", "train"):
+        raise ValueError(f"split={split!r}; valid: 'heldout', 'train'")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid: {SCENARIOS}")
     gen = torch.Generator().manual_seed(seed)
@@ -107,7 +111,7 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
             reqs.append(Request(len(reqs), int(arrival), domain, doc.path, len(pids), len(oids), prompt, out,
                                 list(pids), list(oids)))
             return cut
-        raise RuntimeError(f"no held-out document of domain {domain!r} is long enough for a request")
+        raise RuntimeError(f"no {split} document of domain {domain!r} is long enough for a request")
 
     arrivals = torch.linspace(0, steps * 0.75, num_requests).round().long().tolist()
     if scenario == "steady":
@@ -136,8 +140,9 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
             t += rate_gap * size * float(torch.empty(()).exponential_(1.0, generator=gen))
             i += 1
         desc = "Poisson bursts, each burst from a single domain"
-    return Workload(scenario, desc, "held-out split of megatron_probe.data.corpus", tokenizer_name, reqs,
-                    {"seed": seed, "shift_step": shift_step if scenario == "shift" else None})
+    label = "held-out split" if split == "heldout" else "training split"
+    return Workload(scenario, desc, f"{label} of megatron_probe.data.corpus", tokenizer_name, reqs,
+                    {"seed": seed, "shift_step": shift_step if scenario == "shift" else None, "split": split})
 
 
 @dataclass

@@ -7,6 +7,9 @@ router replay). Only two CUDA assumptions of Megatron-Core 0.16 are removed:
   kernel is unbound; here it is a plain ``F.linear`` in the configured router dtype.
 * the expert-bias / global-aux-loss buffers are created on the CUDA device; here on the
   device the router's weight lives on (same names, same persistence, so checkpoints match).
+
+``logits_observer`` (a callable or ``None``) sees the router's logits right after gating: the
+lookahead runtime uses it to score and distil its predictors against the true router.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class ProbeRouter(TopKRouter):
                 self._cpu_buffer("ga_steps", torch.tensor(0.0), persistent=False)
         else:
             super().__init__(config=config, pg_collection=pg_collection)
+        self.logits_observer = None
 
     def _cpu_buffer(self, name: str, value: torch.Tensor, persistent: bool) -> None:
         if name in self.__dict__:  # TopKRouter set it to None as a plain attribute
@@ -54,7 +58,10 @@ class ProbeRouter(TopKRouter):
         )
         weight = self.weight.to(device=input.device, dtype=router_dtype)
         bias = None if self.bias is None else self.bias.to(device=input.device, dtype=router_dtype)
-        return F.linear(input.to(router_dtype), weight, bias)
+        logits = F.linear(input.to(router_dtype), weight, bias)
+        if self.logits_observer is not None:
+            self.logits_observer(logits)
+        return logits
 
 
 def _without_global_aux(config):

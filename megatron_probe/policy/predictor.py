@@ -1,0 +1,269 @@
+"""Gate-initialised lookahead predictor: which experts will layer L's tokens pick?
+
+For MoE layer ``L >= 1`` the predictor sees ``h``, the hidden state entering layer ``L-1``'s MoE
+block (available a whole layer earlier than layer L's own router input), and computes
+
+    logits_hat = W_L h (+ b_L)  +  W2 · SiLU(W1 · h)
+
+where ``(W_L, b_L)`` is a frozen copy of layer L's router and ``W2`` starts at zero, so the
+untrained predictor is exactly "layer L's router applied to layer L-1's input". Layer 0 has no
+earlier MoE block: its predictor is fed by the input of the transformer layer holding it (before
+attention; RMS-normalised here, since the router expects a normalised input), a shorter lead time
+but still ahead of its router.
+
+Selection reproduces Megatron-Core's ``topk_routing_with_score_function`` (softmax before or
+after top-k, sigmoid with expert bias, group-limited top-k): the same logits give the same experts.
+
+Everything here is plain tensors and ``nn.Module``: no process groups, no Megatron imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PREDICTOR_FORMAT = "megatron_probe.predictor"
+PREDICTOR_VERSION = 1
+SOURCES = ("prev_moe_input", "pre_attention")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What a router's top-k selection depends on besides its logits."""
+
+    num_experts: int
+    topk: int
+    score_function: str = "softmax"
+    pre_softmax: bool = False
+    num_groups: Optional[int] = None
+    group_topk: Optional[int] = None
+
+    def __post_init__(self):
+        if self.score_function not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_function={self.score_function!r}; valid: 'softmax', 'sigmoid'")
+        if not 1 <= self.topk <= self.num_experts:
+            raise ValueError(f"topk={self.topk} must be in 1..num_experts={self.num_experts}")
+        if self.group_topk:
+            if not self.num_groups or self.num_experts % self.num_groups:
+                raise ValueError(f"num_groups={self.num_groups} must divide num_experts={self.num_experts}")
+            if not 1 <= self.group_topk <= self.num_groups or self.topk % self.group_topk:
+                raise ValueError(f"group_topk={self.group_topk} must be in 1..num_groups={self.num_groups} "
+                                 f"and divide topk={self.topk}")
+
+
+def selection_scores(logits: torch.Tensor, spec: RouterSpec,
+                     expert_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The scores Megatron's router takes its top-k of (float32)."""
+    logits = logits.float()
+    if spec.score_function == "softmax":
+        return torch.softmax(logits, dim=-1) if spec.pre_softmax else logits
+    scores = torch.sigmoid(logits)
+    return scores + expert_bias.float() if expert_bias is not None else scores
+
+
+def select_topk(logits: torch.Tensor, spec: RouterSpec, expert_bias: Optional[torch.Tensor] = None,
+                k: Optional[int] = None) -> torch.Tensor:
+    """``[N, k]`` expert ids, best first, as the router would choose them (``k`` defaults to the
+    router's top-k; a larger ``k`` ranks further experts the same way, used for top-2K recall)."""
+    k = spec.topk if k is None else k
+    scores = selection_scores(logits, spec, expert_bias)
+    if spec.group_topk:
+        n = scores.shape[0]
+        grouped = scores.view(n, spec.num_groups, -1)
+        group_scores = grouped.topk(spec.topk // spec.group_topk, dim=-1)[0].sum(dim=-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(spec.group_topk, dim=-1)[1], True)
+        scores = scores.masked_fill(~keep.repeat_interleave(spec.num_experts // spec.num_groups, dim=1),
+                                    float("-inf"))
+    return scores.topk(k, dim=-1)[1]
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[E]`` int64 tokens per expert from ``[N, K]`` ids (index_add: no host sync on GPU)."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.long))
+
+
+class LookaheadPredictor(nn.Module):
+    """Predictor for one target MoE layer (see the module docstring)."""
+
+    def __init__(self, router_weight: torch.Tensor, spec: RouterSpec, residual_hidden: int,
+                 router_bias: Optional[torch.Tensor] = None, expert_bias: Optional[torch.Tensor] = None,
+                 target_layer: int = 0, source: str = "prev_moe_input"):
+        super().__init__()
+        if router_weight.dim() != 2 or router_weight.shape[0] != spec.num_experts:
+            raise ValueError(f"router weight shape {tuple(router_weight.shape)} is not "
+                             f"(num_experts={spec.num_experts}, hidden)")
+        if residual_hidden < 0:
+            raise ValueError(f"residual_hidden={residual_hidden} must be >= 0 (0: frozen copy only)")
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r}; valid: {SOURCES}")
+        self.spec = spec
+        self.target_layer = int(target_layer)
+        self.source = source
+        self.hidden_size = int(router_weight.shape[1])
+        self.residual_hidden = int(residual_hidden)
+        # the frozen gate: buffers, so optimisers and the model's state dict never see them
+        self.register_buffer("gate_weight", router_weight.detach().float().clone(), persistent=False)
+        self.register_buffer("gate_bias", None if router_bias is None else router_bias.detach().float().clone(),
+                             persistent=False)
+        self.register_buffer("expert_bias", None if expert_bias is None else expert_bias.detach().float().clone(),
+                             persistent=False)
+        if residual_hidden:
+            self.fc1 = nn.Linear(self.hidden_size, residual_hidden, bias=False)
+            self.fc2 = nn.Linear(residual_hidden, spec.num_experts, bias=False)
+            with torch.no_grad():
+                nn.init.normal_(self.fc1.weight, std=self.hidden_size ** -0.5)
+                self.fc2.weight.zero_()  # untrained predictor == frozen router copy
+        else:
+            self.fc1 = self.fc2 = None
+
+    def check_input(self, h: torch.Tensor) -> None:
+        if h.shape[-1] != self.hidden_size:
+            raise ValueError(f"predictor for layer {self.target_layer} expects hidden size {self.hidden_size}, "
+                             f"got input of shape {tuple(h.shape)}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``[N, E]`` float32 predicted router logits for ``h`` ``[..., H]`` (flattened to rows)."""
+        self.check_input(h)
+        x = h.reshape(-1, self.hidden_size).float()
+        if self.source == "pre_attention":
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        logits = F.linear(x, self.gate_weight, self.gate_bias)
+        if self.fc1 is not None:
+            logits = logits + self.fc2(F.silu(self.fc1(x)))
+        return logits
+
+    def predict_topk(self, h: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
+        return select_topk(self(h), self.spec, self.expert_bias, k)
+
+    def predict_counts(self, h: torch.Tensor) -> torch.Tensor:
+        return expert_counts(self.predict_topk(h), self.spec.num_experts)
+
+    def cost(self) -> Dict[str, int]:
+        """Parameters and multiply-adds per token, against the router's own."""
+        H, E, D = self.hidden_size, self.spec.num_experts, self.residual_hidden
+        router = H * E
+        extra = H * D + D * E
+        return {"router_params": router, "predictor_params": router + extra, "residual_params": extra,
+                "router_macs_per_token": router, "predictor_macs_per_token": router + extra}
+
+
+def distill_loss(pred_logits: torch.Tensor, true_logits: torch.Tensor, spec: RouterSpec,
+                 expert_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Distillation loss of predicted against true router logits (mean over tokens).
+
+    Softmax routers: cross-entropy of the predicted distribution against the true router's full
+    softmax (equals KL up to the target's constant entropy). Sigmoid routers: per-expert binary
+    cross-entropy against the true sigmoid scores (the expert bias is a shared additive term and
+    does not enter)."""
+    true_logits = true_logits.detach().float()
+    pred_logits = pred_logits.float()
+    if spec.score_function == "softmax":
+        target = torch.softmax(true_logits, dim=-1)
+        return -(target * F.log_softmax(pred_logits, dim=-1)).sum(-1).mean()
+    return F.binary_cross_entropy_with_logits(pred_logits, torch.sigmoid(true_logits), reduction="none").sum(-1).mean()
+
+
+def router_fingerprint(weights: Iterable[torch.Tensor]) -> str:
+    """Hash of the routers' weights (rounded to bf16, so fp32 and bf16 copies of one checkpoint
+    agree): predictor state is only valid for the model whose routers it was built from."""
+    h = hashlib.sha1()
+    for w in weights:
+        t = w.detach().to("cpu", torch.bfloat16).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+class PredictorSet(nn.Module):
+    """One :class:`LookaheadPredictor` per predicted MoE layer of a model."""
+
+    def __init__(self, predictors: List[LookaheadPredictor], num_layers: int, fingerprint: str):
+        super().__init__()
+        self.num_layers = int(num_layers)
+        self.fingerprint = fingerprint
+        self.layers: Dict[int, LookaheadPredictor] = {}
+        self.predictors = nn.ModuleDict()
+        for p in predictors:
+            if not 0 <= p.target_layer < num_layers:
+                raise ValueError(f"predictor target layer {p.target_layer} outside 0..{num_layers - 1}")
+            if p.target_layer == 0 and p.source != "pre_attention":
+                raise ValueError("layer 0 has no previous MoE layer: its predictor must use source='pre_attention'")
+            self.predictors[str(p.target_layer)] = p
+            self.layers[p.target_layer] = p
+
+    @classmethod
+    def from_routers(cls, routers: List[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]],
+                     spec: RouterSpec, residual_hidden: int, layer0: bool = True,
+                     seed: int = 0) -> "PredictorSet":
+        """Build from ``(weight, bias, expert_bias)`` of each MoE layer's router, in layer order."""
+        if not routers:
+            raise ValueError("a predictor set needs at least one MoE layer")
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # same residual init on every rank
+        try:
+            preds = []
+            for L, (w, b, eb) in enumerate(routers):
+                if L == 0 and not layer0:
+                    continue
+                preds.append(LookaheadPredictor(w, spec, residual_hidden, b, eb, target_layer=L,
+                                                source="pre_attention" if L == 0 else "prev_moe_input"))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        return cls(preds, len(routers), router_fingerprint(w for w, _, _ in routers))
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def __getitem__(self, layer: int) -> LookaheadPredictor:
+        return self.layers[layer]
+
+    @property
+    def residual_hidden(self) -> int:
+        return next(iter(self.layers.values())).residual_hidden
+
+    def describe(self) -> Dict:
+        p = next(iter(self.layers.values()))
+        return {"num_layers": self.num_layers, "layers": sorted(self.layers), "hidden_size": p.hidden_size,
+                "residual_hidden": p.residual_hidden, "router": asdict(p.spec), "fingerprint": self.fingerprint}
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str, extra: Optional[Dict] = None) -> None:
+        """Residual weights and what they belong to; the frozen router copies are not stored
+        (they are rebuilt from the model, whose fingerprint must match on load)."""
+        torch.save({"format": PREDICTOR_FORMAT, "version": PREDICTOR_VERSION, "meta": self.describe(),
+                    "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+                    "extra": extra or {}}, path)
+
+    def load(self, path: str) -> Dict:
+        """Load residual weights saved by :meth:`save`; returns the saved ``extra``. Refuses state
+        from another model or another predictor shape, naming what differs."""
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path}: not a predictor state file ({type(e).__name__}: {e})") from e
+        if not isinstance(blob, dict) or blob.get("format") != PREDICTOR_FORMAT:
+            raise ValueError(f"{path}: format {blob.get('format') if isinstance(blob, dict) else type(blob)!r} "
+                             f"is not {PREDICTOR_FORMAT!r}")
+        if blob.get("version") != PREDICTOR_VERSION:
+            raise ValueError(f"{path}: predictor state version {blob.get('version')} is not {PREDICTOR_VERSION}")
+        mine, theirs = self.describe(), blob["meta"]
+        for key in ("num_layers", "hidden_size", "router", "layers", "residual_hidden"):
+            if theirs.get(key) != mine[key]:
+                raise ValueError(f"{path}: predictor state is for another model or predictor shape: {key} is "
+                                 f"{theirs.get(key)!r} there, {mine[key]!r} here")
+        if theirs.get("fingerprint") != mine["fingerprint"]:
+            raise ValueError(f"{path}: predictor state was distilled for another model: router fingerprint "
+                             f"{theirs.get('fingerprint')} there, {mine['fingerprint']} here (rebuild it with "
+                             f"tools/distill_predictor.py for this checkpoint)")
+        self.load_state_dict(blob["state"])
+        return blob.get("extra", {})
