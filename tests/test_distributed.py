@@ -130,3 +130,19 @@ def test_lookahead_counts_all_gathered_and_output_unchanged(tmp_path, ws):
         assert d["same_output"] and d["rows_ok"] and d["sums_ok"], d
         assert d["checked"] == 3 * 3 and d["updates"] == 3, d
         assert 0 < d["topk_acc"] <= 1, d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_transfer_engine_chunks_pause_and_arrive_exact(tmp_path, ws):
+    res = _run(dist_workers.transfer_engine, ws, tmp_path)
+    assert len(res) == ws
+    for r in range(ws):
+        for rnd, d in res[r]["rounds"].items():
+            assert d["done"] and d["exact"] and d["bytes_ok"] and d["all_flags"], (r, rnd, d)
+            if d["involved"]:
+                assert not d["finished_while_paused"], (r, rnd, d)  # paused: no chunk moved
+        e = res[r]["errors"]
+        assert "same source and destination" in e["same_rank"]
+        assert "given no tensors" in e["no_tensors"]
+        assert "contiguous" in e["non_contiguous"]
