@@ -43,6 +43,18 @@ class ProbeConfig:
         predictor_state: predictor state file to warm-start from (``tools/distill_predictor.py``
             writes one beside the checkpoint); ``None``: start from the frozen router copies.
         predictor_side_stream: on GPU, run the online update on a side stream.
+        replica_memory_cap_mib: cap on the double-buffered replica banks of one rank (2 x R
+            experts); a configuration over it is refused. ``None``: no cap.
+        prefetch_deadline_ms: how long layer L's dispatch waits for its replica copies; a copy
+            still incomplete then is dropped from the plan (its tokens stay home) and counted.
+        transfer_chunk_mib: copies move in chunks of this size (the unit of pausing).
+        pipeline_predict / pipeline_plan / pipeline_phase_lock / pipeline_reassign: stages of the
+            live pipeline, each switchable for ablation: forecast layer L with the lookahead
+            predictor (off: the previous step's true counts of layer L); replicate and split at
+            all (off: static placement); suspend copies during every All-to-All (off: copies run
+            through them); re-assign tokens on the true counts at dispatch (off: the default
+            locality-first even split over the copies that arrived).
+        hardware_profile: cost-model profile the planner uses (a preset name or a JSON file).
     """
 
     replica_slots_per_rank: int = 0
@@ -57,8 +69,22 @@ class ProbeConfig:
     predictor_sample_tokens: int = 256
     predictor_state: Optional[str] = None
     predictor_side_stream: bool = True
+    replica_memory_cap_mib: Optional[float] = None
+    prefetch_deadline_ms: float = 50.0
+    transfer_chunk_mib: float = 4.0
+    pipeline_predict: bool = True
+    pipeline_plan: bool = True
+    pipeline_phase_lock: bool = True
+    pipeline_reassign: bool = True
+    hardware_profile: str = "h200-sxm"
 
     def __post_init__(self) -> None:
+        for name in ("prefetch_deadline_ms", "transfer_chunk_mib"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+                raise ValueError(f"{name}={v!r}; valid: a positive finite number")
+        if self.replica_memory_cap_mib is not None and not self.replica_memory_cap_mib >= 0:
+            raise ValueError(f"replica_memory_cap_mib={self.replica_memory_cap_mib!r}; valid: None or >= 0")
         for name in ("predictor_hidden", "predictor_period", "predictor_sample_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):

@@ -146,3 +146,23 @@ def test_transfer_engine_chunks_pause_and_arrive_exact(tmp_path, ws):
         assert "same source and destination" in e["same_rank"]
         assert "given no tensors" in e["no_tensors"]
         assert "contiguous" in e["non_contiguous"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_live_pipeline_never_changes_the_output(tmp_path, ws):
+    res = _run(dist_workers.pipeline_equivalence, ws, tmp_path)
+    assert len(res) == ws
+    for r in range(ws):
+        d = res[r]
+        assert d["after_close_equal"], d
+        for name in ("full", "all_dropped", "no_predict", "no_reassign", "no_phase_lock", "no_plan"):
+            v = d[name]
+            assert v["max_abs"] <= 1e-5 * v["scale"], (name, v)
+            assert v["rows"] == 4 * 4, (name, v)  # 4 steps x 4 layers
+            assert v["memory"] == 2 * 2 * v["expert_bytes"], v  # 2 banks x R=2, whatever the layers
+        assert d["full"]["copies"] > 0 and d["full"]["dropped"] == 0, d["full"]
+        assert d["all_dropped"]["copies"] > 0 and d["all_dropped"]["dropped"] == d["all_dropped"]["copies"]
+        assert d["no_plan"]["copies"] == 0
+        assert d["no_predict"]["copies"] > 0  # from the second step on, last step's counts
+        assert d["full"]["ir_after"] <= d["full"]["ir_before"], d["full"]

@@ -15,6 +15,9 @@ step by step and layer by layer, scores side by side:
   step's most-used experts;
 * ``prev_layer``: layer L-1's own true routing reused for layer L (none for layer 0).
 
+``prev_step`` has nothing to say at step 0 and ``prev_layer`` at layer 0: those are left out of
+their scores (so their "IR true" averages over slightly different steps and layers).
+
 Metrics (see megatron_probe/policy/prediction_metrics.py): top-K accuracy, top-K/2 hit rate,
 recall of the true top-K within the predicted top-2K, relative error of per-expert counts and of
 per-rank load under the static placement at ``--ep``, and true vs predicted imbalance ratio. The
@@ -84,7 +87,8 @@ def evaluate(model, workload, pcfg, warm_path, ep, prefill_chunk=64, max_active=
     methods = build_methods(model, pcfg, warm_path)
     n_layers = len(moe_layers(model))
     eb = methods["frozen"][0][0].expert_bias
-    true2k = {r: [select_topk(rt.logits[L], spec, eb, k=2 * K) for L in range(n_layers)] for r, rt in routing.items()}
+    K2 = min(2 * K, E)
+    true2k = {r: [select_topk(rt.logits[L], spec, eb, k=K2) for L in range(n_layers)] for r, rt in routing.items()}
     log(f"replayed {len(used)} requests through the model in {time.time() - t0:.1f}s; {len(sched)} engine steps")
 
     shift = workload.extra.get("shift_step") if workload.scenario == "shift" else None
@@ -109,7 +113,7 @@ def evaluate(model, workload, pcfg, warm_path, ep, prefill_chunk=64, max_active=
                 preds = {}
                 for m, (ps, dist_) in methods.items():
                     if L in ps:
-                        pk = ps[L].predict_topk(x, k=2 * K)
+                        pk = ps[L].predict_topk(x, k=K2)
                         preds[m] = (pk[:, :K], pk, expert_counts(pk[:, :K], E))
                         if dist_ is not None:
                             idx = dist_.sample_index(T)
@@ -117,8 +121,8 @@ def evaluate(model, workload, pcfg, warm_path, ep, prefill_chunk=64, max_active=
                 if prev_counts[L] is not None:
                     pc = prev_counts[L].double()
                     preds["prev_step"] = (None, None, pc * (T * K) / pc.sum())
-                fallback = (prev_counts[L].argsort(descending=True, stable=True)[: 2 * K] if prev_counts[L] is not None
-                            else torch.arange(2 * K))
+                fallback = (prev_counts[L].argsort(descending=True, stable=True)[:K2] if prev_counts[L] is not None
+                            else torch.arange(K2))
                 rows = []
                 for r, s, e in st.chunks:
                     last = last_known.get(r)

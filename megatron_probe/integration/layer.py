@@ -21,6 +21,7 @@ from megatron_probe.config import ProbeConfig
 from megatron_probe.mechanism.dispatcher import ProbeTokenDispatcher
 from megatron_probe.mechanism.expert_bank import ExpertBank
 from megatron_probe.mechanism.expert_compute import SlotExpertCompute, check_expert_config
+from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.placement import EMPTY_SLOT
 
 
@@ -106,10 +107,11 @@ class ProbeMoELayer(MoELayer):
                 "replicated experts are for inference: clear the replica placement "
                 "(clear_replicas()) or run under torch.no_grad()/inference_mode()"
             )
-        fc1, fc2 = self.expert_bank.weights(differentiable)
-        output = self.expert_compute(
-            dispatched, tokens_per_slot, permuted_probs, fc1, fc2, self.expert_bank.version
-        )
+        bank = self.expert_bank
+        fc1, fc2 = bank.weights(differentiable)
+        version = (bank.version, bank.replica_version) if bank.pooled else bank.version
+        with nvtx_range("experts"):
+            output = self.expert_compute(dispatched, tokens_per_slot, permuted_probs, fc1, fc2, version)
         return self.token_dispatcher.combine_preprocess(output), None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

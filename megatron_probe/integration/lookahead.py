@@ -33,7 +33,16 @@ PREDICTOR_FILE = "predictor.pt"
 
 
 def router_spec(config) -> RouterSpec:
-    """The selection rule of Megatron's TopKRouter for this TransformerConfig."""
+    """The selection rule of Megatron's TopKRouter for this TransformerConfig. Router modes whose
+    choice is not a function of the logits alone are refused (a forecast could not mirror them)."""
+    types = config.moe_router_load_balancing_type
+    if "sinkhorn" in (types if isinstance(types, list) else [types]):
+        raise NotImplementedError("moe_router_load_balancing_type='sinkhorn' is not supported by the predictors")
+    if config.moe_expert_capacity_factor is not None:
+        raise NotImplementedError(f"moe_expert_capacity_factor={config.moe_expert_capacity_factor}: token dropping "
+                                  "is not supported by the predictors (use a dropless router)")
+    if getattr(config, "moe_router_force_load_balancing", False):
+        raise NotImplementedError("moe_router_force_load_balancing=True is not supported by the predictors")
     return RouterSpec(num_experts=config.num_moe_experts, topk=config.moe_router_topk,
                       score_function=config.moe_router_score_function,
                       pre_softmax=bool(config.moe_router_pre_softmax),
@@ -51,8 +60,11 @@ def build_predictors(model, probe_config: ProbeConfig) -> PredictorSet:
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model has no MoE layer to predict")
-    preds = PredictorSet.from_routers([_router_parts(m.router) for m in layers], router_spec(layers[0].config),
-                                      probe_config.predictor_hidden, layer0=probe_config.predictor_layer0)
+    config = layers[0].config
+    logits_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(config.moe_router_dtype, config.params_dtype)
+    preds = PredictorSet.from_routers([_router_parts(m.router) for m in layers], router_spec(config),
+                                      probe_config.predictor_hidden, layer0=probe_config.predictor_layer0,
+                                      logits_dtype=logits_dtype)
     if probe_config.predictor_state:
         preds.load(probe_config.predictor_state)
     return preds
@@ -65,7 +77,7 @@ def default_predictor_path(checkpoint_dir: str) -> str:
 
 class LookaheadRuntime:
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
-                 predictors: Optional[PredictorSet] = None, collect_metrics: bool = True):
+                 predictors: Optional[PredictorSet] = None, collect_metrics: Optional[bool] = None):
         self.cfg = probe_config or ProbeConfig()
         self.layers = moe_layers(model)
         if not self.layers:
@@ -85,7 +97,9 @@ class LookaheadRuntime:
         self.distiller = OnlineDistiller(self.predictors, lr=self.cfg.predictor_lr, period=self.cfg.predictor_period,
                                          sample_tokens=self.cfg.predictor_sample_tokens,
                                          frozen=not self.cfg.predictor_online)
-        self.collect_metrics = collect_metrics
+        # forecast-quality metrics cost a host sync and one extra small all-gather per layer and
+        # step: on by default on CPU, off by default on GPU (serving)
+        self.collect_metrics = device.type != "cuda" if collect_metrics is None else collect_metrics
         self._side = (torch.cuda.Stream(device=device) if device.type == "cuda" and self.cfg.predictor_side_stream
                       else None)
         self._pending: Dict[int, PendingCounts] = {}
@@ -125,7 +139,7 @@ class LookaheadRuntime:
         if self._side is not None:
             torch.cuda.current_stream().wait_stream(self._side)  # last online update finished
         pred = self.predictors[layer]
-        ids = pred.predict_topk(h, k=2 * self.spec.topk if self.collect_metrics else None)
+        ids = pred.predict_topk(h, k=min(2 * self.spec.topk, self.spec.num_experts) if self.collect_metrics else None)
         counts = expert_counts(ids[:, : self.spec.topk], self.spec.num_experts)
         stale = self._pending.pop(layer, None)
         if stale is not None:
@@ -154,19 +168,17 @@ class LookaheadRuntime:
             pred_ids = self._pred_ids.pop(layer)
             self._step_records.append({
                 "layer": layer, "true_ids": true_ids, "pred_topk": pred_ids[:, : self.spec.topk],
-                "pred_top2k": pred_ids, "true_counts": expert_counts(true_ids, self.spec.num_experts)})
+                "pred_top2k": pred_ids, "true_counts": expert_counts(true_ids, self.spec.num_experts),
+                "pending": self._pending.get(layer)})  # this forward's gather, whatever comes later
 
     def end_step(self) -> None:
         """After each engine step's forward: finish outstanding gathers, fold this step's metrics,
         run the deferred online distillation update."""
         for layer in list(self._pending):
-            pending = self._pending.pop(layer)
-            pred = pending.wait()
-            for rec in self._step_records:
-                if rec["layer"] == layer and "pred_counts_all" not in rec:
-                    rec["pred_counts_all"] = pred
+            self._pending.pop(layer).wait()
         if self._side is not None:
             self._side.wait_stream(torch.cuda.current_stream())
+            self.distiller.record_stream(self._side)  # samples live on the main stream's allocator
             with torch.cuda.stream(self._side):
                 self.distiller.step()
         else:
@@ -188,9 +200,9 @@ class LookaheadRuntime:
             stats["local"].add_tokens(L, rec["true_ids"].cpu(), rec["pred_topk"].cpu(), rec["pred_top2k"].cpu())
             local_pred = expert_counts(rec["pred_topk"], self.spec.num_experts)
             stats["local"].add_counts(L, rec["true_counts"].cpu(), local_pred.cpu())
-            if "pred_counts_all" in rec:
+            if rec["pending"] is not None:
                 true_all = gather_counts_async(rec["true_counts"], self.ep_group).wait()
-                stats["global"].add_counts(L, true_all.sum(0).cpu(), rec["pred_counts_all"].sum(0).cpu())
+                stats["global"].add_counts(L, true_all.sum(0).cpu(), rec["pending"].wait().sum(0).cpu())
         self._step_records.clear()
 
     def metrics(self) -> Dict:

@@ -30,6 +30,7 @@ from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_probe.config import ProbeConfig
 from megatron_probe.mechanism.comm import all_gather_rows, all_to_all
+from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.placement import (
     ExpertLayout,
     assignment_from_placement,
@@ -68,6 +69,10 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self._sort_to_src_major = idx.view(S, ep).T.ravel()
         self.last_counts: Optional[torch.Tensor] = None
         self.last_assignment: Optional[torch.Tensor] = None
+        # the live pipeline's callbacks (before_dispatch, a2a, before_experts, after_combine) and
+        # this layer's index among the model's MoE layers; None: a plain PROBE dispatcher
+        self.stage_hooks = None
+        self.layer_index: Optional[int] = None
 
     # ------------------------------------------------------------------ plan inputs
     def set_placement(self, placement: torch.Tensor) -> None:
@@ -88,6 +93,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        if self.stage_hooks is not None:
+            self.stage_hooks.before_dispatch(self)
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
         self.hidden_shape_before_permute = hidden.shape
@@ -148,8 +155,16 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         return assign
 
     def token_dispatch(self, hidden_states, probs):
-        tokens = all_to_all(hidden_states, self.output_splits, self.input_splits, self.ep_group)
-        probs = all_to_all(probs, self.output_splits, self.input_splits, self.ep_group)
+        hooks = self.stage_hooks
+        if hooks is not None:
+            hooks.a2a(True)
+        try:
+            with nvtx_range("dispatch"):
+                tokens = all_to_all(hidden_states, self.output_splits, self.input_splits, self.ep_group)
+                probs = all_to_all(probs, self.output_splits, self.input_splits, self.ep_group)
+        finally:
+            if hooks is not None:
+                hooks.a2a(False)
         return tokens, probs
 
     def dispatch_postprocess(self, hidden_states, probs):
@@ -158,6 +173,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
                 hidden_states, self.recv_counts.ravel(), self._sort_to_slot_major,
                 probs=probs, fused=False,
             )
+        if self.stage_hooks is not None:
+            self.stage_hooks.before_experts(self)
         return hidden_states, self.tokens_per_slot.clone(), probs
 
     # ------------------------------------------------------------------ combine
@@ -169,7 +186,15 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         return hidden_states
 
     def token_combine(self, hidden_states):
-        return all_to_all(hidden_states, self.input_splits, self.output_splits, self.ep_group)
+        hooks = self.stage_hooks
+        if hooks is not None:
+            hooks.a2a(True)
+        try:
+            with nvtx_range("combine"):
+                return all_to_all(hidden_states, self.input_splits, self.output_splits, self.ep_group)
+        finally:
+            if hooks is not None:
+                hooks.a2a(False)
 
     def combine_postprocess(self, hidden_states):
         # undo the slot ordering: pair i of the expert-major order was sent at position inv[i]
@@ -180,4 +205,6 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             pairs, self.reversed_mapping, restore_shape=self.hidden_shape_before_permute,
             routing_map=self.routing_map, fused=False,
         )
+        if self.stage_hooks is not None:
+            self.stage_hooks.after_combine(self)
         return out.view(self.hidden_shape)

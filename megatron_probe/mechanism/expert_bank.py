@@ -38,6 +38,11 @@ class ExpertBank(torch.nn.Module):
         self.placement = torch.full((layout.ep_size, layout.replica_slots), EMPTY_SLOT, dtype=torch.long)
         self.version = 0  # bumped whenever the bank tensors are re-allocated
         self.bytes_received = 0
+        # pooled mode: replica slots live in a ReplicaBankPool shared by all layers; this bank
+        # keeps only the native rows and computes replicas from `replica_block`
+        self.pooled = False
+        self.replica_block: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.replica_version = 0
 
     # ------------------------------------------------------------------ native weights
     def adopt(self, fc1_refs: List[ParamRef], fc2_refs: List[ParamRef]) -> None:
@@ -50,8 +55,28 @@ class ExpertBank(torch.nn.Module):
         self.fc2 = self._rebuild(self._fc2_refs, self.fc2)
         self.version += 1
 
+    def use_pool(self) -> None:
+        """Switch to pooled replicas: free this layer's own replica rows (the pool's banks are
+        attached per forward with :meth:`attach_replicas`)."""
+        if not self.pooled:
+            self.pooled = True
+            self.placement.fill_(EMPTY_SLOT)
+            self.adopt(self._fc1_refs, self._fc2_refs)
+
+    def attach_replicas(self, fc1: torch.Tensor, fc2: torch.Tensor, placement: torch.Tensor) -> None:
+        """Compute replica slots from these ``[R, ...]`` pool tensors, which hold ``placement``."""
+        if not self.pooled:
+            raise RuntimeError("attach_replicas needs pooled mode (use_pool())")
+        R = self.layout.replica_slots
+        if fc1.shape[0] != R or fc1.shape[1:] != self.fc1.shape[1:] or fc2.shape[1:] != self.fc2.shape[1:]:
+            raise ValueError(f"replica block {tuple(fc1.shape)}/{tuple(fc2.shape)} does not match {R} slots of "
+                             f"{tuple(self.fc1.shape[1:])}/{tuple(self.fc2.shape[1:])}")
+        self.replica_block = (fc1, fc2)
+        self.placement = placement.detach().cpu().long().clone()
+        self.replica_version += 1
+
     def _rebuild(self, refs: List[ParamRef], old_bank: Optional[torch.Tensor]) -> torch.Tensor:
-        L, R = self.layout.num_local_experts, self.layout.replica_slots
+        L, R = self.layout.num_local_experts, (0 if self.pooled else self.layout.replica_slots)
         params = [getattr(m, n) for m, n in refs]
         shape, dtype, device = params[0].shape, params[0].dtype, params[0].device
         for i, p in enumerate(params):
@@ -99,6 +124,15 @@ class ExpertBank(torch.nn.Module):
         otherwise the bank itself is returned, with no copy (inference).
         """
         self.ensure_current()
+        if self.pooled:
+            if differentiable:
+                raise NotImplementedError("pooled replica banks are for inference")
+            R = self.layout.replica_slots
+            rep = self.replica_block
+            if rep is None:  # nothing attached: empty replica rows (no token is sent to them)
+                rep = (self.fc1.new_zeros((R,) + tuple(self.fc1.shape[1:])),
+                       self.fc2.new_zeros((R,) + tuple(self.fc2.shape[1:])))
+            return [self.fc1, rep[0]], [self.fc2, rep[1]]
         if not differentiable:
             return self.fc1, self.fc2
         L = self.layout.num_local_experts
@@ -114,7 +148,8 @@ class ExpertBank(torch.nn.Module):
         ) if L else 0
 
     def replica_bytes(self) -> int:
-        return self.layout.replica_slots * self.expert_bytes()
+        """Replica memory owned by this layer (0 in pooled mode: the pool owns it)."""
+        return 0 if self.pooled else self.layout.replica_slots * self.expert_bytes()
 
     # ------------------------------------------------------------------ replica slots
     def fill(self, placement: torch.Tensor) -> int:
@@ -126,6 +161,8 @@ class ExpertBank(torch.nn.Module):
         slots this rank received.
         """
         layout = self.layout
+        if self.pooled:
+            raise RuntimeError("this bank uses a shared replica pool: the pipeline fills it, not fill()")
         validate_placement(placement, layout)
         self.ensure_current()
         placement = placement.detach().cpu().long()

@@ -71,6 +71,11 @@ class SlotExpertCompute:
         self._te: Optional[te_backend.TEGroupedSlots] = None
 
     def __call__(self, x, tokens_per_slot, probs, fc1, fc2, bank_version: int = 0):
+        """``fc1``/``fc2``: ``[S, ...]`` weights of every slot, or lists of blocks whose slot counts
+        add up to ``S`` (native experts and a shared replica bank), computed one grouped GEMM per
+        block and projection (tokens arrive slot-ordered, so each block's tokens are contiguous)."""
+        if isinstance(fc1, (list, tuple)):
+            return self._blocks(x, tokens_per_slot, probs, fc1, fc2, bank_version)
         if self.backend is None:
             self.backend = resolve_backend(self.requested_backend, fc1.device, fc1.dtype)
         counts = [int(c) for c in tokens_per_slot.tolist()]
@@ -86,3 +91,20 @@ class SlotExpertCompute:
         h = grouped_linear(x, fc1, counts, self.backend)
         h = expert_activation(h, probs, self.config)
         return grouped_linear(h, fc2, counts, self.backend)
+
+    def _blocks(self, x, tokens_per_slot, probs, fc1_blocks, fc2_blocks, bank_version):
+        sizes = [b.shape[0] for b in fc1_blocks]
+        if sum(sizes) != tokens_per_slot.numel():
+            raise RuntimeError(f"weight blocks hold {sum(sizes)} slots, tokens_per_slot has {tokens_per_slot.numel()}")
+        per_block = [int(c) for c in torch.stack([t.sum() for t in tokens_per_slot.split(sizes)]).tolist()]
+        outs = []
+        if not hasattr(self, "_block_computes"):
+            self._block_computes = [SlotExpertCompute(self.config, self.requested_backend) for _ in sizes]
+        for i, (xs, ps, tps, w1, w2) in enumerate(zip(x.split(per_block), probs.split(per_block),
+                                                      tokens_per_slot.split(sizes), fc1_blocks, fc2_blocks)):
+            if xs.shape[0] == 0:
+                outs.append(xs.new_empty((0, w2.shape[1])))
+                continue
+            version = bank_version[i] if isinstance(bank_version, (list, tuple)) else (bank_version, i)
+            outs.append(self._block_computes[i](xs, tps, ps, w1, w2, version))
+        return torch.cat(outs)

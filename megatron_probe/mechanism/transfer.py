@@ -68,6 +68,17 @@ class TransferBatch:
         ev = self._events.get(i)
         return ev is None or ev.is_set()
 
+    def wait_ops(self, indices: Sequence[int], timeout: Optional[float] = None) -> List[bool]:
+        """Wait up to ``timeout`` seconds in total for these copies; which are done."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for i in indices:
+            ev = self._events.get(i)
+            if ev is not None:
+                ev.wait(None if end is None else max(0.0, end - time.monotonic()))
+        if self.error is not None:
+            raise RuntimeError(f"expert transfer failed: {self.error}") from self.error
+        return [self.op_done(i) for i in indices]
+
     def completed(self) -> List[bool]:
         return [self.op_done(i) for i in range(len(self.ops))]
 

@@ -33,22 +33,42 @@ class OnlineDistiller:
         self.predictors = predictors
         self.lr, self.period, self.sample_tokens = lr, period, sample_tokens
         params = list(predictors.parameters())
+        if not frozen and any(p.is_inference() for p in params):
+            raise ValueError("the predictors were created under torch.inference_mode() and cannot be trained; build "
+                             "them outside it (PredictorSet.from_routers does) or use frozen=True")
         self.frozen = frozen or not params  # residual width 0: nothing to train
         self.optimizer = None if self.frozen else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        self._gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._gens: Dict[str, torch.Generator] = {}
         self._pending: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
         self.calls = 0
         self.updates = 0
-        self.last_loss: Dict[int, float] = {}
+        self._last_loss: Dict[int, torch.Tensor] = {}
+
+    @property
+    def last_loss(self) -> Dict[int, float]:
+        """Per-layer loss of the last update (read on demand: converting waits for the device)."""
+        return {L: float(v) for L, v in self._last_loss.items()}
 
     def sample_index(self, n: int, device=None) -> Optional[torch.Tensor]:
-        """Which of ``n`` rows to keep this step (``None``: all of them). Drawn on the host from the
-        row count alone, so it needs no device synchronisation."""
+        """Which of ``n`` rows to keep this step (``None``: all of them). Drawn on ``device`` with
+        its own generator (seeded, so reproducible), from the row count alone: no host sync."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
         if self.frozen or n == 0:
             return torch.zeros(0, dtype=torch.long, device=device)
         if n <= self.sample_tokens:
             return None
-        return torch.randperm(n, generator=self._gen)[: self.sample_tokens].to(device)
+        gen = self._gens.get(str(device))
+        if gen is None:
+            gen = self._gens[str(device)] = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.randperm(n, generator=gen, device=device)[: self.sample_tokens]
+
+    def record_stream(self, stream) -> None:
+        """Mark the pending samples as used by ``stream`` (an update about to run on a side stream)."""
+        for buf in self._pending.values():
+            for x, y in buf:
+                x.record_stream(stream)
+                y.record_stream(stream)
 
     def observe(self, layer: int, inputs: torch.Tensor, true_logits: torch.Tensor) -> None:
         """Keep sampled ``(inputs [n, H], true_logits [n, E])`` of ``layer`` for the next update."""
@@ -64,9 +84,9 @@ class OnlineDistiller:
         while sum(x.shape[0] for x, _ in buf) > self.sample_tokens * self.period and len(buf) > 1:
             buf.pop(0)
 
-    def step(self) -> Optional[Dict[int, float]]:
-        """End of an engine step: update every `period` calls. Returns the per-layer loss of the
-        update (before it) or ``None`` when no update ran."""
+    def step(self) -> Optional[Dict[int, torch.Tensor]]:
+        """End of an engine step: update every `period` calls. Returns the per-layer loss tensors
+        of the update (before it; not synchronised) or ``None`` when no update ran."""
         self.calls += 1
         if self.frozen:
             self._pending.clear()
@@ -78,7 +98,7 @@ class OnlineDistiller:
         self._pending.clear()
         return self._update(batch)
 
-    def _update(self, batch: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[int, float]:
+    def _update(self, batch: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[int, torch.Tensor]:
         # the forward may have run under inference_mode: clone out of it so autograd can use them
         with torch.inference_mode(False), torch.enable_grad():
             self.optimizer.zero_grad(set_to_none=True)
@@ -92,8 +112,8 @@ class OnlineDistiller:
             total.backward()
             self.optimizer.step()
         self.updates += 1
-        self.last_loss = {L: float(v) for L, v in losses.items()}
-        return self.last_loss
+        self._last_loss = losses
+        return losses
 
     def fit(self, data: Dict[int, Tuple[torch.Tensor, torch.Tensor]], epochs: int = 10, batch_size: int = 512,
             lr: Optional[float] = None, seed: int = 0, log=None) -> List[Dict[int, float]]:
@@ -119,7 +139,7 @@ class OnlineDistiller:
                     idx = perms[L][(b * batch_size) % x.shape[0]:][:batch_size]
                     batch[L] = (x[idx].float(), y[idx].float())
                 for L, v in self._update(batch).items():
-                    sums[L] += v / n_batches
+                    sums[L] += float(v) / n_batches
                 it += 1
             history.append(sums)
             if log:

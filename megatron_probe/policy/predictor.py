@@ -58,29 +58,36 @@ class RouterSpec:
 
 def selection_scores(logits: torch.Tensor, spec: RouterSpec,
                      expert_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The scores Megatron's router takes its top-k of (float32)."""
-    logits = logits.float()
+    """The scores Megatron's router takes its top-k of, with its rounding: softmax and sigmoid
+    are computed in float32 and cast back to the logits' dtype (bf16 logits give bf16 scores)."""
     if spec.score_function == "softmax":
-        return torch.softmax(logits, dim=-1) if spec.pre_softmax else logits
-    scores = torch.sigmoid(logits)
-    return scores + expert_bias.float() if expert_bias is not None else scores
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits) if spec.pre_softmax else logits
+    scores = torch.sigmoid(logits.float()).type_as(logits)
+    return scores + expert_bias if expert_bias is not None else scores
 
 
 def select_topk(logits: torch.Tensor, spec: RouterSpec, expert_bias: Optional[torch.Tensor] = None,
                 k: Optional[int] = None) -> torch.Tensor:
     """``[N, k]`` expert ids, best first, as the router would choose them (``k`` defaults to the
-    router's top-k; a larger ``k`` ranks further experts the same way, used for top-2K recall)."""
-    k = spec.topk if k is None else k
+    router's top-k; a larger ``k``, capped at the expert count, ranks further experts the same
+    way, used for top-2K recall; with group-limited routing experts of unselected groups rank
+    after every expert of the selected groups)."""
+    k = spec.topk if k is None else min(k, spec.num_experts)
     scores = selection_scores(logits, spec, expert_bias)
-    if spec.group_topk:
-        n = scores.shape[0]
-        grouped = scores.view(n, spec.num_groups, -1)
-        group_scores = grouped.topk(spec.topk // spec.group_topk, dim=-1)[0].sum(dim=-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(spec.group_topk, dim=-1)[1], True)
-        scores = scores.masked_fill(~keep.repeat_interleave(spec.num_experts // spec.num_groups, dim=1),
-                                    float("-inf"))
-    return scores.topk(k, dim=-1)[1]
+    if not spec.group_topk:
+        return scores.topk(k, dim=-1)[1]
+    n = scores.shape[0]
+    per_group = spec.num_experts // spec.num_groups
+    group_scores = scores.view(n, spec.num_groups, per_group).topk(spec.topk // spec.group_topk, dim=-1)[0].sum(-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(spec.group_topk, dim=-1)[1], True)
+    keep = keep.repeat_interleave(per_group, dim=1)
+    kept = spec.group_topk * per_group
+    ids = scores.masked_fill(~keep, float("-inf")).topk(min(k, kept), dim=-1)[1]
+    if k > kept:
+        rest = scores.masked_fill(keep, float("-inf")).topk(k - kept, dim=-1)[1]
+        ids = torch.cat([ids, rest], dim=1)
+    return ids
 
 
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -95,7 +102,8 @@ class LookaheadPredictor(nn.Module):
 
     def __init__(self, router_weight: torch.Tensor, spec: RouterSpec, residual_hidden: int,
                  router_bias: Optional[torch.Tensor] = None, expert_bias: Optional[torch.Tensor] = None,
-                 target_layer: int = 0, source: str = "prev_moe_input"):
+                 target_layer: int = 0, source: str = "prev_moe_input",
+                 logits_dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None):
         super().__init__()
         if router_weight.dim() != 2 or router_weight.shape[0] != spec.num_experts:
             raise ValueError(f"router weight shape {tuple(router_weight.shape)} is not "
@@ -109,6 +117,8 @@ class LookaheadPredictor(nn.Module):
         self.source = source
         self.hidden_size = int(router_weight.shape[1])
         self.residual_hidden = int(residual_hidden)
+        # the dtype the router's logits have (its moe_router_dtype): selection rounds like it
+        self.logits_dtype = logits_dtype
         # the frozen gate: buffers, so optimisers and the model's state dict never see them
         self.register_buffer("gate_weight", router_weight.detach().float().clone(), persistent=False)
         self.register_buffer("gate_bias", None if router_bias is None else router_bias.detach().float().clone(),
@@ -119,7 +129,7 @@ class LookaheadPredictor(nn.Module):
             self.fc1 = nn.Linear(self.hidden_size, residual_hidden, bias=False)
             self.fc2 = nn.Linear(residual_hidden, spec.num_experts, bias=False)
             with torch.no_grad():
-                nn.init.normal_(self.fc1.weight, std=self.hidden_size ** -0.5)
+                nn.init.normal_(self.fc1.weight, std=self.hidden_size ** -0.5, generator=generator)
                 self.fc2.weight.zero_()  # untrained predictor == frozen router copy
         else:
             self.fc1 = self.fc2 = None
@@ -141,7 +151,7 @@ class LookaheadPredictor(nn.Module):
         return logits
 
     def predict_topk(self, h: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
-        return select_topk(self(h), self.spec, self.expert_bias, k)
+        return select_topk(self(h).to(self.logits_dtype), self.spec, self.expert_bias, k)
 
     def predict_counts(self, h: torch.Tensor) -> torch.Tensor:
         return expert_counts(self.predict_topk(h), self.spec.num_experts)
@@ -202,21 +212,21 @@ class PredictorSet(nn.Module):
     @classmethod
     def from_routers(cls, routers: List[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]],
                      spec: RouterSpec, residual_hidden: int, layer0: bool = True,
-                     seed: int = 0) -> "PredictorSet":
+                     seed: int = 0, logits_dtype: torch.dtype = torch.float32) -> "PredictorSet":
         """Build from ``(weight, bias, expert_bias)`` of each MoE layer's router, in layer order."""
         if not routers:
             raise ValueError("a predictor set needs at least one MoE layer")
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)  # same residual init on every rank
-        try:
+        # same residual init on every rank, without touching the process's CPU or CUDA RNG; built
+        # outside inference mode so the residual stays trainable wherever this is called
+        gen = torch.Generator().manual_seed(seed)
+        with torch.inference_mode(False):
             preds = []
             for L, (w, b, eb) in enumerate(routers):
                 if L == 0 and not layer0:
                     continue
                 preds.append(LookaheadPredictor(w, spec, residual_hidden, b, eb, target_layer=L,
-                                                source="pre_attention" if L == 0 else "prev_moe_input"))
-        finally:
-            torch.random.set_rng_state(gen_state)
+                                                source="pre_attention" if L == 0 else "prev_moe_input",
+                                                logits_dtype=logits_dtype, generator=gen))
         return cls(preds, len(routers), router_fingerprint(w for w, _, _ in routers))
 
     def __contains__(self, layer: int) -> bool:

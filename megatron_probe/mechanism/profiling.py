@@ -1,0 +1,25 @@
+"""NVTX ranges that cost nothing when nobody is profiling.
+
+``nvtx_range(name)`` opens an NVTX range (the ``nvtx`` package; Nsight Systems shows it on the
+thread's timeline) around a stage of the PROBE layer: predict, plan, prefetch.phase1,
+prefetch.phase2, wait, dispatch, experts, combine. Without the package it is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # optional: profiling only
+    _nvtx = None
+
+STAGES = ("predict", "plan", "prefetch.phase1", "prefetch.phase2", "wait", "dispatch", "experts", "combine")
+_COLORS = {"predict": "purple", "plan": "yellow", "prefetch.phase1": "green", "prefetch.phase2": "green",
+           "wait": "red", "dispatch": "blue", "experts": "orange", "combine": "cyan"}
+
+
+def nvtx_range(name: str):
+    if _nvtx is None:
+        return contextlib.nullcontext()
+    return _nvtx.annotate(f"probe.{name}", color=_COLORS.get(name, "white"), domain="megatron_probe")

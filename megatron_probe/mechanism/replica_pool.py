@@ -1,0 +1,73 @@
+"""Double-buffered replica banks shared by all MoE layers of a rank.
+
+Every rank keeps two banks of ``R`` expert slots (fc1 and fc2 weights per slot). MoE layer L
+computes its replicas from bank ``L % 2`` while the copies for layer L+1 land in the other bank,
+so replica memory is ``2 R`` experts per rank whatever the number of layers. The pool records
+what each bank holds (``[ep, R]`` expert ids of one layer, the same table on every rank) so an
+unchanged slot is not copied again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout
+
+NUM_BANKS = 2
+
+
+class ReplicaBankPool:
+    def __init__(self, layout: ExpertLayout, fc1_shape: Tuple[int, ...], fc2_shape: Tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device, memory_cap_bytes: Optional[int] = None):
+        R = layout.replica_slots
+        if R <= 0:
+            raise ValueError("a replica bank pool needs replica_slots_per_rank >= 1")
+        self.layout = layout
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_expert = (_numel(fc1_shape) + _numel(fc2_shape)) * elem
+        need = NUM_BANKS * R * per_expert
+        if memory_cap_bytes is not None and need > memory_cap_bytes:
+            fit = memory_cap_bytes // (NUM_BANKS * per_expert)
+            raise ValueError(
+                f"replica banks need {need / 2**20:.1f} MiB per rank ({NUM_BANKS} banks x {R} slots x "
+                f"{per_expert / 2**20:.2f} MiB per expert), over the cap of {memory_cap_bytes / 2**20:.1f} MiB; "
+                f"valid: replica_slots_per_rank <= {fit} at this cap, or a larger replica_memory_cap_mib")
+        self.expert_bytes = per_expert
+        self.fc1 = torch.zeros((NUM_BANKS, R) + tuple(fc1_shape), dtype=dtype, device=device)
+        self.fc2 = torch.zeros((NUM_BANKS, R) + tuple(fc2_shape), dtype=dtype, device=device)
+        # what each bank's slots hold, for every rank: expert ids of layer `held_layer[b]`
+        self.held = [torch.full((layout.ep_size, R), EMPTY_SLOT, dtype=torch.long) for _ in range(NUM_BANKS)]
+        self.held_layer = [None] * NUM_BANKS
+
+    @staticmethod
+    def bank_of(layer: int) -> int:
+        return layer % NUM_BANKS
+
+    def memory_bytes(self) -> int:
+        return self.fc1.numel() * self.fc1.element_size() + self.fc2.numel() * self.fc2.element_size()
+
+    def block(self, bank: int):
+        """``(fc1 [R, F1, H], fc2 [R, H, F])`` of one bank."""
+        return self.fc1[bank], self.fc2[bank]
+
+    def slot_tensors(self, bank: int, slot: int):
+        return [self.fc1[bank, slot], self.fc2[bank, slot]]
+
+    def holds(self, bank: int, layer: int, rank: int, slot: int, expert: int) -> bool:
+        return self.held_layer[bank] == layer and int(self.held[bank][rank, slot]) == expert
+
+    def mark(self, bank: int, layer: int, placement: torch.Tensor) -> None:
+        """Record that ``bank`` now holds (or is being filled with) ``placement`` of ``layer``."""
+        if self.held_layer[bank] != layer:
+            self.held[bank].fill_(EMPTY_SLOT)
+        self.held_layer[bank] = layer
+        self.held[bank] = placement.detach().cpu().long().clone()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
