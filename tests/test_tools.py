@@ -132,3 +132,24 @@ def test_distill_predictor_rejects_a_trace_without_hidden_states(tmp_path):
     r = _run_tool("distill_predictor.py", "--trace", str(tmp_path / "t.pt"), "--out", str(tmp_path / "p.pt"),
                   timeout=300)
     assert r.returncode != 0 and "has no hidden states" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "checkpoints", "tiny-moe-v1", "model.pt")),
+                    reason="no shipped checkpoint")
+def test_bench_moe_layer_cli(tmp_path):
+    trace = tmp_path / "t.pt"
+    r = _run_tool("record_traces.py", "--workload", os.path.join(ROOT, "workloads", "shift.json"), "--out", str(trace),
+                  "--max-steps", "40", "--hidden-fraction", "1.0", "--ep", "2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = tmp_path / "bench.json"
+    r = _run_tool("bench_moe_layer.py", "--ep", "2", "--trace", str(trace), "--layers", "3", "--hidden", "64",
+                  "--ffn", "128", "--steps", "3", "--max-tokens", "48", "--replica-slots", "2", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for k in ("static_ms", "probe_ms", "oracle_ms", "speedup", "ir_static", "ir_probe"):
+        assert isinstance(res[k], float) and res[k] > 0, k
+    assert res["layer_measurements"] == 3 * 3
+    assert res["ir_oracle"] <= res["ir_static"] + 1e-9  # the oracle balances on the truth
+    assert 0 <= res["forecast_topk_acc"] <= 1 and res["copies"] >= res["dropped"] >= 0
+    assert "static/PROBE" in r.stdout

@@ -43,7 +43,7 @@ from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
-from megatron_probe.policy.planner import assign_on_truth, plan_probe
+from megatron_probe.policy.planner import assign_on_truth, plan_probe_host
 
 
 @dataclass
@@ -64,7 +64,7 @@ def imbalance_of(loads: torch.Tensor) -> float:
 class LookaheadPipeline:
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
                  runtime: Optional[LookaheadRuntime] = None, cost: Optional[ExpertCost] = None,
-                 metrics_path: Optional[str] = None):
+                 metrics_path: Optional[str] = None, budget_in: Optional[int] = None):
         from megatron_probe.integration.layer import ProbeMoELayer
 
         self.cfg = cfg = probe_config or ProbeConfig()
@@ -93,6 +93,17 @@ class LookaheadPipeline:
                                num_experts=config.num_moe_experts, topk=config.moe_router_topk)
             cost = ExpertCost.from_profile(get_profile(cfg.hardware_profile), shape)
         self.cost = cost
+        if self.ep > 1:  # every rank must plan with the same cost model, or plans diverge
+            c = torch.tensor([cost.per_token_us, cost.per_active_expert_us, -cost.per_token_us,
+                              -cost.per_active_expert_us], dtype=torch.float64)
+            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=self.ep_group)
+            if c[0] != -c[2] or c[1] != -c[3]:
+                raise ValueError(f"EP ranks use different expert cost models ({cost} here); the planner must see "
+                                 "identical inputs on every rank: average or broadcast a measured cost first")
+        self.budget_in = budget_in  # replicas a rank may receive per layer (default: R)
+        self.active = True
+        self.oracle_truth = None  # set by activate(oracle_truth=...): plan on true counts, copies free
+        self.free_ms: Dict[int, float] = {}
         self.runtime = runtime
         if self.runtime is None and cfg.pipeline_predict and cfg.pipeline_plan:
             self.runtime = LookaheadRuntime(model, cfg, self.ep_group)
@@ -110,13 +121,31 @@ class LookaheadPipeline:
         if 0 in getattr(self.runtime, "predictors", {}) or not cfg.pipeline_predict:
             holder = layer_holding(model, self.layers[0])
             # registered after the runtime's own hook: the forecast for layer 0 already exists
-            self._handles.append(holder.register_forward_pre_hook(lambda mod, args, kw: self._prefetch(0, "phase2"),
-                                                                  with_kwargs=True))
+            self._handles.append(holder.register_forward_pre_hook(self._layer0_hook, with_kwargs=True))
+
+    def _layer0_hook(self, module, args, kwargs):
+        if self.active and self.oracle_truth is None:
+            self._prefetch(0, "phase2")
+
+    def activate(self, on: bool = True, oracle_truth=None) -> None:
+        """Switch the pipeline on or off for the following forwards (off: static placement,
+        exactly the plain PROBE layer). ``oracle_truth(layer) -> [ep, E]`` turns it into the
+        oracle: each layer is planned on its true counts right before its dispatch and its copies
+        are waited for in full, their time reported in ``free_ms`` (to be excluded)."""
+        self.active = on
+        self.oracle_truth = oracle_truth if on else None
+        for m in self.layers:
+            m.token_dispatcher.stage_hooks = self if on else None
+            if not on:
+                m.token_dispatcher.assignment_fn = None
+                m.token_dispatcher.set_placement(empty_placement(self.layout))
 
     # ------------------------------------------------------------------ planning and copies
     def _forecast(self, layer: int) -> Optional[torch.Tensor]:
         if not self.cfg.pipeline_plan:
             return None
+        if self.oracle_truth is not None:
+            return self.oracle_truth(layer).detach().cpu().long()
         if self.cfg.pipeline_predict:
             counts = self.runtime.predicted_counts(layer) if self.runtime is not None else None
             return None if counts is None else counts.detach().cpu().long()
@@ -130,7 +159,9 @@ class LookaheadPipeline:
         if counts is None:
             return
         with nvtx_range("plan"):
-            placement, _ = plan_probe(counts, self.layout, self.cost)
+            # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
+            # the copies are issued from the host, so the placement is needed there anyway
+            placement, _ = plan_probe_host(counts, self.layout, self.cost, budget_in=self.budget_in)
         b = self.pool.bank_of(layer)
         L = self.layout.num_local_experts
         ops, src, dst = [], [], []
@@ -158,6 +189,13 @@ class LookaheadPipeline:
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         self._layer_t0[layer] = time.perf_counter()
+        if self.oracle_truth is not None:
+            t0 = time.perf_counter()
+            self._prefetch(layer, "oracle")
+            plan = self._plans.get(layer)
+            if plan is not None and plan.batch is not None:
+                plan.batch.wait()
+            self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
         plan = self._plans.pop(layer, None)
         bank = self.layers[layer].expert_bank
         row = {"step": self.step, "layer": layer, "copies": 0, "dropped": 0, "bytes": 0, "wait_ms": 0.0}
@@ -169,11 +207,19 @@ class LookaheadPipeline:
                 mine = list(plan.recv_ops.items())
                 done = (plan.batch.wait_ops([i for _, i in mine], self.cfg.prefetch_deadline_ms / 1e3)
                         if plan.batch is not None and mine else [])
-                arrived = torch.ones(self.ep * self.layout.replica_slots, dtype=torch.int32)
+                n = self.ep * self.layout.replica_slots
+                flat = plan.placement.reshape(-1).long()
+                # one all-reduce (MAX) carries: which copies arrived everywhere (as MIN of the
+                # flags), and the planned placement's max and min (equal iff all ranks agree)
+                sync = torch.cat([torch.zeros(n, dtype=torch.long), flat, -flat])
                 for ((r, s), _), ok in zip(mine, done):
-                    arrived[r * self.layout.replica_slots + s] = int(ok)
-                if self.ep > 1:  # every rank must use the same placement
-                    dist.all_reduce(arrived, op=dist.ReduceOp.MIN, group=self.ep_group)
+                    sync[r * self.layout.replica_slots + s] = 0 if ok else 1
+                if self.ep > 1:
+                    dist.all_reduce(sync, op=dist.ReduceOp.MAX, group=self.ep_group)
+                if not torch.equal(sync[n:2 * n], -sync[2 * n:]):
+                    raise RuntimeError(f"layer {layer}: EP ranks planned different placements (rank {self.me}: "
+                                       f"{plan.placement.tolist()}): the forecast counts or the cost model differ")
+                arrived = 1 - sync[:n]
             row["wait_ms"] = (time.perf_counter() - t0) * 1e3
             placement = plan.placement.clone()
             missing = (arrived.view(self.ep, -1) == 0) & (placement >= 0)
@@ -200,7 +246,8 @@ class LookaheadPipeline:
             self.engine.resume()
 
     def before_experts(self, dispatcher) -> None:
-        self._prefetch(dispatcher.layer_index + 1, "phase1")
+        if self.oracle_truth is None:
+            self._prefetch(dispatcher.layer_index + 1, "phase1")
 
     def after_combine(self, dispatcher) -> None:
         layer = dispatcher.layer_index

@@ -129,9 +129,10 @@ class ExpertBank(torch.nn.Module):
                 raise NotImplementedError("pooled replica banks are for inference")
             R = self.layout.replica_slots
             rep = self.replica_block
-            if rep is None:  # nothing attached: empty replica rows (no token is sent to them)
-                rep = (self.fc1.new_zeros((R,) + tuple(self.fc1.shape[1:])),
-                       self.fc2.new_zeros((R,) + tuple(self.fc2.shape[1:])))
+            if rep is None:  # nothing attached: no token goes to a replica slot; a broadcast zero
+                # row stands in for the R slots without allocating them
+                rep = (self.fc1.new_zeros((1,) + tuple(self.fc1.shape[1:])).expand((R,) + tuple(self.fc1.shape[1:])),
+                       self.fc2.new_zeros((1,) + tuple(self.fc2.shape[1:])).expand((R,) + tuple(self.fc2.shape[1:])))
             return [self.fc1, rep[0]], [self.fc2, rep[1]]
         if not differentiable:
             return self.fc1, self.fc2
