@@ -55,6 +55,10 @@ class ProbeConfig:
             through them); re-assign tokens on the true counts at dispatch (off: the default
             locality-first even split over the copies that arrived).
         hardware_profile: cost-model profile the planner uses (a preset name or a JSON file).
+        copy_charge_us: time one replica copy costs *each* of its two ranks beyond what overlap
+            hides (0: copies are free inside the slot budget, as PROBE assumes for GPUs with copy
+            engines; on CPU a copy uses the cores that compute, so measure and set it). The
+            pipeline then keeps only as many new copies as pay for themselves.
     """
 
     replica_slots_per_rank: int = 0
@@ -77,12 +81,15 @@ class ProbeConfig:
     pipeline_phase_lock: bool = True
     pipeline_reassign: bool = True
     hardware_profile: str = "h200-sxm"
+    copy_charge_us: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefetch_deadline_ms", "transfer_chunk_mib"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
                 raise ValueError(f"{name}={v!r}; valid: a positive finite number")
+        if not isinstance(self.copy_charge_us, (int, float)) or not 0 <= self.copy_charge_us < float("inf"):
+            raise ValueError(f"copy_charge_us={self.copy_charge_us!r}; valid: a finite number >= 0")
         if self.replica_memory_cap_mib is not None and not self.replica_memory_cap_mib >= 0:
             raise ValueError(f"replica_memory_cap_mib={self.replica_memory_cap_mib!r}; valid: None or >= 0")
         for name in ("predictor_hidden", "predictor_period", "predictor_sample_tokens"):

@@ -184,3 +184,19 @@ def test_optimum_is_a_lower_bound_and_probe_is_close():
     assert t_probe <= 1.10 * z  # measured gaps are a few percent; this bounds regressions
     z0, pl0 = optimal_plan(counts, lay, COST, budget_in=0)
     assert (pl0 == -1).all() and z0 >= z - 1e-9
+
+
+def test_copy_charge_keeps_only_copies_that_pay():
+    from megatron_probe.policy.planner import plan_probe_host, plan_with_copy_charge
+
+    layout = ExpertLayout(8, 2, 2)
+    cost = ExpertCost(1.0, 0.0)
+    counts = torch.zeros(2, 8, dtype=torch.long)
+    counts[:, 0] = 100  # everything on rank 0's expert 0: a copy saves ~100 us
+    free = plan_with_copy_charge(counts, layout, cost, None, 0.0)
+    assert int((free >= 0).sum()) >= 1
+    assert torch.equal(free, plan_probe_host(counts, layout, cost)[0])
+    assert int((plan_with_copy_charge(counts, layout, cost, None, 30.0) >= 0).sum()) >= 1  # pays: 200 -> ~130
+    assert int((plan_with_copy_charge(counts, layout, cost, None, 500.0) >= 0).sum()) == 0  # does not pay
+    with pytest.raises(ValueError, match="copy_charge_us=-1"):
+        plan_with_copy_charge(counts, layout, cost, None, -1)

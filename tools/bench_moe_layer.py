@@ -195,6 +195,25 @@ def worker(rank, ws, opts, out_path):
     dist.all_reduce(c, group=ep_group)  # one cost model for all ranks: plans must be identical
     cost = ExpertCost(float(c[0]) / ws, float(c[1]) / ws)
     pipe = LookaheadPipeline(stack, pcfg, ep_group=ep_group, runtime=forecaster, cost=cost)
+    copy_us = 0.0
+    if opts["copy_charge"] == "measured":
+        # what one expert copy costs here (it runs on the cores that compute): charge it per copy
+        from megatron_probe.mechanism.transfer import CopyOp
+
+        bank = blocks[0].mlp.expert_bank
+        ts = []
+        for _ in range(2):
+            dist.barrier(group=ep_group)
+            t0 = time.perf_counter()
+            batch = pipe.engine.submit([CopyOp(0, 1, "probe-copy-cost")],
+                                       [[bank.fc1[0], bank.fc2[0]] if rank == 0 else None],
+                                       [pipe.pool.slot_tensors(0, 0) if rank == 1 else None])
+            batch.wait()
+            ts.append((time.perf_counter() - t0) * 1e6)
+        c = torch.tensor([min(ts)], dtype=torch.float64)
+        dist.all_reduce(c, op=dist.ReduceOp.MAX, group=ep_group)
+        copy_us = float(c[0])
+        pipe.cfg = pipe.cfg.replace(copy_charge_us=copy_us)
 
     steps = _steps(trace, ws, opts["steps"], opts["max_tokens"], opts["seed"])
     times = {m: [] for m in MODES}
@@ -258,6 +277,7 @@ def worker(rank, ws, opts, out_path):
                "exposed_wait_ms_mean": round(sum(waits["probe"]) / max(1, len(waits["probe"])), 3),
                "copies": copies, "dropped": dropped, "layer_measurements": len(times["probe"]),
                "forecast_topk_acc": round(forecaster.hits / max(1, forecaster.total), 4),
+               "copy_charge_us": round(copy_us, 1),
                "expert_cost_us": {"per_token": round(cost.per_token_us, 2), "per_active_expert": round(cost.per_active_expert_us, 1)},
                "replica_memory_mib": round(pipe.pool.memory_bytes() / 2 ** 20, 1),
                "steps": [si for si, _ in steps]}
@@ -284,6 +304,8 @@ def main():
     p.add_argument("--deadline-ms", type=float, default=200.0)
     p.add_argument("--chunk-mib", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--copy-charge", choices=("measured", "none"), default="measured",
+                   help="charge each copy its measured time in the plan (ProbeConfig.copy_charge_us), or not")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -310,7 +332,7 @@ def main():
     opts = dict(trace=trace, checkpoint=a.checkpoint, predictor=pred if os.path.exists(pred) else None,
                 predictor_hidden=a.predictor_hidden, layers=a.layers, hidden=a.hidden, ffn=a.ffn,
                 replica_slots=a.replica_slots, steps=a.steps, max_tokens=a.max_tokens, deadline_ms=a.deadline_ms,
-                chunk_mib=a.chunk_mib, threads=a.threads, seed=a.seed)
+                chunk_mib=a.chunk_mib, threads=a.threads, seed=a.seed, copy_charge=a.copy_charge)
     out = a.json or os.path.join("/tmp", f"bench_moe_layer_{os.getpid()}.json")
     t0 = time.time()
     run_distributed(worker, a.ep, opts, out, backend="gloo")
@@ -321,7 +343,7 @@ def main():
                 "workload": tr.extra.get("scenario", tr.source),
                 "regime": f"scaled: experts {a.hidden}x{a.ffn} (random weights), routing and forecasts from "
                           f"{os.path.relpath(trace, ROOT)}", "ep": a.ep, "layers": a.layers,
-                "replica_slots": a.replica_slots, "seconds": round(time.time() - t0, 1)})
+                "replica_slots": a.replica_slots, "copy_charge": a.copy_charge, "seconds": round(time.time() - t0, 1)})
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"EP {a.ep}, {a.layers} layers, experts {a.hidden}x{a.ffn}, R={a.replica_slots}, "
@@ -332,7 +354,8 @@ def main():
     print(f"static/PROBE = {res['speedup']:.3f}   static/oracle = {res['oracle_speedup']:.3f}   "
           f"PROBE's share of the oracle's gain = {res['gain_fraction']}")
     print(f"exposed wait: median {res['exposed_wait_ms_median']} ms, mean {res['exposed_wait_ms_mean']} ms per layer; "
-          f"copies {res['copies']}, dropped {res['dropped']}; forecast top-K accuracy {res['forecast_topk_acc']}")
+          f"copies {res['copies']}, dropped {res['dropped']}; forecast top-K accuracy {res['forecast_topk_acc']}; "
+          f"copy charge {res['copy_charge_us'] / 1e3:.1f} ms per copy ({a.copy_charge})")
     if a.json:
         print(f"wrote {a.json}")
 

@@ -43,7 +43,7 @@ from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
-from megatron_probe.policy.planner import assign_on_truth, plan_probe_host
+from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge
 
 
 @dataclass
@@ -161,7 +161,7 @@ class LookaheadPipeline:
         with nvtx_range("plan"):
             # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
             # the copies are issued from the host, so the placement is needed there anyway
-            placement, _ = plan_probe_host(counts, self.layout, self.cost, budget_in=self.budget_in)
+            placement = self._plan(counts)
         b = self.pool.bank_of(layer)
         L = self.layout.num_local_experts
         ops, src, dst = [], [], []
@@ -185,6 +185,11 @@ class LookaheadPipeline:
         self.pool.mark(b, layer, placement)
         self._plans[layer] = plan
 
+    def _plan(self, counts: torch.Tensor) -> torch.Tensor:
+        budget = self.layout.replica_slots if self.budget_in is None else self.budget_in
+        charge = 0.0 if self.oracle_truth is not None else self.cfg.copy_charge_us  # the oracle's copies are free
+        return plan_with_copy_charge(counts, self.layout, self.cost, budget, charge)
+
     # ------------------------------------------------------------------ dispatcher hooks
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
@@ -197,6 +202,8 @@ class LookaheadPipeline:
                 plan.batch.wait()
             self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
         plan = self._plans.pop(layer, None)
+        if plan is not None and not bool((plan.placement >= 0).any()):
+            plan = None  # nothing planned (the same on every rank): no wait, no agreement needed
         bank = self.layers[layer].expert_bank
         row = {"step": self.step, "layer": layer, "copies": 0, "dropped": 0, "bytes": 0, "wait_ms": 0.0}
         if plan is None:

@@ -76,8 +76,11 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
     # ------------------------------------------------------------------ plan inputs
     def set_placement(self, placement: torch.Tensor) -> None:
+        placement = placement.detach().cpu().long()
+        if torch.equal(placement, self.placement):
+            return  # unchanged (the common case between steps): keep the derived tables
         validate_placement(placement, self.layout)
-        self.placement = placement.detach().cpu().long().clone()
+        self.placement = placement.clone()
         self._refresh_tables()
 
     def _refresh_tables(self) -> None:

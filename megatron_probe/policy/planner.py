@@ -235,3 +235,32 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
             n_in[dst] += 1
             n_out[src] += 1
     return torch.from_numpy(slots), torch.from_numpy(A)
+
+
+def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int],
+                          copy_charge_us: float) -> torch.Tensor:
+    """Placement of the PROBE plan when every new copy costs its sender and its receiver
+    ``copy_charge_us`` (the part of a transfer that overlap does not hide): among the plans with
+    copy budgets ``budget_in`` down to 0, the one whose slowest rank (expert time plus copies
+    sent and received) finishes first; ties go to fewer copies. ``copy_charge_us = 0`` is the
+    plain PROBE plan."""
+    if copy_charge_us < 0:
+        raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
+    budget = layout.replica_slots if budget_in is None else budget_in
+    placement, assign = plan_probe_host(counts, layout, cost, budget_in=budget)
+    if copy_charge_us == 0 or not bool((placement >= 0).any()):
+        return placement
+    L = layout.num_local_experts
+    best, best_t = None, None
+    for b in range(budget, -1, -1):
+        pl, A = (placement, assign) if b == budget else plan_probe_host(counts, layout, cost, budget_in=b)
+        if b < budget and int((pl >= 0).sum()) == int((best >= 0).sum()) and torch.equal(pl, best):
+            continue  # the same plan as a larger budget: already scored
+        busy = rank_times(A, cost).double()
+        for r, s in zip(*torch.nonzero(pl >= 0, as_tuple=True)):
+            busy[int(r)] += copy_charge_us
+            busy[int(pl[r, s]) // L] += copy_charge_us
+        t = float(busy.max())
+        if best_t is None or t <= best_t:
+            best, best_t = pl, t
+    return best
