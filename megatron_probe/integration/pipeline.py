@@ -43,6 +43,7 @@ from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
+from megatron_probe.policy.prediction_metrics import imbalance
 from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge
 
 
@@ -53,12 +54,6 @@ class LayerPlan:
     recv_ops: Dict[tuple, int] = field(default_factory=dict)  # (rank, slot) -> op index, for my slots
     copies: int = 0
     bytes: int = 0
-
-
-def imbalance_of(loads: torch.Tensor) -> float:
-    loads = loads.double()
-    mean = float(loads.mean())
-    return float(loads.max()) / mean if mean > 0 else 1.0
 
 
 class LookaheadPipeline:
@@ -263,8 +258,8 @@ class LookaheadPipeline:
         assign = dispatcher.last_assignment  # [ep_src, E, ep_dst]
         E = counts.shape[1]
         static = counts.sum(0).view(self.ep, E // self.ep).sum(1)
-        row["ir_before"] = round(imbalance_of(static), 4)
-        row["ir_after"] = round(imbalance_of(assign.sum((0, 1))), 4)
+        row["ir_before"] = round(imbalance(static), 4)
+        row["ir_after"] = round(imbalance(assign.sum((0, 1))), 4)
         row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
         self._prev_true[layer] = counts.clone()
 
