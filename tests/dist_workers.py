@@ -545,10 +545,25 @@ def pipeline_equivalence(rank, ws, out_dir):
         "no_reassign": dict(pipeline_reassign=False, prefetch_deadline_ms=10_000.0),
         "no_phase_lock": dict(pipeline_phase_lock=False, prefetch_deadline_ms=10_000.0),
         "no_plan": dict(pipeline_plan=False),
+        "slow_rank": dict(prefetch_deadline_ms=2.0, pipeline_phase_lock=False),
     }
     for name, kw in variants.items():
         pcfg = ProbeConfig(replica_slots_per_rank=R, predictor_hidden=8, transfer_chunk_mib=0.001, **kw)
         pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+        slow = []
+        if name == "slow_rank" and rank == ws - 1:
+            # the last rank stalls its transfers from layer 2i's input to layer 2i+1's, and is
+            # 20 ms late to layer 2i+1: the others give up on copies involving it while it still
+            # receives its own in time; the ranks disagree locally and the agreement must settle it
+            def late(i):
+                def hook(module, args):
+                    if i % 2 == 0:
+                        pipe.engine.pause()
+                    else:
+                        time.sleep(0.02)
+                        pipe.engine.resume()
+                return hook
+            slow = [m.register_forward_pre_hook(late(i)) for i, m in enumerate(moe_layers(model))]
         if name == "all_dropped":
             pipe.engine.pause()  # no copy can arrive: every planned copy misses its deadline
         max_abs = 0.0
@@ -559,6 +574,8 @@ def pipeline_equivalence(rank, ws, out_dir):
                 pipe.end_step()
         if name == "all_dropped":
             pipe.engine.resume()
+        for h in slow:
+            h.remove()
         s = pipe.summary()
         pipe.close()
         out[name] = {"max_abs": max_abs, "scale": scale, "copies": s["copies"], "dropped": s["dropped"],

@@ -302,6 +302,4 @@ class LookaheadPipeline:
         self.engine.close()
         if self.runtime is not None:
             self.runtime.close()
-        for m in self.layers:
-            m.token_dispatcher.stage_hooks = None
-            m.token_dispatcher.assignment_fn = None
+        self.activate(False)  # the plain layer again: static placement, no hooks
