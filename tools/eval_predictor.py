@@ -188,7 +188,7 @@ def print_table(result, segments, K, ep):
     print("\n[all] per layer: top-K acc / rec@2K / load err")
     ms = result["all"]["methods"]
     print(f"{'layer':<6}" + "".join(f"{m:>26}" for m in ms))
-    for i, row in enumerate(ms["distilled"]["layers"]):
+    for row in ms["distilled"]["layers"]:
         L = row["layer"]
         cells = []
         for m in ms:

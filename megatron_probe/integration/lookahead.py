@@ -24,6 +24,7 @@ import torch
 
 from megatron_probe.config import ProbeConfig
 from megatron_probe.integration.recorder import layer_holding, moe_layers
+from megatron_probe.mechanism.comm import group_size
 from megatron_probe.mechanism.count_exchange import PendingCounts, gather_counts_async
 from megatron_probe.policy.distill import OnlineDistiller
 from megatron_probe.policy.prediction_metrics import PredictionStats
@@ -188,8 +189,6 @@ class LookaheadRuntime:
     def _fold_metrics(self) -> None:
         if not self._step_records:
             return
-        from megatron_probe.mechanism.comm import group_size
-
         ep = group_size(self.ep_group)
         if self._stats is None:
             self._stats = {"local": PredictionStats(ep=1, topk=self.spec.topk),

@@ -290,8 +290,7 @@ class LookaheadPipeline:
                "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4),
                "replica_memory_bytes": self.pool.memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3)}
         if self.runtime is not None and self.runtime.collect_metrics:
-            out["prediction"] = {k: v.get("mean_topk_acc") if isinstance(v, dict) else v
-                                 for k, v in self.runtime.metrics().items() if k in ("local",)}
+            out["prediction_topk_acc"] = self.runtime.metrics().get("local", {}).get("mean_topk_acc")
         return out
 
     def close(self) -> None:
