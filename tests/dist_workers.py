@@ -264,7 +264,7 @@ def bad_inputs(rank, ws, out_dir):
     catch("placement_bad_slot", lambda: layer.set_replica_placement(torch.tensor([[5, -1, 6], [0, -1, 1]])))
     catch("placement_own_expert", lambda: layer.set_replica_placement(torch.tensor([[0, -1], [4, -1]])))
     layer.set_replica_placement(torch.tensor([[5, -1], [0, -1]]))
-    x = torch.randn(10, 1, 32, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(64, 1, 32, generator=torch.Generator().manual_seed(rank))
 
     def forward_with(assign_fn):
         from megatron_probe.mechanism.comm import all_gather_rows
@@ -288,9 +288,16 @@ def bad_inputs(rank, ws, out_dir):
         return a
 
     def stray(a, c):
-        a[1, 6, 0] += 1  # rank 0 holds no copy of 6
-        a[1, 6, 1] -= 1
-        return a
+        # Move one token of an expert that only rank 1 holds (4, 6 or 7: rank 0's replica slot
+        # holds 5) to rank 0. Pick a (src, expert) that really has tokens for rank 1, so the
+        # edit never produces a negative entry whatever the router picked.
+        for e in (6, 4, 7):
+            srcs = (a[:, e, 1] > 0).nonzero().flatten().tolist()
+            if srcs:
+                a[srcs[0], e, 0] += 1
+                a[srcs[0], e, 1] -= 1
+                return a
+        raise AssertionError("no tokens for experts 4, 6, 7 on rank 1: enlarge the batch")
 
     catch("assign_lose", lambda: forward_with(lose))
     catch("assign_dup", lambda: forward_with(dup))
