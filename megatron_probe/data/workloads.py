@@ -64,6 +64,17 @@ class Workload:
         if data.get("format") != WORKLOAD_FORMAT or data.get("version") != WORKLOAD_VERSION:
             raise ValueError(f"{path}: not a {WORKLOAD_FORMAT} v{WORKLOAD_VERSION} file "
                              f"(format={data.get('format')!r}, version={data.get('version')!r})")
+        missing = [k for k in ("scenario", "description", "source", "tokenizer", "requests") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: workload file lacks the fields {missing}")
+        fields = [f for f in Request.__dataclass_fields__]
+        required = [f for f in fields if f not in ("prompt_ids", "output_ids")]
+        for i, r in enumerate(data["requests"]):
+            lack = [k for k in required if k not in r]
+            extra = sorted(set(r) - set(fields))
+            if lack or extra:
+                raise ValueError(f"{path}: request #{i} lacks the fields {lack}" if lack else
+                                 f"{path}: request #{i} has unknown fields {extra}; valid: {fields}")
         reqs = [Request(**r) for r in data["requests"]]
         for r in reqs:
             if r.prompt_tokens <= 0 or r.output_tokens <= 0 or r.arrival_step < 0:

@@ -1,0 +1,309 @@
+"""Serve a workload with the stock MoE layer and/or the PROBE layer, side by side.
+
+:func:`serve_worker` runs on every rank (gloo on CPU, NCCL on GPU). In ``--compare`` mode two
+copies of the model are built from the same checkpoint, one per mode, each with its own
+:class:`~megatron_probe.integration.engine.ContinuousBatchingEngine`; the two engines step
+alternately (the order rotates every step), so both see the same machine noise. The stock
+model is Megatron's own MoE layer where it runs (CUDA, or one process); on CPU with EP > 1 it is
+the PROBE layer with replication off, i.e. Megatron's placement and routing over this project's
+gloo All-to-All (Megatron's alltoall dispatcher needs CUDA). The PROBE model runs the live
+lookahead pipeline. Both must emit exactly the same tokens.
+
+Everything measured goes into one result dict (see :func:`summarise`) on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+MODES = ("stock", "probe")
+
+
+@dataclass
+class ServeOptions:
+    checkpoint: str
+    workload: str
+    ep: int = 2
+    modes: tuple = ("stock", "probe")
+    probe: Dict = field(default_factory=dict)  # ProbeConfig fields
+    kv_capacity: int = 32
+    prefill_chunk: int = 64
+    max_steps: Optional[int] = None
+    max_requests: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    bf16: bool = False
+    threads: int = 1
+    seed: int = 1234
+    progress: bool = True
+    metrics_path: Optional[str] = None  # per-step JSON lines
+    expect: Dict = field(default_factory=dict)  # model-shape flags to check against the checkpoint
+
+
+def check_model_flags(cfg, expect: Dict, checkpoint: str) -> None:
+    """Raise when a model-shape flag given on the command line disagrees with the checkpoint."""
+    names = {"num_layers": "--num-layers", "hidden_size": "--hidden-size", "num_attention_heads":
+             "--num-attention-heads", "num_experts": "--num-experts", "topk": "--moe-router-topk",
+             "expert_ffn_hidden": "--moe-ffn-hidden-size", "seq_length": "--seq-length", "vocab_size": "--vocab-size"}
+    bad = [f"{names[k]} {v} (checkpoint: {getattr(cfg, k)})" for k, v in expect.items()
+           if v is not None and getattr(cfg, k) != v]
+    if bad:
+        raise ValueError(f"checkpoint {checkpoint!r} does not match the flags: " + "; ".join(bad) +
+                         ". Drop these flags or pass the checkpoint of that model.")
+
+
+def _build(mode: str, opts: ServeOptions, rank: int, ws: int, probe_cfg):
+    from megatron_probe.integration.tiny_moe import load_model
+
+    dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    if mode == "stock":
+        if torch.cuda.is_available() or ws == 1:
+            return load_model(opts.checkpoint, spec="stock", ep=ws, rank=rank, dtype=dtype)
+        return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg.replace(replica_slots_per_rank=0),
+                          ep=ws, rank=rank, dtype=dtype)
+    return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg, ep=ws, rank=rank, dtype=dtype)
+
+
+def stock_label(ws: int) -> str:
+    if torch.cuda.is_available() or ws == 1:
+        return "Megatron-Core MoELayer (stock spec)"
+    return ("Megatron placement on the PROBE layer with replication off (Megatron's alltoall dispatcher "
+            "needs CUDA for EP > 1)")
+
+
+def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]) -> None:
+    from megatron_probe.config import ProbeConfig
+    from megatron_probe.data.workloads import Workload
+    from megatron_probe.integration.cpu import initialize_megatron_parallel
+    from megatron_probe.integration.engine import ContinuousBatchingEngine, requests_from_workload
+    from megatron_probe.integration.lookahead import default_predictor_path
+    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.mechanism.profiling import nvtx_range
+
+    import logging
+
+    # Megatron warns that it hands process groups only to its exact MoELayer class; the PROBE
+    # layer takes its groups from the parallel state, so the warning is noise here
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+    torch.set_num_threads(opts.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    initialize_megatron_parallel(ws, seed=opts.seed, device=device)
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_expert_model_parallel_group() if ws > 1 else None
+    wl = Workload.load(opts.workload)
+    probe_fields = dict(opts.probe)
+    if "probe" in opts.modes and not probe_fields.get("predictor_state"):
+        path = default_predictor_path(opts.checkpoint)
+        if os.path.exists(path):
+            probe_fields["predictor_state"] = path
+    probe_cfg = ProbeConfig(**probe_fields)
+    models, engines, pipes = {}, {}, {}
+    for mode in opts.modes:
+        model, tok, cfg = _build(mode, opts, rank, ws, probe_cfg)
+        if device == "cuda":
+            model = model.cuda()
+        models[mode] = model
+        reqs = requests_from_workload(wl, rank, ws, opts.max_requests, opts.max_new_tokens)
+        engines[mode] = ContinuousBatchingEngine(model, reqs, cfg.seq_length, opts.kv_capacity, opts.prefill_chunk,
+                                                 tok.token_to_id("<|endoftext|>"), group, name=mode)
+        if mode == "probe":
+            pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group)
+    rows: List[Dict] = []
+    live = list(opts.modes)
+    step = 0
+    t_start = time.time()
+    total_steps = max((r.arrival_step for r in wl.requests), default=0) + 1
+    while live and (opts.max_steps is None or step < opts.max_steps):
+        order = live[step % len(live):] + live[: step % len(live)]  # no mode always runs first
+        for mode in order:
+            with nvtx_range(f"serve.{mode}.step{step}"):
+                rec = engines[mode].step()
+            if rec is None:
+                live.remove(mode)
+                continue
+            row = {"step": rec.step, "mode": mode, "tokens": rec.tokens, "prefill_tokens": rec.prefill_tokens,
+                   "decode_tokens": rec.decode_tokens, "active": rec.active, "queued": rec.queued,
+                   "seconds": rec.seconds, "emitted": rec.emitted}
+            if mode in pipes:
+                layers = pipes[mode].end_step()
+                if layers:
+                    n = len(layers)
+                    row.update(ir_before=sum(r.get("ir_before", 1.0) for r in layers) / n,
+                               ir_after=sum(r.get("ir_after", 1.0) for r in layers) / n,
+                               ir_layers_before=[r.get("ir_before", 1.0) for r in layers],
+                               ir_layers_after=[r.get("ir_after", 1.0) for r in layers],
+                               copies=sum(r["copies"] for r in layers), dropped=sum(r["dropped"] for r in layers),
+                               bytes=sum(r["bytes"] for r in layers), wait_ms=sum(r["wait_ms"] for r in layers))
+            rows.append(row)
+        if opts.progress and rank == 0 and (step % 10 == 0 or not live):
+            done = sum(r.finished for r in engines[opts.modes[-1]].requests.values())
+            n = len(engines[opts.modes[-1]].requests)
+            bar = "#" * int(30 * done / max(1, n))
+            print(f"\r[{bar:<30}] step {step} ({min(step, total_steps)}/{total_steps} arrival steps), rank 0 "
+                  f"requests done {done}/{n}, {time.time() - t_start:.0f}s", end="", file=sys.stderr, flush=True)
+        step += 1
+    if opts.progress and rank == 0:
+        print(file=sys.stderr)
+    # per-request results and per-step rows of every rank -> rank 0
+    local = {"rows": rows, "requests": {mode: [dataclasses.asdict(_req_result(r)) for r in e.requests.values()]
+                                        for mode, e in engines.items()},
+             "pipeline": {m: p.summary() for m, p in pipes.items()},
+             "prediction": {m: (p.runtime.metrics() if p.runtime is not None else {}) for m, p in pipes.items()},
+             "unfinished": {m: len(e.queue) + len(e.active) for m, e in engines.items()}}
+    for p in pipes.values():
+        p.close()
+    gathered = [None] * ws if rank == 0 else None
+    if ws > 1:
+        dist.gather_object(local, gathered, dst=0, group=group)
+    else:
+        gathered = [local]
+    if rank == 0:
+        res = summarise(gathered, opts, wl, ws)
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(res, f)
+        if opts.metrics_path:
+            with open(opts.metrics_path, "w") as f:
+                for r in range(ws):
+                    for row in gathered[r]["rows"]:
+                        f.write(json.dumps({"rank": r, **row}) + "\n")
+
+
+@dataclass
+class RequestResult:
+    id: int
+    prompt_tokens: int
+    tokens: List[int]
+    arrival_step: int
+    ttft_s: Optional[float]
+    tpot_s: Optional[float]
+    finished: bool
+
+
+def _req_result(r) -> RequestResult:
+    return RequestResult(r.id, len(r.prompt_ids), list(r.generated), r.arrival_step, r.ttft_s, r.tpot_s, r.finished)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _pct(xs, q):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
+    """One result dict from every rank's rows and requests. A step's time is its slowest
+    rank's (the MoE collectives make the ranks wait for each other anyway)."""
+    per_step: Dict[str, Dict[int, Dict]] = {m: {} for m in opts.modes}
+    for g in gathered:
+        for row in g["rows"]:
+            s = per_step[row["mode"]].setdefault(row["step"], {"tokens": 0, "emitted": 0, "seconds": 0.0, "ir": []})
+            s["tokens"] += row["tokens"]
+            s["emitted"] += row["emitted"]
+            s["seconds"] = max(s["seconds"], row["seconds"])
+            if "ir_before" in row:
+                s["ir"].append((row["ir_before"], row["ir_after"], row["ir_layers_before"], row["ir_layers_after"],
+                                row["copies"], row["dropped"], row["wait_ms"]))
+    modes = {}
+    for m in opts.modes:
+        reqs = [r for g in gathered for r in g["requests"][m]]
+        steps = per_step[m]
+        secs = sum(s["seconds"] for s in steps.values())
+        emitted = sum(s["emitted"] for s in steps.values())
+        tokens = sum(s["tokens"] for s in steps.values())
+        out = {"steps": len(steps), "seconds": round(secs, 4), "generated_tokens": emitted,
+               "processed_tokens": tokens, "throughput_tok_s": round(emitted / secs, 3) if secs else None,
+               "processed_tok_s": round(tokens / secs, 3) if secs else None,
+               "ttft_mean_s": _round(_mean(r["ttft_s"] for r in reqs)),
+               "ttft_p90_s": _round(_pct([r["ttft_s"] for r in reqs], 0.9)),
+               "tpot_mean_s": _round(_mean(r["tpot_s"] for r in reqs)),
+               "requests_finished": sum(r["finished"] for r in reqs), "requests": len(reqs)}
+        irs = [x for s in steps.values() for x in s["ir"]]
+        if irs:
+            # one IR per step and layer: the max-over-ranks load / mean (the same on every rank)
+            out["ir_before"] = round(sum(x[0] for x in irs) / len(irs), 4)
+            out["ir_after"] = round(sum(x[1] for x in irs) / len(irs), 4)
+            nl = len(irs[0][2])
+            out["ir_before_per_layer"] = [round(sum(x[2][i] for x in irs) / len(irs), 4) for i in range(nl)]
+            out["ir_after_per_layer"] = [round(sum(x[3][i] for x in irs) / len(irs), 4) for i in range(nl)]
+        pipe = [g["pipeline"].get(m) for g in gathered if g["pipeline"].get(m)]
+        if pipe:
+            out["copies"] = sum(p["copies"] for p in pipe)
+            out["dropped"] = sum(p["dropped"] for p in pipe)
+            out["bytes"] = sum(p["bytes"] for p in pipe)
+            wait_s = max(p["wait_ms_total"] for p in pipe) / 1e3
+            out["exposed_wait_s"] = round(wait_s, 4)
+            out["exposed_wait_fraction"] = round(wait_s / secs, 4) if secs else None
+            out["replica_memory_mib"] = round(pipe[0]["replica_memory_bytes"] / 2 ** 20, 3)
+        pred = [g["prediction"].get(m) for g in gathered if g["prediction"].get(m)]
+        if pred and pred[0].get("local"):
+            out["prediction_topk_acc"] = _round(_mean(p["local"].get("mean_topk_acc") for p in pred))
+            glob = pred[0].get("global", {})
+            if glob.get("mean_rank_load_err") is not None:
+                out["prediction_rank_load_err"] = glob["mean_rank_load_err"]
+        modes[m] = out
+    res = {"regime": "model", "workload": wl.scenario, "workload_path": opts.workload, "ep": ws,
+           "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(ws),
+           "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("expect",)},
+           "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if wl.extra.get("shift_step") is not None:
+        res["shift_step"] = wl.extra["shift_step"]
+    res["per_step"] = {m: [{"step": k, **{kk: vv for kk, vv in v.items() if kk != "ir"},
+                            **({"ir_before": _mean(x[0] for x in v["ir"]), "ir_after": _mean(x[1] for x in v["ir"])}
+                               if v["ir"] else {})}
+                           for k, v in sorted(per_step[m].items())] for m in opts.modes}
+    if len(opts.modes) == 2:
+        a = {r["id"]: r["tokens"] for g in gathered for r in g["requests"]["stock"]}
+        b = {r["id"]: r["tokens"] for g in gathered for r in g["requests"]["probe"]}
+        diff = sorted(i for i in a if a[i] != b.get(i))
+        res["tokens_identical"] = not diff and set(a) == set(b)
+        res["requests_differing"] = diff
+        s, p = modes["stock"], modes["probe"]
+        res["throughput_ratio"] = _ratio(p["throughput_tok_s"], s["throughput_tok_s"])
+        res["ttft_ratio"] = _ratio(p["ttft_mean_s"], s["ttft_mean_s"])
+        res["tpot_ratio"] = _ratio(p["tpot_mean_s"], s["tpot_mean_s"])
+        # the stock run sees the same batches and routing as PROBE's (tokens identical): its IR
+        # is PROBE's IR before balancing
+        if "ir_before" in p:
+            s["ir_before"] = s["ir_after"] = p["ir_before"]
+            s["ir_before_per_layer"] = s["ir_after_per_layer"] = p["ir_before_per_layer"]
+    res["tokens"] = {m: {r["id"]: r["tokens"] for g in gathered for r in g["requests"][m]} for m in opts.modes}
+    return res
+
+
+def _round(x, n=5):
+    return None if x is None else round(x, n)
+
+
+def _ratio(a, b):
+    return None if not a or not b else round(a / b, 4)
+
+
+def _host() -> Dict:
+    import platform
+
+    d = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+         "python": platform.python_version()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import megatron.core
+
+        d["megatron_core"] = megatron.core.__version__
+    except Exception:  # version attribute missing in some builds
+        pass
+    return d

@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Serve a workload with Megatron-Core MoE layers, stock and PROBE side by side.
+
+Continuous batching (requests join at their arrival step and leave when done; each step is one
+forward over every active request's decode token and prefill chunk), greedy decoding, expert
+parallelism over gloo (CPU: the script starts its own processes) or NCCL (GPU: run it under
+``torchrun``). ``--compare`` serves the workload with the stock layer and with PROBE
+alternately, step by step, in the same process group, checks that both emit the same tokens and
+prints the ratios. Flags are named like Megatron-LM's; every ``ProbeConfig`` field has a
+``--probe-<field>`` flag.
+
+Regimes (label every figure with it):
+* ``model`` (default): the shipped trained model end to end (real routing, real prediction,
+  exact tokens);
+* ``scaled``: the same routing and forecasts replayed from a recorded trace through a stack of
+  MoE layers whose experts are enlarged (random weights) so that expert compute dominates as on
+  GPUs at scale; for speed on CPU. Needs a trace with hidden states
+  (``tools/record_traces.py --hidden-fraction 1.0``).
+
+  python tools/run_probe_inference.py --workload shift --compare                   # CPU, EP 2
+  torchrun --nproc-per-node 8 tools/run_probe_inference.py --workload shift --compare \\
+      --expert-model-parallel-size 8                                                # 8 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import typing
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore")
+
+WORKLOAD_DIR = os.path.join(ROOT, "workloads")
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; valid: true, false")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_probe_flags(p: argparse.ArgumentParser) -> None:
+    """``--probe-<field>`` for every ProbeConfig field (defaults: ProbeConfig's own)."""
+    from megatron_probe.config import ProbeConfig
+
+    g = p.add_argument_group("PROBE (ProbeConfig fields)")
+    hints = typing.get_type_hints(ProbeConfig)
+    for f in dataclasses.fields(ProbeConfig):
+        t = hints[f.name]
+        args = typing.get_args(t)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), t) if optional else t
+        conv = {bool: _bool, int: int, float: float, str: str}.get(base)
+        if conv is None:
+            continue
+        if optional:
+            conv = _optional(conv)
+        g.add_argument("--probe-" + f.name.replace("_", "-"), dest="probe_" + f.name, type=conv, default=None,
+                       metavar=base.__name__.upper(), help=f"default {f.default!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (checked against the checkpoint when given)")
+    m.add_argument("--load", default=DEFAULT_CHECKPOINT, help="checkpoint folder (default: the shipped tiny MoE)")
+    m.add_argument("--num-layers", type=int)
+    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--num-attention-heads", type=int)
+    m.add_argument("--num-experts", type=int)
+    m.add_argument("--moe-router-topk", type=int)
+    m.add_argument("--moe-ffn-hidden-size", type=int)
+    m.add_argument("--seq-length", type=int)
+    m.add_argument("--vocab-size", type=int)
+    m.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default fp32)")
+    d = p.add_argument_group("parallelism and serving")
+    d.add_argument("--expert-model-parallel-size", type=int, default=2, help="EP size = number of processes")
+    d.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "probe"), default="probe",
+                   help="what to serve without --compare: the stock layer (alltoall) or PROBE")
+    d.add_argument("--compare", action="store_true", help="serve with stock and PROBE alternately, print ratios")
+    d.add_argument("--micro-batch-size", type=int, default=32,
+                   help="KV slots per rank: the most requests a rank serves at once (the rest queue)")
+    d.add_argument("--prefill-chunk-size", type=int, default=64, help="prompt tokens per request per step")
+    d.add_argument("--workload", default="shift",
+                   help="a workload name in workloads/ (steady, shift, repeat, bursty) or a workload JSON path")
+    d.add_argument("--max-steps", type=int, default=None, help="stop after this many engine steps")
+    d.add_argument("--max-requests", type=int, default=None, help="serve only requests with id < N")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="cap each request's generation length")
+    d.add_argument("--regime", choices=("model", "scaled"), default="model")
+    d.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
+    d.add_argument("--seed", type=int, default=1234)
+    s = p.add_argument_group("scaled regime")
+    s.add_argument("--trace", default=None, help="recorded trace (default traces/<workload>.pt)")
+    s.add_argument("--scaled-hidden-size", type=int, default=1024)
+    s.add_argument("--scaled-ffn-hidden-size", type=int, default=2816)
+    s.add_argument("--scaled-layers", type=int, default=4)
+    s.add_argument("--scaled-max-tokens", type=int, default=192, help="tokens per rank per step (cap)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", default=None, help="write the result JSON here")
+    o.add_argument("--metrics-jsonl", default=None, help="write per-step, per-rank rows here (JSON lines)")
+    o.add_argument("--plots-dir", default=None, help="write PNG plots here")
+    o.add_argument("--wandb-project", default=None, help="log to wandb (offline unless --wandb-mode online)")
+    o.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline")
+    o.add_argument("--wandb-dir", default=None, help="wandb run folder (default: next to --json, else ./wandb)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_probe_flags(p)
+    return p
+
+
+def resolve_workload(name: str) -> str:
+    if os.path.exists(name):
+        return name
+    path = os.path.join(WORKLOAD_DIR, name + ".json")
+    if os.path.exists(path):
+        return path
+    known = sorted(f[:-5] for f in os.listdir(WORKLOAD_DIR) if f.endswith(".json")) if os.path.isdir(WORKLOAD_DIR) else []
+    raise ValueError(f"--workload {name!r} is neither a file nor a workload name; valid names: {known}")
+
+
+def probe_fields(a) -> dict:
+    return {k[len("probe_"):]: v for k, v in vars(a).items() if k.startswith("probe_") and v is not None}
+
+
+def validate(a, p) -> tuple:
+    """Check every flag against the checkpoint and each other; returns (ServeOptions, ProbeConfig fields)."""
+    from megatron_probe.config import ProbeConfig
+    from megatron_probe.data.workloads import Workload
+    from megatron_probe.integration.serving import ServeOptions, check_model_flags
+    from megatron_probe.integration.tiny_moe import TinyMoEConfig
+
+    try:
+        wl_path = resolve_workload(a.workload)
+        Workload.load(wl_path)
+        cfg_path = os.path.join(a.load, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"--load {a.load!r} is not a checkpoint folder (no config.json)")
+        cfg = TinyMoEConfig.from_json(cfg_path)
+        expect = {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "num_attention_heads":
+                  a.num_attention_heads, "num_experts": a.num_experts, "topk": a.moe_router_topk,
+                  "expert_ffn_hidden": a.moe_ffn_hidden_size, "seq_length": a.seq_length, "vocab_size": a.vocab_size}
+        check_model_flags(cfg, expect, a.load)
+        fields = probe_fields(a)
+        fields.setdefault("replica_slots_per_rank", 3)
+        pc = ProbeConfig(**fields)
+        pc.validate_for_model(cfg.num_experts, a.expert_model_parallel_size, cfg.topk)
+        for flag, v, lo in (("--expert-model-parallel-size", a.expert_model_parallel_size, 1),
+                            ("--micro-batch-size", a.micro_batch_size, 1), ("--prefill-chunk-size",
+                                                                            a.prefill_chunk_size, 1),
+                            ("--threads", a.threads, 1)):
+            if v < lo:
+                raise ValueError(f"{flag} {v} must be >= {lo}")
+        for flag, v in (("--max-steps", a.max_steps), ("--max-requests", a.max_requests),
+                        ("--max-new-tokens", a.max_new_tokens)):
+            if v is not None and v < 1:
+                raise ValueError(f"{flag} {v} must be >= 1")
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        p.error(str(e))
+    modes = ("stock", "probe") if a.compare else (("probe",) if a.moe_token_dispatcher_type == "probe"
+                                                  else ("stock",))
+    opts = ServeOptions(checkpoint=a.load, workload=wl_path, ep=a.expert_model_parallel_size, modes=modes,
+                        probe=fields, kv_capacity=a.micro_batch_size, prefill_chunk=a.prefill_chunk_size,
+                        max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
+                        bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet,
+                        metrics_path=a.metrics_jsonl, expect=expect)
+    return opts, fields
+
+
+def _fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}{unit}"
+    return f"{x}{unit}"
+
+
+def print_table(res: dict) -> None:
+    modes = res["modes"]
+    names = list(modes)
+    rows = [("throughput (generated tok/s)", "throughput_tok_s", ""), ("processed tok/s", "processed_tok_s", ""),
+            ("TTFT mean (s)", "ttft_mean_s", ""), ("TTFT p90 (s)", "ttft_p90_s", ""),
+            ("TPOT mean (s)", "tpot_mean_s", ""), ("engine time (s)", "seconds", ""), ("steps", "steps", ""),
+            ("requests finished", "requests_finished", ""), ("IR before balancing", "ir_before", ""),
+            ("IR served", "ir_after", ""), ("replica copies", "copies", ""), ("copies dropped", "dropped", ""),
+            ("exposed wait (share of time)", "exposed_wait_fraction", ""),
+            ("prediction top-k accuracy", "prediction_topk_acc", "")]
+    print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}  ({res['host'].get('machine')}, "
+          f"{res['host'].get('cpus')} cpus, torch {res['host'].get('torch')})")
+    if "stock" in modes:
+        print(f"stock = {res['stock_is']}")
+    w = 30
+    print(f"{'':<{w}}" + "".join(f"{n:>14}" for n in names) + ("     PROBE/stock" if len(names) == 2 else ""))
+    for label, key, unit in rows:
+        vals = [modes[n].get(key) for n in names]
+        if all(v is None for v in vals):
+            continue
+        line = f"{label:<{w}}" + "".join(f"{_fmt(v, unit):>14}" for v in vals)
+        if len(names) == 2 and all(isinstance(v, (int, float)) and v for v in vals) and key in (
+                "throughput_tok_s", "processed_tok_s", "ttft_mean_s", "tpot_mean_s", "seconds"):
+            line += f"{vals[1] / vals[0]:>16.3f}"
+        print(line)
+    if "tokens_identical" in res:
+        print(f"{'tokens identical':<{w}}{str(res['tokens_identical']):>14}"
+              + (f"   differing requests: {res['requests_differing'][:10]}" if res["requests_differing"] else ""))
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    opts, fields = validate(a, p)
+    from megatron_probe.integration.launch import run_distributed, under_torchrun
+
+    if a.regime == "scaled":
+        from megatron_probe.integration.scaled_replay import run_scaled
+
+        res = run_scaled(a, opts)
+    else:
+        from megatron_probe.integration.serving import serve_worker
+
+        out = a.json or os.path.join(tempfile.mkdtemp(prefix="probe_serve_"), "result.json")
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        run_distributed(serve_worker, opts.ep, opts, out)
+        if under_torchrun() and int(os.environ["RANK"]) != 0:
+            return 0
+        with open(out) as f:
+            res = json.load(f)
+    res["command"] = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + (argv or sys.argv[1:]))
+    if a.plots_dir:
+        from megatron_probe.integration.serving_plots import write_plots
+
+        res["plots"] = write_plots(res, a.plots_dir)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.wandb_project and a.wandb_mode != "disabled":
+        from megatron_probe.integration.serving_plots import log_to_wandb
+
+        run_dir = a.wandb_dir or (os.path.dirname(os.path.abspath(a.json)) if a.json else os.getcwd())
+        res["wandb_dir"] = log_to_wandb(res, a.wandb_project, run_dir, a.wandb_mode)
+    print_table(res)
+    for path in res.get("plots", []):
+        print(f"plot: {path}")
+    if a.json:
+        print(f"json: {a.json}")
+    if res.get("tokens_identical") is False:
+        print("ERROR: PROBE's tokens differ from the stock layer's", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
