@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-requests", type=int, default=None, help="serve only requests with id < N")
     d.add_argument("--max-new-tokens", type=int, default=None, help="cap each request's generation length")
     d.add_argument("--regime", choices=("model", "scaled"), default="model")
+    d.add_argument("--cost-model", choices=("measured", "profile"), default="measured",
+                   help="the planner's costs: measured at start-up on this machine and model (expert compute, one "
+                        "expert copy, charged per copy), or --probe-hardware-profile's figures")
     d.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     d.add_argument("--seed", type=int, default=1234)
     s = p.add_argument_group("scaled regime")
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scaled-ffn-hidden-size", type=int, default=2816)
     s.add_argument("--scaled-layers", type=int, default=4)
     s.add_argument("--scaled-max-tokens", type=int, default=192, help="tokens per rank per step (cap)")
+    s.add_argument("--scaled-copy-charge", choices=("measured", "none"), default="measured",
+                   help="charge each replica copy its measured time in the plan, or plan as if copies were free")
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, help="write the result JSON here")
     o.add_argument("--metrics-jsonl", default=None, help="write per-step, per-rank rows here (JSON lines)")
@@ -179,47 +184,112 @@ def validate(a, p) -> tuple:
     opts = ServeOptions(checkpoint=a.load, workload=wl_path, ep=a.expert_model_parallel_size, modes=modes,
                         probe=fields, kv_capacity=a.micro_batch_size, prefill_chunk=a.prefill_chunk_size,
                         max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
-                        bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet,
+                        bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
                         metrics_path=a.metrics_jsonl, expect=expect)
     return opts, fields
 
 
-def _fmt(x, unit=""):
+def _fmt(x):
     if x is None:
         return "-"
     if isinstance(x, float):
-        return f"{x:.4g}{unit}"
-    return f"{x}{unit}"
+        return f"{x:.4g}"
+    return f"{x}"
 
 
 def print_table(res: dict) -> None:
     modes = res["modes"]
     names = list(modes)
-    rows = [("throughput (generated tok/s)", "throughput_tok_s", ""), ("processed tok/s", "processed_tok_s", ""),
-            ("TTFT mean (s)", "ttft_mean_s", ""), ("TTFT p90 (s)", "ttft_p90_s", ""),
-            ("TPOT mean (s)", "tpot_mean_s", ""), ("engine time (s)", "seconds", ""), ("steps", "steps", ""),
-            ("requests finished", "requests_finished", ""), ("IR before balancing", "ir_before", ""),
-            ("IR served", "ir_after", ""), ("replica copies", "copies", ""), ("copies dropped", "dropped", ""),
-            ("exposed wait (share of time)", "exposed_wait_fraction", ""),
-            ("prediction top-k accuracy", "prediction_topk_acc", "")]
+    base = names[0]
+    ratio = "probe" in names and len(names) > 1
+    rows = [("throughput (generated tok/s)", "throughput_tok_s"), ("processed tok/s", "processed_tok_s"),
+            ("TTFT mean (s)", "ttft_mean_s"), ("TTFT p90 (s)", "ttft_p90_s"), ("TPOT mean (s)", "tpot_mean_s"),
+            ("engine time (s)", "seconds"), ("steps", "steps"), ("requests finished", "requests_finished"),
+            ("IR before balancing", "ir_before"), ("IR served", "ir_after"), ("replica copies", "copies"),
+            ("copies dropped", "dropped"), ("exposed wait (share of time)", "exposed_wait_fraction"),
+            ("prediction top-k accuracy", "prediction_topk_acc")]
+    if res["regime"] == "scaled":
+        rows[0] = ("throughput (processed tok/s)", "throughput_tok_s")
+        rows.pop(1)
     print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}  ({res['host'].get('machine')}, "
           f"{res['host'].get('cpus')} cpus, torch {res['host'].get('torch')})")
-    if "stock" in modes:
-        print(f"stock = {res['stock_is']}")
+    if res.get("regime_detail"):
+        print(f"scaled regime: {res['regime_detail']}")
+    if base in ("stock", "static"):
+        print(f"{base} = {res['stock_is']}")
     w = 30
-    print(f"{'':<{w}}" + "".join(f"{n:>14}" for n in names) + ("     PROBE/stock" if len(names) == 2 else ""))
-    for label, key, unit in rows:
+    print(f"{'':<{w}}" + "".join(f"{n:>14}" for n in names) + (f"{'PROBE/' + base:>18}" if ratio else ""))
+    for label, key in rows:
         vals = [modes[n].get(key) for n in names]
         if all(v is None for v in vals):
             continue
-        line = f"{label:<{w}}" + "".join(f"{_fmt(v, unit):>14}" for v in vals)
-        if len(names) == 2 and all(isinstance(v, (int, float)) and v for v in vals) and key in (
+        line = f"{label:<{w}}" + "".join(f"{_fmt(v):>14}" for v in vals)
+        a, b = modes[base].get(key), modes.get("probe", {}).get(key)
+        if ratio and isinstance(a, (int, float)) and isinstance(b, (int, float)) and a and key in (
                 "throughput_tok_s", "processed_tok_s", "ttft_mean_s", "tpot_mean_s", "seconds"):
-            line += f"{vals[1] / vals[0]:>16.3f}"
+            line += f"{b / a:>18.3f}"
         print(line)
-    if "tokens_identical" in res:
+    if res.get("speedup") is not None:
+        print(f"{'static/PROBE time':<{w}}{res['speedup']:>14}   static/oracle {res.get('oracle_speedup')}   "
+              f"PROBE's share of the oracle's gain: {res.get('gain_fraction')}")
+    if res.get("tokens_identical") is not None:
         print(f"{'tokens identical':<{w}}{str(res['tokens_identical']):>14}"
-              + (f"   differing requests: {res['requests_differing'][:10]}" if res["requests_differing"] else ""))
+              + (f"   differing requests: {res['requests_differing'][:10]}" if res.get("requests_differing") else ""))
+    elif "outputs_max_abs_diff" in res:
+        print(f"{'outputs vs static, max |diff|':<{w}}{_fmt(max(res['outputs_max_abs_diff'].values())):>14}"
+              f"   (output scale {_fmt(res['outputs_scale'])})")
+
+
+def _show(path: str) -> str:
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if rel.startswith("..") else rel
+
+
+def run_scaled(a, opts, fields) -> dict:
+    """The scaled regime on EP gloo processes: every trace step in order, static / PROBE / oracle."""
+    from megatron_probe.config import ProbeConfig
+    from megatron_probe.data.traces import load_trace
+    from megatron_probe.data.workloads import Workload
+    from megatron_probe.integration.launch import run_distributed
+    from megatron_probe.integration.lookahead import default_predictor_path
+    from megatron_probe.integration.scaled_replay import serve_scaled_worker
+    from megatron_probe.integration.serving import summarise_scaled
+
+    wl = Workload.load(opts.workload)
+    if opts.ep < 2:
+        raise SystemExit(f"--regime scaled needs --expert-model-parallel-size >= 2 (got {opts.ep}): replication "
+                         "needs another rank")
+    trace = a.trace or os.path.join(ROOT, "traces", f"{wl.scenario}.pt")
+    if a.trace is None and not os.path.exists(trace):
+        import subprocess
+
+        print(f"recording {trace} (the model on {opts.workload}, every token's hidden states) ...", flush=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "record_traces.py"), "--workload", opts.workload,
+                        "--out", trace, "--checkpoint", opts.checkpoint, "--hidden-fraction", "1.0",
+                        "--prefill-chunk", str(opts.prefill_chunk), "--max-active", str(opts.kv_capacity)]
+                       + (["--max-steps", str(opts.max_steps)] if opts.max_steps else []), check=True)
+    tr = load_trace(trace)
+    if tr.extra.get("scenario") not in (None, wl.scenario):
+        raise SystemExit(f"trace {trace} was recorded on the {tr.extra['scenario']!r} workload, not {wl.scenario!r}")
+    pc = ProbeConfig(**fields)
+    pred = pc.predictor_state or default_predictor_path(opts.checkpoint)
+    sopts = dict(trace=trace, checkpoint=opts.checkpoint, predictor=pred if os.path.exists(pred) else None,
+                 predictor_hidden=pc.predictor_hidden, layers=a.scaled_layers, hidden=a.scaled_hidden_size,
+                 ffn=a.scaled_ffn_hidden_size, replica_slots=pc.replica_slots_per_rank,
+                 deadline_ms=pc.prefetch_deadline_ms, chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
+                 copy_charge="none" if a.scaled_copy_charge == "none" else "measured", seed=opts.seed,
+                 max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress)
+    out = os.path.join(tempfile.mkdtemp(prefix="probe_scaled_"), "rows.json")
+    run_distributed(serve_scaled_worker, opts.ep, sopts, out, backend="gloo")
+    with open(out) as f:
+        raw = json.load(f)
+    label = (f"experts {a.scaled_hidden_size}x{a.scaled_ffn_hidden_size} (random weights), {a.scaled_layers} MoE "
+             f"layers, routing and forecasts replayed from {_show(trace)}, at most "
+             f"{a.scaled_max_tokens} tokens per rank per step; step time = the MoE stack's")
+    res = summarise_scaled(raw, wl, opts.ep, int(tr.extra.get("prefill_chunk", opts.prefill_chunk)),
+                           int(tr.extra.get("max_active", opts.kv_capacity)), label)
+    res["workload_path"] = opts.workload
+    return res
 
 
 def main(argv=None) -> int:
@@ -229,9 +299,7 @@ def main(argv=None) -> int:
     from megatron_probe.integration.launch import run_distributed, under_torchrun
 
     if a.regime == "scaled":
-        from megatron_probe.integration.scaled_replay import run_scaled
-
-        res = run_scaled(a, opts)
+        res = run_scaled(a, opts, fields)
     else:
         from megatron_probe.integration.serving import serve_worker
 

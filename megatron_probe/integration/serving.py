@@ -45,6 +45,7 @@ class ServeOptions:
     seed: int = 1234
     progress: bool = True
     metrics_path: Optional[str] = None  # per-step JSON lines
+    cost_model: str = "measured"  # planner's expert/copy cost: measured here, or the hardware profile
     expect: Dict = field(default_factory=dict)  # model-shape flags to check against the checkpoint
 
 
@@ -106,7 +107,10 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         if os.path.exists(path):
             probe_fields["predictor_state"] = path
     probe_cfg = ProbeConfig(**probe_fields)
+    from megatron_probe.integration.recorder import moe_layers as pipes_layers
+
     models, engines, pipes = {}, {}, {}
+    calibration = {}
     for mode in opts.modes:
         model, tok, cfg = _build(mode, opts, rank, ws, probe_cfg)
         if device == "cuda":
@@ -116,7 +120,21 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         engines[mode] = ContinuousBatchingEngine(model, reqs, cfg.seq_length, opts.kv_capacity, opts.prefill_chunk,
                                                  tok.token_to_id("<|endoftext|>"), group, name=mode)
         if mode == "probe":
-            pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group)
+            cost = None
+            if opts.cost_model == "measured":
+                from megatron_probe.integration.calibration import measure_expert_cost
+
+                layer0 = pipes_layers(model)[0]
+                cost = measure_expert_cost(layer0.config, layer0.expert_bank, group, ws)
+            pipe = pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost)
+            if opts.cost_model == "measured" and ws > 1 and not probe_fields.get("copy_charge_us"):
+                from megatron_probe.integration.calibration import measure_copy_us
+
+                copy_us = measure_copy_us(pipe, pipes_layers(model)[0].expert_bank, rank, group)
+                pipe.cfg = pipe.cfg.replace(copy_charge_us=copy_us)
+            calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.cfg.copy_charge_us, 1),
+                           "expert_cost_us": {"per_token": round(pipe.cost.per_token_us, 3),
+                                              "per_active_expert": round(pipe.cost.per_active_expert_us, 2)}}
     rows: List[Dict] = []
     live = list(opts.modes)
     step = 0
@@ -158,7 +176,8 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
                                         for mode, e in engines.items()},
              "pipeline": {m: p.summary() for m, p in pipes.items()},
              "prediction": {m: (p.runtime.metrics() if p.runtime is not None else {}) for m, p in pipes.items()},
-             "unfinished": {m: len(e.queue) + len(e.active) for m, e in engines.items()}}
+             "unfinished": {m: len(e.queue) + len(e.active) for m, e in engines.items()},
+             "calibration": calibration}
     for p in pipes.values():
         p.close()
     gathered = [None] * ws if rank == 0 else None
@@ -256,7 +275,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
             if glob.get("mean_rank_load_err") is not None:
                 out["prediction_rank_load_err"] = glob["mean_rank_load_err"]
         modes[m] = out
-    res = {"regime": "model", "workload": wl.scenario, "workload_path": opts.workload, "ep": ws,
+    res = {"regime": "model", "calibration": gathered[0].get("calibration", {}), "workload": wl.scenario, "workload_path": opts.workload, "ep": ws,
            "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(ws),
            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("expect",)},
            "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -307,3 +326,87 @@ def _host() -> Dict:
     except Exception:  # version attribute missing in some builds
         pass
     return d
+
+
+# ---------------------------------------------------------------------------- scaled regime
+SCALED_MODES = ("static", "probe", "oracle")
+
+
+def summarise_scaled(raw: Dict, wl, ws: int, prefill_chunk: int, max_active: int, label: str) -> Dict:
+    """Result dict of a scaled replay (rows from ``scaled_replay.serve_scaled_worker``). Step
+    time is the MoE stack's (the part PROBE changes); TTFT and TPOT follow the workload's
+    continuous-batching schedule (the one the trace was recorded with) on those step times."""
+    from megatron_probe.data.workloads import schedule_steps
+
+    rows = raw["rows"]
+    n_steps = 1 + max((r["step"] for r in rows), default=-1)
+    schedule = schedule_steps(wl, prefill_chunk, max_active)
+    first, last = {}, {}
+    prompt = {q.id: q.prompt_tokens for q in wl.requests}
+    for sw in schedule[:n_steps]:
+        for rid, _, end in sw.chunks:
+            if end >= prompt[rid] and rid not in first:
+                first[rid] = sw.step
+            last[rid] = sw.step
+    done = {q.id: q for q in wl.requests if q.id in first and last[q.id] < n_steps and
+            (q.output_tokens == 1 or last[q.id] > first[q.id]) and
+            sum(e - s for sw in schedule[:n_steps] for r, s, e in sw.chunks if r == q.id)
+            == q.prompt_tokens + q.output_tokens - 1}
+    modes = {}
+    for m in SCALED_MODES:
+        mine = sorted((r for r in rows if r["mode"] == m), key=lambda r: r["step"])
+        secs = [r["seconds"] for r in mine]
+        cum = [0.0]
+        for s in secs:
+            cum.append(cum[-1] + s)
+        ttft = [cum[first[i] + 1] - cum[q.arrival_step] for i, q in done.items() if q.arrival_step < len(cum)]
+        tpot = [(cum[last[i] + 1] - cum[first[i] + 1]) / (q.output_tokens - 1) for i, q in done.items()
+                if q.output_tokens > 1]
+        total = sum(secs)
+        tokens = sum(r["tokens"] for r in mine)
+        out = {"steps": len(mine), "seconds": round(total, 4), "processed_tokens": tokens,
+               "throughput_tok_s": round(tokens / total, 3) if total else None,
+               "processed_tok_s": round(tokens / total, 3) if total else None,
+               "ttft_mean_s": _round(_mean(ttft)), "ttft_p90_s": _round(_pct(ttft, 0.9)),
+               "tpot_mean_s": _round(_mean(tpot)), "requests_finished": len(done)}
+        irs = [r for r in mine if "ir_before" in r]
+        if irs:
+            out["ir_before"] = round(sum(r["ir_before"] for r in irs) / len(irs), 4)
+            out["ir_after"] = round(sum(r["ir_after"] for r in irs) / len(irs), 4)
+            nl = len(irs[0]["ir_layers_before"])
+            out["ir_before_per_layer"] = [round(sum(r["ir_layers_before"][i] for r in irs) / len(irs), 4)
+                                          for i in range(nl)]
+            out["ir_after_per_layer"] = [round(sum(r["ir_layers_after"][i] for r in irs) / len(irs), 4)
+                                         for i in range(nl)]
+        if m == "probe":
+            wait = sum(r.get("wait_ms", 0.0) for r in mine) / 1e3
+            out.update(copies=sum(r.get("copies", 0) for r in mine), dropped=sum(r.get("dropped", 0) for r in mine),
+                       exposed_wait_s=round(wait, 4), exposed_wait_fraction=round(wait / total, 4) if total else None,
+                       prediction_topk_acc=round(raw["info"]["forecast_topk_acc"], 4))
+        modes[m] = out
+    # the static run sees the same batches and routing: its IR is PROBE's IR before balancing
+    if "ir_before" in modes["probe"]:
+        modes["static"]["ir_before"] = modes["static"]["ir_after"] = modes["probe"]["ir_before"]
+        modes["static"]["ir_before_per_layer"] = modes["static"]["ir_after_per_layer"] = \
+            modes["probe"]["ir_before_per_layer"]
+    st, pr, orc = (modes[m]["seconds"] for m in SCALED_MODES)
+    res = {"regime": "scaled", "regime_detail": label, "workload": wl.scenario, "ep": ws, "modes": modes,
+           "stock_is": "static: Megatron placement (each rank its E/ep experts), same PROBE layer with the pipeline off",
+           "tokens_identical": None,
+           "tokens_note": "the scaled regime generates no tokens (random expert weights); placement-equivalence "
+                          "of the outputs is in outputs_max_abs_diff",
+           "outputs_max_abs_diff": raw["info"]["max_abs_diff_vs_static"], "outputs_scale": raw["info"]["output_scale"],
+           "throughput_ratio": _ratio(modes["probe"]["throughput_tok_s"], modes["static"]["throughput_tok_s"]),
+           "ttft_ratio": _ratio(modes["probe"]["ttft_mean_s"], modes["static"]["ttft_mean_s"]),
+           "tpot_ratio": _ratio(modes["probe"]["tpot_mean_s"], modes["static"]["tpot_mean_s"]),
+           "speedup": _ratio(st, pr), "oracle_speedup": _ratio(st, orc),
+           "gain_fraction": round((st - pr) / (st - orc), 4) if st > orc else None,
+           "copy_charge_us": round(raw["info"]["copy_charge_us"], 1), "expert_cost_us": raw["info"]["expert_cost_us"],
+           "replica_memory_mib": round(raw["info"]["replica_memory_mib"], 1),
+           "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if wl.extra.get("shift_step") is not None:
+        res["shift_step"] = wl.extra["shift_step"]
+    res["per_step"] = {m: [{k: v for k, v in r.items() if k not in ("mode", "ir_layers_before", "ir_layers_after")}
+                           for r in sorted((r for r in rows if r["mode"] == m), key=lambda r: r["step"])]
+                       for m in SCALED_MODES}
+    return res
