@@ -15,8 +15,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# the shift workload served at EP 2 on CPU (gloo), stock and PROBE side by side: the table,
+# the JSON and the plots land in demo-out/ (about 3-5 minutes on 2 cores)
 demo: $(STAMP)
-	$(PY) tools/check_equivalence.py --ep 2 --experts 8 --topk 2 --replica-slots 2 --trials 8
+	$(PY) tools/run_probe_inference.py --compare --workload shift --expert-model-parallel-size 2 \
+		--json demo-out/shift_ep2.json --plots-dir demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

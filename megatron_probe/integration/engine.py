@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_probe.mechanism.profiling import nvtx_range
+from megatron_probe.mechanism.profiling import nvtx_pop, nvtx_push, nvtx_range
 
 
 @dataclass
@@ -279,17 +279,24 @@ class ContinuousBatchingEngine:
 
 
 class _packed_attention:
-    """Swap every self-attention of the model for :class:`PackedSelfAttention` for one forward
-    (and restore it, so the model is unchanged outside the engine's steps)."""
+    """For one forward: swap every self-attention of the model for :class:`PackedSelfAttention`
+    and bracket every transformer layer with an NVTX range ``layer<i>`` (both undone after, so
+    the model is unchanged outside the engine's steps)."""
 
     def __init__(self, model, engine):
         self.layers, self.engine = list(model.decoder.layers), engine
+        self.handles = []
 
     def __enter__(self):
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             layer.self_attention = PackedSelfAttention(layer.self_attention, self.engine)
+            self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: nvtx_push(f"layer{i}")))
+            self.handles.append(layer.register_forward_hook(lambda m, a, o: nvtx_pop()))
 
     def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
         for layer in self.layers:
             layer.self_attention = layer.self_attention.inner
 

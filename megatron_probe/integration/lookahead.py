@@ -26,6 +26,7 @@ from megatron_probe.config import ProbeConfig
 from megatron_probe.integration.recorder import layer_holding, moe_layers
 from megatron_probe.mechanism.comm import group_size
 from megatron_probe.mechanism.count_exchange import PendingCounts, gather_counts_async
+from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.distill import OnlineDistiller
 from megatron_probe.policy.prediction_metrics import PredictionStats
 from megatron_probe.policy.predictor import PredictorSet, RouterSpec, expert_counts, select_topk
@@ -140,8 +141,10 @@ class LookaheadRuntime:
         if self._side is not None:
             torch.cuda.current_stream().wait_stream(self._side)  # last online update finished
         pred = self.predictors[layer]
-        ids = pred.predict_topk(h, k=min(2 * self.spec.topk, self.spec.num_experts) if self.collect_metrics else None)
-        counts = expert_counts(ids[:, : self.spec.topk], self.spec.num_experts)
+        with nvtx_range("predict"):
+            ids = pred.predict_topk(h, k=min(2 * self.spec.topk, self.spec.num_experts) if self.collect_metrics
+                                    else None)
+            counts = expert_counts(ids[:, : self.spec.topk], self.spec.num_experts)
         stale = self._pending.pop(layer, None)
         if stale is not None:
             stale.wait()  # a forecast nobody consumed: finish its collective before issuing the next
@@ -194,14 +197,20 @@ class LookaheadRuntime:
             self._stats = {"local": PredictionStats(ep=1, topk=self.spec.topk),
                            "global": PredictionStats(ep=ep, topk=self.spec.topk)}
         stats = self._stats
+        E = self.spec.num_experts
+        # every layer's true counts in ONE all-gather (every rank has the same records in the
+        # same order: each ran every layer), not one per layer
+        gathered = [rec for rec in self._step_records if rec["pending"] is not None]
+        true_all = (gather_counts_async(torch.cat([rec["true_counts"] for rec in gathered]), self.ep_group).wait()
+                    if gathered else None)
         for rec in self._step_records:
             L = rec["layer"]
             stats["local"].add_tokens(L, rec["true_ids"].cpu(), rec["pred_topk"].cpu(), rec["pred_top2k"].cpu())
-            local_pred = expert_counts(rec["pred_topk"], self.spec.num_experts)
+            local_pred = expert_counts(rec["pred_topk"], E)
             stats["local"].add_counts(L, rec["true_counts"].cpu(), local_pred.cpu())
-            if rec["pending"] is not None:
-                true_all = gather_counts_async(rec["true_counts"], self.ep_group).wait()
-                stats["global"].add_counts(L, true_all.sum(0).cpu(), rec["pending"].wait().sum(0).cpu())
+        for i, rec in enumerate(gathered):
+            stats["global"].add_counts(rec["layer"], true_all[:, i * E:(i + 1) * E].sum(0).cpu(),
+                                       rec["pending"].wait().sum(0).cpu())
         self._step_records.clear()
 
     def metrics(self) -> Dict:

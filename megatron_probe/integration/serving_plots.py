@@ -115,7 +115,13 @@ def log_to_wandb(res: Dict, project: str, run_dir: str, mode: str = "offline") -
     for k in ("throughput_ratio", "ttft_ratio", "tpot_ratio", "tokens_identical", "speedup", "gain_fraction"):
         if res.get(k) is not None:
             summary[k] = res[k]
-    logger.summary(summary)
-    for path in res.get("plots", []):
-        logger.image(os.path.splitext(os.path.basename(path))[0], path)
-    return logger.finish()
+    if logger.run is not None:
+        import wandb
+
+        logger.run.summary.update(summary)
+        images = {os.path.splitext(os.path.basename(p))[0]: wandb.Image(p) for p in res.get("plots", [])}
+        if images:
+            logger.log(images)
+    path = logger.run_path
+    logger.finish()
+    return path

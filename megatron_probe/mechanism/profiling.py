@@ -23,3 +23,14 @@ def nvtx_range(name: str):
     if _nvtx is None:
         return contextlib.nullcontext()
     return _nvtx.annotate(f"probe.{name}", color=_COLORS.get(name, "white"), domain="megatron_probe")
+
+
+def nvtx_push(name: str) -> None:
+    """Open a range closed by :func:`nvtx_pop` (for module hooks, where no ``with`` fits)."""
+    if _nvtx is not None:
+        _nvtx.push_range(f"probe.{name}", color=_COLORS.get(name, "white"), domain="megatron_probe")
+
+
+def nvtx_pop() -> None:
+    if _nvtx is not None:
+        _nvtx.pop_range(domain="megatron_probe")
