@@ -1,0 +1,107 @@
+"""Run policies over a workload of per-step, per-layer counts and time every layer.
+
+``counts [steps, L_sim, ep, E]``: the simulated layers stand for the model's ``moe_layers`` (each
+a sample of them: step time = sum of the simulated layers' times x ``moe_layers / L_sim``).
+
+Per layer and policy (see :mod:`megatron_probe.sim.policies` for the policies):
+
+* split-phase transfers (``probe``, ``ours``, ``ours-noplan``): the window is the previous
+  layer's expert phase (same policy, same step; the last layer of the previous step for layer 0;
+  the estimate ``transfer_window_us`` at the very first layer) plus this layer's attention;
+  ``exposed = max(0, max_r T_trans_r - window)``; ``probe``'s SM-based copy slows the expert
+  GEMMs of a rank by ``copy_sm_fraction x min(T_trans_r, window)``.
+* naive overlap (``ours-naive``): copies start with the previous layer's dispatch and share the
+  links with both All-to-Alls; while they collide, the All-to-All is delayed by as long as the
+  copy runs beside it (the link is shared), and the rest of the copy that does not fit before
+  this layer's dispatch is exposed.
+* EPLB: the new copies of a rebalance, per rank summed over every layer of the model, charged
+  to the next ``eplb_spread_steps`` steps in equal parts.
+
+Results: per policy the step times (us), and means over steps x layers of IR (max/mean tokens
+per rank), compute max/mean, exposed transfer time and copies per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from megatron_probe.policy.cost_model import transfer_window_us
+from megatron_probe.sim.error_model import noisy_forecast
+from megatron_probe.sim.layer import attention_us, layer_time, tokens_per_rank
+from megatron_probe.sim.policies import Policies, SimConfig, budgets
+
+
+def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], forecast: Optional[torch.Tensor] = None,
+             keep_layers: bool = False) -> Dict:
+    """Simulate ``policies`` on ``counts``. ``forecast`` (same shape) replaces the error model's
+    forecast when given."""
+    steps, Ls, ep, E = counts.shape
+    shape = cfg.model.shape
+    if ep != cfg.topo.ep or E != shape.num_experts:
+        raise ValueError(f"counts [.., {ep}, {E}] do not match ep={cfg.topo.ep}, experts={shape.num_experts}")
+    names = tuple(policies)
+    scale = cfg.model.moe_layers / Ls
+    tok_rank = max(1, int(round(float(tokens_per_rank(counts[0, 0], shape.topk).mean()))))
+    w_est = transfer_window_us(cfg.hw, shape, tok_rank, cfg.context, ep)
+    b_probe, b_ours = budgets(cfg, w_est)
+    pol = Policies(cfg, Ls, names, b_probe, b_ours)
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    step_us = {n: [0.0] * steps for n in names}
+    acc = {n: {"ir": 0.0, "ir_comp": 0.0, "exposed_us": 0.0, "copies": 0.0, "attn_us": 0.0, "dispatch_us": 0.0,
+               "comp_us": 0.0, "combine_us": 0.0, "a2a_extra_us": 0.0} for n in names}
+    prev = {n: None for n in names}  # previous layer's timing (for windows)
+    per_layer = {n: [] for n in names} if keep_layers else None
+    for s in range(steps):
+        eplb_in = torch.zeros(ep, dtype=torch.float64)
+        for l in range(Ls):
+            C = counts[s, l]
+            P = forecast[s, l] if forecast is not None else noisy_forecast(C, cfg.sigma, gen)
+            pol.new_layer()
+            attn = attention_us(cfg.hw, shape, tokens_per_rank(C, shape.topk), cfg.context)
+            for n in names:
+                pv = prev[n]
+                prev_comp = pv["comp_us"] if pv else w_est - attn
+                window = prev_comp + attn
+                plan = pol.plan(n, l, C, P, window)
+                trans = pol.transfer(plan)
+                exposed, a2a_extra, comp_extra = 0.0, 0.0, None
+                if plan.mode == "split":
+                    exposed = max(0.0, float(trans.max()) - window)
+                    if plan.sm_copy and cfg.copy_sm_fraction > 0:
+                        comp_extra = cfg.copy_sm_fraction * torch.clamp(trans, max=window)
+                elif plan.mode == "naive":
+                    t = float(trans.max())
+                    d_prev = pv["dispatch_us"] if pv else 0.0
+                    c_prev = pv["combine_us"] if pv else 0.0
+                    a2a_extra = min(t, d_prev) + min(max(0.0, t - d_prev - prev_comp), c_prev)
+                    exposed = max(0.0, t - (d_prev + prev_comp + c_prev + attn))
+                elif plan.mode == "eplb":
+                    eplb_in += trans
+                r = layer_time(cfg.hw, shape, cfg.topo, pol.cost, C, plan.assign, cfg.context, exposed, a2a_extra,
+                               comp_extra)
+                prev[n] = r
+                step_us[n][s] += r["total_us"] * scale
+                a = acc[n]
+                for k in ("ir", "ir_comp", "exposed_us", "attn_us", "dispatch_us", "comp_us", "combine_us",
+                          "a2a_extra_us"):
+                    a[k] += r[k]
+                a["copies"] += plan.copies
+                if keep_layers:
+                    per_layer[n].append(dict(step=s, layer=l, copies=plan.copies, **r))
+        if "eplb" in names and float(eplb_in.max()) > 0:
+            charge = float(eplb_in.max()) * scale / cfg.eplb_spread_steps
+            for j in range(s + 1, min(steps, s + 1 + cfg.eplb_spread_steps)):
+                step_us["eplb"][j] += charge
+    n_lay = steps * Ls
+    out = {"policies": {}, "budget_probe": b_probe, "budget_ours": b_ours, "window_est_us": round(w_est, 1),
+           "tokens_per_rank": tok_rank, "layer_scale": scale}
+    for n in names:
+        a = acc[n]
+        out["policies"][n] = {
+            "step_us": step_us[n], "mean_step_us": sum(step_us[n]) / steps,
+            **{k: a[k] / n_lay for k in a}}
+    if keep_layers:
+        out["layers"] = per_layer
+    return out

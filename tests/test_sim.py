@@ -1,0 +1,230 @@
+"""The cluster simulator: hand-computed small cases, estimates against exact paths, policies,
+error model, workloads and the tool (megatron_probe/sim, tools/simulate.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_probe.policy.cost_model import ExpertCost, HardwareProfile, ModelShape, attention_time_us
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_assignment
+from megatron_probe.policy.planner import static_assignment
+from megatron_probe.sim.error_model import fit_sigma, forecast_errors, measured_predictor_error, noisy_forecast
+from megatron_probe.sim.layer import Topology, a2a_us, exact_unique_tokens, layer_time, transfer_us, unique_tokens
+from megatron_probe.sim.models import MODELS, ModelPreset
+from megatron_probe.sim.policies import Policies, SimConfig, drop_late
+from megatron_probe.sim.simulator import simulate
+from megatron_probe.sim.workload import layer_map, make_counts, static_ir, trace_heat
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "traces"))
+
+# Hand case: 2 ranks, 4 experts (0,1 on rank 0; 2,3 on rank 1), top-2, 3 tokens per rank.
+# rank 0 tokens: (0,1) (0,2) (0,1); rank 1 tokens: (0,3) (1,2) (0,1)
+ROUTES = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3], [1, 2], [0, 1]])
+SRC = torch.tensor([0, 0, 0, 1, 1, 1])
+COUNTS = torch.tensor([[3, 2, 1, 0], [2, 2, 1, 1]])
+HW = HardwareProfile("hand", peak_tflops=1.0, hbm_gbps=1000.0, nvlink_gbps=1.0, ib_gbps=0.5, gpus_per_node=2,
+                     gemm_eta_max=1.0, gemm_n_half=10.0, a2a_latency_us=1.0)
+SHAPE = ModelShape(hidden=500, expert_hidden=100, num_experts=4, topk=2)
+COST = ExpertCost(per_token_us=1.0, per_active_expert_us=10.0)
+
+
+def test_hand_case_counts_match_routes():
+    c = torch.zeros(2, 4, dtype=torch.long)
+    for (a, b), s in zip(ROUTES.tolist(), SRC.tolist()):
+        c[s, a] += 1
+        c[s, b] += 1
+    assert torch.equal(c, COUNTS)
+
+
+def test_exact_volumes_by_hand():
+    # rank 0 sends one token ((0,2) to rank 1); rank 1 sends three, (0,1) once though two experts
+    send, recv = exact_unique_tokens(ROUTES // 2, SRC, 2)
+    assert send.tolist() == [1.0, 3.0] and recv.tolist() == [3.0, 1.0]
+
+
+def test_unique_token_estimate_by_hand():
+    u = unique_tokens(static_assignment(COUNTS, ExpertLayout(4, 2, 0)), COUNTS.sum(1) / 2, 2)
+    # 0 -> 1: 1 pair of 6 choices, 3 (1 - (5/6)^2) = 0.9167; 1 -> 0: 4 pairs, 3 (1 - (1/3)^2) = 2.6667
+    assert u[0, 1].item() == pytest.approx(3 * (1 - (5 / 6) ** 2))
+    assert u[1, 0].item() == pytest.approx(3 * (1 - (1 / 3) ** 2))
+    assert u[0, 0] == 0 and u[1, 1] == 0
+
+
+def test_unique_token_estimate_close_to_exact_on_random_routing():
+    gen = torch.Generator().manual_seed(0)
+    ep, E, K, T = 4, 32, 4, 2000
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(ep * T)])
+    src = torch.arange(ep).repeat_interleave(T)
+    counts = torch.zeros(ep, E, dtype=torch.long)
+    counts.index_put_((src.unsqueeze(1).expand_as(ids), ids), torch.ones_like(ids), accumulate=True)
+    send, recv = exact_unique_tokens(ids // (E // ep), src, ep)
+    u = unique_tokens(static_assignment(counts, ExpertLayout(E, ep, 0)), counts.sum(1) / K, K)
+    pairs = static_assignment(counts, ExpertLayout(E, ep, 0)).sum(1).double()
+    pairs.fill_diagonal_(0)
+    assert float(pairs.sum()) > float(send.sum()) * 1.1  # de-duplication matters here
+    assert torch.allclose(u.sum(1), send, rtol=0.05) and torch.allclose(u.sum(0), recv, rtol=0.05)
+
+
+def test_a2a_link_classes_by_hand():
+    u = torch.tensor([[0.0, 1.0], [3.0, 0.0]])
+    # one node: NVLink 1 GB/s, worst rank moves 3 tokens x 1000 bytes: 1 us latency + 3 us
+    assert a2a_us(HW, Topology(1, 2), u, 1000.0) == pytest.approx(4.0)
+    # two nodes of one GPU: InfiniBand 0.5 GB/s: 1 + 6 us
+    assert a2a_us(HW, Topology(2, 1), u, 1000.0) == pytest.approx(7.0)
+
+
+def test_layer_time_by_hand():
+    assign = static_assignment(COUNTS, ExpertLayout(4, 2, 0))
+    r = layer_time(HW, SHAPE, Topology(1, 2), COST, COUNTS, assign, context=4)
+    # attention of 3 tokens: 3 (8 * 500^2 + 4 * 500 * 4) FLOPs at 1 TFLOP/s = 6.024 us (> 2.024 us of reads)
+    assert r["attn_us"] == pytest.approx(6.024)
+    assert r["attn_us"] == pytest.approx(attention_time_us(HW, SHAPE, 3, 4))
+    # rank 0 computes experts 0,1: 5 + 4 = 9 tokens, 2 active -> 29 us; rank 1: 3 tokens, 2 active -> 23 us
+    assert r["comp_us"] == pytest.approx(29.0) and r["comp_mean_us"] == pytest.approx(26.0)
+    a2a = 1.0 + 3 * (1 - (1 / 3) ** 2) * 1000 / 1e9 * 1e6
+    assert r["dispatch_us"] == pytest.approx(a2a) and r["combine_us"] == pytest.approx(a2a)
+    assert r["total_us"] == pytest.approx(6.024 + 2 * a2a + 29.0)
+    assert r["ir"] == pytest.approx(9 / 6)
+
+
+def test_transfer_time_and_late_copies_by_hand():
+    lay = ExpertLayout(4, 2, 1)
+    pl = torch.tensor([[EMPTY_SLOT], [0]])  # rank 1 holds a copy of expert 0 (home rank 0)
+    # expert bytes 3 * 500 * 100 * 2 = 300 kB: 300 us over NVLink at 1 GB/s, 600 us over IB at 0.5
+    assert transfer_us(HW, SHAPE, Topology(1, 2), pl, lay).tolist() == pytest.approx([300.0, 300.0])
+    assert transfer_us(HW, SHAPE, Topology(2, 1), pl, lay).tolist() == pytest.approx([600.0, 600.0])
+    assert transfer_us(HW, SHAPE, Topology(1, 2), pl, lay, link="ib").tolist() == pytest.approx([600.0, 600.0])
+    model = ModelPreset("hand", 1, SHAPE, "test")
+    for topo, kept in ((Topology(1, 2), True), (Topology(2, 1), False)):
+        out = drop_late(pl, lay, SimConfig(HW, model, topo), window_us=400.0)
+        assert (int(out[1, 0]) == 0) == kept
+
+
+def _skewed_counts(steps=4, layers=2, ep=4, E=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.tensor([8.0, 6.0] + [1.0] * (E - 2))
+    return torch.stack([torch.stack([torch.stack([torch.multinomial(p, 400, replacement=True, generator=gen)
+                                                  .bincount(minlength=E) for _ in range(ep)])
+                                     for _ in range(layers)]) for _ in range(steps)])
+
+
+def _cfg(ep=4, E=16, **kw):
+    hw = HardwareProfile("t", 100.0, 2000.0, 200.0, 20.0, gpus_per_node=ep, a2a_latency_us=5.0)
+    model = ModelPreset("t", 4, ModelShape(hidden=1024, expert_hidden=512, num_experts=E, topk=2), "test")
+    return SimConfig(hw, model, Topology(1, ep), context=256, **kw)
+
+
+def test_policies_balance_and_never_lose_tokens():
+    counts = _skewed_counts()
+    cfg = _cfg()
+    pol = Policies(cfg, 2, ("static", "probe", "ours", "oracle"), 3, 3)
+    for name in ("static", "probe", "ours", "oracle", "ours-noplan"):
+        plan = pol.plan(name, 0, counts[0, 0], noisy_forecast(counts[0, 0], 0.2, torch.Generator()), 1e9)
+        pl = plan.placement if plan.placement is not None else torch.full((4, 3), EMPTY_SLOT)
+        if name == "oracle":
+            continue  # its placement is internal; its assignment is checked through the IR below
+        lay = ExpertLayout(16, 4, pl.shape[1])
+        validate_assignment(plan.assign, counts[0, 0], pl, lay)
+    r = simulate(counts, cfg, ("static", "probe", "ours", "oracle"))
+    p = r["policies"]
+    assert p["static"]["ir"] > 1.5
+    assert p["ours"]["ir"] < p["static"]["ir"] - 0.3 and p["oracle"]["ir"] <= p["ours"]["ir"] + 1e-9
+    assert p["ours"]["mean_step_us"] < p["static"]["mean_step_us"]
+    assert p["oracle"]["mean_step_us"] <= p["ours"]["mean_step_us"] + 1e-6
+
+
+def test_probe_exposes_a_transfer_that_misses_the_window_and_ours_drops_it(monkeypatch):
+    counts = _skewed_counts(steps=2, layers=2)
+    cfg = _cfg()
+    cfg = SimConfig(cfg.hw, cfg.model, cfg.topo, context=cfg.context, transfer_link="ib", sigma=0.0)
+    # force a budget of 3 copies although IB copies (3 x 1 MiB x 3 / 20 GB/s = 157 us each) miss a ~60 us window
+    from megatron_probe.sim import simulator
+
+    monkeypatch.setattr(simulator, "budgets", lambda c, w: (3, 3))
+    r = simulate(counts, cfg, ("static", "probe", "ours", "ours-naive"))
+    p = r["policies"]
+    assert p["probe"]["exposed_us"] > 0 and p["probe"]["copies"] > 0
+    assert p["ours"]["exposed_us"] == 0 and p["ours"]["copies"] < p["probe"]["copies"]
+    assert p["ours-naive"]["a2a_extra_us"] > 0 and p["ours"]["a2a_extra_us"] == 0
+
+
+def test_eplb_warms_up_then_charges_its_rebalance_over_two_steps():
+    counts = _skewed_counts(steps=6, layers=2)
+    cfg = SimConfig(**{**_cfg().__dict__, "eplb_period": 2, "eplb_window": 2})
+    r = simulate(counts, cfg, ("eplb",), keep_layers=True)
+    scale = r["layer_scale"]
+    layer_sum = [0.0] * 6
+    for row in r["layers"]["eplb"]:
+        layer_sum[row["step"]] += row["total_us"] * scale
+    extra = [s - t for s, t in zip(r["policies"]["eplb"]["step_us"], layer_sum)]
+    copies = [0] * 6
+    for row in r["layers"]["eplb"]:
+        copies[row["step"]] += row["copies"]
+    assert copies[0] == copies[1] == 0 and copies[2] > 0  # warm-up: no replica before the first period
+    assert extra[0] == extra[1] == extra[2] == pytest.approx(0.0)
+    assert extra[3] > 0 and extra[3] == pytest.approx(extra[4])  # spread over the next 2 steps
+
+
+def test_error_model_fits_the_target_and_reads_the_measured_file():
+    meas = measured_predictor_error()
+    assert meas["file"] == os.path.join("results", "predictor", "eval_shift_ep8.json")
+    assert 0 < meas["rank_load_err"] < 1 and meas["ep"] == 8
+    counts = _skewed_counts(steps=6, layers=1, ep=8).flatten(0, 1)
+    assert torch.equal(noisy_forecast(counts[0], 0.0, torch.Generator()), counts[0])
+    sigma = fit_sigma(counts, 0.05, ep=8)
+    assert forecast_errors(counts, sigma, 8)["rank_load_err"] == pytest.approx(0.05, rel=0.05)
+    assert forecast_errors(counts, 2 * sigma, 8)["rank_load_err"] > 0.05
+
+
+def test_model_presets_match_the_published_shapes():
+    # expert sizes as in notes/peers.md: GPT-OSS BF16 49.8 MB, Qwen3-235B BF16 37.7 MB, DeepSeek-V3 FP8 44 MB
+    mb = {k: m.shape.expert_bytes / 1e6 for k, m in MODELS.items()}
+    assert mb["gpt-oss-120b"] == pytest.approx(49.8, abs=0.05)
+    assert mb["qwen3-235b-a22b"] == pytest.approx(37.7, abs=0.05)
+    assert mb["deepseek-v3"] == pytest.approx(44.0, abs=0.1)
+    assert [(m.moe_layers, m.shape.num_experts, m.shape.topk) for m in MODELS.values()] == [
+        (36, 128, 4), (94, 128, 8), (58, 256, 8)]
+
+
+def test_workload_generator_shapes_and_layer_map():
+    assert layer_map(36, 4, 48) == [(0, 0), (12, 16), (23, 30), (35, 46)]
+    heat = torch.rand(6, 16) * 100
+    c = make_counts(heat.long(), [0, 3], topk=2, steps=3, tokens_per_rank=64, ep=4, alpha=0.5,
+                    requests_per_rank=2).counts
+    assert c.shape == (3, 2, 4, 16)
+    assert (c.sum(-1) == 64 * 2).all()  # every rank routes tokens x k pairs
+    assert static_ir(c) >= 1.0
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/traces not present")
+def test_trace_heat_folds_experts():
+    path = os.path.join(SHARED, "mbolt", "coactivation_qwen3-next-80b-a3b.json")
+    full, _ = trace_heat(path, 512)
+    folded, label = trace_heat(path, 256)
+    assert folded.shape == (full.shape[0], 256) and torch.equal(folded.sum(1), full.sum(1))
+    assert "512 -> 256" in label and "MIT" in label
+    with pytest.raises(ValueError):
+        trace_heat(path, 384)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/traces not present")
+def test_simulate_cli_small(tmp_path):
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "simulate.py"), "--preset", "paper-gpt-oss", "--sim-layers", "2",
+           "--decode-batches", "64", "--decode-steps", "6", "--switch-step", "3", "--prefill-chunks", "256",
+           "--prefill-steps", "1", "--ablation-steps", "3", "--skip", "repeat", "--multinode", "2",
+           "--multinode-steps", "2", "--json", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "SIMULATION" in p.stdout
+    res = json.loads(out.read_text())
+    for k in ("prefill_speedup_vs_static", "decode_speedup_vs_eplb", "ir_static", "ir_probe"):
+        assert isinstance(res[k], float), k
+    assert res["label"].startswith("SIMULATION") and "GENERATED" in res["data"]
+    assert res["ir_static"] > res["ir_probe"]
+    assert set(res["multinode"]["2"]) == {"decode", "prefill"}
