@@ -228,3 +228,18 @@ def test_simulate_cli_small(tmp_path):
     assert res["label"].startswith("SIMULATION") and "GENERATED" in res["data"]
     assert res["ir_static"] > res["ir_probe"]
     assert set(res["multinode"]["2"]) == {"decode", "prefill"}
+
+
+def test_validate_sim_times_a_bench_layer_like_the_hand_case():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_sim", os.path.join(ROOT, "tools", "validate_sim.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    bench = {"ep": 2, "replica_slots": 1, "expert_cost_us": {"per_token": 1.0, "per_active_expert": 10.0},
+             "copy_charge_us": 1e6}
+    t = mod.simulate_bench(bench, [[COUNTS]], HW, SHAPE)
+    a2a = 1.0 + 3 * (1 - (1 / 3) ** 2) * 1000 / 1e9 * 1e6
+    assert t["static"] == [pytest.approx((2 * a2a + 29.0) / 1e3)]  # no attention: the bench blocks are MoE only
+    assert t["oracle"][0] <= t["static"][0]
+    assert t["probe_plan_copies"] == 0  # a copy charged 1 s never pays
