@@ -79,7 +79,8 @@ def test_inference_script_compare_at_ep2(tmp_path):
     out = tmp_path / "res.json"
     r = _script("--compare", "--expert-model-parallel-size", "2", "--workload", "shift", "--max-requests", "6",
                 "--max-new-tokens", "6", "--micro-batch-size", "2", "--json", str(out), "--plots-dir",
-                str(tmp_path / "plots"), "--metrics-jsonl", str(tmp_path / "steps.jsonl"), "--quiet")
+                str(tmp_path / "plots"), "--metrics-jsonl", str(tmp_path / "steps.jsonl"), "--quiet",
+                "--wandb-project", "probe-test", "--wandb-dir", str(tmp_path / "wb"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["regime"] == "model" and res["ep"] == 2 and res["workload"] == "shift"
@@ -105,6 +106,43 @@ def test_inference_script_compare_at_ep2(tmp_path):
     assert {x["rank"] for x in rows} == {0, 1} and {x["mode"] for x in rows} == {"stock", "probe"}
     assert max(x["active"] for x in rows) <= 2  # 2 KV slots per rank: the rest queued
     assert "tokens identical" in r.stdout and "PROBE/stock" in r.stdout
+    # the offline wandb run holds every step of both modes and the summary
+    from megatron_probe.integration.wandb_logger import read_offline_run
+
+    run = read_offline_run(res["wandb_dir"])
+    assert run["complete"] and run["config"]["workload"] == "shift"
+    steps = [h for h in run["history"] if "probe/tokens" in h]
+    assert len(steps) == probe["steps"] and all("stock/seconds" in h for h in steps)
+    assert run["summary"]["throughput_ratio"] == res["throughput_ratio"]
+    assert run["summary"]["probe/copies"] == probe["copies"]
+
+
+@pytest.mark.slow
+@needs_ckpt
+def test_inference_script_scaled_regime(tmp_path):
+    trace = tmp_path / "shift.pt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "record_traces.py"), "--workload", SHIFT,
+                        "--out", str(trace), "--max-steps", "24", "--hidden-fraction", "1.0", "--ep", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "scaled.json"
+    r = _script("--regime", "scaled", "--trace", str(trace), "--workload", "shift", "--max-steps", "12",
+                "--scaled-hidden-size", "64", "--scaled-ffn-hidden-size", "128", "--scaled-layers", "3",
+                "--scaled-max-tokens", "48", "--json", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["regime"] == "scaled" and "64x128" in res["regime_detail"]
+    assert set(res["modes"]) == {"static", "probe", "oracle"}
+    for m in res["modes"].values():
+        assert m["steps"] == 12 and m["throughput_tok_s"] > 0
+    for key in ("throughput_ratio", "speedup", "oracle_speedup"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["tokens_identical"] is None  # random experts: no tokens; equivalence is on the outputs
+    assert max(res["outputs_max_abs_diff"].values()) <= 1e-5 * max(1.0, res["outputs_scale"])
+    assert res["modes"]["probe"]["copies"] >= res["modes"]["probe"]["dropped"] >= 0
+    # a trace of another workload is refused
+    r = _script("--regime", "scaled", "--trace", str(trace), "--workload", "steady", "--max-steps", "2", "--quiet")
+    assert r.returncode != 0 and "recorded on the 'shift' workload, not 'steady'" in r.stderr
 
 
 def _bad_workload(tmp_path):

@@ -316,14 +316,14 @@ def main(argv=None) -> int:
         from megatron_probe.integration.serving_plots import write_plots
 
         res["plots"] = write_plots(res, a.plots_dir)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
     if a.wandb_project and a.wandb_mode != "disabled":
         from megatron_probe.integration.serving_plots import log_to_wandb
 
         run_dir = a.wandb_dir or (os.path.dirname(os.path.abspath(a.json)) if a.json else os.getcwd())
         res["wandb_dir"] = log_to_wandb(res, a.wandb_project, run_dir, a.wandb_mode)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
     print_table(res)
     for path in res.get("plots", []):
         print(f"plot: {path}")
