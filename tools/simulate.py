@@ -283,6 +283,19 @@ def main():
                       "exposed_us": pr["exposed_us"], "a2a_extra_us": pr["a2a_extra_us"]}
             log(lines, f"  {desc[n]:<52} x{abl[n]['speedup_vs_static']:.3f} vs static, IR {pr['ir']:.3f}, "
                        f"exposed {pr['exposed_us']:.1f} us, A2A delay {pr['a2a_extra_us']:.1f} us per layer")
+        from megatron_probe.policy.prediction_metrics import PredictionStats
+
+        meas_prev = em.measured_predictor_error(os.path.join(ROOT, meas["file"]), "prev_step")
+        st_prev = PredictionStats(ep=meas["ep"], topk=1)
+        for s_ in range(1, c.shape[0]):
+            for l_ in range(c.shape[1]):
+                st_prev.add_counts(l_, c[s_, l_].sum(0), c[s_ - 1, l_].sum(0))
+        prev_err = st_prev.summary()["mean_rank_load_err"]
+        abl["ours-prev"]["forecast_rank_load_err"] = prev_err
+        log(lines, f"  (last step's counts as a forecast: rank-load error {prev_err:.4f} at EP {meas['ep']} on this "
+                   f"workload; the error model's forecast {got['rank_load_err']:.4f}; measured on the small model "
+                   f"({meas['file']}): {meas_prev['rank_load_err']} for last step's counts vs {meas['rank_load_err']} "
+                   f"distilled)")
         r0 = simulate(c, cfg_for(context=a.decode_context, sigma=0.0), ("ours",))
         abl["perfect-forecast"] = {"what": "ours with a perfect forecast", "speedup_vs_static":
                                    ratio(base, r0["policies"]["ours"]["mean_step_us"])}
