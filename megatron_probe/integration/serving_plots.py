@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List
 
-COLORS = {"stock": "tab:gray", "probe": "tab:blue", "oracle": "tab:green"}
+COLORS = {"stock": "tab:gray", "static": "tab:gray", "probe": "tab:blue", "oracle": "tab:green"}
 
 
 def _rolling(xs: List[float], n: int) -> List[float]:
