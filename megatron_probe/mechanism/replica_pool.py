@@ -9,6 +9,7 @@ unchanged slot is not copied again.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -31,9 +32,9 @@ class ReplicaBankPool:
         if memory_cap_bytes is not None and need > memory_cap_bytes:
             fit = memory_cap_bytes // (NUM_BANKS * per_expert)
             raise ValueError(
-                f"replica banks need {need / 2**20:.1f} MiB per rank ({NUM_BANKS} banks x {R} slots x "
-                f"{per_expert / 2**20:.2f} MiB per expert), over the cap of {memory_cap_bytes / 2**20:.1f} MiB; "
-                f"valid: replica_slots_per_rank <= {fit} at this cap, or a larger replica_memory_cap_mib")
+                f"replica banks need {_mib(need)} MiB per rank ({NUM_BANKS} banks x {R} slots x "
+                f"{_mib(per_expert)} MiB per expert), over replica_memory_cap_mib={_mib(memory_cap_bytes)}; "
+                f"valid: replica_slots_per_rank <= {fit} at this cap, or replica_memory_cap_mib >= {_mib(need, up=True)}")
         self.expert_bytes = per_expert
         self.fc1 = torch.zeros((NUM_BANKS, R) + tuple(fc1_shape), dtype=dtype, device=device)
         self.fc2 = torch.zeros((NUM_BANKS, R) + tuple(fc2_shape), dtype=dtype, device=device)
@@ -64,6 +65,15 @@ class ReplicaBankPool:
             self.held[bank].fill_(EMPTY_SLOT)
         self.held_layer[bank] = layer
         self.held[bank] = placement.detach().cpu().long().clone()
+
+
+def _mib(nbytes: int, up: bool = False) -> str:
+    """MiB to 3 significant digits (0.0234, 1.5, 136); ``up``: rounded up, so it still fits."""
+    v = nbytes / 2**20
+    if up and v > 0:
+        scale = 10 ** (2 - math.floor(math.log10(v)))
+        v = math.ceil(v * scale) / scale
+    return f"{v:.3g}"
 
 
 def _numel(shape) -> int:

@@ -1,0 +1,50 @@
+"""The replica bank pool's memory cap (ProbeConfig.replica_memory_cap_mib): what is allocated
+stays within it, and a cap too small is refused with its value and what would fit."""
+
+import pytest
+import torch
+
+from megatron_probe import ProbeConfig
+from megatron_probe.mechanism.replica_pool import NUM_BANKS, ReplicaBankPool
+from megatron_probe.policy.placement import ExpertLayout
+
+H, F = 64, 128  # fc1 [2F, H] (gated), fc2 [H, F]
+
+
+def _pool(slots, cap_mib, dtype=torch.float32):
+    cfg = ProbeConfig(replica_slots_per_rank=slots, replica_memory_cap_mib=cap_mib)
+    cap = None if cfg.replica_memory_cap_mib is None else int(cfg.replica_memory_cap_mib * 2 ** 20)
+    return ReplicaBankPool(ExpertLayout(16, 4, slots), (2 * F, H), (H, F), dtype, torch.device("cpu"), cap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [1, 3, 12])
+def test_memory_within_cap(slots, dtype):
+    elem = torch.empty((), dtype=dtype).element_size()
+    expert = (2 * F * H + H * F) * elem
+    need = NUM_BANKS * slots * expert
+    pool = _pool(slots, need / 2 ** 20, dtype)  # a cap exactly at the need is enough
+    assert pool.expert_bytes == expert
+    assert pool.memory_bytes() == need <= int(need / 2 ** 20 * 2 ** 20)
+    # with a generous cap the same memory: the cap limits, never inflates
+    assert _pool(slots, 1024.0, dtype).memory_bytes() == need
+    assert _pool(slots, None, dtype).memory_bytes() == need
+
+
+def test_cap_too_small_names_value_and_what_fits():
+    expert_mib = (2 * F * H + H * F) * 4 / 2 ** 20  # 0.09375 MiB
+    cap = 3.5 * NUM_BANKS * expert_mib  # room for 3 slots per bank, not 4
+    with pytest.raises(ValueError) as e:
+        _pool(4, cap)
+    msg = str(e.value)
+    assert "replica banks need 0.75 MiB per rank (2 banks x 4 slots x 0.0938 MiB per expert)" in msg
+    assert "over replica_memory_cap_mib=0.656" in msg
+    assert "valid: replica_slots_per_rank <= 3 at this cap, or replica_memory_cap_mib >= 0.75" in msg
+    _pool(3, cap)  # what the message says fits does
+
+
+def test_zero_cap_refuses_any_replica():
+    with pytest.raises(ValueError, match=r"replica_slots_per_rank <= 0 at this cap"):
+        _pool(1, 0.0)
+    with pytest.raises(ValueError, match="replica_memory_cap_mib=-1"):
+        ProbeConfig(replica_memory_cap_mib=-1)
