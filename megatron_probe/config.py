@@ -14,6 +14,7 @@ from typing import Optional
 
 EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop")
 ASSIGNMENT_POLICIES = ("locality_even",)
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
@@ -59,6 +60,15 @@ class ProbeConfig:
             hides (0: copies are free inside the slot budget, as PROBE assumes for GPUs with copy
             engines; on CPU a copy uses the cores that compute, so measure and set it). The
             pipeline then keeps only as many new copies as pay for themselves.
+        event_log: record every transfer chunk's and every All-to-All's interval per rank (cheap;
+            written as JSON lines beside the pipeline metrics), the evidence for phase locking.
+        collective_timeout_s: how long the pipeline's own collectives (forecast all-gather,
+            agreement all-reduce, transfer send/recv and the commit to a chunk) wait for a peer
+            before raising, so a dead rank fails the step instead of hanging it.
+        wandb_project: export the pipeline's per-layer, per-step metrics to this Weights & Biases
+            project (EP rank 0 logs); ``None``: no wandb.
+        wandb_mode: ``offline`` (default: files under the run directory, ``wandb sync`` later),
+            ``online`` or ``disabled``.
     """
 
     replica_slots_per_rank: int = 0
@@ -82,14 +92,22 @@ class ProbeConfig:
     pipeline_reassign: bool = True
     hardware_profile: str = "h200-sxm"
     copy_charge_us: float = 0.0
+    event_log: bool = False
+    collective_timeout_s: float = 300.0
+    wandb_project: Optional[str] = None
+    wandb_mode: str = "offline"
 
     def __post_init__(self) -> None:
-        for name in ("prefetch_deadline_ms", "transfer_chunk_mib"):
+        for name in ("prefetch_deadline_ms", "transfer_chunk_mib", "collective_timeout_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
                 raise ValueError(f"{name}={v!r}; valid: a positive finite number")
         if not isinstance(self.copy_charge_us, (int, float)) or not 0 <= self.copy_charge_us < float("inf"):
             raise ValueError(f"copy_charge_us={self.copy_charge_us!r}; valid: a finite number >= 0")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode={self.wandb_mode!r} is not one of {WANDB_MODES}")
+        if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):
+            raise ValueError(f"wandb_project={self.wandb_project!r}; valid: None or a non-empty project name")
         if self.replica_memory_cap_mib is not None and not self.replica_memory_cap_mib >= 0:
             raise ValueError(f"replica_memory_cap_mib={self.replica_memory_cap_mib!r}; valid: None or >= 0")
         for name in ("predictor_hidden", "predictor_period", "predictor_sample_tokens"):

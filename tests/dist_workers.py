@@ -461,32 +461,45 @@ def _payload(i, shape, part):
 
 def transfer_engine(rank, ws, out_dir):
     """Chunked copies on a dedicated gloo group while the main thread runs collectives: paused
-    nothing moves, resumed everything arrives bit-exact, in any pause pattern, without a hang."""
+    nothing moves, resumed everything arrives bit-exact, in any pause pattern, without a hang.
+    The engine's event log shows no chunk of this rank inside any window from ``pause()``
+    returning to ``resume()`` being called."""
+    from megatron_probe.mechanism.event_log import CHUNK_KINDS, EventLog, now_ns, overlapping
     from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
 
-    engine = TransferEngine.create(chunk_bytes=256)
+    log = EventLog(rank)
+    engine = TransferEngine.create(chunk_bytes=256, event_log=log)
     res = {}
+
+    def pause():
+        engine.pause()
+        return now_ns()
+
+    def resume(t_paused):
+        log.record("paused", None, t_paused, now_ns())
+        engine.resume()
+
     for rnd in range(3):
         ops, shapes = _transfer_plan(ws, seed=rnd)
         src = [[_payload(i, s, p) for p, s in enumerate(shapes[i])] if op.src == rank else None
                for i, op in enumerate(ops)]
         dst = [[torch.zeros(s) for s in shapes[i]] if op.dst == rank else None for i, op in enumerate(ops)]
         involved = any(op.src == rank or op.dst == rank for op in ops)
-        engine.pause()
+        t_paused = pause()
         dist.barrier()
         batch = engine.submit(ops, src, dst)
         finished_while_paused = batch.wait(timeout=0.3)
         dist.barrier()
         if rnd == 1 and rank == 0:
             time.sleep(0.2)  # one rank resumes late: the others wait for it, nobody hangs
-        engine.resume()
+        resume(t_paused)
         x = torch.ones(4) * rank
         for k in range(20):  # main-group collectives while the worker moves chunks
             dist.all_reduce(x)
-            if k == 5 and rnd == 2:
-                engine.pause()
-            if k == 8 and rnd == 2:
-                engine.resume()
+            if k in (2, 5, 11) and rnd == 2:
+                t_paused = pause()  # in the middle of the copies: a chunk in flight finishes first
+            if k in (3, 8, 12) and rnd == 2:
+                resume(t_paused)
         done = batch.wait(timeout=60)
         exact = all(torch.equal(dst[i][p], _payload(i, s, p)) for i, op in enumerate(ops) if op.dst == rank
                     for p, s in enumerate(shapes[i]))
@@ -505,28 +518,27 @@ def transfer_engine(rank, ws, out_dir):
         except ValueError as e:
             errors[name] = str(e)
     engine.close()
-    _dump(out_dir, rank, {"rounds": res, "errors": errors})
+    events = log.events()
+    _dump(out_dir, rank, {"rounds": res, "errors": errors, "chunks_logged": sum(e["kind"] in CHUNK_KINDS for e in events),
+                          "chunks_moved": engine.chunks_moved, "pause_windows": sum(e["kind"] == "paused" for e in events),
+                          "chunks_in_pause": len(overlapping(events, CHUNK_KINDS, ("paused",)))})
 
 
 # --------------------------------------------------------------------------- live pipeline
-def pipeline_equivalence(rank, ws, out_dir):
-    """The full pipeline (forecast, plan, phase-locked prefetch into shared double banks,
-    deadline, agreement, re-assignment) on a small GPT at EP ws: output equal to the plain PROBE
-    model's for several steps, with copies arriving, with every copy dropped (engine held), and
-    with each stage switched off."""
+def _skewed_gpt(rank, ws):
+    """A small 4-layer GPT at EP ws whose routing forces replicas (an expert bias makes one
+    expert every token's first choice; skewed token ids), four batches per rank, the plain
+    model's logits for them, and a cost model under which even tiny batches are worth balancing."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.pipeline import LookaheadPipeline
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, forward_logits
-
     from megatron_probe.integration.recorder import moe_layers
+    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, forward_logits
     from megatron_probe.policy.cost_model import ExpertCost
 
     _init(ws)
     torch.manual_seed(0)
     cfg = TinyMoEConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
                         expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
-    R = 2
-    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=R), ep=ws)
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ws)
     model.eval()
     # adversarial skew: an expert bias makes expert 0 (rank 0's) every token's first choice
     for i, layer in enumerate(moe_layers(model)):
@@ -536,13 +548,43 @@ def pipeline_equivalence(rank, ws, out_dir):
         bias[(3 * i) % cfg.num_experts if i % 2 else 0] = 5.0
         r._cpu_buffer("expert_bias", bias, persistent=True)
         r._cpu_buffer("local_tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
-    unit_cost = ExpertCost(1.0, 0.0)  # every token costs the same: tiny batches are worth balancing
     gen = torch.Generator().manual_seed(7 + rank)
     # skewed tokens: a few token ids dominate, so some experts are hot
     batches = [torch.randint(0, 6 if step % 2 else cfg.vocab_size, (1, 20 + 5 * rank + 2 * step), generator=gen)
                for step in range(4)]
     with torch.no_grad():
         refs = [forward_logits(model, b) for b in batches]
+    return model, batches, refs, ExpertCost(1.0, 0.0)
+
+
+def _run_steps(model, pipe, batches, refs):
+    """Every batch through the model with the pipeline attached; the largest |logit difference|."""
+    from megatron_probe.integration.tiny_moe import forward_logits
+
+    max_abs = 0.0
+    with torch.inference_mode():
+        for b, ref in zip(batches, refs):
+            got = forward_logits(model, b)
+            max_abs = max(max_abs, float((got - ref).abs().max()))
+            pipe.end_step()
+    return max_abs
+
+
+SLOW_DEADLINE_MS, SLOW_STALL_S = 40.0, 0.2
+
+
+def pipeline_equivalence(rank, ws, out_dir):
+    """The full pipeline (forecast, plan, phase-locked prefetch into shared double banks,
+    deadline, agreement, re-assignment) on a small GPT at EP ws: output equal to the plain PROBE
+    model's for several steps, with copies arriving, with every copy dropped (engine held), and
+    with each stage switched off."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.integration.recorder import moe_layers
+    from megatron_probe.integration.tiny_moe import forward_logits
+
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
+    R = 2
     scale = max(float(r.abs().max()) for r in refs)
     out = {}
     variants = {
@@ -552,33 +594,30 @@ def pipeline_equivalence(rank, ws, out_dir):
         "no_reassign": dict(pipeline_reassign=False, prefetch_deadline_ms=10_000.0),
         "no_phase_lock": dict(pipeline_phase_lock=False, prefetch_deadline_ms=10_000.0),
         "no_plan": dict(pipeline_plan=False),
-        "slow_rank": dict(prefetch_deadline_ms=2.0, pipeline_phase_lock=False),
+        "slow_rank": dict(prefetch_deadline_ms=SLOW_DEADLINE_MS, pipeline_phase_lock=False),
     }
     for name, kw in variants.items():
         pcfg = ProbeConfig(replica_slots_per_rank=R, predictor_hidden=8, transfer_chunk_mib=0.001, **kw)
+        t_variant = time.perf_counter()
         pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
         slow = []
         if name == "slow_rank" and rank == ws - 1:
             # the last rank stalls its transfers from layer 2i's input to layer 2i+1's, and is
-            # 20 ms late to layer 2i+1: the others give up on copies involving it while it still
-            # receives its own in time; the ranks disagree locally and the agreement must settle it
+            # SLOW_STALL_S late to layer 2i+1: the others give up on copies involving it while it
+            # still receives its own in time; the ranks disagree locally and the agreement must
+            # settle it (the stall is several deadlines, the deadline several copy times)
             def late(i):
                 def hook(module, args):
                     if i % 2 == 0:
                         pipe.engine.pause()
                     else:
-                        time.sleep(0.02)
+                        time.sleep(SLOW_STALL_S)
                         pipe.engine.resume()
                 return hook
             slow = [m.register_forward_pre_hook(late(i)) for i, m in enumerate(moe_layers(model))]
         if name == "all_dropped":
             pipe.engine.pause()  # no copy can arrive: every planned copy misses its deadline
-        max_abs = 0.0
-        with torch.inference_mode():
-            for b, ref in zip(batches, refs):
-                got = forward_logits(model, b)
-                max_abs = max(max_abs, float((got - ref).abs().max()))
-                pipe.end_step()
+        max_abs = _run_steps(model, pipe, batches, refs)
         if name == "all_dropped":
             pipe.engine.resume()
         for h in slow:
@@ -587,7 +626,151 @@ def pipeline_equivalence(rank, ws, out_dir):
         pipe.close()
         out[name] = {"max_abs": max_abs, "scale": scale, "copies": s["copies"], "dropped": s["dropped"],
                      "ir_before": s["ir_before"], "ir_after": s["ir_after"], "rows": len(pipe.history),
-                     "memory": s["replica_memory_bytes"], "expert_bytes": pipe.pool.expert_bytes}
+                     "memory": s["replica_memory_bytes"], "expert_bytes": pipe.pool.expert_bytes,
+                     "secs": round(time.perf_counter() - t_variant, 2), "paused_s": s["paused_s"]}
     with torch.no_grad():  # hooks gone: the plain model again
         out["after_close_equal"] = bool(torch.equal(forward_logits(model, batches[0]), refs[0]))
     _dump(out_dir, rank, out)
+
+
+def pipeline_event_log(rank, ws, wandb_project, out_dir):
+    """The pipeline with the event log on, phase locking on and off: every chunk's and every
+    All-to-All's interval on every rank, exported as JSON lines beside the metrics (and, with a
+    wandb project, the metrics as an offline wandb run of rank 0, read back)."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.mechanism.event_log import A2A_KINDS, CHUNK_KINDS, overlapping, read_jsonl
+
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
+    scale = max(float(r.abs().max()) for r in refs)
+    out = {}
+    for name, lock in (("locked", True), ("unlocked", False)):
+        pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001,
+                           prefetch_deadline_ms=10_000.0, pipeline_phase_lock=lock, event_log=True,
+                           wandb_project=wandb_project if lock else None)
+        metrics = os.path.join(out_dir, f"metrics_{name}_rank{rank}.jsonl")
+        pipe = LookaheadPipeline(model, pcfg, cost=unit_cost, metrics_path=metrics)
+        max_abs = _run_steps(model, pipe, batches, refs)
+        s = pipe.summary()
+        pipe.close()
+        events = read_jsonl(pipe.events_path)
+        chunks = [e for e in events if e["kind"] in CHUNK_KINDS]
+        a2as = [e for e in events if e["kind"] in A2A_KINDS]
+        out[name] = {
+            "max_abs": max_abs, "scale": scale, "copies": s["copies"], "dropped": s["dropped"],
+            "chunks_logged": len(chunks), "chunks_moved": s["chunks"], "a2a_logged": len(a2as),
+            "a2a_layers": sorted({(e["kind"], e["layer"]) for e in a2as}),
+            "overlaps": len(overlapping(events, CHUNK_KINDS, A2A_KINDS)),
+            "same_rank": all(e["rank"] == rank for e in events),
+            "well_formed": all(e["t_end"] >= e["t_start"] and e["layer"] is not None for e in chunks + a2as),
+            "chunk_ms": sorted((e["t_end"] - e["t_start"]) / 1e6 for e in chunks),
+            "pause_wait_s": s["pause_wait_s"], "metrics_rows": len(read_jsonl(metrics)),
+        }
+        if wandb_project and lock and rank == 0:
+            from megatron_probe.integration.wandb_logger import read_offline_run
+
+            run = read_offline_run(out_dir)
+            keys = sorted({k for row in run["history"] for k in row})
+            out["wandb"] = {"complete": run["complete"], "keys": keys, "rows": len(run["history"]),
+                            "step_copies": sum(row.get("step/copies", 0) for row in run["history"]),
+                            "summary_copies": run["summary"].get("summary/copies"), "copies": s["copies"],
+                            "project_in_config": run["config"].get("wandb_project")}
+    _dump(out_dir, rank, out)
+
+
+def pipeline_faults(rank, ws, out_dir):
+    """Fault injection on the live pipeline: a transfer that fails mid-copy (the engine's fault
+    hook raises on rank 0 at its first chunk of a layer-2 copy in step 1; its partners are left
+    in a send/recv or a commit that the short timeouts end), and a plan naming replicas that
+    cannot exist. Output equal to the plain model; fallbacks counted; no hang."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.integration.pipeline import LookaheadPipeline
+
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
+    scale = max(float(r.abs().max()) for r in refs)
+    out = {}
+    E = 8
+    for name in ("transfer_fails", "bad_plan"):
+        pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001,
+                           prefetch_deadline_ms=10_000.0, collective_timeout_s=2.0)
+        t0 = time.perf_counter()
+        pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+        fired = []
+        if name == "transfer_fails" and rank == 0:
+            def fault(i, op, chunk):
+                if not fired and op.key[0] == 2 and pipe.step >= 1:
+                    fired.append((pipe.step, op.src, op.dst))
+                    raise ConnectionError("injected: link down")
+            pipe.engine.fault = fault
+        if name == "bad_plan":
+            real = pipe._plan
+
+            def corrupt(counts):
+                p = real(counts)
+                p = torch.cat([p, torch.full((ws, 1), 1)], dim=1)  # a slot beyond R on every rank
+                p[0, 0] = 0  # rank 0 owns expert 0
+                p[ws - 1, 1] = E + 3  # no such expert
+                return p
+            pipe._plan = corrupt
+        max_abs = _run_steps(model, pipe, batches, refs)
+        s = pipe.summary()
+        t_close = time.perf_counter()
+        pipe.close()
+        out[name] = {
+            "max_abs": max_abs, "scale": scale, "rows": len(pipe.history), "secs": round(time.perf_counter() - t0, 2),
+            "close_s": round(time.perf_counter() - t_close, 2), "fired": fired,
+            **{k: s[k] for k in ("copies", "dropped", "failed", "invalid", "fallbacks", "engine_disabled",
+                                 "disabled_at")},
+            "invalid_rows": sorted({r["invalid"] for r in pipe.history}),
+            "copies_after_disable": sum(r["copies"] for r in pipe.history
+                                        if s["disabled_at"] and (r["step"], r["layer"]) > tuple(s["disabled_at"])),
+            "broken": pipe.engine.broken,
+        }
+    # a replica memory cap too small for 2 banks x R slots is refused by name
+    try:
+        LookaheadPipeline(model, ProbeConfig(replica_slots_per_rank=2, replica_memory_cap_mib=0.01), cost=unit_cost)
+        out["cap_error"] = None
+    except ValueError as e:
+        out["cap_error"] = str(e)
+    out["timeouts"] = _dead_peer_timeouts(rank, model, unit_cost)
+    _dump(out_dir, rank, out)
+
+
+def _dead_peer_timeouts(rank, model, unit_cost):
+    """Every group the pipeline talks on gives up on a dead peer after ``collective_timeout_s``:
+    the control group (forecast all-gather, agreement), the transfer group, and the commit to a
+    chunk. Rank 0 calls each alone; the others never answer (last: it leaves those groups
+    broken)."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.mechanism.comm import global_rank
+    from megatron_probe.mechanism.transfer import CopyOp
+
+    pipe = LookaheadPipeline(model, ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8,
+                                                collective_timeout_s=1.5), cost=unit_cost)
+    out = {"runtime_on_ctl_group": pipe.runtime.ep_group is pipe.ctl_group}
+
+    def alone(name, fn):
+        if rank == 0:
+            t0 = time.perf_counter()
+            try:
+                fn()
+                out[name] = {"error": None}
+            except Exception as e:  # what a dead peer looks like
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+            out[name]["secs"] = round(time.perf_counter() - t0, 2)
+        dist.barrier()
+
+    alone("agreement", lambda: dist.all_reduce(torch.zeros(3), group=pipe.ctl_group))
+    alone("transfer_recv", lambda: dist.recv(torch.zeros(4), global_rank(pipe.engine.group, 1), group=pipe.engine.group))
+
+    def commit():
+        batch = pipe.engine.submit([CopyOp(1, 0, (0, 1, 0))], [None], [[torch.zeros(4)]])
+        if not batch.wait(timeout=30, raise_error=False):
+            raise batch.error or RuntimeError("copy neither arrived nor failed")
+    alone("commit", commit)
+    t0 = time.perf_counter()
+    pipe.close()
+    out["close_s"] = round(time.perf_counter() - t0, 2)
+    out["broken"] = pipe.engine.broken
+    return out

@@ -46,6 +46,20 @@ def test_unknown_backend_and_policy():
         ProbeConfig(assignment_policy="greedy")
 
 
+def test_pipeline_fault_and_export_options():
+    cfg = ProbeConfig()
+    assert not cfg.event_log and cfg.collective_timeout_s > 0 and cfg.wandb_project is None
+    assert cfg.wandb_mode == "offline"
+    for bad in (0, -1.0, float("inf"), "5"):
+        with pytest.raises(ValueError, match="collective_timeout_s="):
+            ProbeConfig(collective_timeout_s=bad)
+    with pytest.raises(ValueError, match="wandb_mode='cloud' is not one of"):
+        ProbeConfig(wandb_mode="cloud")
+    with pytest.raises(ValueError, match="wandb_project=''"):
+        ProbeConfig(wandb_project="")
+    assert ProbeConfig(wandb_project="probe", wandb_mode="disabled", event_log=True).to_dict()["wandb_project"] == "probe"
+
+
 def test_replace_revalidates():
     cfg = ProbeConfig(replica_slots_per_rank=2)
     assert cfg.replace(replica_slots_per_rank=3).replica_slots_per_rank == 3

@@ -22,11 +22,22 @@ L dispatch            with the agreed placement and the assignment re-computed o
 MoE layer 0 is forecast and planned at its transformer layer's input (phase 2 only). Dispatch
 always follows the true router; the placement only decides where each (token, expert) pair is
 computed, so no forecast, plan or dropped copy can change the output.
+
+Faults fall back to the static placement, never to a wrong one: a plan entry naming no valid
+replica (an expert that does not exist or that the rank owns, a repeated expert, a slot beyond
+``R``) is removed before any copy (``invalid``); a copy that is late or whose transfer failed is
+dropped at the agreement (``dropped``, ``failed``); a failed transfer also breaks the engine, and
+the agreement then switches copying off on every rank at the same layer (``engine_disabled``):
+the layers go on static. The pipeline's own collectives (forecast all-gather, agreement, cost
+check) run on a control group and the copies on the transfer group, both created with
+``collective_timeout_s``, so a dead peer raises instead of hanging.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -37,7 +48,9 @@ import torch.distributed as dist
 from megatron_probe.config import ProbeConfig
 from megatron_probe.integration.lookahead import LookaheadRuntime
 from megatron_probe.integration.recorder import layer_holding, moe_layers
+from megatron_probe.integration.wandb_logger import WandbLogger
 from megatron_probe.mechanism.comm import group_rank, group_size
+from megatron_probe.mechanism.event_log import EventLog, now_ns, write_jsonl
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
@@ -52,14 +65,40 @@ class LayerPlan:
     placement: torch.Tensor  # [ep, R] planned
     batch: object = None  # TransferBatch of the copies for this layer
     recv_ops: Dict[tuple, int] = field(default_factory=dict)  # (rank, slot) -> op index, for my slots
+    send_ops: Dict[tuple, int] = field(default_factory=dict)  # (rank, slot) -> op index, for copies I send
     copies: int = 0
     bytes: int = 0
+    invalid: int = 0  # plan entries removed before copying (no such replica)
+
+
+COUNTED = ("copies", "dropped", "failed", "invalid", "fallbacks", "bytes")
+
+
+def step_metrics(rows: List[Dict]) -> Dict[str, float]:
+    """One step's rows as a flat dict for a metrics sink: ``layer<L>/<field>`` for every numeric
+    field of every layer, and ``step/<field>`` totals."""
+    out: Dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("step", "layer") and isinstance(v, (int, float)):
+                out[f"layer{r['layer']}/{k}"] = v
+    for k in COUNTED + ("wait_ms", "layer_ms"):
+        out[f"step/{k}"] = sum(r.get(k, 0) for r in rows)
+    return out
 
 
 class LookaheadPipeline:
+    """Drives the PROBE layers of ``model`` (module docstring). ``metrics_path``: per-layer,
+    per-step rows appended as JSON lines; ``events_path`` (default: beside ``metrics_path``,
+    ``<stem>.events.jsonl``): the event log when ``event_log`` is on; ``metrics_sink``: any object
+    with ``log(dict, step=)`` and ``finish()`` that receives each step's metrics (default: a
+    :class:`WandbLogger` when ``wandb_project`` is set, on EP rank 0, under ``run_dir`` or the
+    metrics' folder)."""
+
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
                  runtime: Optional[LookaheadRuntime] = None, cost: Optional[ExpertCost] = None,
-                 metrics_path: Optional[str] = None, budget_in: Optional[int] = None):
+                 metrics_path: Optional[str] = None, budget_in: Optional[int] = None,
+                 events_path: Optional[str] = None, metrics_sink=None, run_dir: Optional[str] = None):
         from megatron_probe.integration.layer import ProbeMoELayer
 
         self.cfg = cfg = probe_config or ProbeConfig()
@@ -74,6 +113,14 @@ class LookaheadPipeline:
                 raise ValueError("all MoE layers must share one expert layout (experts, EP size, replica slots)")
         self.ep_group = ep_group if ep_group is not None else self.layers[0].token_dispatcher.ep_group
         self.ep, self.me = group_size(self.ep_group), group_rank(self.ep_group)
+        ranks = None if self.ep_group is None else dist.get_process_group_ranks(self.ep_group)
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
+        # the pipeline's own small collectives, with their own timeout (collective: every rank of
+        # the default group creates it, as it does the transfer group below)
+        self.ctl_group = dist.new_group(ranks=ranks, timeout=timeout) if self.ep > 1 else self.ep_group
+        if self.ep > 1 and group_rank(self.ctl_group) != self.me:
+            raise RuntimeError(f"the control group orders the EP ranks differently ({ranks}): rank {self.me} is "
+                               f"{group_rank(self.ctl_group)} there")
         bank0 = self.layers[0].expert_bank
         cap = None if cfg.replica_memory_cap_mib is None else int(cfg.replica_memory_cap_mib * 2 ** 20)
         self.pool = ReplicaBankPool(self.layout, tuple(bank0.fc1.shape[1:]), tuple(bank0.fc2.shape[1:]),
@@ -91,7 +138,7 @@ class LookaheadPipeline:
         if self.ep > 1:  # every rank must plan with the same cost model, or plans diverge
             c = torch.tensor([cost.per_token_us, cost.per_active_expert_us, -cost.per_token_us,
                               -cost.per_active_expert_us], dtype=torch.float64)
-            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=self.ep_group)
+            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=self.ctl_group)
             if c[0] != -c[2] or c[1] != -c[3]:
                 raise ValueError(f"EP ranks use different expert cost models ({cost} here); the planner must see "
                                  "identical inputs on every rank: average or broadcast a measured cost first")
@@ -101,10 +148,17 @@ class LookaheadPipeline:
         self.free_ms: Dict[int, float] = {}
         self.runtime = runtime
         if self.runtime is None and cfg.pipeline_predict and cfg.pipeline_plan:
-            self.runtime = LookaheadRuntime(model, cfg, self.ep_group)
-        ranks = None if self.ep_group is None else dist.get_process_group_ranks(self.ep_group)
+            self.runtime = LookaheadRuntime(model, cfg, self.ctl_group)
+        self.events = EventLog(self.me) if cfg.event_log else None
+        if events_path is None and metrics_path and self.events is not None:
+            events_path = os.path.splitext(metrics_path)[0] + ".events.jsonl"
+        self.events_path = events_path
         self.engine = TransferEngine.create(ranks=ranks, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20),
-                                            device=bank0.fc1.device)
+                                            device=bank0.fc1.device, timeout_s=cfg.collective_timeout_s,
+                                            event_log=self.events)
+        self.disabled: Optional[str] = None  # why copying was switched off (a transfer failed)
+        self.disabled_at: Optional[tuple] = None  # (step, layer) where every rank switched it off
+        self._a2a = ("a2a_dispatch", None, 0)  # kind, layer, start of the All-to-All in progress
         self._plans: Dict[int, LayerPlan] = {}
         self._prev_true: Dict[int, torch.Tensor] = {}
         self._step_rows: List[Dict] = []
@@ -112,6 +166,10 @@ class LookaheadPipeline:
         self.step = 0
         self.metrics_path = metrics_path
         self.history: List[Dict] = []
+        if metrics_sink is None and cfg.wandb_project is not None and self.me == 0:
+            run_dir = run_dir or (os.path.dirname(os.path.abspath(metrics_path)) if metrics_path else os.getcwd())
+            metrics_sink = WandbLogger(cfg.wandb_project, run_dir, config=cfg.to_dict(), mode=cfg.wandb_mode)
+        self.sink = metrics_sink
         self._handles = []
         if 0 in getattr(self.runtime, "predictors", {}) or not cfg.pipeline_predict:
             holder = layer_holding(model, self.layers[0])
@@ -148,7 +206,7 @@ class LookaheadPipeline:
 
     def _prefetch(self, layer: int, phase: str) -> None:
         """Plan ``layer`` and queue its copies into bank ``layer % 2``."""
-        if layer >= len(self.layers) or layer in self._plans:
+        if layer >= len(self.layers) or layer in self._plans or self.disabled is not None:
             return
         counts = self._forecast(layer)
         if counts is None:
@@ -156,11 +214,11 @@ class LookaheadPipeline:
         with nvtx_range("plan"):
             # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
             # the copies are issued from the host, so the placement is needed there anyway
-            placement = self._plan(counts)
+            placement, invalid = self._valid_placement(self._plan(counts))
         b = self.pool.bank_of(layer)
         L = self.layout.num_local_experts
         ops, src, dst = [], [], []
-        plan = LayerPlan(placement=placement)
+        plan = LayerPlan(placement=placement, invalid=invalid)
         home_bank = self.layers[layer].expert_bank
         for r in range(self.ep):
             for s in range(self.layout.replica_slots):
@@ -170,6 +228,8 @@ class LookaheadPipeline:
                 home = e // L
                 if r == self.me:
                     plan.recv_ops[(r, s)] = len(ops)
+                if home == self.me:
+                    plan.send_ops[(r, s)] = len(ops)
                 ops.append(CopyOp(home, r, key=(layer, e, s)))
                 src.append([home_bank.fc1[e - home * L], home_bank.fc2[e - home * L]] if home == self.me else None)
                 dst.append(self.pool.slot_tensors(b, s) if r == self.me else None)
@@ -179,6 +239,29 @@ class LookaheadPipeline:
             plan.batch = self.engine.submit(ops, src, dst) if ops else None
         self.pool.mark(b, layer, placement)
         self._plans[layer] = plan
+
+    def _valid_placement(self, raw) -> tuple:
+        """``(placement [ep, R], invalid)``: the plan with every entry that names no valid replica
+        emptied and counted (an expert id out of range or owned by that rank, an expert twice on
+        one rank, a slot beyond R, a plan of the wrong shape). The same on every rank."""
+        R, E, L = self.layout.replica_slots, self.layout.num_experts, self.layout.num_local_experts
+        placement = empty_placement(self.layout)
+        raw = torch.as_tensor(raw).detach().cpu().long()
+        if raw.dim() != 2 or raw.shape[0] != self.ep:
+            return placement, int((raw != EMPTY_SLOT).sum())
+        invalid = int((raw[:, R:] != EMPTY_SLOT).sum())
+        for r in range(self.ep):
+            seen = set()
+            for s in range(min(R, raw.shape[1])):
+                e = int(raw[r, s])
+                if e == EMPTY_SLOT:
+                    continue
+                if not 0 <= e < E or e // L == r or e in seen:
+                    invalid += 1
+                    continue
+                seen.add(e)
+                placement[r, s] = e
+        return placement, invalid
 
     def _plan(self, counts: torch.Tensor) -> torch.Tensor:
         budget = self.layout.replica_slots if self.budget_in is None else self.budget_in
@@ -194,42 +277,35 @@ class LookaheadPipeline:
             self._prefetch(layer, "oracle")
             plan = self._plans.get(layer)
             if plan is not None and plan.batch is not None:
-                plan.batch.wait()
+                plan.batch.wait(raise_error=False)  # a failed copy is dropped by the agreement
             self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
         plan = self._plans.pop(layer, None)
+        bank = self.layers[layer].expert_bank
+        row = {"step": self.step, "layer": layer, "copies": 0, "dropped": 0, "failed": 0,
+               "invalid": 0 if plan is None else plan.invalid, "bytes": 0, "wait_ms": 0.0}
         if plan is not None and not bool((plan.placement >= 0).any()):
             plan = None  # nothing planned (the same on every rank): no wait, no agreement needed
-        bank = self.layers[layer].expert_bank
-        row = {"step": self.step, "layer": layer, "copies": 0, "dropped": 0, "bytes": 0, "wait_ms": 0.0}
         if plan is None:
             placement = empty_placement(self.layout)
         else:
-            t0 = time.perf_counter()
+            t0, t0_ns = time.perf_counter(), now_ns()
             with nvtx_range("wait"):
-                mine = list(plan.recv_ops.items())
-                done = (plan.batch.wait_ops([i for _, i in mine], self.cfg.prefetch_deadline_ms / 1e3)
-                        if plan.batch is not None and mine else [])
-                n = self.ep * self.layout.replica_slots
-                flat = plan.placement.reshape(-1).long()
-                # one all-reduce (MAX) carries: which copies arrived everywhere (as MIN of the
-                # flags), and the planned placement's max and min (equal iff all ranks agree)
-                sync = torch.cat([torch.zeros(n, dtype=torch.long), flat, -flat])
-                for ((r, s), _), ok in zip(mine, done):
-                    sync[r * self.layout.replica_slots + s] = 0 if ok else 1
-                if self.ep > 1:
-                    dist.all_reduce(sync, op=dist.ReduceOp.MAX, group=self.ep_group)
-                if not torch.equal(sync[n:2 * n], -sync[2 * n:]):
-                    raise RuntimeError(f"layer {layer}: EP ranks planned different placements (rank {self.me}: "
-                                       f"{plan.placement.tolist()}): the forecast counts or the cost model differ")
-                arrived = 1 - sync[:n]
+                state = self._agree(layer, plan)
             row["wait_ms"] = (time.perf_counter() - t0) * 1e3
+            if self.events is not None:
+                self.events.record("wait", layer, t0_ns, now_ns())
             placement = plan.placement.clone()
-            missing = (arrived.view(self.ep, -1) == 0) & (placement >= 0)
+            missing = (state > 0) & (placement >= 0)
             placement[missing] = EMPTY_SLOT
             if bool(missing.any()):
                 # a late copy still lands later: forget what the bank holds so it is re-sent
                 self.pool.held_layer[self.pool.bank_of(layer)] = None
-            row.update(copies=plan.copies, dropped=int(missing.sum()), bytes=plan.bytes)
+            row.update(copies=plan.copies, dropped=int(missing.sum()), failed=int((missing & (state == 2)).sum()),
+                       bytes=plan.bytes)
+            if self.disabled_at == (self.step, layer):
+                row["engine_disabled"] = 1
+        row["fallbacks"] = row["dropped"] + row["invalid"]  # planned replicas not used: tokens stayed home
+        self._a2a = ("a2a_dispatch", layer, 0)
         b = self.pool.bank_of(layer)
         bank.attach_replicas(*self.pool.block(b), placement)
         dispatcher.set_placement(placement)
@@ -239,15 +315,53 @@ class LookaheadPipeline:
             dispatcher.assignment_fn = None
         self._step_rows.append(row)
 
+    def _agree(self, layer: int, plan: LayerPlan) -> torch.Tensor:
+        """Wait up to the deadline for this rank's incoming copies, then agree with every rank on
+        each copy's state: ``[ep, R]`` of 0 (arrived, or nothing to copy), 1 (late), 2 (failed)."""
+        R = self.layout.replica_slots
+        batch = plan.batch
+        mine = list(plan.recv_ops.items())
+        done = batch.wait_ops([i for _, i in mine], self.cfg.prefetch_deadline_ms / 1e3) if batch and mine else []
+        n = self.ep * R
+        flat = plan.placement.reshape(-1).long()
+        # one all-reduce (MAX) carries: each copy's state as its receiver sees it (a sender adds
+        # what it knows: its side failed), the planned placement's max and min (equal iff all
+        # ranks planned the same) and whether any rank's transfer engine broke
+        sync = torch.cat([torch.zeros(n, dtype=torch.long), flat, -flat, torch.zeros(1, dtype=torch.long)])
+        for ((r, s), i), ok in zip(mine, done):
+            sync[r * R + s] = 0 if ok else (2 if batch.op_failed(i) else 1)
+        if batch is not None:
+            for (r, s), i in plan.send_ops.items():
+                if batch.op_failed(i):
+                    sync[r * R + s] = 2
+        sync[-1] = int(self.engine.broken is not None)
+        if self.ep > 1:
+            dist.all_reduce(sync, op=dist.ReduceOp.MAX, group=self.ctl_group)
+        if not torch.equal(sync[n:2 * n], -sync[2 * n:3 * n]):
+            raise RuntimeError(f"layer {layer}: EP ranks planned different placements (rank {self.me}: "
+                               f"{plan.placement.tolist()}): the forecast counts or the cost model differ")
+        if bool(sync[-1]) and self.disabled is None:
+            # every rank sees the same flag at the same layer: all stop copying from here on
+            self.disabled = (f"transfer failed on this rank ({self.engine.broken})" if self.engine.broken
+                             else "a peer rank's transfer engine failed")
+            self.disabled_at = (self.step, layer)
+        return sync[:n].view(self.ep, R)
+
     def a2a(self, starting: bool) -> None:
-        if not self.cfg.pipeline_phase_lock:
-            return
+        lock = self.cfg.pipeline_phase_lock
         if starting:
-            self.engine.pause()
+            if lock:
+                self.engine.pause()  # returns once no chunk is moving on this rank
+            self._a2a = (self._a2a[0], self._a2a[1], now_ns())
         else:
-            self.engine.resume()
+            kind, layer, t0 = self._a2a
+            if self.events is not None:
+                self.events.record(kind, layer, t0, now_ns())
+            if lock:
+                self.engine.resume()
 
     def before_experts(self, dispatcher) -> None:
+        self._a2a = ("a2a_combine", dispatcher.layer_index, 0)
         if self.oracle_truth is None:
             self._prefetch(dispatcher.layer_index + 1, "phase1")
 
@@ -276,19 +390,28 @@ class LookaheadPipeline:
             with open(self.metrics_path, "a") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
+        if self.sink is not None and rows:
+            self.sink.log(step_metrics(rows), step=self.step)
+        self._flush_events()
         self.step += 1
         return rows
+
+    def _flush_events(self) -> None:
+        if self.events is not None and self.events_path:
+            write_jsonl(self.events_path, self.events.drain())
 
     def summary(self) -> Dict:
         h = self.history
         if not h:
             return {}
         n = len(h)
-        out = {"layer_steps": n, "copies": sum(r["copies"] for r in h), "dropped": sum(r["dropped"] for r in h),
-               "bytes": sum(r["bytes"] for r in h), "wait_ms_total": round(sum(r["wait_ms"] for r in h), 3),
+        out = {"layer_steps": n, **{k: sum(r[k] for r in h) for k in COUNTED},
+               "wait_ms_total": round(sum(r["wait_ms"] for r in h), 3),
                "ir_before": round(sum(r.get("ir_before", 1) for r in h) / n, 4),
                "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4),
-               "replica_memory_bytes": self.pool.memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3)}
+               "replica_memory_bytes": self.pool.memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
+               "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
+               "engine_disabled": self.disabled, "disabled_at": self.disabled_at}
         if self.runtime is not None and self.runtime.collect_metrics:
             out["prediction_topk_acc"] = self.runtime.metrics().get("local", {}).get("mean_topk_acc")
         return out
@@ -297,8 +420,16 @@ class LookaheadPipeline:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.engine.drain()
+        self.engine.drain(2 * self.cfg.collective_timeout_s)  # bounded: a broken peer fails the copies
         self.engine.close()
+        self._flush_events()
         if self.runtime is not None:
             self.runtime.close()
+        if self.sink is not None:
+            numeric = {f"summary/{k}": v for k, v in self.summary().items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                self.sink.log(numeric, step=self.step)
+            self.sink.finish()
+            self.sink = None
         self.activate(False)  # the plain layer again: static placement, no hooks
