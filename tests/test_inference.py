@@ -105,6 +105,9 @@ def test_inference_script_compare_at_ep2(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert {x["rank"] for x in rows} == {0, 1} and {x["mode"] for x in rows} == {"stock", "probe"}
     assert max(x["active"] for x in rows) <= 2  # 2 KV slots per rank: the rest queued
+    for r_ in (0, 1):  # the pipeline's own per-layer rows, one file per rank
+        layer_rows = [json.loads(x) for x in (tmp_path / f"steps.layers.rank{r_}.jsonl").read_text().splitlines()]
+        assert len(layer_rows) == probe["steps"] * 6 and all("ir_before" in x for x in layer_rows)
     assert "tokens identical" in r.stdout and "PROBE/stock" in r.stdout
     # the offline wandb run holds every step of both modes and the summary
     from megatron_probe.integration.wandb_logger import read_offline_run

@@ -56,6 +56,11 @@ def _optional(kind):
     return parse
 
 
+# ProbeConfig fields the script sets itself: wandb logging is the script's --wandb-project /
+# --wandb-mode (one run holding both modes), not the pipeline's own per-layer export
+SCRIPT_OWNED = ("wandb_project", "wandb_mode")
+
+
 def add_probe_flags(p: argparse.ArgumentParser) -> None:
     """``--probe-<field>`` for every ProbeConfig field (defaults: ProbeConfig's own)."""
     from megatron_probe.config import ProbeConfig
@@ -63,6 +68,8 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("PROBE (ProbeConfig fields)")
     hints = typing.get_type_hints(ProbeConfig)
     for f in dataclasses.fields(ProbeConfig):
+        if f.name in SCRIPT_OWNED:
+            continue
         t = hints[f.name]
         args = typing.get_args(t)
         optional = type(None) in args

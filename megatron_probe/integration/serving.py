@@ -126,7 +126,14 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
 
                 layer0 = pipes_layers(model)[0]
                 cost = measure_expert_cost(layer0.config, layer0.expert_bank, group, ws)
-            pipe = pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost)
+            # with --metrics-jsonl: the pipeline's per-layer rows (and its event log when
+            # event_log is on) beside it, one file per rank
+            layer_rows = (f"{os.path.splitext(opts.metrics_path)[0]}.layers.rank{rank}.jsonl"
+                          if opts.metrics_path else None)
+            if layer_rows and os.path.exists(layer_rows):
+                os.remove(layer_rows)
+            pipe = pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost,
+                                                   metrics_path=layer_rows)
             if opts.cost_model == "measured" and ws > 1 and not probe_fields.get("copy_charge_us"):
                 from megatron_probe.integration.calibration import measure_copy_us
 
