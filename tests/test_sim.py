@@ -243,3 +243,17 @@ def test_validate_sim_times_a_bench_layer_like_the_hand_case():
     assert t["static"] == [pytest.approx((2 * a2a + 29.0) / 1e3)]  # no attention: the bench blocks are MoE only
     assert t["oracle"][0] <= t["static"][0]
     assert t["probe_plan_copies"] == 0  # a copy charged 1 s never pays
+
+
+def test_ours_link_keeps_the_better_of_the_two_budgets_on_a_perfect_forecast(monkeypatch):
+    from megatron_probe.sim import simulator
+
+    counts = _skewed_counts(steps=2, layers=2)
+    base = _cfg()
+    cfg = SimConfig(base.hw, base.model, Topology(2, 2), context=base.context, sigma=0.0)
+    monkeypatch.setattr(simulator, "budgets", lambda c, w: (1, 3))
+    r = simulate(counts, cfg, ("ours", "ours-link"), keep_layers=True)
+    rows = r["layers"]
+    for a, b in zip(rows["ours"], rows["ours-link"]):
+        assert b["comp_us"] <= a["comp_us"] + 1e-9  # the budget-3 plan is one of the two candidates
+    assert r["policies"]["ours-link"]["mean_step_us"] <= r["policies"]["ours"]["mean_step_us"] * 1.05

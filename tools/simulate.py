@@ -333,7 +333,7 @@ def main():
             for phase, tokens, steps, ctx, rs in (("decode", 768, a.multinode_steps, a.decode_context, 64.0),
                                                   ("prefill", 8192, 3, 4096, 1.0)):
                 c = counts_for(tokens, steps, rs, seed_off=nn * 10 + (phase == "prefill"), topo_=tp)
-                mn = ("static", "probe", "ours", "oracle")
+                mn = ("static", "probe", "ours", "ours-link", "oracle")
                 r = simulate(c, cfg_for(topo=tp, context=ctx), mn)
                 base = r["policies"]["static"]["mean_step_us"]
                 row[phase] = {n: ratio(base, r["policies"][n]["mean_step_us"]) for n in mn}
@@ -343,8 +343,9 @@ def main():
                                   ir_static=round(r["policies"]["static"]["ir"], 3),
                                   exposed_probe_us=round(r["policies"]["probe"]["exposed_us"], 1),
                                   window_est_us=r["window_est_us"])
+                row[phase]["copies_ours_link"] = round(r["policies"]["ours-link"]["copies"], 2)
                 log(lines, f"  {nn} node(s), ep {tp.ep}, {phase}: vs static probe x{row[phase]['probe']:.3f}, ours "
-                           f"x{row[phase]['ours']:.3f}, oracle x{row[phase]['oracle']:.3f}; budget probe (IB) "
+                           f"x{row[phase]['ours']:.3f}, ours-link x{row[phase]['ours-link']:.3f}, oracle x{row[phase]['oracle']:.3f}; budget probe (IB) "
                            f"{r['budget_probe']}, ours (NVLink) {r['budget_ours']}; copies/layer probe "
                            f"{row[phase]['copies_probe']}, ours {row[phase]['copies_ours']} (late ones dropped); "
                            f"IR static {row[phase]['ir_static']}")

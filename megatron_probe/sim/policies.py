@@ -28,7 +28,9 @@ Policies:
 Ablations (of ``ours``): ``ours-prev`` forecasts with last step's counts of the layer;
 ``ours-naive`` starts copies at once and lets them share the links with the All-to-Alls (no
 split phase, no drop); ``ours-noplan`` replaces the planner by EPLB's replicate-and-pack rule on
-the forecast with an even split.
+the forecast with an even split. ``ours-link`` (multi-node) plans with both budgets, the
+InfiniBand-priced one and the NVLink one, drops the late copies of each, and keeps the placement
+whose slowest rank's expert time *on the forecast* is lower (ties: the smaller budget).
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ import torch
 from megatron_probe.policy.cost_model import ExpertCost, HardwareProfile, transfer_budget, transfer_time_us
 from megatron_probe.policy.eplb import EPLBPolicy, eplb_placement
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, locality_even_assignment
-from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, static_assignment
+from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, rank_times, static_assignment
 from megatron_probe.sim.layer import Topology, copy_list, transfer_us
 from megatron_probe.sim.models import ModelPreset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POLICIES = ("static", "eplb", "probe", "ours", "oracle")
-ABLATIONS = ("ours-prev", "ours-naive", "ours-noplan")
+ABLATIONS = ("ours-prev", "ours-naive", "ours-noplan", "ours-link")
 _SPLIT_LIKE = None
 
 
@@ -170,6 +172,15 @@ class Policies:
             if name == "ours-naive":
                 return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "naive", copies=int((pl >= 0).sum()))
             pl = drop_late(pl, self.lay, self.cfg, window_us)
+            return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "split", copies=int((pl >= 0).sum()))
+        if name == "ours-link":
+            cands = []
+            for b in sorted({self.budget_probe, self.budget_ours}):
+                pl, _ = self._plan(("fc", b), P, b)
+                pl = drop_late(pl, self.lay, self.cfg, window_us)
+                t = float(rank_times(assign_on_truth(P, pl, self.lay, self.cost), self.cost).max())
+                cands.append((t, b, pl))
+            pl = min(cands, key=lambda x: (x[0], x[1]))[2]
             return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "split", copies=int((pl >= 0).sum()))
         if name == "ours-noplan":
             lay_b = ExpertLayout(self.lay.num_experts, self.lay.ep_size, min(self.lay.replica_slots, self.budget_ours))
