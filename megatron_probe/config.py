@@ -64,7 +64,9 @@ class ProbeConfig:
             written as JSON lines beside the pipeline metrics), the evidence for phase locking.
         collective_timeout_s: how long the pipeline's own collectives (forecast all-gather,
             agreement all-reduce, transfer send/recv and the commit to a chunk) wait for a peer
-            before raising, so a dead rank fails the step instead of hanging it.
+            before raising, so a dead rank fails the step instead of hanging it. Transfers wait
+            this long; the control group (all-gather, agreement) waits twice this plus the
+            prefetch deadline, since a live peer can be that late after a failed copy.
         wandb_project: export the pipeline's per-layer, per-step metrics to this Weights & Biases
             project (EP rank 0 logs); ``None``: no wandb.
         wandb_mode: ``offline`` (default: files under the run directory, ``wandb sync`` later),

@@ -29,8 +29,9 @@ replica (an expert that does not exist or that the rank owns, a repeated expert,
 dropped at the agreement (``dropped``, ``failed``); a failed transfer also breaks the engine, and
 the agreement then switches copying off on every rank at the same layer (``engine_disabled``):
 the layers go on static. The pipeline's own collectives (forecast all-gather, agreement, cost
-check) run on a control group and the copies on the transfer group, both created with
-``collective_timeout_s``, so a dead peer raises instead of hanging.
+check) run on a control group (timeout ``2 collective_timeout_s`` + the prefetch deadline: a live
+peer can be that late after a failed copy) and the copies on the transfer group (timeout
+``collective_timeout_s``), so a dead peer raises instead of hanging.
 """
 
 from __future__ import annotations
@@ -114,9 +115,12 @@ class LookaheadPipeline:
         self.ep_group = ep_group if ep_group is not None else self.layers[0].token_dispatcher.ep_group
         self.ep, self.me = group_size(self.ep_group), group_rank(self.ep_group)
         ranks = None if self.ep_group is None else dist.get_process_group_ranks(self.ep_group)
-        timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
         # the pipeline's own small collectives, with their own timeout (collective: every rank of
-        # the default group creates it, as it does the transfer group below)
+        # the default group creates it, as it does the transfer group below). A peer may reach the
+        # agreement only after waiting out its prefetch deadline or a failed copy's transfer
+        # timeout (collective_timeout_s), so the control group waits longer than both: it must
+        # not give up on a peer that is late for a legitimate reason
+        timeout = datetime.timedelta(seconds=2 * cfg.collective_timeout_s + cfg.prefetch_deadline_ms / 1e3)
         self.ctl_group = dist.new_group(ranks=ranks, timeout=timeout) if self.ep > 1 else self.ep_group
         if self.ep > 1 and group_rank(self.ctl_group) != self.me:
             raise RuntimeError(f"the control group orders the EP ranks differently ({ranks}): rank {self.me} is "
