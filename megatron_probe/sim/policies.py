@@ -30,7 +30,9 @@ Ablations (of ``ours``): ``ours-prev`` forecasts with last step's counts of the 
 split phase, no drop); ``ours-noplan`` replaces the planner by EPLB's replicate-and-pack rule on
 the forecast with an even split. ``ours-link`` (multi-node) plans with both budgets, the
 InfiniBand-priced one and the NVLink one, drops the late copies of each, and keeps the placement
-whose slowest rank's expert time *on the forecast* is lower (ties: the smaller budget).
+whose dispatch + expert + combine time *on the forecast* (``layer.layer_time``: the
+All-to-All over InfiniBand counts, since a copy on another node keeps that node's tokens local)
+is lower (ties: the smaller budget).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ import torch
 from megatron_probe.policy.cost_model import ExpertCost, HardwareProfile, transfer_budget, transfer_time_us
 from megatron_probe.policy.eplb import EPLBPolicy, eplb_placement
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, locality_even_assignment
-from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, rank_times, static_assignment
-from megatron_probe.sim.layer import Topology, copy_list, transfer_us
+from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, static_assignment
+from megatron_probe.sim.layer import Topology, copy_list, layer_time, transfer_us
 from megatron_probe.sim.models import ModelPreset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -178,8 +180,9 @@ class Policies:
             for b in sorted({self.budget_probe, self.budget_ours}):
                 pl, _ = self._plan(("fc", b), P, b)
                 pl = drop_late(pl, self.lay, self.cfg, window_us)
-                t = float(rank_times(assign_on_truth(P, pl, self.lay, self.cost), self.cost).max())
-                cands.append((t, b, pl))
+                r = layer_time(self.cfg.hw, self.cfg.model.shape, self.cfg.topo, self.cost, P,
+                               assign_on_truth(P, pl, self.lay, self.cost), self.cfg.context)
+                cands.append((r["dispatch_us"] + r["comp_us"] + r["combine_us"], b, pl))
             pl = min(cands, key=lambda x: (x[0], x[1]))[2]
             return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "split", copies=int((pl >= 0).sum()))
         if name == "ours-noplan":
