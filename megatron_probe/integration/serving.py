@@ -107,7 +107,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         if os.path.exists(path):
             probe_fields["predictor_state"] = path
     probe_cfg = ProbeConfig(**probe_fields)
-    from megatron_probe.integration.recorder import moe_layers as pipes_layers
+    from megatron_probe.integration.recorder import moe_layers
 
     models, engines, pipes = {}, {}, {}
     calibration = {}
@@ -124,7 +124,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
             if opts.cost_model == "measured":
                 from megatron_probe.integration.calibration import measure_expert_cost
 
-                layer0 = pipes_layers(model)[0]
+                layer0 = moe_layers(model)[0]
                 cost = measure_expert_cost(layer0.config, layer0.expert_bank, group, ws)
             # with --metrics-jsonl: the pipeline's per-layer rows (and its event log when
             # event_log is on) beside it, one file per rank
@@ -137,7 +137,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
             if opts.cost_model == "measured" and ws > 1 and not probe_fields.get("copy_charge_us"):
                 from megatron_probe.integration.calibration import measure_copy_us
 
-                copy_us = measure_copy_us(pipe, pipes_layers(model)[0].expert_bank, rank, group)
+                copy_us = measure_copy_us(pipe, moe_layers(model)[0].expert_bank, rank, group)
                 pipe.cfg = pipe.cfg.replace(copy_charge_us=copy_us)
             calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.cfg.copy_charge_us, 1),
                            "expert_cost_us": {"per_token": round(pipe.cost.per_token_us, 3),
@@ -242,8 +242,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
             s["emitted"] += row["emitted"]
             s["seconds"] = max(s["seconds"], row["seconds"])
             if "ir_before" in row:
-                s["ir"].append((row["ir_before"], row["ir_after"], row["ir_layers_before"], row["ir_layers_after"],
-                                row["copies"], row["dropped"], row["wait_ms"]))
+                s["ir"].append(row)
     modes = {}
     for m in opts.modes:
         reqs = [r for g in gathered for r in g["requests"][m]]
@@ -258,14 +257,8 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                "ttft_p90_s": _round(_pct([r["ttft_s"] for r in reqs], 0.9)),
                "tpot_mean_s": _round(_mean(r["tpot_s"] for r in reqs)),
                "requests_finished": sum(r["finished"] for r in reqs), "requests": len(reqs)}
-        irs = [x for s in steps.values() for x in s["ir"]]
-        if irs:
-            # one IR per step and layer: the max-over-ranks load / mean (the same on every rank)
-            out["ir_before"] = round(sum(x[0] for x in irs) / len(irs), 4)
-            out["ir_after"] = round(sum(x[1] for x in irs) / len(irs), 4)
-            nl = len(irs[0][2])
-            out["ir_before_per_layer"] = [round(sum(x[2][i] for x in irs) / len(irs), 4) for i in range(nl)]
-            out["ir_after_per_layer"] = [round(sum(x[3][i] for x in irs) / len(irs), 4) for i in range(nl)]
+        # one IR per step and layer: the max-over-ranks load / mean (the same on every rank)
+        out.update(_ir_summary([x for s in steps.values() for x in s["ir"]]))
         pipe = [g["pipeline"].get(m) for g in gathered if g["pipeline"].get(m)]
         if pipe:
             out["copies"] = sum(p["copies"] for p in pipe)
@@ -289,7 +282,8 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
     if wl.extra.get("shift_step") is not None:
         res["shift_step"] = wl.extra["shift_step"]
     res["per_step"] = {m: [{"step": k, **{kk: vv for kk, vv in v.items() if kk != "ir"},
-                            **({"ir_before": _mean(x[0] for x in v["ir"]), "ir_after": _mean(x[1] for x in v["ir"])}
+                            **({"ir_before": _mean(x["ir_before"] for x in v["ir"]),
+                                "ir_after": _mean(x["ir_after"] for x in v["ir"])}
                                if v["ir"] else {})}
                            for k, v in sorted(per_step[m].items())] for m in opts.modes}
     if len(opts.modes) == 2:
@@ -302,13 +296,28 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
         res["throughput_ratio"] = _ratio(p["throughput_tok_s"], s["throughput_tok_s"])
         res["ttft_ratio"] = _ratio(p["ttft_mean_s"], s["ttft_mean_s"])
         res["tpot_ratio"] = _ratio(p["tpot_mean_s"], s["tpot_mean_s"])
-        # the stock run sees the same batches and routing as PROBE's (tokens identical): its IR
-        # is PROBE's IR before balancing
-        if "ir_before" in p:
-            s["ir_before"] = s["ir_after"] = p["ir_before"]
-            s["ir_before_per_layer"] = s["ir_after_per_layer"] = p["ir_before_per_layer"]
+        _baseline_ir(s, p)
     res["tokens"] = {m: {r["id"]: r["tokens"] for g in gathered for r in g["requests"][m]} for m in opts.modes}
     return res
+
+
+def _ir_summary(rows: List[Dict]) -> Dict:
+    """Mean IR before/after balancing over step rows (each with per-layer lists), overall and per layer."""
+    if not rows:
+        return {}
+    n, nl = len(rows), len(rows[0]["ir_layers_before"])
+    return {"ir_before": round(sum(r["ir_before"] for r in rows) / n, 4),
+            "ir_after": round(sum(r["ir_after"] for r in rows) / n, 4),
+            "ir_before_per_layer": [round(sum(r["ir_layers_before"][i] for r in rows) / n, 4) for i in range(nl)],
+            "ir_after_per_layer": [round(sum(r["ir_layers_after"][i] for r in rows) / n, 4) for i in range(nl)]}
+
+
+def _baseline_ir(base: Dict, probe: Dict) -> None:
+    """The baseline run sees the same batches and routing as PROBE's (tokens identical): its IR
+    is PROBE's IR before balancing."""
+    if "ir_before" in probe:
+        base["ir_before"] = base["ir_after"] = probe["ir_before"]
+        base["ir_before_per_layer"] = base["ir_after_per_layer"] = probe["ir_before_per_layer"]
 
 
 def _round(x, n=5):
@@ -376,26 +385,14 @@ def summarise_scaled(raw: Dict, wl, ws: int, prefill_chunk: int, max_active: int
                "processed_tok_s": round(tokens / total, 3) if total else None,
                "ttft_mean_s": _round(_mean(ttft)), "ttft_p90_s": _round(_pct(ttft, 0.9)),
                "tpot_mean_s": _round(_mean(tpot)), "requests_finished": len(done)}
-        irs = [r for r in mine if "ir_before" in r]
-        if irs:
-            out["ir_before"] = round(sum(r["ir_before"] for r in irs) / len(irs), 4)
-            out["ir_after"] = round(sum(r["ir_after"] for r in irs) / len(irs), 4)
-            nl = len(irs[0]["ir_layers_before"])
-            out["ir_before_per_layer"] = [round(sum(r["ir_layers_before"][i] for r in irs) / len(irs), 4)
-                                          for i in range(nl)]
-            out["ir_after_per_layer"] = [round(sum(r["ir_layers_after"][i] for r in irs) / len(irs), 4)
-                                         for i in range(nl)]
+        out.update(_ir_summary([r for r in mine if "ir_before" in r]))
         if m == "probe":
             wait = sum(r.get("wait_ms", 0.0) for r in mine) / 1e3
             out.update(copies=sum(r.get("copies", 0) for r in mine), dropped=sum(r.get("dropped", 0) for r in mine),
                        exposed_wait_s=round(wait, 4), exposed_wait_fraction=round(wait / total, 4) if total else None,
                        prediction_topk_acc=round(raw["info"]["forecast_topk_acc"], 4))
         modes[m] = out
-    # the static run sees the same batches and routing: its IR is PROBE's IR before balancing
-    if "ir_before" in modes["probe"]:
-        modes["static"]["ir_before"] = modes["static"]["ir_after"] = modes["probe"]["ir_before"]
-        modes["static"]["ir_before_per_layer"] = modes["static"]["ir_after_per_layer"] = \
-            modes["probe"]["ir_before_per_layer"]
+    _baseline_ir(modes["static"], modes["probe"])
     st, pr, orc = (modes[m]["seconds"] for m in SCALED_MODES)
     res = {"regime": "scaled", "regime_detail": label, "workload": wl.scenario, "ep": ws, "modes": modes,
            "stock_is": "static: Megatron placement (each rank its E/ep experts), same PROBE layer with the pipeline off",
