@@ -147,27 +147,6 @@ def test_host_planner_equals_tensor_planner(case):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_eplb_replicates_the_hottest_and_balances():
-    from megatron_probe.policy.eplb import EPLBPolicy, eplb_placement
-
-    lay = ExpertLayout(8, 4, 1)
-    load = torch.tensor([100.0, 1, 1, 1, 1, 1, 1, 50])
-    pl = eplb_placement(load, lay)
-    validate_placement(pl, lay)
-    held = pl[pl >= 0].tolist()
-    assert held.count(0) == 3  # expert 0 gets a copy on every other rank (load per copy stays highest)
-    assert 7 in held
-    pol = EPLBPolicy(lay, window=3, period=2)
-    counts = torch.zeros(4, 8, dtype=torch.long)
-    counts[:, 0] = 40
-    moved = [pol.plan(counts)[2] for _ in range(5)]
-    assert moved[0] == 0 and moved[2] > 0 and moved[4] == 0  # rebalance at step 2; step 4 keeps it
-    _, A, _ = pol.plan(counts)
-    validate_assignment(A, counts, pol.placement, lay)
-    with pytest.raises(ValueError, match="must be positive"):
-        EPLBPolicy(lay, window=0)
-
-
 def test_optimum_is_a_lower_bound_and_probe_is_close():
     from megatron_probe.policy.optimal import optimal_plan
 

@@ -10,10 +10,18 @@ import pytest
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost, HardwareProfile, ModelShape, attention_time_us
-from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_assignment
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_split
 from megatron_probe.policy.planner import static_assignment
 from megatron_probe.sim.error_model import fit_sigma, forecast_errors, measured_predictor_error, noisy_forecast
-from megatron_probe.sim.layer import Topology, a2a_us, exact_unique_tokens, layer_time, transfer_us, unique_tokens
+from megatron_probe.sim.layer import (
+    Topology,
+    a2a_us,
+    exact_unique_tokens,
+    layer_time,
+    slot_moves,
+    transfer_us,
+    unique_tokens,
+)
 from megatron_probe.sim.models import MODELS, ModelPreset
 from megatron_probe.sim.policies import Policies, SimConfig, drop_late
 from megatron_probe.sim.simulator import simulate
@@ -96,9 +104,9 @@ def test_transfer_time_and_late_copies_by_hand():
     lay = ExpertLayout(4, 2, 1)
     pl = torch.tensor([[EMPTY_SLOT], [0]])  # rank 1 holds a copy of expert 0 (home rank 0)
     # expert bytes 3 * 500 * 100 * 2 = 300 kB: 300 us over NVLink at 1 GB/s, 600 us over IB at 0.5
-    assert transfer_us(HW, SHAPE, Topology(1, 2), pl, lay).tolist() == pytest.approx([300.0, 300.0])
-    assert transfer_us(HW, SHAPE, Topology(2, 1), pl, lay).tolist() == pytest.approx([600.0, 600.0])
-    assert transfer_us(HW, SHAPE, Topology(1, 2), pl, lay, link="ib").tolist() == pytest.approx([600.0, 600.0])
+    assert transfer_us(HW, SHAPE, Topology(1, 2), slot_moves(pl, lay)).tolist() == pytest.approx([300.0, 300.0])
+    assert transfer_us(HW, SHAPE, Topology(2, 1), slot_moves(pl, lay)).tolist() == pytest.approx([600.0, 600.0])
+    assert transfer_us(HW, SHAPE, Topology(1, 2), slot_moves(pl, lay), link="ib").tolist() == pytest.approx([600.0, 600.0])
     model = ModelPreset("hand", 1, SHAPE, "test")
     for topo, kept in ((Topology(1, 2), True), (Topology(2, 1), False)):
         out = drop_late(pl, lay, SimConfig(HW, model, topo), window_us=400.0)
@@ -125,11 +133,14 @@ def test_policies_balance_and_never_lose_tokens():
     pol = Policies(cfg, 2, ("static", "probe", "ours", "oracle"), 3, 3)
     for name in ("static", "probe", "ours", "oracle", "ours-noplan"):
         plan = pol.plan(name, 0, counts[0, 0], noisy_forecast(counts[0, 0], 0.2, torch.Generator()), 1e9)
-        pl = plan.placement if plan.placement is not None else torch.full((4, 3), EMPTY_SLOT)
         if name == "oracle":
             continue  # its placement is internal; its assignment is checked through the IR below
-        lay = ExpertLayout(16, 4, pl.shape[1])
-        validate_assignment(plan.assign, counts[0, 0], pl, lay)
+        holds = torch.zeros(4, 16, dtype=torch.bool)
+        holds[torch.arange(16) // 4, torch.arange(16)] = True
+        for dst, src, e in plan.moves:
+            assert src == e // 4 and not holds[dst, e]  # a copy comes from the home rank, once
+            holds[dst, e] = True
+        validate_split(plan.assign, counts[0, 0], holds)
     r = simulate(counts, cfg, ("static", "probe", "ours", "oracle"))
     p = r["policies"]
     assert p["static"]["ir"] > 1.5
@@ -156,7 +167,8 @@ def test_probe_exposes_a_transfer_that_misses_the_window_and_ours_drops_it(monke
 def test_eplb_warms_up_then_charges_its_rebalance_over_two_steps():
     counts = _skewed_counts(steps=6, layers=2)
     cfg = SimConfig(**{**_cfg().__dict__, "eplb_period": 2, "eplb_window": 2})
-    r = simulate(counts, cfg, ("eplb",), keep_layers=True)
+    r = simulate(counts, cfg, ("eplb", "eplb-same"), keep_layers=True)
+    assert r["layers"]["eplb-same"][4]["copies"] >= r["layers"]["eplb"][4]["copies"] > 0  # more slots, more copies
     scale = r["layer_scale"]
     layer_sum = [0.0] * 6
     for row in r["layers"]["eplb"]:
@@ -216,15 +228,22 @@ def test_trace_heat_folds_experts():
 def test_simulate_cli_small(tmp_path):
     out = tmp_path / "s.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "simulate.py"), "--preset", "paper-gpt-oss", "--sim-layers", "2",
-           "--decode-batches", "64", "--decode-steps", "6", "--switch-step", "3", "--prefill-chunks", "256",
+           "--decode-batches", "64", "--decode-steps", "8", "--switch-step", "5", "--eplb-window", "3",
+           "--eplb-period", "3", "--prefill-chunks", "256",
            "--prefill-steps", "1", "--ablation-steps", "3", "--skip", "repeat", "--multinode", "2",
            "--multinode-steps", "2", "--json", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "SIMULATION" in p.stdout
     res = json.loads(out.read_text())
-    for k in ("prefill_speedup_vs_static", "decode_speedup_vs_eplb", "ir_static", "ir_probe"):
+    for k in ("prefill_speedup_vs_static", "decode_speedup_vs_eplb", "decode_speedup_vs_eplb_same", "ir_static",
+              "ir_probe"):
         assert isinstance(res[k], float), k
+    by_phase = res["decode"]["64"]["throughput_by_phase"]
+    assert set(by_phase) == {"warmup", "stationary", "after_shift", "all", "headline"}
+    assert "eplb-same" in by_phase["headline"]
+    bad = subprocess.run(cmd[:-2] + ["--switch-step", "6"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "falls on an EPLB rebalance step [3, 6]" in bad.stderr
     assert res["label"].startswith("SIMULATION") and "GENERATED" in res["data"]
     assert res["ir_static"] > res["ir_probe"]
     assert set(res["multinode"]["2"]) == {"decode", "prefill"}

@@ -47,18 +47,26 @@ def test_eval_planner_cli(tmp_path):
     if not os.path.exists(shared):
         pytest.skip("../shared/traces not present")
     out = tmp_path / "ev.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_planner.py"), "--trace", shared, "--steps", "4",
-                        "--layers", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_planner.py"), "--trace", shared, "--steps", "12",
+                        "--layers", "2", "--eplb-window", "4", "--eplb-period", "6", "--shift", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["ep"] == 8 and res["replica_slots"] == 3
-    pol = res["policies"]
-    for name in ("static", "eplb", "probe", "probe+reassign", "oracle"):
-        assert pol[name]["ir_mean"] >= 1.0 and "ir_p95" in pol[name]
-    assert pol["probe"]["plan_us_median"] > 0
-    assert pol["probe"]["ir_mean"] < pol["static"]["ir_mean"]
-    assert "GENERATED" in res["policies_by_trace"]["coactivation_qwen3-30b-a3b.json"]["data"]
-    assert "skipped" in pol["optimal"]
+    assert res["ep"] == 8 and res["replica_slots"] == 3 and res["shift_step"] == 7  # half way between 4 and 10
+    assert set(res["phases"]) == {"warmup", "stationary", "after_shift"}
+    assert res["policies"] == res["phases"]["stationary"]["policies"]  # old readers get the stationary phase
+    for phase in ("stationary", "after_shift"):
+        pol = res["phases"][phase]["policies"]
+        for name in ("static", "eplb", "eplb_local", "eplb_home", "probe", "probe+reassign", "exact_split", "oracle"):
+            m = pol[name]
+            assert m["ir_mean"] >= 1.0 and m["ir_time_mean"] >= 1.0 and "ir_p95" in m
+            assert "copies_per_step" in m and "replica_memory_experts" in m
+        assert pol["exact_split"]["ir_mean"] <= pol["probe+reassign"]["ir_mean"] + 1e-9
+        assert pol["eplb"]["replica_memory_experts"] == 3 * 2 and pol["probe"]["replica_memory_experts"] == 6
+    trace = res["policies_by_trace"]["coactivation_qwen3-30b-a3b.json"]
+    assert trace["extra"]["probe_plan_us_median"] > 0
+    assert "GENERATED" in trace["data"]
+    assert "skipped" in trace["extra"]["optimal"]
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from megatron_probe.data.generator import fit_alpha, observed_request_skew  # noqa: E402
 from megatron_probe.data.traces import load_any  # noqa: E402
 from megatron_probe.policy.cost_model import get_profile  # noqa: E402
+from megatron_probe.policy.evaluation import Phases, eplb_rebalance_steps  # noqa: E402
 from megatron_probe.sim import error_model as em  # noqa: E402
 from megatron_probe.sim.layer import Topology  # noqa: E402
 from megatron_probe.sim.models import get_model  # noqa: E402
@@ -78,6 +79,11 @@ def main():
     p.add_argument("--skip", default="", help="comma list of sections to skip: prefill,decode,repeat,ablations")
     p.add_argument("--predictor-eval", default=None, help="measured predictor evaluation JSON (default: "
                    "results/predictor/eval_shift_ep8.json)")
+    p.add_argument("--eplb-window", type=int, default=100,
+                   help="EPLB's statistics window (vLLM's 1000 scaled by 1/10); its first rebalance comes after it")
+    p.add_argument("--eplb-period", type=int, default=300, help="steps between EPLB rebalances (vLLM's 3000 / 10)")
+    p.add_argument("--eplb-split", choices=("even", "local_first"), default="even",
+                   help="EPLB's runtime split: even (vLLM) or local_first (SGLang static dispatch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--out-dir", default=None, help="write simulate.json, simulate.txt and switch.png here")
@@ -92,6 +98,11 @@ def main():
     if shape.num_experts % ep:
         p.error(f"{shape.num_experts} experts are not divisible by ep={ep}")
     skip = set(filter(None, a.skip.split(",")))
+    rebalances = eplb_rebalance_steps(a.decode_steps, a.eplb_window, a.eplb_period)
+    if a.switch_step in rebalances:
+        p.error(f"--switch-step {a.switch_step} falls on an EPLB rebalance step {rebalances}; place it between them")
+    if not 0 < a.eplb_window < min(a.switch_step, a.decode_steps):
+        p.error(f"--eplb-window {a.eplb_window} must end before the switch (step {a.switch_step}) and the run")
     batches = [int(x) for x in a.decode_batches.split(",") if x]
     chunks = [int(x) for x in a.prefill_chunks.split(",") if x]
     out_json = a.json or (os.path.join(a.out_dir, "simulate.json") if a.out_dir else None)
@@ -146,7 +157,8 @@ def main():
     res.update(sigma=sigma, predictor_error_model=pred_note, predictor_measured=meas, predictor_model_errors=got)
 
     def cfg_for(**kw):
-        base = dict(hw=hw, model=model, topo=topo, sigma=sigma, seed=a.seed)
+        base = dict(hw=hw, model=model, topo=topo, sigma=sigma, seed=a.seed, eplb_window=a.eplb_window,
+                    eplb_period=a.eplb_period, eplb_split=a.eplb_split)
         base.update(kw)
         return SimConfig(**base)
 
@@ -178,26 +190,49 @@ def main():
         res["ours_prefill_speedup_vs_static"] = max(v["speedup_vs_static"]["ours"] for v in res["prefill"].values())
 
     # ---- decode
-    names = ("static", "eplb", "probe", "ours", "oracle")
+    names = ("static", "eplb", "eplb-same", "probe", "ours", "oracle")
+    eplb_note = (f"EPLB: the published algorithm as vLLM runs it, {a.eplb_split} split, window {a.eplb_window}, "
+                 f"rebalance at steps {rebalances} (vLLM's 1000/3000 scaled); 'eplb' with the paper's 2 redundant "
+                 f"experts per layer per rank, 'eplb-same' with PROBE's {cfg_for().replica_slots} (resident: "
+                 f"x{model.moe_layers} layers of memory where PROBE streams {2 * cfg_for().replica_slots} slots)")
+    res["eplb"] = eplb_note
     if "decode" not in skip:
+        phases = Phases(a.decode_steps, a.eplb_window, a.switch_step if a.switch_step < a.decode_steps else None)
         log(lines)
         log(lines, f"--- Decode ({a.decode_steps} steps, domain switch at step {a.switch_step}, context "
                    f"{a.decode_context}; throughput = tokens/s of the cluster from attention + MoE of every layer; "
                    f"embedding, LM head and sampling not modelled) [{LABEL}]")
-        log(lines, f"{'batch':>6} " + " ".join(f"{n + ' tok/s':>12}" for n in names)
-            + f" {'probe/eplb':>10} {'ours/eplb':>9} {'ours/probe':>10}")
+        log(lines, f"{eplb_note}. Headline: steps {a.eplb_window}-{a.decode_steps - 1} (EPLB's warm-up, steps "
+                   f"0-{a.eplb_window - 1}, excluded; per phase below; 'all' = the paper's protocol, warm-up counted)")
+        log(lines, f"{'batch':>6} " + " ".join(f"{n + ' tok/s':>14}" for n in names)
+            + f" {'probe/eplb':>10} {'ours/eplb':>9} {'ours/eplb-same':>14} {'ours/probe':>10}")
         res["decode"] = {}
         for B in batches:
             c = counts_for(B, a.decode_steps, 64.0, shift=a.switch_step, seed_off=B)
-            r = simulate(c, cfg_for(context=a.decode_context), names)
-            thr = {n: ep * B / (r["policies"][n]["mean_step_us"] * 1e-6) for n in names}
-            log(lines, f"{B:>6} " + " ".join(f"{thr[n]:>12.0f}" for n in names)
+            r = simulate(c, cfg_for(context=a.decode_context), names, summary_from=a.eplb_window)
+            per_phase = {}
+            for ph in phases.names() + ["all", "headline"]:
+                idx = [i for i in range(a.decode_steps) if ph == "all" or phases.of(i) == ph
+                       or (ph == "headline" and phases.of(i) != "warmup")]
+                per_phase[ph] = {n: ep * B / (sum(r["policies"][n]["step_us"][i] for i in idx) / len(idx) * 1e-6)
+                                 for n in names}
+            thr = per_phase["headline"]
+            log(lines, f"{B:>6} " + " ".join(f"{thr[n]:>14.0f}" for n in names)
                 + f" {ratio(thr['probe'], thr['eplb']):>10.3f} {ratio(thr['ours'], thr['eplb']):>9.3f}"
-                  f" {ratio(thr['ours'], thr['probe']):>10.3f}")
+                  f" {ratio(thr['ours'], thr['eplb-same']):>14.3f} {ratio(thr['ours'], thr['probe']):>10.3f}")
+            for ph in phases.names() + ["all"]:
+                t = per_phase[ph]
+                log(lines, f"{'':>6}   {ph:<11} probe/eplb {ratio(t['probe'], t['eplb']):.3f}, ours/eplb "
+                           f"{ratio(t['ours'], t['eplb']):.3f}, ours/eplb-same {ratio(t['ours'], t['eplb-same']):.3f}, "
+                           f"eplb/static {ratio(t['eplb'], t['static']):.3f}")
             res["decode"][str(B)] = {
                 "throughput_tok_s": {n: round(v, 1) for n, v in thr.items()},
+                "throughput_by_phase": {ph: {n: round(v, 1) for n, v in t.items()} for ph, t in per_phase.items()},
                 "tpot_ms": {n: round(r["policies"][n]["mean_step_us"] / 1e3, 4) for n in names},
                 "probe_vs_eplb": ratio(thr["probe"], thr["eplb"]), "ours_vs_eplb": ratio(thr["ours"], thr["eplb"]),
+                "ours_vs_eplb_same": ratio(thr["ours"], thr["eplb-same"]),
+                "probe_vs_eplb_same": ratio(thr["probe"], thr["eplb-same"]),
+                "probe_vs_eplb_all_steps": ratio(per_phase["all"]["probe"], per_phase["all"]["eplb"]),
                 "ours_vs_probe": ratio(thr["ours"], thr["probe"]), "static_ir_generated": round(static_ir(c), 4),
                 "budget_probe": r["budget_probe"], "budget_ours": r["budget_ours"],
                 "window_est_us": r["window_est_us"], "policies": summary(r, names),
@@ -205,18 +240,22 @@ def main():
                                     for n in names}}
         res["decode_speedup_vs_eplb"] = max(v["probe_vs_eplb"] for v in res["decode"].values())
         res["ours_decode_speedup_vs_eplb"] = max(v["ours_vs_eplb"] for v in res["decode"].values())
+        res["decode_speedup_vs_eplb_same"] = max(v["probe_vs_eplb_same"] for v in res["decode"].values())
+        res["ours_decode_speedup_vs_eplb_same"] = max(v["ours_vs_eplb_same"] for v in res["decode"].values())
+        res["decode_headline"] = (f"steps {a.eplb_window}-{a.decode_steps - 1}: EPLB's warm-up excluded; "
+                                  "'_all_steps' keys count it as the paper did")
         Bref = "768" if "768" in res["decode"] else str(batches[0])
         pol = res["decode"][Bref]["policies"]
         res["ir_static"], res["ir_probe"], res["ir_ours"] = pol["static"]["ir"], pol["probe"]["ir"], pol["ours"]["ir"]
         res["comp_max_over_mean_static"] = pol["static"]["ir_comp"]
         res["comp_max_over_mean_probe"] = pol["probe"]["ir_comp"]
-        log(lines, f"IR (max/mean tokens per rank, mean over steps x layers) at batch {Bref}: static "
+        log(lines, f"IR (max/mean tokens per rank, mean over steps x layers after EPLB's warm-up) at batch {Bref}: static "
                    f"{res['ir_static']:.3f} -> PROBE {res['ir_probe']:.3f} (ours {res['ir_ours']:.3f}, EPLB "
                    f"{pol['eplb']['ir']:.3f}, oracle {pol['oracle']['ir']:.3f}); compute max/mean "
                    f"{res['comp_max_over_mean_static']:.3f} -> {res['comp_max_over_mean_probe']:.3f}")
         log(lines, "exposed transfer per layer (us, mean): " + ", ".join(
             f"{n} {pol[n]['exposed_us']:.1f}" for n in names) + "; copies per layer: " + ", ".join(
-            f"{n} {pol[n]['copies']:.2f}" for n in ("eplb", "probe", "ours")))
+            f"{n} {pol[n]['copies']:.2f}" for n in ("eplb", "eplb-same", "probe", "ours")))
         st = res["decode"][Bref]["step_throughput"]
         sw = a.switch_step
         if sw < a.decode_steps:
@@ -226,10 +265,10 @@ def main():
             log(lines, "throughput around the switch (tok/s, mean of steps): "
                 + "; ".join(f"{n}: [{sw - 50},{sw}) {seg(n, sw - 50, sw):.0f}, [{sw},{sw + 50}) "
                             f"{seg(n, sw, sw + 50):.0f}" for n in names))
-            if sw >= 150:
-                log(lines, f"EPLB warm-up (steps 0-100 vs 100-{sw}): eplb {seg('eplb', 0, 100):.0f} vs "
-                           f"{seg('eplb', 100, sw):.0f} tok/s; static {seg('static', 0, 100):.0f} vs "
-                           f"{seg('static', 100, sw):.0f}")
+            if sw > a.eplb_window:
+                log(lines, f"EPLB warm-up (steps 0-{a.eplb_window - 1} vs {a.eplb_window}-{sw - 1}): eplb "
+                           f"{seg('eplb', 0, a.eplb_window):.0f} vs {seg('eplb', a.eplb_window, sw):.0f} tok/s; static "
+                           f"{seg('static', 0, a.eplb_window):.0f} vs {seg('static', a.eplb_window, sw):.0f}")
         if a.out_dir:
             import matplotlib
 
@@ -243,9 +282,13 @@ def main():
                 sm = [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
                 ax.plot(range(len(xs)), sm, label=n, lw=1)
             ax.axvline(sw, color="k", ls=":", lw=0.8)
+            for rb in rebalances:
+                ax.axvline(rb, color="tab:orange", ls="--", lw=0.6)
+            ax.axvspan(0, a.eplb_window, color="0.9", lw=0)  # EPLB's warm-up
             ax.set_xlabel("decode step")
             ax.set_ylabel("tokens/s (5-step mean)")
-            ax.set_title(f"SIMULATION: {model.name}, ep {ep}, batch {Bref}/rank, switch at {sw}", fontsize=9)
+            ax.set_title(f"SIMULATION: {model.name}, ep {ep}, batch {Bref}/rank, switch at {sw} (dotted), EPLB "
+                         f"rebalances (dashed), warm-up shaded", fontsize=8)
             ax.legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(os.path.join(a.out_dir, "switch.png"), dpi=110)
@@ -256,12 +299,16 @@ def main():
         log(lines)
         B = 768
         c = counts_for(B, min(a.decode_steps, 300), 1e9, rpr=1, seed_off=7)
-        r = simulate(c, cfg_for(context=a.decode_context), names)
-        thr = {n: ep * B / (r["policies"][n]["mean_step_us"] * 1e-6) for n in names}
-        log(lines, f"--- Repeat (one request group per rank, never replaced; batch {B}, {c.shape[0]} steps) [{LABEL}]")
+        idx = range(min(a.eplb_window, c.shape[0] - 1), c.shape[0])  # EPLB's warm-up excluded
+        r = simulate(c, cfg_for(context=a.decode_context), names, summary_from=idx.start)
+        thr = {n: ep * B / (sum(r["policies"][n]["step_us"][i] for i in idx) / len(idx) * 1e-6) for n in names}
+        log(lines, f"--- Repeat (one request group per rank, never replaced; batch {B}, {c.shape[0]} steps; "
+                   f"throughput over steps {idx.start}-{idx.stop - 1}) [{LABEL}]")
         log(lines, "  " + ", ".join(f"{n} {thr[n]:.0f} tok/s (IR {r['policies'][n]['ir']:.2f})" for n in names)
-            + f"; probe/eplb {ratio(thr['probe'], thr['eplb'])}, ours/eplb {ratio(thr['ours'], thr['eplb'])}")
-        res["repeat"] = {"throughput_tok_s": thr, "policies": summary(r, names), "static_ir_generated": static_ir(c)}
+            + f"; probe/eplb {ratio(thr['probe'], thr['eplb'])}, ours/eplb {ratio(thr['ours'], thr['eplb'])}, "
+              f"ours/eplb-same {ratio(thr['ours'], thr['eplb-same'])}")
+        res["repeat"] = {"throughput_tok_s": thr, "steps": [idx.start, idx.stop - 1], "policies": summary(r, names),
+                         "static_ir_generated": static_ir(c)}
 
     # ---- ablations (decode, batch 768, shorter run with the switch in the middle)
     if "ablations" not in skip:

@@ -12,10 +12,11 @@ from megatron_probe.policy.placement import (  # noqa: F401
     slot_experts,
     validate_assignment,
     validate_placement,
+    validate_split,
 )
 
 __all__ = [
     "EMPTY_SLOT", "ExpertLayout", "assignment_from_placement", "empty_placement", "holder_slots",
     "imbalance_ratio", "locality_even_assignment", "rank_loads", "slot_experts", "validate_assignment",
-    "validate_placement",
+    "validate_placement", "validate_split",
 ]

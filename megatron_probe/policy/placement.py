@@ -193,7 +193,14 @@ def validate_assignment(
             checked by passing only the rows that are known (``counts`` and ``assign`` sliced
             alike) -- the shapes must agree on the source dimension.
     """
-    ep, E = layout.ep_size, layout.num_experts
+    holds = holder_slots(slot_expert.detach().cpu().long(), layout) >= 0
+    validate_split(assign, counts, holds)
+
+
+def validate_split(assign: torch.Tensor, counts: torch.Tensor, holds: torch.Tensor) -> None:
+    """:func:`validate_assignment` for any layout: ``holds [ep, E]`` bool says which rank has a
+    copy of which expert (natives included; a layout whose natives move, such as EPLB's)."""
+    ep, E = holds.shape
     if not isinstance(assign, torch.Tensor):
         raise TypeError(f"assignment must be a torch.Tensor, got {type(assign).__name__}")
     if assign.dim() != 3 or tuple(assign.shape[1:]) != (E, ep) or assign.shape[0] != counts.shape[0]:
@@ -216,11 +223,11 @@ def validate_assignment(
             f"assignment {verb} tokens: source rank {s} routes {int(c[s, e])} tokens to expert {e} "
             f"but the assignment places {int(totals[s, e])}"
         )
-    holds = (holder_slots(slot_expert.detach().cpu().long(), layout) >= 0).T  # [E, ep_dst]
-    stray = (a > 0) & ~holds.unsqueeze(0)
+    holds_e = holds.detach().cpu().bool().T  # [E, ep_dst]
+    stray = (a > 0) & ~holds_e.unsqueeze(0)
     if stray.any():
         s, e, d = stray.nonzero()[0].tolist()
-        holders = holds[e].nonzero().flatten().tolist()
+        holders = holds_e[e].nonzero().flatten().tolist()
         raise ValueError(
             f"assignment sends {int(a[s, e, d])} tokens of expert {e} from rank {s} to rank {d}, "
             f"which holds no copy of expert {e} (copies on ranks {holders})"

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
-from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_placement
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, holder_slots, validate_placement
 
 
 def _check_counts(counts: torch.Tensor, layout: ExpertLayout) -> None:
@@ -235,6 +235,25 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
             n_in[dst] += 1
             n_out[src] += 1
     return torch.from_numpy(slots), torch.from_numpy(A)
+
+
+def split_as_predicted(true: torch.Tensor, pred: torch.Tensor, pred_assign: torch.Tensor, placement: torch.Tensor,
+                       layout: ExpertLayout) -> torch.Tensor:
+    """PROBE as published: the split planned on the forecast ``pred`` (``pred_assign``) applied to
+    the true counts as proportions. A (source, expert) pair the forecast had no token for stays on
+    the expert's home rank; rounding remainders go to the copy with the largest share."""
+    holds = (holder_slots(placement, layout) >= 0).T  # [E, ep]
+    frac = pred_assign.double() / pred.double().clamp_min(1).unsqueeze(-1)
+    A = torch.floor(frac * true.double().unsqueeze(-1)).long()
+    no_pred = pred == 0
+    home = torch.arange(layout.num_experts) // layout.num_local_experts
+    A[no_pred] = 0
+    s_idx, e_idx = no_pred.nonzero(as_tuple=True)
+    A[s_idx, e_idx, home[e_idx]] = true[s_idx, e_idx]
+    rest = true - A.sum(-1)
+    best = torch.where(holds.unsqueeze(0).expand_as(frac), frac, torch.full_like(frac, -1)).argmax(-1)
+    A.scatter_add_(2, best.unsqueeze(-1), rest.unsqueeze(-1))
+    return A
 
 
 def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int],

@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_probe.policy.evaluation import noisy_forecast  # noqa: F401 (the noise model; re-exported)
 from megatron_probe.policy.prediction_metrics import PredictionStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,14 +36,6 @@ def measured_predictor_error(path: str = DEFAULT_EVAL, method: str = "distilled"
     return {"file": os.path.relpath(path, ROOT), "method": method, "ep": d["ep"], "workload": d.get("scenario"),
             "rank_load_err": m["mean_rank_load_err"], "count_err": m["mean_count_err"],
             "topk_acc": m["mean_topk_acc"]}
-
-
-def noisy_forecast(counts: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """Mean-preserving log-normal noise on every count (integer result)."""
-    if sigma <= 0:
-        return counts.clone()
-    z = torch.randn(counts.shape, generator=gen, dtype=torch.float64)
-    return torch.round(counts.double() * torch.exp(sigma * z - sigma * sigma / 2)).long()
 
 
 def forecast_errors(counts: torch.Tensor, sigma: float, ep: int, seed: int = 0) -> Dict[str, float]:

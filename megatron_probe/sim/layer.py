@@ -112,16 +112,38 @@ def copy_list(placement: torch.Tensor, layout: ExpertLayout):
     return out
 
 
-def transfer_us(hw: HardwareProfile, shape: ModelShape, topo: Topology, placement: torch.Tensor,
-                layout: ExpertLayout, link: str = "auto") -> torch.Tensor:
-    """``[ep]`` time each rank spends moving the placement's replicas (all fetched anew, as with
-    PROBE's shared double-buffered banks): per link class the larger of bytes in and bytes out,
-    the classes side by side (``T_trans = max(|in|, |out|) W / BW``). ``link``: ``auto`` (NVLink
+def slot_moves(placement: torch.Tensor, layout: ExpertLayout):
+    """``[(dst, src, expert)]`` copies of a placement's replicas, each from its expert's home rank."""
+    return [(dst, src, e) for dst, _, e, src in copy_list(placement, layout)]
+
+
+def eplb_moves(new, old, topo: Topology):
+    """``[(dst, src, expert)]`` weight copies that turn EPLB map ``old`` into ``new``
+    (``eplb.PhysicalMap``): every expert a rank holds now and did not hold before, sent by a rank
+    that held it, preferring one on the same node and then the one that has sent the fewest."""
+    gained = new.holds() & ~old.holds()  # [ep, E]
+    had = old.holds()
+    same = topo.same_node()
+    sent = [0] * topo.ep
+    out = []
+    for dst, e in gained.nonzero().tolist():
+        srcs = had[:, e].nonzero().flatten().tolist()
+        src = min(srcs, key=lambda r: (not bool(same[dst, r]), sent[r], r))
+        sent[src] += 1
+        out.append((dst, src, e))
+    return out
+
+
+def transfer_us(hw: HardwareProfile, shape: ModelShape, topo: Topology, moves, link: str = "auto") -> torch.Tensor:
+    """``[ep]`` time each rank spends on the weight copies ``moves`` (``[(dst, src, expert)]``; for a
+    PROBE-style placement :func:`slot_moves`: all fetched anew, as with
+    shared double-buffered banks): per link class the larger of bytes in and bytes out, the
+    classes side by side (``T_trans = max(|in|, |out|) W / BW``). ``link``: ``auto`` (NVLink
     inside a node, InfiniBand across), ``nvlink`` or ``ib`` for every copy."""
     ep = topo.ep
     same = topo.same_node()
     n = {c: (torch.zeros(ep), torch.zeros(ep)) for c in (False, True)}  # inter_node -> (in, out)
-    for dst, _, _, src in copy_list(placement, layout):
+    for dst, src, _ in moves:
         inter = {"auto": not bool(same[dst, src]), "nvlink": False, "ib": True}[link]
         n[inter][0][dst] += 1
         n[inter][1][src] += 1

@@ -3,17 +3,24 @@
 Each policy turns one layer's true counts ``C [ep, E]`` (and, for the forecasting ones, a forecast
 ``P``) into a placement and an assignment, and says what its replica transfers cost. The planning
 code is the project's own: ``planner.plan_probe_host`` (PROBE's Algorithm 1, the host twin of the
-tensor planner), ``planner.assign_on_truth``, ``eplb.EPLBPolicy`` / ``eplb_placement``,
-``placement.locality_even_assignment``, and ``tools/eval_planner.split_like`` (PROBE as
-published applies the predicted split's proportions to the true tokens).
+tensor planner), ``planner.assign_on_truth``, ``eplb.EPLBPolicy`` (the published EPLB) and
+``eplb.home_fixed_eplb_placement``, ``placement.locality_even_assignment``, and
+``planner.split_as_predicted`` (PROBE as published applies the predicted split's proportions to
+the true tokens).
 
 Policies:
 
 * ``static``: Megatron's contiguous placement, no replicas.
-* ``eplb``: DeepSeek-style EPLB (``EPLBPolicy``): ``eplb_slots`` replica slots per layer per rank,
-  statistics of the past ``eplb_window`` steps, rebalance every ``eplb_period`` steps, starting
-  from no replica (warm-up); the copies of a rebalance (all layers at once) are charged in full,
-  spread over ``eplb_spread_steps`` steps, not hidden.
+* ``eplb``: the published EPLB as vLLM runs it (``eplb.EPLBPolicy``) with the paper's setting,
+  ``eplb_slots`` = 2 redundant experts per layer per rank (natives move too), statistics of the
+  past ``eplb_window`` steps, the first rebalance once a window is recorded, then every
+  ``eplb_period`` steps (vLLM's 1000 / 3000 defaults scaled to the run); before it, vLLM's
+  initial map (warm-up). Tokens split by ``eplb_split`` (``even``: vLLM; ``local_first``:
+  SGLang). The copies of a rebalance (all layers at once; every expert a rank gains) are charged
+  in full, spread over ``eplb_spread_steps`` steps, not hidden.
+* ``eplb-same``: the same at PROBE's slots (``replica_slots`` redundant experts per layer per
+  rank: resident, ``replica_slots x layers`` experts of memory per rank where PROBE streams
+  ``2 x replica_slots``).
 * ``probe``: PROBE as the paper describes it: plan on the forecast with the transfer budget of
   the estimated window (``cost_model.transfer_window_us`` / ``transfer_budget``, over
   InfiniBand when the cluster spans nodes), split from the forecast, every replica fetched anew
@@ -27,8 +34,9 @@ Policies:
 
 Ablations (of ``ours``): ``ours-prev`` forecasts with last step's counts of the layer;
 ``ours-naive`` starts copies at once and lets them share the links with the All-to-Alls (no
-split phase, no drop); ``ours-noplan`` replaces the planner by EPLB's replicate-and-pack rule on
-the forecast with an even split. ``ours-link`` (multi-node) plans with both budgets, the
+split phase, no drop); ``ours-noplan`` replaces the planner by the home-fixed EPLB rule
+(``home_fixed_eplb_placement``: replicate and pack the replica slots) on the forecast with an
+even split. ``ours-link`` (multi-node) plans with both budgets, the
 InfiniBand-priced one and the NVLink one, drops the late copies of each, and keeps the placement
 whose dispatch + expert + combine time *on the forecast* (``layer.layer_time``: the
 All-to-All over InfiniBand counts, since a copy on another node keeps that node's tokens local)
@@ -37,35 +45,21 @@ is lower (ties: the smaller budget).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost, HardwareProfile, transfer_budget, transfer_time_us
-from megatron_probe.policy.eplb import EPLBPolicy, eplb_placement
+from megatron_probe.policy.eplb import EPLBPolicy, home_fixed_eplb_placement
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, locality_even_assignment
-from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, static_assignment
-from megatron_probe.sim.layer import Topology, copy_list, layer_time, transfer_us
+from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, split_as_predicted, static_assignment
+from megatron_probe.sim.layer import Topology, copy_list, eplb_moves, layer_time, slot_moves, transfer_us
 from megatron_probe.sim.models import ModelPreset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-POLICIES = ("static", "eplb", "probe", "ours", "oracle")
+POLICIES = ("static", "eplb", "eplb-same", "probe", "ours", "oracle")
 ABLATIONS = ("ours-prev", "ours-naive", "ours-noplan", "ours-link")
-_SPLIT_LIKE = None
-
-
-def split_like(true, pred, pred_assign, layout, placement):
-    """``tools/eval_planner.split_like`` (loaded from the tool: one implementation)."""
-    global _SPLIT_LIKE
-    if _SPLIT_LIKE is None:
-        spec = importlib.util.spec_from_file_location("_probe_eval_planner", os.path.join(ROOT, "tools", "eval_planner.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _SPLIT_LIKE = mod.split_like
-    return _SPLIT_LIKE(true, pred, pred_assign, layout, placement)
+EPLB_POLICIES = ("eplb", "eplb-same")
 
 
 @dataclass
@@ -75,9 +69,10 @@ class SimConfig:
     topo: Topology
     context: int = 2048  # tokens of KV each token attends to (decode) or chunk/2 (prefill)
     replica_slots: int = 3  # PROBE: 3 redundant experts per rank (double-buffered: 6 slots)
-    eplb_slots: int = 2
-    eplb_window: int = 100
-    eplb_period: int = 100
+    eplb_slots: int = 2  # the paper's EPLB: 2 redundant experts per layer per rank
+    eplb_window: int = 100  # vLLM's window 1000 / interval 3000, scaled by 1/10 to a 500-step run
+    eplb_period: int = 300
+    eplb_split: str = "even"  # even (vLLM) | local_first (SGLang static dispatch)
     eplb_spread_steps: int = 2
     sigma: float = 0.0  # forecast noise (error_model)
     k_max: int = 16
@@ -106,16 +101,18 @@ def drop_late(placement: torch.Tensor, layout: ExpertLayout, cfg: SimConfig, win
 @dataclass
 class LayerPlan:
     assign: torch.Tensor
-    placement: Optional[torch.Tensor] = None  # replicas fetched this step (PROBE-style), or None
+    moves: List[Tuple[int, int, int]] = field(default_factory=list)  # weight copies (dst, src, expert)
     mode: str = "none"  # none | split | naive | eplb
     sm_copy: bool = False
-    copies: int = 0
+
+    @property
+    def copies(self) -> int:
+        return len(self.moves)
 
 
 @dataclass
 class PolicyState:
-    eplb: List[EPLBPolicy] = field(default_factory=list)
-    eplb_prev: List[torch.Tensor] = field(default_factory=list)
+    eplb: Dict[str, List[EPLBPolicy]] = field(default_factory=dict)
     last_counts: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -129,13 +126,13 @@ class Policies:
         self.cost = ExpertCost.from_profile(cfg.hw, cfg.model.shape)
         self.lay0 = ExpertLayout(E, ep, 0)
         self.lay = ExpertLayout(E, ep, cfg.replica_slots)
-        self.lay_eplb = ExpertLayout(E, ep, cfg.eplb_slots)
         self.budget_probe, self.budget_ours = budget_probe, budget_ours
         self.state = PolicyState()
-        if "eplb" in self.names:
-            self.state.eplb = [EPLBPolicy(self.lay_eplb, cfg.eplb_window, cfg.eplb_period) for _ in range(n_layers)]
-            self.state.eplb_prev = [torch.full((ep, cfg.eplb_slots), EMPTY_SLOT, dtype=torch.long)
-                                    for _ in range(n_layers)]
+        slots = {"eplb": cfg.eplb_slots, "eplb-same": cfg.replica_slots}
+        for name in EPLB_POLICIES:
+            if name in self.names:
+                self.state.eplb[name] = [EPLBPolicy(E, ep, ep * slots[name], cfg.eplb_window, cfg.eplb_period,
+                                                    split=cfg.eplb_split) for _ in range(n_layers)]
         self._plans: Dict = {}
 
     def _plan(self, key, counts, budget):
@@ -149,19 +146,18 @@ class Policies:
     def plan(self, name: str, l: int, C: torch.Tensor, P: torch.Tensor, window_us: float):
         if name == "static":
             return LayerPlan(static_assignment(C, self.lay0))
-        if name == "eplb":
-            pl, A, _ = self.state.eplb[l].plan(C)
-            prev = self.state.eplb_prev[l]
-            new = torch.where((pl != prev) & (pl >= 0), pl, torch.full_like(pl, EMPTY_SLOT))
-            self.state.eplb_prev[l] = pl
-            return LayerPlan(A, new, "eplb", copies=int((new >= 0).sum()))
+        if name in EPLB_POLICIES:
+            pol = self.state.eplb[name][l]
+            old = pol.pmap
+            A, copies = pol.plan(C)
+            return LayerPlan(A, eplb_moves(pol.pmap, old, self.cfg.topo) if copies else [], "eplb")
         if name == "oracle":
             pl, A = self._plan("oracle", C, self.lay.replica_slots)
             return LayerPlan(A)
         if name == "probe":
             pl, Ap = self._plan(("fc", self.budget_probe), P, self.budget_probe)
-            A = split_like(C, P, Ap, self.lay, pl)
-            return LayerPlan(A, pl, "split", sm_copy=True, copies=int((pl >= 0).sum()))
+            A = split_as_predicted(C, P, Ap, pl, self.lay)
+            return LayerPlan(A, slot_moves(pl, self.lay), "split", sm_copy=True)
         if name in ("ours", "ours-naive", "ours-prev"):
             if name == "ours-prev":
                 prev = self.state.last_counts.get(l)
@@ -172,9 +168,9 @@ class Policies:
             else:
                 pl, _ = self._plan(("fc", self.budget_ours), P, self.budget_ours)
             if name == "ours-naive":
-                return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "naive", copies=int((pl >= 0).sum()))
+                return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), slot_moves(pl, self.lay), "naive")
             pl = drop_late(pl, self.lay, self.cfg, window_us)
-            return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "split", copies=int((pl >= 0).sum()))
+            return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), slot_moves(pl, self.lay), "split")
         if name == "ours-link":
             cands = []
             for b in sorted({self.budget_probe, self.budget_ours}):
@@ -184,21 +180,17 @@ class Policies:
                                assign_on_truth(P, pl, self.lay, self.cost), self.cfg.context)
                 cands.append((r["dispatch_us"] + r["comp_us"] + r["combine_us"], b, pl))
             pl = min(cands, key=lambda x: (x[0], x[1]))[2]
-            return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), pl, "split", copies=int((pl >= 0).sum()))
+            return LayerPlan(assign_on_truth(C, pl, self.lay, self.cost), slot_moves(pl, self.lay), "split")
         if name == "ours-noplan":
             lay_b = ExpertLayout(self.lay.num_experts, self.lay.ep_size, min(self.lay.replica_slots, self.budget_ours))
-            pl = eplb_placement(P.sum(0).double(), lay_b)
+            pl = home_fixed_eplb_placement(P.sum(0).double(), lay_b)
             pl = drop_late(pl, lay_b, self.cfg, window_us)
-            return LayerPlan(locality_even_assignment(C, pl, lay_b), pl, "split", copies=int((pl >= 0).sum()))
+            return LayerPlan(locality_even_assignment(C, pl, lay_b), slot_moves(pl, lay_b), "split")
         raise ValueError(f"unknown policy {name!r}; valid: {POLICIES + ABLATIONS}")
 
     def transfer(self, plan: LayerPlan) -> torch.Tensor:
-        """``[ep]`` per-rank transfer time of the copies a plan fetches (zeros for none)."""
-        if plan.placement is None or plan.copies == 0:
-            return torch.zeros(self.cfg.topo.ep, dtype=torch.float64)
-        lay = ExpertLayout(self.lay.num_experts, self.lay.ep_size, plan.placement.shape[1])
-        return transfer_us(self.cfg.hw, self.cfg.model.shape, self.cfg.topo, plan.placement, lay,
-                           self.cfg.transfer_link)
+        """``[ep]`` per-rank transfer time of the copies a plan makes (zeros for none)."""
+        return transfer_us(self.cfg.hw, self.cfg.model.shape, self.cfg.topo, plan.moves, self.cfg.transfer_link)
 
 
 def budgets(cfg: SimConfig, window_us: float):

@@ -14,8 +14,8 @@ Per layer and policy (see :mod:`megatron_probe.sim.policies` for the policies):
   links with both All-to-Alls; while they collide, the All-to-All is delayed by as long as the
   copy runs beside it (the link is shared), and the rest of the copy that does not fit before
   this layer's dispatch is exposed.
-* EPLB: the new copies of a rebalance, per rank summed over every layer of the model, charged
-  to the next ``eplb_spread_steps`` steps in equal parts.
+* EPLB (``eplb``, ``eplb-same``): the copies of a rebalance, per rank summed over every layer of
+  the model, charged to the next ``eplb_spread_steps`` steps in equal parts.
 
 Results: per policy the step times (us), and means over steps x layers of IR (max/mean tokens
 per rank), compute max/mean, exposed transfer time and copies per layer.
@@ -34,9 +34,12 @@ from megatron_probe.sim.policies import Policies, SimConfig, budgets
 
 
 def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], forecast: Optional[torch.Tensor] = None,
-             keep_layers: bool = False) -> Dict:
+             keep_layers: bool = False, summary_from: int = 0) -> Dict:
     """Simulate ``policies`` on ``counts``. ``forecast`` (same shape) replaces the error model's
-    forecast when given."""
+    forecast when given. The per-layer means (IR, times, copies) cover steps ``summary_from`` on
+    (e.g. after EPLB's warm-up); ``step_us`` has every step."""
+    if not 0 <= summary_from < counts.shape[0]:
+        raise ValueError(f"summary_from={summary_from} must be in 0..{counts.shape[0] - 1}")
     steps, Ls, ep, E = counts.shape
     shape = cfg.model.shape
     if ep != cfg.topo.ep or E != shape.num_experts:
@@ -54,7 +57,7 @@ def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], fore
     prev = {n: None for n in names}  # previous layer's timing (for windows)
     per_layer = {n: [] for n in names} if keep_layers else None
     for s in range(steps):
-        eplb_in = torch.zeros(ep, dtype=torch.float64)
+        eplb_in = {n: torch.zeros(ep, dtype=torch.float64) for n in names}  # rebalance copies, all layers
         for l in range(Ls):
             C = counts[s, l]
             P = forecast[s, l] if forecast is not None else noisy_forecast(C, cfg.sigma, gen)
@@ -78,23 +81,25 @@ def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], fore
                     a2a_extra = min(t, d_prev) + min(max(0.0, t - d_prev - prev_comp), c_prev)
                     exposed = max(0.0, t - (d_prev + prev_comp + c_prev + attn))
                 elif plan.mode == "eplb":
-                    eplb_in += trans
+                    eplb_in[n] += trans
                 r = layer_time(cfg.hw, shape, cfg.topo, pol.cost, C, plan.assign, cfg.context, exposed, a2a_extra,
                                comp_extra)
                 prev[n] = r
                 step_us[n][s] += r["total_us"] * scale
                 a = acc[n]
-                for k in ("ir", "ir_comp", "exposed_us", "attn_us", "dispatch_us", "comp_us", "combine_us",
-                          "a2a_extra_us"):
-                    a[k] += r[k]
-                a["copies"] += plan.copies
+                if s >= summary_from:
+                    for k in ("ir", "ir_comp", "exposed_us", "attn_us", "dispatch_us", "comp_us", "combine_us",
+                              "a2a_extra_us"):
+                        a[k] += r[k]
+                    a["copies"] += plan.copies
                 if keep_layers:
                     per_layer[n].append(dict(step=s, layer=l, copies=plan.copies, **r))
-        if "eplb" in names and float(eplb_in.max()) > 0:
-            charge = float(eplb_in.max()) * scale / cfg.eplb_spread_steps
-            for j in range(s + 1, min(steps, s + 1 + cfg.eplb_spread_steps)):
-                step_us["eplb"][j] += charge
-    n_lay = steps * Ls
+        for n, t in eplb_in.items():
+            if float(t.max()) > 0:
+                charge = float(t.max()) * scale / cfg.eplb_spread_steps
+                for j in range(s + 1, min(steps, s + 1 + cfg.eplb_spread_steps)):
+                    step_us[n][j] += charge
+    n_lay = (steps - summary_from) * Ls
     out = {"policies": {}, "budget_probe": b_probe, "budget_ours": b_ours, "window_est_us": round(w_est, 1),
            "tokens_per_rank": tok_rank, "layer_scale": scale}
     for n in names:
