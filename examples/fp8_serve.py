@@ -74,7 +74,6 @@ def refusal(recipe: str, rest: List[str], env=None, cuda: Optional[bool] = None,
     if not cuda:
         return "FP8 needs a CUDA GPU (Hopper or Ada for current scaling, Blackwell for mxfp8)"
     if have_te is None:
-        sys.path.insert(0, ROOT)
         from megatron_probe.mechanism import te_backend
 
         have_te = te_backend.HAVE_TE
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
         return tool.main(rest)
     import torch
 
-    from megatron_probe.integration.equivalence import _fp8_context
+    from megatron_probe.experiments.equivalence import _fp8_context
 
     # the autocast probes the current device: make it this rank's before opening it
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -1,7 +1,7 @@
 """megatron_probe: PROBE expert-parallel MoE inference balancing for Megatron-Core.
 
 ``import megatron_probe`` needs neither a GPU, Transformer Engine nor apex; the Megatron
-integration is imported lazily (``megatron_probe.probe_layer_spec`` etc.).
+glue is imported lazily (``megatron_probe.probe_layer_spec`` etc.).
 """
 
 from megatron_probe.config import ProbeConfig
@@ -9,9 +9,9 @@ from megatron_probe.config import ProbeConfig
 __version__ = "0.1.0"
 
 _LAZY = {
-    "probe_layer_spec": "megatron_probe.integration.spec",
-    "ProbeMoELayer": "megatron_probe.integration.layer",
-    "ProbeRouter": "megatron_probe.integration.router",
+    "probe_layer_spec": "megatron_probe.mcore.spec",
+    "ProbeMoELayer": "megatron_probe.mcore.layer",
+    "ProbeRouter": "megatron_probe.mcore.router",
     "ProbeTokenDispatcher": "megatron_probe.mechanism.dispatcher",
 }
 

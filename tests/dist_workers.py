@@ -56,7 +56,7 @@ def _stock_layer(cfg):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_probe.integration.router import ProbeRouter
+    from megatron_probe.mcore.router import ProbeRouter
 
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False).submodules.mlp
     spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, router=ProbeRouter))
@@ -64,14 +64,14 @@ def _stock_layer(cfg):
 
 
 def _init(ep):
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
+    from megatron_probe.mcore.cpu import initialize_megatron_parallel
 
     initialize_megatron_parallel(ep)
 
 
 # --------------------------------------------------------------------------- equivalence
 def equivalence(rank, ws, opts_dict, out_dir):
-    from megatron_probe.integration.equivalence import EquivalenceOptions, run_rank
+    from megatron_probe.experiments.equivalence import EquivalenceOptions, run_rank
 
     report = run_rank(rank, ws, EquivalenceOptions(**opts_dict))
     if report is not None:
@@ -140,7 +140,7 @@ def gpt_model_equivalence(rank, ws, out_dir):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_probe import ProbeConfig, probe_layer_spec
-    from megatron_probe.integration.router import ProbeRouter
+    from megatron_probe.mcore.router import ProbeRouter
 
     _init(ws)
     torch.manual_seed(7)
@@ -348,8 +348,8 @@ def tiny_moe_generate(rank, ws, ckpt, replicas, out_dir):
     """Greedy tokens of the checkpoint at EP=ws (PROBE spec, optionally with replicas on every
     layer) for a prompt that depends on the rank."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.recorder import moe_layers
-    from megatron_probe.integration.tiny_moe import greedy_generate, load_model
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.experiments.tiny_moe import greedy_generate, load_model
 
     _init(ws)
     R = 2 if (replicas and ws > 1) else 0
@@ -400,9 +400,9 @@ def lookahead_counts(rank, ws, out_dir):
     ``[ep, E]`` counts must hold each rank's local forecast in its row, and the model's output
     must be the same with the predictors attached (also after online updates)."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.lookahead import LookaheadRuntime
-    from megatron_probe.integration.recorder import RoutingRecorder
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, forward_logits
+    from megatron_probe.runtime.lookahead import LookaheadRuntime
+    from megatron_probe.experiments.recorder import RoutingRecorder
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, forward_logits
 
     _init(ws)
     torch.manual_seed(0)
@@ -530,8 +530,8 @@ def _skewed_gpt(rank, ws):
     expert every token's first choice; skewed token ids), four batches per rank, the plain
     model's logits for them, and a cost model under which even tiny batches are worth balancing."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.recorder import moe_layers
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, forward_logits
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, forward_logits
     from megatron_probe.policy.cost_model import ExpertCost
 
     _init(ws)
@@ -559,7 +559,7 @@ def _skewed_gpt(rank, ws):
 
 def _run_steps(model, pipe, batches, refs):
     """Every batch through the model with the pipeline attached; the largest |logit difference|."""
-    from megatron_probe.integration.tiny_moe import forward_logits
+    from megatron_probe.experiments.tiny_moe import forward_logits
 
     max_abs = 0.0
     with torch.inference_mode():
@@ -579,9 +579,9 @@ def pipeline_equivalence(rank, ws, out_dir):
     model's for several steps, with copies arriving, with every copy dropped (engine held), and
     with each stage switched off."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.pipeline import LookaheadPipeline
-    from megatron_probe.integration.recorder import moe_layers
-    from megatron_probe.integration.tiny_moe import forward_logits
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.experiments.tiny_moe import forward_logits
 
     model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
     R = 2
@@ -638,7 +638,7 @@ def pipeline_event_log(rank, ws, wandb_project, out_dir):
     All-to-All's interval on every rank, exported as JSON lines beside the metrics (and, with a
     wandb project, the metrics as an offline wandb run of rank 0, read back)."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
     from megatron_probe.mechanism.event_log import A2A_KINDS, CHUNK_KINDS, overlapping, read_jsonl
 
     model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
@@ -667,7 +667,7 @@ def pipeline_event_log(rank, ws, wandb_project, out_dir):
             "pause_wait_s": s["pause_wait_s"], "metrics_rows": len(read_jsonl(metrics)),
         }
         if wandb_project and lock and rank == 0:
-            from megatron_probe.integration.wandb_logger import read_offline_run
+            from megatron_probe.serving.wandb_logger import read_offline_run
 
             run = read_offline_run(out_dir)
             keys = sorted({k for row in run["history"] for k in row})
@@ -684,7 +684,7 @@ def pipeline_faults(rank, ws, out_dir):
     in a send/recv or a commit that the short timeouts end), and a plan naming replicas that
     cannot exist. Output equal to the plain model; fallbacks counted; no hang."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
 
     model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
     scale = max(float(r.abs().max()) for r in refs)
@@ -742,7 +742,7 @@ def _dead_peer_timeouts(rank, model, unit_cost):
     chunk. Rank 0 calls each alone; the others never answer (last: it leaves those groups
     broken)."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
     from megatron_probe.mechanism.comm import global_rank
     from megatron_probe.mechanism.transfer import CopyOp
 

@@ -290,7 +290,7 @@ def test_nsys_capture_name_matches_the_ranges_the_code_opens(monkeypatch):
     monkeypatch.setattr(profiling, "_nvtx", FakeNvtx)
     profiling.nvtx_range("serve.probe.step4")
     assert seen == [("probe.serve.probe.step4", "megatron_probe")]
-    with open(os.path.join(ROOT, "megatron_probe", "integration", "serving.py")) as f:
+    with open(os.path.join(ROOT, "megatron_probe", "serving", "worker.py")) as f:
         assert 'nvtx_range(f"serve.{mode}.step{step}")' in f.read()
 
 

@@ -7,8 +7,8 @@ import re
 import pytest
 
 import dist_workers
-from megatron_probe.integration.equivalence import EquivalenceOptions
-from megatron_probe.integration.launch import run_distributed
+from megatron_probe.experiments.equivalence import EquivalenceOptions
+from megatron_probe.mcore.launch import run_distributed
 
 
 def _run(fn, ws, tmp_path, *args):

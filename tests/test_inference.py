@@ -21,8 +21,8 @@ def _script(*args, timeout=900):
 
 def _reference(ids_and_budgets):
     """Plain per-request greedy generation (full recompute) with the stock Megatron MoE spec."""
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import greedy_generate, load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import greedy_generate, load_model
 
     init_single_process()
     model, tok, cfg = load_model(CKPT, spec="stock")
@@ -33,9 +33,9 @@ def _reference(ids_and_budgets):
 @needs_ckpt
 def test_engine_equals_plain_greedy_with_chunked_prefill_and_a_full_kv_cache():
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.engine import ContinuousBatchingEngine, requests_from_workload
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import load_model
 
     torch.set_num_threads(2)
     init_single_process()
@@ -54,16 +54,16 @@ def test_engine_equals_plain_greedy_with_chunked_prefill_and_a_full_kv_cache():
     for r in reqs:
         assert r.ttft_s is not None and r.ttft_s > 0 and r.t_finish >= r.t_first
     # the model is unchanged outside the engine's steps (attention swapped back)
-    from megatron_probe.integration.engine import PackedSelfAttention
+    from megatron_probe.serving.engine import PackedSelfAttention
 
     assert not any(isinstance(layer.self_attention, PackedSelfAttention) for layer in model.decoder.layers)
 
 
 @needs_ckpt
 def test_engine_rejects_a_request_longer_than_the_model():
-    from megatron_probe.integration.engine import ContinuousBatchingEngine, ServeRequest
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.serving.engine import ContinuousBatchingEngine, ServeRequest
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import load_model
 
     init_single_process()
     model, _, cfg = load_model(CKPT, spec="stock")
@@ -110,7 +110,7 @@ def test_inference_script_compare_at_ep2(tmp_path):
         assert len(layer_rows) == probe["steps"] * 6 and all("ir_before" in x for x in layer_rows)
     assert "tokens identical" in r.stdout and "PROBE/stock" in r.stdout
     # the offline wandb run holds every step of both modes and the summary
-    from megatron_probe.integration.wandb_logger import read_offline_run
+    from megatron_probe.serving.wandb_logger import read_offline_run
 
     run = read_offline_run(res["wandb_dir"])
     assert run["complete"] and run["config"]["workload"] == "shift"

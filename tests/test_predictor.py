@@ -194,8 +194,8 @@ def test_config_rejects_bad_predictor_options():
 
 # ----------------------------------------------------------------------------- in the model
 def _small_model(score="softmax", seed=0):
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model
 
     init_single_process(seed)
     cfg = TinyMoEConfig(num_layers=3, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
@@ -206,9 +206,10 @@ def _small_model(score="softmax", seed=0):
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_untrained_predictor_equals_next_router_on_previous_input(score):
-    from megatron_probe.integration.lookahead import LookaheadRuntime
-    from megatron_probe.integration.recorder import RoutingRecorder, moe_layers
-    from megatron_probe.integration.tiny_moe import forward_logits
+    from megatron_probe.runtime.lookahead import LookaheadRuntime
+    from megatron_probe.experiments.recorder import RoutingRecorder
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.experiments.tiny_moe import forward_logits
 
     model, cfg = _small_model(score)
     layers = moe_layers(model)
@@ -230,9 +231,9 @@ def test_untrained_predictor_equals_next_router_on_previous_input(score):
 @pytest.mark.skipif(not HAVE_CKPT, reason="no shipped checkpoint")
 def test_runtime_never_changes_the_output_and_learns_online():
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.lookahead import LookaheadRuntime
-    from megatron_probe.integration.tiny_moe import forward_logits, load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.runtime.lookahead import LookaheadRuntime
+    from megatron_probe.experiments.tiny_moe import forward_logits, load_model
 
     init_single_process()
     model, _, _ = load_model(CKPT, spec="probe")
@@ -258,15 +259,15 @@ def test_runtime_never_changes_the_output_and_learns_online():
 
 @pytest.mark.skipif(not HAVE_CKPT, reason="no shipped checkpoint")
 def test_shipped_predictor_state_loads_and_beats_the_frozen_copy():
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.lookahead import build_predictors, default_predictor_path
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.runtime.lookahead import build_predictors, default_predictor_path
+    from megatron_probe.experiments.tiny_moe import load_model
 
     path = default_predictor_path(CKPT)
     if not os.path.exists(path):
         pytest.skip("no shipped predictor state")
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.replay import distillation_data, replay_requests, workload_sequences
+    from megatron_probe.experiments.replay import distillation_data, replay_requests, workload_sequences
     from megatron_probe.policy.prediction_metrics import topk_overlap
 
     init_single_process()

@@ -7,7 +7,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_probe.integration.router import ProbeRouter
+from megatron_probe.mcore.router import ProbeRouter
 
 
 def _pgs():

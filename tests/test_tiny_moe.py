@@ -69,7 +69,7 @@ def test_shipped_checkpoint_record_and_size():
 @pytest.mark.skipif(not HAVE_CKPT, reason="no shipped checkpoint")
 def test_shipped_checkpoint_same_tokens_stock_probe_and_ep2_with_replicas(tmp_path):
     import dist_workers
-    from megatron_probe.integration.launch import run_distributed
+    from megatron_probe.mcore.launch import run_distributed
 
     (tmp_path / "ep1").mkdir()
     (tmp_path / "ep2").mkdir()

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from megatron_probe.integration.pipeline import step_metrics
-from megatron_probe.integration.wandb_logger import WandbLogger, read_offline_run
+from megatron_probe.runtime.pipeline import step_metrics
+from megatron_probe.serving.wandb_logger import WandbLogger, read_offline_run
 
 
 @pytest.fixture

@@ -30,13 +30,12 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from megatron_probe.integration.scaled_replay import MODES  # noqa: E402
+from megatron_probe.experiments.scaled_replay import MODES
 
 
 def worker(rank, ws, opts, out_path):
@@ -44,7 +43,7 @@ def worker(rank, ws, opts, out_path):
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["PROBE_BENCH_WATCHDOG_S"]), exit=True)
-    from megatron_probe.integration.scaled_replay import ScaledReplay, spread_steps, step_rows
+    from megatron_probe.experiments.scaled_replay import ScaledReplay, spread_steps, step_rows
 
     rep = ScaledReplay(rank, ws, opts)
     gen = torch.Generator().manual_seed(opts["seed"])
@@ -90,7 +89,7 @@ def worker(rank, ws, opts, out_path):
 
 
 def main():
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ep", type=int, default=2)
@@ -126,7 +125,7 @@ def main():
                        check=True)
     pred = a.predictor or os.path.join(a.checkpoint, "predictor.pt")
     from megatron_probe.data.traces import load_trace
-    from megatron_probe.integration.launch import run_distributed
+    from megatron_probe.mcore.launch import run_distributed
 
     tr = load_trace(trace)
     if tr.num_experts % a.ep:

@@ -15,13 +15,10 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
 
 def timed(fn, device, reps=10, warmup=3):
@@ -106,7 +103,7 @@ def main():
     if cpu:
         import tempfile
 
-        from megatron_probe.integration.launch import run_distributed
+        from megatron_probe.mcore.launch import run_distributed
 
         out = os.path.join(tempfile.mkdtemp(), "link.json")
         run_distributed(_gloo_link_worker, 2, (8 if a.quick else 64) * 2 ** 20, 5, out, backend="gloo")

@@ -18,11 +18,10 @@ import sys
 import tempfile
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 warnings.filterwarnings("ignore")
 
-from megatron_probe.integration.equivalence import EquivalenceOptions, format_table, run_rank  # noqa: E402
-from megatron_probe.integration.launch import run_distributed  # noqa: E402
+from megatron_probe.experiments.equivalence import EquivalenceOptions, format_table, run_rank
+from megatron_probe.mcore.launch import run_distributed
 
 
 def _worker(rank, world_size, opts, result_path):

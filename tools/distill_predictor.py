@@ -20,10 +20,9 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 
 def fit_report(preds, data, spec):
@@ -49,7 +48,7 @@ def training_split_workload(checkpoint, requests, seed):
 
     from megatron_probe.data.corpus import build_corpus
     from megatron_probe.data.workloads import build_workload
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig
 
     tok = Tokenizer.from_file(os.path.join(checkpoint, "tokenizer.json"))
     cfg = TinyMoEConfig.from_json(os.path.join(checkpoint, "config.json"))
@@ -60,7 +59,7 @@ def training_split_workload(checkpoint, requests, seed):
 
 
 def main():
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -87,11 +86,11 @@ def main():
 
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.traces import load_trace
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.lookahead import build_predictors, default_predictor_path, router_spec
-    from megatron_probe.integration.replay import (distillation_data, replay_requests, router_logits_fn,
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.runtime.lookahead import build_predictors, default_predictor_path, router_spec
+    from megatron_probe.experiments.replay import (distillation_data, replay_requests, router_logits_fn,
                                                    trace_distillation_data, workload_sequences)
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.experiments.tiny_moe import load_model
     from megatron_probe.policy.distill import OnlineDistiller
 
     init_single_process(a.seed)

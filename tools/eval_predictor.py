@@ -37,10 +37,9 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 PREDICTOR_METHODS = ("distilled", "frozen", "warm_only", "online_only")
 BASELINES = ("prev_step", "prev_token", "prev_layer")
@@ -48,7 +47,7 @@ BASELINES = ("prev_step", "prev_token", "prev_layer")
 
 def build_methods(model, pcfg, warm_path):
     """name -> (PredictorSet, OnlineDistiller | None)."""
-    from megatron_probe.integration.lookahead import build_predictors
+    from megatron_probe.runtime.lookahead import build_predictors
     from megatron_probe.policy.distill import OnlineDistiller
 
     def distiller(preds, online):
@@ -69,9 +68,9 @@ def build_methods(model, pcfg, warm_path):
 
 def evaluate(model, workload, pcfg, warm_path, ep, prefill_chunk=64, max_active=32, max_steps=None, log=print):
     from megatron_probe.data.workloads import schedule_steps
-    from megatron_probe.integration.lookahead import router_spec
-    from megatron_probe.integration.recorder import moe_layers
-    from megatron_probe.integration.replay import replay_requests, workload_sequences
+    from megatron_probe.runtime.lookahead import router_spec
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.experiments.replay import replay_requests, workload_sequences
     from megatron_probe.policy.prediction_metrics import PredictionStats
     from megatron_probe.policy.predictor import expert_counts, select_topk
 
@@ -202,7 +201,7 @@ def print_table(result, segments, K, ep):
 
 
 def main():
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -226,9 +225,9 @@ def main():
 
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.lookahead import default_predictor_path
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig, load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.runtime.lookahead import default_predictor_path
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, load_model
 
     shape = TinyMoEConfig.from_json(os.path.join(a.checkpoint, "config.json"))
     if shape.num_experts % a.ep:

@@ -24,10 +24,9 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 
 def env_report():
@@ -110,7 +109,7 @@ def time_expert_backends(device, quick):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_probe.mechanism.expert_compute import SlotExpertCompute
-    from megatron_probe.integration.equivalence import available_backends
+    from megatron_probe.experiments.equivalence import available_backends
 
     H, Fh, S, T = (256, 256, 6, 2048) if quick else (2048, 1024, 19, 16384)
     dtype = torch.bfloat16
@@ -149,8 +148,8 @@ def _layer_timing_worker(rank, ws, device_type, quick, out_path):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_probe import ProbeConfig, probe_layer_spec
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
-    from megatron_probe.integration.router import ProbeRouter
+    from megatron_probe.mcore.cpu import initialize_megatron_parallel
+    from megatron_probe.mcore.router import ProbeRouter
 
     warnings.filterwarnings("ignore")
     initialize_megatron_parallel(ws, device=device_type)
@@ -168,7 +167,7 @@ def _layer_timing_worker(rank, ws, device_type, quick, out_path):
     stock = build_module(spec.submodules.mlp, config=cfg).to(device).eval()
     rows = []
     for backend in ("loop", "grouped_mm"):
-        from megatron_probe.integration.equivalence import available_backends
+        from megatron_probe.experiments.equivalence import available_backends
 
         if backend not in available_backends(device, dtype):
             continue
@@ -193,7 +192,7 @@ def _layer_timing_worker(rank, ws, device_type, quick, out_path):
 
 
 def time_layer(device, quick, out_dir):
-    from megatron_probe.integration.launch import run_distributed
+    from megatron_probe.mcore.launch import run_distributed
 
     path = os.path.join(out_dir, "layer_timing.json")
     run_distributed(_layer_timing_worker, 1, device.type, quick, path,

@@ -17,6 +17,8 @@ if ! $PYTHON -c "import megatron.core" 2>/dev/null; then
         echo "megatron-core is not importable and no wheels in .whl/ (see the header of this script)"; exit 1
     fi
 fi
+# the tools import the package: installed (pip install -e .) or, on a bare image, from this checkout
+$PYTHON -c "import megatron_probe" 2>/dev/null || export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
 # usage: gpu_check.sh [all|foundation|planner|predictor]

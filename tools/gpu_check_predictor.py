@@ -20,10 +20,9 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 SHAPES = {"gpt-oss-120b": (2880, 128, 4), "qwen3-235b-a22b": (4096, 128, 8)}
 

@@ -7,16 +7,14 @@
 
 import argparse
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main():
     from megatron_probe.data.corpus import build_corpus
     from megatron_probe.data.workloads import SCENARIOS, build_workload, schedule_steps
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT, TinyMoEConfig
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT, TinyMoEConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="its tokenizer and sequence length are used")

@@ -14,19 +14,16 @@ pre-attention input of the layer holding MoE layer 0, which its same-layer predi
 
 import argparse
 import os
-import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 
 def main():
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -46,10 +43,10 @@ def main():
     import torch.distributed as dist
 
     from megatron_probe.data.traces import load_trace, save_trace
-    from megatron_probe.integration.recorder import build_trace
+    from megatron_probe.experiments.recorder import build_trace
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import load_model
 
     init_single_process()
     t0 = time.time()

@@ -15,15 +15,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 
 def entropy_bits(c):
@@ -55,7 +53,7 @@ def top_overlap(a, b, frac=0.1):
 
 
 def main():
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -71,9 +69,9 @@ def main():
 
     from megatron_probe.data.corpus import build_corpus
     from megatron_probe.data.traces import load_any, shared_trace_files
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.recorder import RoutingRecorder
-    from megatron_probe.integration.tiny_moe import forward_logits, load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.recorder import RoutingRecorder
+    from megatron_probe.experiments.tiny_moe import forward_logits, load_model
 
     init_single_process()
     t0 = time.time()
@@ -118,7 +116,7 @@ def main():
 
     # the same statistics for the same architecture at random initialisation (what a balancing
     # study on an untrained model would see)
-    from megatron_probe.integration.tiny_moe import build_model
+    from megatron_probe.experiments.tiny_moe import build_model
 
     torch.manual_seed(0)
     random_model = build_model(cfg, spec="probe").eval()

@@ -34,7 +34,6 @@ import typing
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
 WORKLOAD_DIR = os.path.join(ROOT, "workloads")
@@ -84,7 +83,7 @@ def add_probe_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,8 +155,8 @@ def validate(a, p) -> tuple:
     """Check every flag against the checkpoint and each other; returns (ServeOptions, ProbeConfig fields)."""
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.serving import ServeOptions, check_model_flags
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig
+    from megatron_probe.serving.worker import ServeOptions, check_model_flags
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig
 
     try:
         wl_path = resolve_workload(a.workload)
@@ -257,10 +256,10 @@ def run_scaled(a, opts, fields) -> dict:
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.traces import load_trace
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.launch import run_distributed
-    from megatron_probe.integration.lookahead import default_predictor_path
-    from megatron_probe.integration.scaled_replay import serve_scaled_worker
-    from megatron_probe.integration.serving import summarise_scaled
+    from megatron_probe.mcore.launch import run_distributed
+    from megatron_probe.runtime.lookahead import default_predictor_path
+    from megatron_probe.experiments.scaled_replay import serve_scaled_worker
+    from megatron_probe.serving.worker import summarise_scaled
 
     wl = Workload.load(opts.workload)
     if opts.ep < 2:
@@ -303,12 +302,12 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     opts, fields = validate(a, p)
-    from megatron_probe.integration.launch import run_distributed, under_torchrun
+    from megatron_probe.mcore.launch import run_distributed, under_torchrun
 
     if a.regime == "scaled":
         res = run_scaled(a, opts, fields)
     else:
-        from megatron_probe.integration.serving import serve_worker
+        from megatron_probe.serving.worker import serve_worker
 
         out = a.json or os.path.join(tempfile.mkdtemp(prefix="probe_serve_"), "result.json")
         if a.json:
@@ -320,11 +319,11 @@ def main(argv=None) -> int:
             res = json.load(f)
     res["command"] = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + (argv or sys.argv[1:]))
     if a.plots_dir:
-        from megatron_probe.integration.serving_plots import write_plots
+        from megatron_probe.serving.plots import write_plots
 
         res["plots"] = write_plots(res, a.plots_dir)
     if a.wandb_project and a.wandb_mode != "disabled":
-        from megatron_probe.integration.serving_plots import log_to_wandb
+        from megatron_probe.serving.plots import log_to_wandb
 
         run_dir = a.wandb_dir or (os.path.dirname(os.path.abspath(a.json)) if a.json else os.getcwd())
         res["wandb_dir"] = log_to_wandb(res, a.wandb_project, run_dir, a.wandb_mode)

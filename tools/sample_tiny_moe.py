@@ -12,14 +12,13 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 
 def main():
-    from megatron_probe.integration.tiny_moe import DEFAULT_CHECKPOINT
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -33,8 +32,8 @@ def main():
     import torch.distributed as dist
 
     from megatron_probe.data.corpus import build_corpus
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import greedy_generate, load_model
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import greedy_generate, load_model
 
     init_single_process()
     probe, tok, cfg = load_model(a.checkpoint, spec="probe")

@@ -21,20 +21,19 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from megatron_probe.data.generator import fit_alpha, observed_request_skew  # noqa: E402
-from megatron_probe.data.traces import load_any  # noqa: E402
-from megatron_probe.policy.cost_model import get_profile  # noqa: E402
-from megatron_probe.policy.evaluation import Phases, eplb_rebalance_steps  # noqa: E402
-from megatron_probe.sim import error_model as em  # noqa: E402
-from megatron_probe.sim.layer import Topology  # noqa: E402
-from megatron_probe.sim.models import get_model  # noqa: E402
-from megatron_probe.sim.policies import SimConfig  # noqa: E402
-from megatron_probe.sim.simulator import simulate  # noqa: E402
-from megatron_probe.sim.workload import calibrate_alpha, layer_map, make_counts, static_ir, trace_heat  # noqa: E402
+from megatron_probe.data.generator import fit_alpha, observed_request_skew
+from megatron_probe.data.traces import load_any
+from megatron_probe.policy.cost_model import get_profile
+from megatron_probe.policy.evaluation import Phases, eplb_rebalance_steps
+from megatron_probe.sim import error_model as em
+from megatron_probe.sim.layer import Topology
+from megatron_probe.sim.models import get_model
+from megatron_probe.sim.policies import SimConfig
+from megatron_probe.sim.simulator import simulate
+from megatron_probe.sim.workload import calibrate_alpha, layer_map, make_counts, static_ir, trace_heat
 
 TRACES = os.path.normpath(os.path.join(ROOT, "..", "shared", "traces"))
 PRESETS = {

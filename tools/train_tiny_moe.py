@@ -22,11 +22,10 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 EOT = "<|endoftext|>"
 
@@ -77,7 +76,7 @@ def fixed_eval_batches(streams, seq, per_domain, seed):
 
 @torch.no_grad()
 def evaluate(model, batches):
-    from megatron_probe.integration.tiny_moe import causal_mask
+    from megatron_probe.experiments.tiny_moe import causal_mask
 
     model.eval()
     res = {}
@@ -120,8 +119,8 @@ def main():
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     from megatron_probe.data.corpus import build_corpus, corpus_fingerprint
-    from megatron_probe.integration.launch import init_single_process
-    from megatron_probe.integration.tiny_moe import TinyMoEConfig, build_model, causal_mask
+    from megatron_probe.mcore.launch import init_single_process
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, causal_mask
 
     init_single_process(seed=a.seed)
     t_start = time.time()
@@ -179,7 +178,7 @@ def main():
     cfg.to_json(os.path.join(a.out, "config.json"))
     tok.save(os.path.join(a.out, "tokenizer.json"))
     # held-out loss of what ships (bf16 weights, loaded back)
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.experiments.tiny_moe import load_model
 
     shipped, _, _ = load_model(a.out, spec="probe")
     final = evaluate(shipped, eval_batches)

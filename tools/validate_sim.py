@@ -3,7 +3,7 @@
 
 For each ``results/pipeline/bench_<workload>_ep2_*.json``: rebuild the routing the benchmark
 replayed (the same trace steps, ``results[...]["steps"]``, the same per-rank token sampling with
-the benchmark's seed, through ``integration.scaled_replay.spread_steps`` / ``step_rows``), then
+the benchmark's seed, through ``experiments.scaled_replay.spread_steps`` / ``step_rows``), then
 SIMULATE each layer with the benchmark's own measured expert cost (``expert_cost_us``), its model
 shape (experts hidden x ffn, fp32 activations, 32 experts top-4) and a CPU hardware profile for
 the link (``tools/calibrate_hardware.py`` output: gloo loopback), and compare the median
@@ -26,16 +26,15 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from megatron_probe.data.traces import load_trace  # noqa: E402
-from megatron_probe.integration.scaled_replay import spread_steps, step_rows  # noqa: E402
-from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile  # noqa: E402
-from megatron_probe.policy.placement import ExpertLayout  # noqa: E402
-from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge, static_assignment  # noqa: E402
-from megatron_probe.sim.layer import Topology, layer_time  # noqa: E402
+from megatron_probe.data.traces import load_trace
+from megatron_probe.experiments.scaled_replay import spread_steps, step_rows
+from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
+from megatron_probe.policy.placement import ExpertLayout
+from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge, static_assignment
+from megatron_probe.sim.layer import Topology, layer_time
 
 
 def bench_counts(bench, trace, max_tokens=192, seed=0):

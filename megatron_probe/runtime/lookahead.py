@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.integration.recorder import layer_holding, moe_layers
+from megatron_probe.runtime.model_walk import layer_holding, moe_layers
 from megatron_probe.mechanism.comm import group_size
 from megatron_probe.mechanism.count_exchange import PendingCounts, gather_counts_async
 from megatron_probe.mechanism.profiling import nvtx_range

@@ -72,8 +72,8 @@ def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dis
 def layer_spec(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_probe.integration.router import ProbeRouter
-    from megatron_probe.integration.spec import probe_layer_spec
+    from megatron_probe.mcore.router import ProbeRouter
+    from megatron_probe.mcore.spec import probe_layer_spec
 
     stock = get_gpt_layer_local_spec(num_experts=cfg.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
     # TopKRouter's gating needs CUDA + Transformer Engine in Megatron-Core 0.16; ProbeRouter

@@ -2,7 +2,7 @@
 
 :func:`serve_worker` runs on every rank (gloo on CPU, NCCL on GPU). In ``--compare`` mode two
 copies of the model are built from the same checkpoint, one per mode, each with its own
-:class:`~megatron_probe.integration.engine.ContinuousBatchingEngine`; the two engines step
+:class:`~megatron_probe.serving.engine.ContinuousBatchingEngine`; the two engines step
 alternately (the order rotates every step), so both see the same machine noise. The stock
 model is Megatron's own MoE layer where it runs (CUDA, or one process); on CPU with EP > 1 it is
 the PROBE layer with replication off, i.e. Megatron's placement and routing over this project's
@@ -62,7 +62,7 @@ def check_model_flags(cfg, expect: Dict, checkpoint: str) -> None:
 
 
 def _build(mode: str, opts: ServeOptions, rank: int, ws: int, probe_cfg):
-    from megatron_probe.integration.tiny_moe import load_model
+    from megatron_probe.experiments.tiny_moe import load_model
 
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     if mode == "stock":
@@ -83,10 +83,10 @@ def stock_label(ws: int) -> str:
 def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]) -> None:
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.workloads import Workload
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
-    from megatron_probe.integration.engine import ContinuousBatchingEngine, requests_from_workload
-    from megatron_probe.integration.lookahead import default_predictor_path
-    from megatron_probe.integration.pipeline import LookaheadPipeline
+    from megatron_probe.mcore.cpu import initialize_megatron_parallel
+    from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
+    from megatron_probe.runtime.lookahead import default_predictor_path
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
     from megatron_probe.mechanism.profiling import nvtx_range
 
     import logging
@@ -107,7 +107,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         if os.path.exists(path):
             probe_fields["predictor_state"] = path
     probe_cfg = ProbeConfig(**probe_fields)
-    from megatron_probe.integration.recorder import moe_layers
+    from megatron_probe.runtime.model_walk import moe_layers
 
     models, engines, pipes = {}, {}, {}
     calibration = {}
@@ -122,7 +122,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         if mode == "probe":
             cost = None
             if opts.cost_model == "measured":
-                from megatron_probe.integration.calibration import measure_expert_cost
+                from megatron_probe.experiments.calibration import measure_expert_cost
 
                 layer0 = moe_layers(model)[0]
                 cost = measure_expert_cost(layer0.config, layer0.expert_bank, group, ws)
@@ -135,7 +135,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
             pipe = pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost,
                                                    metrics_path=layer_rows)
             if opts.cost_model == "measured" and ws > 1 and not probe_fields.get("copy_charge_us"):
-                from megatron_probe.integration.calibration import measure_copy_us
+                from megatron_probe.experiments.calibration import measure_copy_us
 
                 copy_us = measure_copy_us(pipe, moe_layers(model)[0].expert_bank, rank, group)
                 pipe.cfg = pipe.cfg.replace(copy_charge_us=copy_us)

@@ -1,6 +1,6 @@
 """The live lookahead pipeline: forecast, plan, prefetch in two phases, wait, dispatch.
 
-:class:`LookaheadPipeline` drives every :class:`~megatron_probe.integration.layer.ProbeMoELayer`
+:class:`LookaheadPipeline` drives every :class:`~megatron_probe.mcore.layer.ProbeMoELayer`
 of a model, at every step, through PROBE's continuous lookahead with phase-locked transfers:
 
 ====================  =====================================================================
@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.integration.lookahead import LookaheadRuntime
-from megatron_probe.integration.recorder import layer_holding, moe_layers
-from megatron_probe.integration.wandb_logger import WandbLogger
+from megatron_probe.runtime.lookahead import LookaheadRuntime
+from megatron_probe.runtime.model_walk import layer_holding, moe_layers
+from megatron_probe.serving.wandb_logger import WandbLogger
 from megatron_probe.mechanism.comm import group_rank, group_size
 from megatron_probe.mechanism.event_log import EventLog, now_ns, write_jsonl
 from megatron_probe.mechanism.profiling import nvtx_range
@@ -100,7 +100,7 @@ class LookaheadPipeline:
                  runtime: Optional[LookaheadRuntime] = None, cost: Optional[ExpertCost] = None,
                  metrics_path: Optional[str] = None, budget_in: Optional[int] = None,
                  events_path: Optional[str] = None, metrics_sink=None, run_dir: Optional[str] = None):
-        from megatron_probe.integration.layer import ProbeMoELayer
+        from megatron_probe.mcore.layer import ProbeMoELayer
 
         self.cfg = cfg = probe_config or ProbeConfig()
         self.layers = moe_layers(model)

@@ -12,19 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron.core.transformer.moe.moe_layer import MoELayer
-
-
-def moe_layers(model) -> List[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
-def layer_holding(model, moe_layer: MoELayer):
-    """The transformer layer whose ``mlp`` is ``moe_layer``."""
-    for m in model.modules():
-        if getattr(m, "mlp", None) is moe_layer:
-            return m
-    raise ValueError("the MoE layer is not the mlp of any transformer layer of this model")
+from megatron_probe.runtime.model_walk import layer_holding, moe_layers
 
 
 def topk_from_routing(probs: torch.Tensor, routing_map: torch.Tensor, k: int):
@@ -106,7 +94,7 @@ def record_sequences(model, sequences: List[List[int]], record_hidden: bool = Tr
     sequence is served token by token) and return per sequence, per layer, (hidden, ids, probs)
     in position order. With ``record_layer_input`` returns ``(that, inputs)`` where ``inputs`` has
     per sequence the pre-attention input of the layer holding MoE layer 0."""
-    from megatron_probe.integration.tiny_moe import forward_logits
+    from megatron_probe.experiments.tiny_moe import forward_logits
 
     out, inputs = [], []
     with RoutingRecorder(model, record_hidden, record_layer_input) as rec:

@@ -93,7 +93,7 @@ def _save(fig, out_dir, name):
 def log_to_wandb(res: Dict, project: str, run_dir: str, mode: str = "offline") -> str:
     """Per-step rows (``<mode>/<metric>``), the summary and the plots to one wandb run; returns
     the run folder."""
-    from megatron_probe.integration.wandb_logger import WandbLogger
+    from megatron_probe.serving.wandb_logger import WandbLogger
 
     config = {k: v for k, v in res.items() if k in ("regime", "workload", "ep", "options", "host", "stock_is")}
     logger = WandbLogger(project, run_dir, config, mode=mode, name=f"{res['regime']}-{res['workload']}-ep{res['ep']}")

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_probe.integration.recorder import moe_layers, record_sequences
+from megatron_probe.experiments.recorder import record_sequences
+from megatron_probe.runtime.model_walk import moe_layers
 
 
 @dataclass

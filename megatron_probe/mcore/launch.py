@@ -71,7 +71,7 @@ def run_distributed(fn: Callable, world_size: int, *args, backend: str | None = 
 
 def init_single_process(seed: int = 1234) -> None:
     """A one-rank gloo group plus Megatron's parallel state (EP = 1), for single-process tools."""
-    from megatron_probe.integration.cpu import initialize_megatron_parallel
+    from megatron_probe.mcore.cpu import initialize_megatron_parallel
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -204,9 +204,9 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_probe.config import ProbeConfig
-    from megatron_probe.integration.cpu import destroy_megatron_parallel, initialize_megatron_parallel
-    from megatron_probe.integration.router import ProbeRouter
-    from megatron_probe.integration.spec import probe_layer_spec
+    from megatron_probe.mcore.cpu import destroy_megatron_parallel, initialize_megatron_parallel
+    from megatron_probe.mcore.router import ProbeRouter
+    from megatron_probe.mcore.spec import probe_layer_spec
     from megatron_probe.mechanism import te_backend
     from megatron_probe.mechanism.comm import all_gather_rows
     ep = world_size

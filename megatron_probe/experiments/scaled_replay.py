@@ -111,9 +111,9 @@ class ScaledReplay:
 
         from megatron_probe.config import ProbeConfig
         from megatron_probe.data.traces import load_trace
-        from megatron_probe.integration.cpu import initialize_megatron_parallel
-        from megatron_probe.integration.pipeline import LookaheadPipeline
-        from megatron_probe.integration.spec import probe_layer_spec
+        from megatron_probe.mcore.cpu import initialize_megatron_parallel
+        from megatron_probe.runtime.pipeline import LookaheadPipeline
+        from megatron_probe.mcore.spec import probe_layer_spec
         from megatron_probe.policy.distill import OnlineDistiller
         from megatron_probe.policy.predictor import PredictorSet, RouterSpec
 
@@ -174,7 +174,7 @@ class ScaledReplay:
 
         torch.manual_seed(1234 + rank)  # experts differ per rank (each owns its own), routers unused
         self.blocks = torch.nn.ModuleList([Block() for _ in range(n_layers)]).eval()
-        from megatron_probe.integration.calibration import measure_copy_us, measure_expert_cost
+        from megatron_probe.experiments.calibration import measure_copy_us, measure_expert_cost
 
         bank = self.blocks[0].mlp.expert_bank
         self.cost = measure_expert_cost(tc, bank, self.group, ws)

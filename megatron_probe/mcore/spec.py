@@ -10,8 +10,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.integration.layer import ProbeMoELayer
-from megatron_probe.integration.router import ProbeRouter
+from megatron_probe.mcore.layer import ProbeMoELayer
+from megatron_probe.mcore.router import ProbeRouter
 
 
 def probe_layer_spec(spec, probe_config: Optional[ProbeConfig] = None):

@@ -1,0 +1,2 @@
+"""Experiment harnesses: the shipped tiny model, routing recorder and workload replay, the scaled
+replay regime, the equivalence check and the cost-model calibration."""

@@ -1,1 +1,0 @@
-"""Integration layer: Megatron-Core glue (router, MoE layer, layer spec, CPU support)."""

@@ -1,0 +1,1 @@
+"""Serving: the continuous-batching engine, the stock-vs-PROBE serving worker, plots, wandb."""
