@@ -8,7 +8,8 @@ import torch
 
 from megatron_probe.config import ProbeConfig
 from megatron_probe.policy.distill import OnlineDistiller
-from megatron_probe.policy.prediction_metrics import PredictionStats, static_rank_loads, topk_overlap
+from megatron_probe.policy.placement import static_rank_loads
+from megatron_probe.policy.prediction_metrics import PredictionStats, topk_overlap
 from megatron_probe.policy.predictor import (LookaheadPredictor, PredictorSet, RouterSpec, distill_loss,
                                              expert_counts, select_topk, selection_scores)
 
@@ -102,7 +103,7 @@ def test_predictor_state_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="residual_hidden is 16 there, 8 here"):
         _set(D=8).load(path)
     torch.save({"format": "something else"}, str(tmp_path / "bad.pt"))
-    with pytest.raises(ValueError, match="is not 'megatron_probe.predictor'"):
+    with pytest.raises(ValueError, match="not a megatron_probe.predictor v1 predictor state file"):
         a.load(str(tmp_path / "bad.pt"))
     # the frozen router copies are buffers outside the saved state: never trained, never saved
     assert not any("gate_weight" in k for k in a.state_dict())

@@ -20,25 +20,12 @@ import time
 
 import torch
 
+from megatron_probe.mechanism.profiling import time_us
+
 
 def timed(fn, device, reps=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
+    """Median seconds (``profiling.time_us``)."""
+    return time_us(fn, device, reps=reps, warmup=warmup) / 1e6
 
 
 def _gloo_link_worker(rank, ws, nbytes, reps, out):

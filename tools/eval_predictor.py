@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from megatron_probe.mechanism.profiling import time_us
+
 PREDICTOR_METHODS = ("distilled", "frozen", "warm_only", "online_only")
 BASELINES = ("prev_step", "prev_token", "prev_layer")
 
@@ -156,14 +158,7 @@ def cost_report(methods, hidden, tokens=2048, reps=30):
     x = torch.randn(tokens, hidden)
 
     def median_us(fn):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2] * 1e6
+        return time_us(fn, reps=reps, warmup=3)
 
     from megatron_probe.policy.predictor import expert_counts, select_topk
 

@@ -28,6 +28,8 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from megatron_probe.mechanism.profiling import time_us
+
 
 def env_report():
     from megatron_probe.mechanism import te_backend
@@ -72,29 +74,13 @@ def run_equivalence(name, args, out_dir, timeout=300):
 
 
 class Timer:
-    """Median of CUDA-event timings (host clock on CPU)."""
+    """Median milliseconds of CUDA-event timings (host clock on CPU): ``profiling.time_us``."""
 
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
+        self.device = device
 
     def __call__(self, fn, reps=20, warmup=5):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2]
+        return time_us(fn, self.device, reps=reps, warmup=warmup) / 1e3
 
 
 def skewed_counts(total, groups, gen):

@@ -17,10 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
+from megatron_probe.mechanism.profiling import time_us
+
 
 def main():
     from megatron_probe.policy.cost_model import PRESETS, ExpertCost, ModelShape
-    from megatron_probe.policy.placement import ExpertLayout
+    from megatron_probe.policy.placement import ExpertLayout, imbalance_ratio
     from megatron_probe.policy.planner import plan_probe, plan_probe_host, rank_times, static_assignment
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,21 +53,8 @@ def main():
         plan = lambda: plan_probe(c_dev, lay, cost, validate=False)  # noqa: E731
         pl, A = plan()
         same = bool(torch.equal(pl.cpu(), host[0]) and torch.equal(A.cpu(), host[1]))
-        ts = []
-        for i in range(30):
-            if dev.type == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                plan()
-                e.record()
-                torch.cuda.synchronize()
-                ts.append(s.elapsed_time(e) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                plan()
-                ts.append((time.perf_counter() - t0) * 1e6)
-        ts.sort()
-        row = {"E": E, "ep": ep, "R": R, "k_max": 16, "gpu_equals_host": same, "eager_us_median": round(ts[15], 1)}
+        row = {"E": E, "ep": ep, "R": R, "k_max": 16, "gpu_equals_host": same,
+               "eager_us_median": round(time_us(plan, dev, reps=30, warmup=0), 1)}
         if dev.type == "cuda":
             try:
                 static_in = c_dev.clone()
@@ -81,22 +70,13 @@ def main():
                 graph.replay()
                 torch.cuda.synchronize()
                 row["graph_equals_host"] = bool(torch.equal(g_pl.cpu(), host[0]) and torch.equal(g_A.cpu(), host[1]))
-                gts = []
-                for _ in range(30):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    graph.replay()
-                    e.record()
-                    torch.cuda.synchronize()
-                    gts.append(s.elapsed_time(e) * 1e3)
-                gts.sort()
-                row["graph_us_median"] = round(gts[15], 1)
+                row["graph_us_median"] = round(time_us(graph.replay, dev, reps=30, warmup=0), 1)
             except Exception as ex:  # report, do not hide
                 row["graph_error"] = f"{type(ex).__name__}: {ex}"[:300]
         t0 = rank_times(static_assignment(counts, lay), cost)
         t1 = rank_times(host[1], cost)
-        row["ir_time_static"] = round(float(t0.max() / t0.mean()), 3)
-        row["ir_time_planned"] = round(float(t1.max() / t1.mean()), 3)
+        row["ir_time_static"] = round(imbalance_ratio(t0), 3)
+        row["ir_time_planned"] = round(imbalance_ratio(t1), 3)
         rows.append(row)
         print(row, flush=True)
     report["planner"] = rows

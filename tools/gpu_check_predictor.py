@@ -24,33 +24,15 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from megatron_probe.mechanism.profiling import time_us
+
 SHAPES = {"gpt-oss-120b": (2880, 128, 4), "qwen3-235b-a22b": (4096, 128, 8)}
 
 
 def timer(device):
-    if device.type == "cuda":
-        def run(fn, reps):
-            for _ in range(5):
-                fn()
-            ts = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b) * 1e3)
-            return sorted(ts)[len(ts) // 2]
-    else:
-        def run(fn, reps):
-            fn()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e6)
-            return sorted(ts)[len(ts) // 2]
-    return run
+    """``run(fn, reps)``: median microseconds (CUDA events on a GPU; 5 warm-ups there, 1 on a CPU)."""
+    warmup = 5 if device.type == "cuda" else 1
+    return lambda fn, reps: time_us(fn, device, reps=reps, warmup=warmup)
 
 
 def main():

@@ -23,6 +23,8 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from megatron_probe.policy.placement import imbalance_ratio, static_rank_loads
+
 
 def entropy_bits(c):
     p = c.double() / c.sum().clamp_min(1)
@@ -42,8 +44,7 @@ def js_bits(a, b):
 
 
 def ir_of(counts, ep):
-    loads = counts.view(ep, -1).sum(-1).double()
-    return float(loads.max() / loads.mean()) if loads.sum() > 0 else 1.0
+    return imbalance_ratio(static_rank_loads(counts, ep))
 
 
 def top_overlap(a, b, frac=0.1):

@@ -43,6 +43,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_probe.fileformat import check_format
+
 TRACE_FORMAT = "megatron_probe.trace"
 TRACE_VERSION = 1
 
@@ -160,12 +162,7 @@ def load_trace(path: str) -> RoutingTrace:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TraceFormatError(f"{path}: not a megatron_probe trace file ({type(e).__name__}: {e})") from e
-    if not isinstance(blob, dict) or blob.get("format") != TRACE_FORMAT:
-        raise TraceFormatError(f"{path}: format is {blob.get('format') if isinstance(blob, dict) else type(blob)}, "
-                               f"expected {TRACE_FORMAT!r}")
-    if blob.get("version") != TRACE_VERSION:
-        raise TraceFormatError(f"{path}: trace version {blob.get('version')} is not supported (this code reads "
-                               f"version {TRACE_VERSION})")
+    check_format(blob, path, TRACE_FORMAT, TRACE_VERSION, "trace", TraceFormatError)
     meta = blob["meta"]
     for key in ("model", "num_layers", "num_experts", "topk", "source"):
         if key not in meta:

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_probe.fileformat import check_format
+
 WORKLOAD_FORMAT = "megatron_probe.workload"
 WORKLOAD_VERSION = 1
 SCENARIOS = ("steady", "shift", "repeat", "bursty")
@@ -61,9 +63,7 @@ class Workload:
     def load(cls, path: str) -> "Workload":
         with open(path) as f:
             data = json.load(f)
-        if data.get("format") != WORKLOAD_FORMAT or data.get("version") != WORKLOAD_VERSION:
-            raise ValueError(f"{path}: not a {WORKLOAD_FORMAT} v{WORKLOAD_VERSION} file "
-                             f"(format={data.get('format')!r}, version={data.get('version')!r})")
+        check_format(data, path, WORKLOAD_FORMAT, WORKLOAD_VERSION, "workload")
         missing = [k for k in ("scenario", "description", "source", "tokenizer", "requests") if k not in data]
         if missing:
             raise ValueError(f"{path}: workload file lacks the fields {missing}")

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_probe.mechanism.profiling import time_us
 from megatron_probe.policy.cost_model import ExpertCost
 
 
@@ -26,14 +27,8 @@ def measure_expert_cost(config, bank, group, ws: int, small: int = 32, large: in
 
     def best_us(n):
         x = torch.randn(n, hidden, dtype=w1.dtype, device=w1.device)
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            comp(x, torch.tensor([n]), torch.ones(n, dtype=w1.dtype, device=w1.device), w1, w2)
-            if w1.device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return min(ts) * 1e6
+        ones = torch.ones(n, dtype=w1.dtype, device=w1.device)
+        return time_us(lambda: comp(x, torch.tensor([n]), ones, w1, w2), w1.device, reps=3, warmup=0, stat="min")
     a, b = best_us(small), best_us(large)
     per_tok = max(1e-3, (b - a) / (large - small))
     c = torch.tensor([per_tok, max(0.0, a - small * per_tok)], dtype=torch.float64)

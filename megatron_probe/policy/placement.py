@@ -234,13 +234,24 @@ def validate_split(assign: torch.Tensor, counts: torch.Tensor, holds: torch.Tens
         )
 
 
+def static_rank_loads(counts: torch.Tensor, ep: int) -> torch.Tensor:
+    """``[ep]`` (token, expert) pairs per rank for per-expert ``counts [E]`` under Megatron's
+    contiguous placement (rank ``r`` owns experts ``r*E/ep .. (r+1)*E/ep - 1``)."""
+    E = counts.shape[-1]
+    if E % ep:
+        raise ValueError(f"{E} experts are not divisible by EP {ep}")
+    return counts.reshape(ep, E // ep).sum(-1)
+
+
 def rank_loads(assign: torch.Tensor) -> torch.Tensor:
     """``[ep_dst]`` token-expert pairs computed by each rank under an assignment."""
     return assign.sum(dim=(0, 1))
 
 
 def imbalance_ratio(loads: torch.Tensor) -> float:
-    """IR = max load / mean load (1.0 is perfect balance; 1.0 for an empty batch)."""
+    """IR = max load / mean load over ranks (1.0 is perfect balance; 1.0 for an empty batch). The
+    project's one definition: token loads (:func:`rank_loads`, :func:`static_rank_loads`) or
+    times (``planner.rank_times``) alike."""
     loads = loads.double()
     mean = loads.mean()
     if mean <= 0:

@@ -14,23 +14,12 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_probe.policy.placement import imbalance_ratio, static_rank_loads
+
 
 def topk_overlap(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> torch.Tensor:
     """``[N]`` how many of each token's true experts ``true_ids [N, K]`` appear in ``pred_ids [N, K']``."""
     return (pred_ids.unsqueeze(2) == true_ids.unsqueeze(1)).any(1).sum(-1)
-
-
-def static_rank_loads(counts: torch.Tensor, ep: int) -> torch.Tensor:
-    """``[ep]`` tokens per rank when rank r owns experts ``r*E/ep ... (r+1)*E/ep - 1``."""
-    E = counts.shape[-1]
-    if E % ep:
-        raise ValueError(f"{E} experts are not divisible by EP {ep}")
-    return counts.reshape(ep, E // ep).sum(-1)
-
-
-def imbalance(loads: torch.Tensor) -> float:
-    mean = float(loads.float().mean())
-    return float(loads.max()) / mean if mean > 0 else 1.0
 
 
 @dataclass
@@ -99,8 +88,8 @@ class PredictionStats:
         rt, rp = static_rank_loads(t, self.ep), static_rank_loads(p, self.ep)
         st.rank_abs_err += float((rp - rt).abs().sum())
         st.rank_total += float(rt.sum())
-        st.ir_true_sum += imbalance(rt) * total
-        st.ir_pred_sum += imbalance(rp) * total
+        st.ir_true_sum += imbalance_ratio(rt) * total
+        st.ir_pred_sum += imbalance_ratio(rp) * total
         st.weight += total
 
     def summary(self) -> Dict:

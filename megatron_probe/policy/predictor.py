@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_probe.fileformat import check_format
+
 PREDICTOR_FORMAT = "megatron_probe.predictor"
 PREDICTOR_VERSION = 1
 SOURCES = ("prev_moe_input", "pre_attention")
@@ -261,11 +263,7 @@ class PredictorSet(nn.Module):
             raise
         except Exception as e:
             raise ValueError(f"{path}: not a predictor state file ({type(e).__name__}: {e})") from e
-        if not isinstance(blob, dict) or blob.get("format") != PREDICTOR_FORMAT:
-            raise ValueError(f"{path}: format {blob.get('format') if isinstance(blob, dict) else type(blob)!r} "
-                             f"is not {PREDICTOR_FORMAT!r}")
-        if blob.get("version") != PREDICTOR_VERSION:
-            raise ValueError(f"{path}: predictor state version {blob.get('version')} is not {PREDICTOR_VERSION}")
+        check_format(blob, path, PREDICTOR_FORMAT, PREDICTOR_VERSION, "predictor state")
         mine, theirs = self.describe(), blob["meta"]
         for key in ("num_layers", "hidden_size", "router", "layers", "residual_hidden"):
             if theirs.get(key) != mine[key]:

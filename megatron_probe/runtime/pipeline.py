@@ -56,8 +56,7 @@ from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
-from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
-from megatron_probe.policy.prediction_metrics import imbalance
+from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, imbalance_ratio, rank_loads, static_rank_loads
 from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge
 
 
@@ -374,10 +373,8 @@ class LookaheadPipeline:
         row = next(r for r in reversed(self._step_rows) if r["layer"] == layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
         assign = dispatcher.last_assignment  # [ep_src, E, ep_dst]
-        E = counts.shape[1]
-        static = counts.sum(0).view(self.ep, E // self.ep).sum(1)
-        row["ir_before"] = round(imbalance(static), 4)
-        row["ir_after"] = round(imbalance(assign.sum((0, 1))), 4)
+        row["ir_before"] = round(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)), 4)
+        row["ir_after"] = round(imbalance_ratio(rank_loads(assign)), 4)
         row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
         self._prev_true[layer] = counts.clone()
 

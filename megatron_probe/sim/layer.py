@@ -181,4 +181,4 @@ def layer_time(hw: HardwareProfile, shape: ModelShape, topo: Topology, cost: Exp
     return {"attn_us": attn, "dispatch_us": disp, "comp_us": comp, "comp_mean_us": float(comp_r.mean()),
             "combine_us": comb, "exposed_us": exposed_us, "a2a_extra_us": a2a_extra_us, "total_us": total,
             "ir": imbalance_ratio(rank_loads(assign)),
-            "ir_comp": comp / max(1e-12, float(comp_r.mean()))}
+            "ir_comp": imbalance_ratio(comp_r)}

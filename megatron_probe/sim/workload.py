@@ -27,8 +27,7 @@ import torch
 
 from megatron_probe.data.generator import CountTrace, generate_counts
 from megatron_probe.data.traces import load_any
-from megatron_probe.policy.placement import imbalance_ratio
-from megatron_probe.policy.prediction_metrics import static_rank_loads
+from megatron_probe.policy.placement import imbalance_ratio, static_rank_loads
 
 LICENCES = {"mbolt": "MIT (github.com/doramirdor/mbolt e7e9dbf)",
             "bigmoeonedge": "Apache-2.0 (github.com/Helldez/BigMoeOnEdge 2d4f2b1)"}
