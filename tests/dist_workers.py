@@ -104,7 +104,7 @@ def checkpoint_roundtrip(rank, ws, out_dir):
     p_sd2 = probe.state_dict()
     res["stock_to_probe_equal"] = all(torch.equal(s_sd[k], p_sd2[k]) for k in s_sd if isinstance(s_sd[k], torch.Tensor))
     # the bank follows the loaded weights (views), replicas refreshed by a new fill
-    fc1, _ = probe.expert_bank.weights(differentiable=False)
+    (fc1, _), _ = probe.expert_bank.weights(differentiable=False)  # [natives, replicas] per projection
     res["bank_is_loaded_weights"] = all(
         torch.equal(fc1[j], s_sd[f"experts.local_experts.{j}.linear_fc1.weight"]) for j in range(probe.num_local_experts))
     # and back: PROBE -> stock
@@ -218,7 +218,7 @@ def bank_fill(rank, ws, out_dir):
         for s in range(3):
             e = int(pl[rank, s])
             if e >= 0:
-                ok &= torch.equal(bank.fc1[L + s], fc1_all[e]) and torch.equal(bank.fc2[L + s], fc2_all[e])
+                ok &= torch.equal(bank.replica_fc1[s], fc1_all[e]) and torch.equal(bank.replica_fc2[s], fc2_all[e])
         res["moves"].append({"moved": moved, "correct": bool(ok)})
     res["replica_bytes"] = layer.replica_memory_bytes()
     res["expert_bytes"] = bank.expert_bytes()
@@ -233,11 +233,11 @@ def bank_fill(rank, ws, out_dir):
     res["after_to_bf16_view"] = layer.experts.local_experts[0].linear_fc1.weight.data_ptr() == bank.fc1[0].data_ptr()
     res["after_to_bf16_dtype"] = str(bank.fc1.dtype)
     e = int(placements[-1][rank, 0])
-    res["replica_kept"] = bool(torch.equal(bank.fc1[L], fc1_all[e].to(torch.bfloat16))) if e >= 0 else True
+    res["replica_kept"] = bool(torch.equal(bank.replica_fc1[0], fc1_all[e].to(torch.bfloat16))) if e >= 0 else True
     # replacing a parameter's storage is noticed before the next compute
     lin = layer.experts.local_experts[1].linear_fc2
     lin.weight.data = torch.zeros_like(lin.weight)
-    _, fc2 = bank.weights(differentiable=False)
+    _, (fc2, _) = bank.weights(differentiable=False)
     res["swap_noticed"] = bool(torch.equal(fc2[1], torch.zeros_like(fc2[1])))
     _dump(out_dir, rank, res)
 

@@ -109,9 +109,9 @@ class ProbeMoELayer(MoELayer):
             )
         bank = self.expert_bank
         fc1, fc2 = bank.weights(differentiable)
-        version = (bank.version, bank.replica_version) if bank.pooled else bank.version
         with nvtx_range("experts"):
-            output = self.expert_compute(dispatched, tokens_per_slot, permuted_probs, fc1, fc2, version)
+            output = self.expert_compute(dispatched, tokens_per_slot, permuted_probs, fc1, fc2,
+                                         bank.weights_version())
         return self.token_dispatcher.combine_preprocess(output), None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -40,13 +40,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, List, Optional, Sequence
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_probe.mechanism.comm import global_rank, group_rank, group_size, needs_host_staging
 from megatron_probe.mechanism.event_log import EventLog, now_ns
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout
 
 BROKEN_KEY = "broken"
 _ENGINES_ON_GROUP: dict = {}
@@ -59,6 +60,79 @@ class CopyOp:
     src: int
     dst: int
     key: Hashable = None
+
+
+@dataclass
+class ReplicaCopies:
+    """The weight copies that make every rank's replica slots hold a placement: ``ops`` is the
+    same ordered list on every rank (rank-major, then slot); ``src[i]`` / ``dst[i]`` are the
+    tensors this rank sends / fills for op ``i`` (``None`` where it takes no part); ``recv`` and
+    ``send`` map ``(rank, slot)`` to the op index for the copies this rank receives / sends."""
+
+    ops: List[CopyOp]
+    src: List[Optional[List[torch.Tensor]]]
+    dst: List[Optional[List[torch.Tensor]]]
+    recv: Dict[Tuple[int, int], int]
+    send: Dict[Tuple[int, int], int]
+
+    @property
+    def received(self) -> int:
+        return len(self.recv)
+
+
+def replica_copies(placement: torch.Tensor, layout: ExpertLayout, me: int,
+                   unchanged: Callable[[int, int, int], bool],
+                   native_rows: Callable[[int], List[torch.Tensor]],
+                   slot_rows: Callable[[int], List[torch.Tensor]],
+                   key: Callable[[int, int, int], Hashable] = lambda r, s, e: (r, s, e)) -> ReplicaCopies:
+    """The one way a replica is planned to be filled (the live layer's synchronous fill and the
+    pipeline's prefetch alike): for every slot ``(r, s)`` of ``placement [ep, R]`` that names an
+    expert ``e`` and is not ``unchanged(r, s, e)``, a copy from ``e``'s home rank into slot ``s`` of
+    rank ``r``. ``native_rows(e)``: this rank's weights of its native expert ``e``;
+    ``slot_rows(s)``: this rank's tensors of replica slot ``s``."""
+    L = layout.num_local_experts
+    out = ReplicaCopies([], [], [], {}, {})
+    for r in range(placement.shape[0]):
+        for s in range(placement.shape[1]):
+            e = int(placement[r, s])
+            if e == EMPTY_SLOT or unchanged(r, s, e):
+                continue
+            home = e // L
+            i = len(out.ops)
+            if r == me:
+                out.recv[(r, s)] = i
+            if home == me:
+                out.send[(r, s)] = i
+            out.ops.append(CopyOp(home, r, key=key(r, s, e)))
+            out.src.append(native_rows(e) if home == me else None)
+            out.dst.append(slot_rows(s) if r == me else None)
+    return out
+
+
+def copy_now(copies: ReplicaCopies, group) -> None:
+    """Move ``copies`` synchronously on ``group`` (every rank calls it with the same op list):
+    this rank's sends and receives posted at once, returns when all are complete. The live
+    layer's own fill; the pipeline moves the same copies through :class:`TransferEngine`."""
+    me = group_rank(group)
+    pending = []
+    for i, op in enumerate(copies.ops):
+        if me not in (op.src, op.dst):
+            continue
+        tensors = copies.src[i] if op.src == me else copies.dst[i]
+        for j, t in enumerate(tensors):
+            tag = 2 * i + j
+            staged = needs_host_staging(group, t)
+            if op.src == me:
+                buf = t.detach().cpu() if staged else t.detach().contiguous()
+                pending.append((dist.isend(buf, global_rank(group, op.dst), group=group, tag=tag), None, None))
+            else:
+                buf = torch.empty(t.shape, dtype=t.dtype) if staged else t
+                pending.append((dist.irecv(buf, global_rank(group, op.src), group=group, tag=tag),
+                                t if staged else None, buf))
+    for work, target, buf in pending:
+        work.wait()
+        if target is not None:
+            target.copy_(buf)
 
 
 def _chunks(tensors: Sequence[torch.Tensor], chunk_bytes: int):

@@ -54,7 +54,7 @@ from megatron_probe.mechanism.comm import group_rank, group_size
 from megatron_probe.mechanism.event_log import EventLog, now_ns, write_jsonl
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
-from megatron_probe.mechanism.transfer import CopyOp, TransferEngine
+from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, imbalance_ratio, rank_loads, static_rank_loads
 from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge
@@ -129,7 +129,7 @@ class LookaheadPipeline:
         self.pool = ReplicaBankPool(self.layout, tuple(bank0.fc1.shape[1:]), tuple(bank0.fc2.shape[1:]),
                                     bank0.fc1.dtype, bank0.fc1.device, cap)
         for i, m in enumerate(self.layers):
-            m.expert_bank.use_pool()
+            m.expert_bank.use_shared_replicas()
             m.token_dispatcher.stage_hooks = self
             m.token_dispatcher.layer_index = i
         config = self.layers[0].config
@@ -219,27 +219,15 @@ class LookaheadPipeline:
             # the copies are issued from the host, so the placement is needed there anyway
             placement, invalid = self._valid_placement(self._plan(counts))
         b = self.pool.bank_of(layer)
-        L = self.layout.num_local_experts
-        ops, src, dst = [], [], []
-        plan = LayerPlan(placement=placement, invalid=invalid)
-        home_bank = self.layers[layer].expert_bank
-        for r in range(self.ep):
-            for s in range(self.layout.replica_slots):
-                e = int(placement[r, s])
-                if e == EMPTY_SLOT or self.pool.holds(b, layer, r, s, e):
-                    continue
-                home = e // L
-                if r == self.me:
-                    plan.recv_ops[(r, s)] = len(ops)
-                if home == self.me:
-                    plan.send_ops[(r, s)] = len(ops)
-                ops.append(CopyOp(home, r, key=(layer, e, s)))
-                src.append([home_bank.fc1[e - home * L], home_bank.fc2[e - home * L]] if home == self.me else None)
-                dst.append(self.pool.slot_tensors(b, s) if r == self.me else None)
-        plan.copies = len(ops)
-        plan.bytes = len(ops) * self.pool.expert_bytes
+        copies = replica_copies(placement, self.layout, self.me,
+                                unchanged=lambda r, s, e: self.pool.holds(b, layer, r, s, e),
+                                native_rows=self.layers[layer].expert_bank.native_rows,
+                                slot_rows=lambda s: self.pool.slot_tensors(b, s),
+                                key=lambda r, s, e: (layer, e, s))
+        plan = LayerPlan(placement=placement, invalid=invalid, recv_ops=copies.recv, send_ops=copies.send,
+                         copies=len(copies.ops), bytes=len(copies.ops) * self.pool.expert_bytes)
         with nvtx_range(f"prefetch.{phase}"):
-            plan.batch = self.engine.submit(ops, src, dst) if ops else None
+            plan.batch = self.engine.submit(copies.ops, copies.src, copies.dst) if copies.ops else None
         self.pool.mark(b, layer, placement)
         self._plans[layer] = plan
 
