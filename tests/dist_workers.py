@@ -653,7 +653,7 @@ def pipeline_event_log(rank, ws, wandb_project, out_dir):
         max_abs = _run_steps(model, pipe, batches, refs)
         s = pipe.summary()
         pipe.close()
-        events = read_jsonl(pipe.events_path)
+        events = read_jsonl(pipe.metrics.events_path)
         chunks = [e for e in events if e["kind"] in CHUNK_KINDS]
         a2as = [e for e in events if e["kind"] in A2A_KINDS]
         out[name] = {

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from megatron_probe.runtime.pipeline import step_metrics
+from megatron_probe.runtime.pipeline_metrics import step_metrics
 from megatron_probe.serving.wandb_logger import WandbLogger, read_offline_run
 
 

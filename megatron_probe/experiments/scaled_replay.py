@@ -28,18 +28,31 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_probe.runtime.forecasters import OracleForecaster, WaitPolicy
+
 MODES = ("static", "probe", "oracle")
 
 
 class TraceForecaster:
-    """The pipeline's forecast source for a replayed trace: the real predictors on the trace's
-    hidden states of this rank's tokens, counts all-gathered; distilled online on the true logits."""
+    """The pipeline's forecast source for a replayed trace (a ``runtime.forecasters.Forecaster``):
+    the real predictors on the trace's hidden states of this rank's tokens, counts all-gathered;
+    distilled online on the true logits."""
+
+    lookahead = True
 
     def __init__(self, predictors, routers, distiller, group):
         self.predictors, self.routers, self.distiller, self.group = predictors, routers, distiller, group
-        self.collect_metrics = False
         self._pending = {}
         self.hits = self.total = 0
+
+    def forecasts(self, layer: int) -> bool:
+        return layer in self.predictors
+
+    def observe_true(self, layer: int, counts) -> None:
+        pass
+
+    def topk_accuracy(self):
+        return None  # the replay reports hits / total itself
 
     def start_step(self, hidden, true_ids):
         from megatron_probe.mechanism.count_exchange import gather_counts_async
@@ -112,8 +125,8 @@ class ScaledReplay:
         from megatron_probe.config import ProbeConfig
         from megatron_probe.data.traces import load_trace
         from megatron_probe.mcore.cpu import initialize_megatron_parallel
-        from megatron_probe.runtime.pipeline import LookaheadPipeline
         from megatron_probe.mcore.spec import probe_layer_spec
+        from megatron_probe.runtime.pipeline import LookaheadPipeline
         from megatron_probe.policy.distill import OnlineDistiller
         from megatron_probe.policy.predictor import PredictorSet, RouterSpec
 
@@ -205,7 +218,10 @@ class ScaledReplay:
         out = {}
         for mode in tuple(modes[k:]) + tuple(modes[:k]):
             pipe = self.pipe
-            pipe.activate(mode != "static", oracle_truth=(lambda L: truth[L]) if mode == "oracle" else None)
+            if mode == "oracle":
+                pipe.activate(True, OracleForecaster(lambda L: truth[L]), WaitPolicy.oracle())
+            else:
+                pipe.activate(mode != "static")
             if mode == "probe":
                 self.forecaster.start_step(hidden, true_ids)
             pipe.free_ms.clear()
@@ -222,9 +238,8 @@ class ScaledReplay:
                     times.append((time.perf_counter() - t0) * 1e3 - pipe.free_ms.get(L, 0.0))
             rec = {"layer_ms": times, "tokens": len(mine), "wait_ms": [], "copies": 0, "dropped": 0, "output": x}
             if mode != "static":
-                layers = pipe.end_step()
+                layers = pipe.end_step()  # the probe mode's forecaster ends its step (distillation) here
                 if mode == "probe":
-                    self.forecaster.end_step()
                     rec.update(wait_ms=[r["wait_ms"] for r in layers], copies=sum(r["copies"] for r in layers),
                                dropped=sum(r["dropped"] for r in layers))
                     self.copies += rec["copies"]

@@ -17,11 +17,25 @@ Order of operations (the ``alltoall`` dispatcher's, plus the slot mapping):
 
 With no replica in the placement this moves the same rows to the same ranks as Megatron's
 ``alltoall`` dispatcher.
+
+Who decides where a token goes (nothing else reaches into the dispatcher):
+
+* the **placement** ``[ep, R]``: :meth:`ProbeTokenDispatcher.set_placement`, called by
+  ``ProbeMoELayer.set_replica_placement`` (after the layer's own fill) or by the live pipeline
+  right before each dispatch (:class:`DispatchHooks.before_dispatch`);
+* the **assignment** ``[ep, E, ep]``, first match wins: a one-off tensor
+  (:meth:`set_next_assignment`), an :class:`AssignmentFn` installed as ``assignment_fn`` (the
+  pipeline installs re-assignment on the true counts), or the configured default policy
+  (``ProbeConfig.assignment_policy``). Every source is checked against the true counts.
+* :class:`DispatchHooks` installed as ``hooks`` (the pipeline, ``runtime/pipeline.py``) are
+  called at fixed points: before the count exchange, around both All-to-Alls (a context manager:
+  the pipeline pauses its weight copies inside it), before the experts, after the combine.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import ContextManager, Optional, Protocol
 
 import torch
 
@@ -40,6 +54,30 @@ from megatron_probe.policy.placement import (
     validate_assignment,
     validate_placement,
 )
+
+
+class AssignmentFn(Protocol):
+    """Chooses the token split of a dispatch from the true counts ``[ep, E]`` (the same on every
+    rank), the placement ``[ep, R]`` and the layout; returns ``[ep_src, E, ep_dst]``."""
+
+    def __call__(self, counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout) -> torch.Tensor: ...
+
+
+class DispatchHooks(Protocol):
+    """What drives a dispatcher from outside, called on every rank at the same points."""
+
+    def before_dispatch(self, dispatcher: "ProbeTokenDispatcher") -> None:
+        """Before the count exchange: the last moment to set the placement and assignment_fn."""
+
+    def all_to_all(self, dispatcher: "ProbeTokenDispatcher", kind: str) -> ContextManager[None]:
+        """Brackets the dispatch (``kind="dispatch"``) and combine (``"combine"``) All-to-All."""
+
+    def before_experts(self, dispatcher: "ProbeTokenDispatcher") -> None:
+        """Tokens have arrived; the experts are about to run."""
+
+    def after_combine(self, dispatcher: "ProbeTokenDispatcher") -> None:
+        """Outputs are back at their source ranks (``last_counts`` / ``last_assignment`` hold
+        what this dispatch used)."""
 
 
 class ProbeTokenDispatcher(MoETokenDispatcher):
@@ -61,7 +99,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self.placement = empty_placement(self.layout)
         self._refresh_tables()
         self._pending_assignment: Optional[torch.Tensor] = None
-        self.assignment_fn: Optional[Callable] = None  # (counts [ep,E], placement, layout) -> assign
+        self.assignment_fn: Optional[AssignmentFn] = None
         S, ep = self.layout.slots_per_rank, self.ep_size
         # chunk orders: received [src][slot] -> experts want [slot][src], and back
         idx = torch.arange(ep * S)
@@ -69,9 +107,9 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self._sort_to_src_major = idx.view(S, ep).T.ravel()
         self.last_counts: Optional[torch.Tensor] = None
         self.last_assignment: Optional[torch.Tensor] = None
-        # the live pipeline's callbacks (before_dispatch, a2a, before_experts, after_combine) and
-        # this layer's index among the model's MoE layers; None: a plain PROBE dispatcher
-        self.stage_hooks = None
+        # installed by the live pipeline (None: a plain PROBE dispatcher), and this layer's index
+        # among the model's MoE layers, which the hooks use to tell layers apart
+        self.hooks: Optional[DispatchHooks] = None
         self.layer_index: Optional[int] = None
 
     # ------------------------------------------------------------------ plan inputs
@@ -96,8 +134,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        if self.stage_hooks is not None:
-            self.stage_hooks.before_dispatch(self)
+        if self.hooks is not None:
+            self.hooks.before_dispatch(self)
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
         self.hidden_shape_before_permute = hidden.shape
@@ -157,17 +195,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             validate_assignment(assign, counts, self.placement, self.layout)
         return assign
 
+    def _all_to_all_bracket(self, kind: str) -> ContextManager[None]:
+        return self.hooks.all_to_all(self, kind) if self.hooks is not None else contextlib.nullcontext()
+
     def token_dispatch(self, hidden_states, probs):
-        hooks = self.stage_hooks
-        if hooks is not None:
-            hooks.a2a(True)
-        try:
-            with nvtx_range("dispatch"):
-                tokens = all_to_all(hidden_states, self.output_splits, self.input_splits, self.ep_group)
-                probs = all_to_all(probs, self.output_splits, self.input_splits, self.ep_group)
-        finally:
-            if hooks is not None:
-                hooks.a2a(False)
+        with self._all_to_all_bracket("dispatch"), nvtx_range("dispatch"):
+            tokens = all_to_all(hidden_states, self.output_splits, self.input_splits, self.ep_group)
+            probs = all_to_all(probs, self.output_splits, self.input_splits, self.ep_group)
         return tokens, probs
 
     def dispatch_postprocess(self, hidden_states, probs):
@@ -176,8 +210,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
                 hidden_states, self.recv_counts.ravel(), self._sort_to_slot_major,
                 probs=probs, fused=False,
             )
-        if self.stage_hooks is not None:
-            self.stage_hooks.before_experts(self)
+        if self.hooks is not None:
+            self.hooks.before_experts(self)
         return hidden_states, self.tokens_per_slot.clone(), probs
 
     # ------------------------------------------------------------------ combine
@@ -189,15 +223,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         return hidden_states
 
     def token_combine(self, hidden_states):
-        hooks = self.stage_hooks
-        if hooks is not None:
-            hooks.a2a(True)
-        try:
-            with nvtx_range("combine"):
-                return all_to_all(hidden_states, self.input_splits, self.output_splits, self.ep_group)
-        finally:
-            if hooks is not None:
-                hooks.a2a(False)
+        with self._all_to_all_bracket("combine"), nvtx_range("combine"):
+            return all_to_all(hidden_states, self.input_splits, self.output_splits, self.ep_group)
 
     def combine_postprocess(self, hidden_states):
         # undo the slot ordering: pair i of the expert-major order was sent at position inv[i]
@@ -208,6 +235,6 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             pairs, self.reversed_mapping, restore_shape=self.hidden_shape_before_permute,
             routing_map=self.routing_map, fused=False,
         )
-        if self.stage_hooks is not None:
-            self.stage_hooks.after_combine(self)
+        if self.hooks is not None:
+            self.hooks.after_combine(self)
         return out.view(self.hidden_shape)

@@ -78,6 +78,11 @@ def default_predictor_path(checkpoint_dir: str) -> str:
 
 
 class LookaheadRuntime:
+    """The lookahead predictors of a model at work (module docstring); a
+    ``runtime.forecasters.Forecaster`` for the live pipeline."""
+
+    lookahead = True  # counts are ready one layer ahead
+
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
                  predictors: Optional[PredictorSet] = None, collect_metrics: Optional[bool] = None):
         self.cfg = probe_config or ProbeConfig()
@@ -152,6 +157,17 @@ class LookaheadRuntime:
         self._pred_ids[layer] = ids
         idx = self.distiller.sample_index(h.shape[0], h.device)
         self._sample[layer] = (idx, h if idx is None else h[idx])
+
+    def forecasts(self, layer: int) -> bool:
+        return layer in self.predictors
+
+    def observe_true(self, layer: int, counts: torch.Tensor) -> None:
+        pass  # the predictors learn from the router's logits (observe_router), not from counts
+
+    def topk_accuracy(self) -> Optional[float]:
+        if not self.collect_metrics:
+            return None
+        return self.metrics().get("local", {}).get("mean_topk_acc")
 
     def predicted_counts(self, layer: int) -> Optional[torch.Tensor]:
         """``[ep, E]`` forecast expert counts of ``layer`` for every rank's tokens of the current

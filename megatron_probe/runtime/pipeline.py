@@ -32,12 +32,20 @@ the layers go on static. The pipeline's own collectives (forecast all-gather, ag
 check) run on a control group (timeout ``2 collective_timeout_s`` + the prefetch deadline: a live
 peer can be that late after a failed copy) and the copies on the transfer group (timeout
 ``collective_timeout_s``), so a dead peer raises instead of hanging.
+
+Who does what: the pipeline installs itself as every dispatcher's ``hooks``
+(``mechanism.dispatcher.DispatchHooks``) and only schedules. Counts come from a
+``runtime.forecasters.Forecaster`` (the lookahead runtime by default; last step's counts with
+``pipeline_predict=False``; the oracle's true counts), the waiting follows a ``WaitPolicy``, rows
+and summaries go through ``runtime.pipeline_metrics.PipelineMetrics``, the groups and the
+transfer engine come from :class:`PipelineComms`, and the copies are planned by
+``mechanism.transfer.replica_copies`` into the shared ``ReplicaBankPool``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,17 +55,19 @@ import torch
 import torch.distributed as dist
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.runtime.lookahead import LookaheadRuntime
-from megatron_probe.runtime.model_walk import layer_holding, moe_layers
-from megatron_probe.serving.wandb_logger import WandbLogger
 from megatron_probe.mechanism.comm import group_rank, group_size
-from megatron_probe.mechanism.event_log import EventLog, now_ns, write_jsonl
+from megatron_probe.mechanism.event_log import EventLog, now_ns
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, imbalance_ratio, rank_loads, static_rank_loads
 from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge
+from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
+from megatron_probe.runtime.lookahead import LookaheadRuntime
+from megatron_probe.runtime.model_walk import layer_holding, moe_layers
+from megatron_probe.runtime.pipeline_metrics import PipelineMetrics
+from megatron_probe.serving.wandb_logger import WandbLogger
 
 
 @dataclass
@@ -71,32 +81,68 @@ class LayerPlan:
     invalid: int = 0  # plan entries removed before copying (no such replica)
 
 
-COUNTED = ("copies", "dropped", "failed", "invalid", "fallbacks", "bytes")
+@dataclass
+class PipelineComms:
+    """The pipeline's process groups and transfer engine over the EP ranks: ``ctl_group`` for its
+    own small collectives (forecast gathers, the agreement, the cost check) and a dedicated group
+    inside the engine for the copies, each with its own timeout. Collective to create: every rank
+    of the default group calls :meth:`create` in the same order."""
+
+    ep_group: object
+    ep: int
+    me: int
+    ctl_group: object
+    engine: TransferEngine
+
+    @classmethod
+    def create(cls, ep_group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> "PipelineComms":
+        ep, me = group_size(ep_group), group_rank(ep_group)
+        ranks = None if ep_group is None else dist.get_process_group_ranks(ep_group)
+        # a peer may reach the agreement only after waiting out its prefetch deadline or a failed
+        # copy's transfer timeout (collective_timeout_s), so the control group waits longer than
+        # both: it must not give up on a peer that is late for a legitimate reason
+        timeout = datetime.timedelta(seconds=2 * cfg.collective_timeout_s + cfg.prefetch_deadline_ms / 1e3)
+        ctl = dist.new_group(ranks=ranks, timeout=timeout) if ep > 1 else ep_group
+        if ep > 1 and group_rank(ctl) != me:
+            raise RuntimeError(f"the control group orders the EP ranks differently ({ranks}): rank {me} is "
+                               f"{group_rank(ctl)} there")
+        engine = TransferEngine.create(ranks=ranks, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20), device=device,
+                                       timeout_s=cfg.collective_timeout_s, event_log=events)
+        return cls(ep_group, ep, me, ctl, engine)
 
 
-def step_metrics(rows: List[Dict]) -> Dict[str, float]:
-    """One step's rows as a flat dict for a metrics sink: ``layer<L>/<field>`` for every numeric
-    field of every layer, and ``step/<field>`` totals."""
-    out: Dict[str, float] = {}
-    for r in rows:
-        for k, v in r.items():
-            if k not in ("step", "layer") and isinstance(v, (int, float)):
-                out[f"layer{r['layer']}/{k}"] = v
-    for k in COUNTED + ("wait_ms", "layer_ms"):
-        out[f"step/{k}"] = sum(r.get(k, 0) for r in rows)
-    return out
+def check_same_cost(cost: ExpertCost, group) -> None:
+    """Every rank must plan with the same cost model, or plans diverge: refuse if they differ."""
+    if group_size(group) <= 1:
+        return
+    c = torch.tensor([cost.per_token_us, cost.per_active_expert_us, -cost.per_token_us, -cost.per_active_expert_us],
+                     dtype=torch.float64)
+    dist.all_reduce(c, op=dist.ReduceOp.MAX, group=group)
+    if c[0] != -c[2] or c[1] != -c[3]:
+        raise ValueError(f"EP ranks use different expert cost models ({cost} here); the planner must see "
+                         "identical inputs on every rank: average or broadcast a measured cost first")
+
+
+def default_forecaster(model, cfg: ProbeConfig, group) -> Optional[Forecaster]:
+    """The forecaster ``cfg`` asks for: none without planning, last step's counts without the
+    predictors (``pipeline_predict=False``), else the lookahead runtime."""
+    if not cfg.pipeline_plan:
+        return None
+    if not cfg.pipeline_predict:
+        return PreviousStepForecaster()
+    return LookaheadRuntime(model, cfg, group)
 
 
 class LookaheadPipeline:
-    """Drives the PROBE layers of ``model`` (module docstring). ``metrics_path``: per-layer,
-    per-step rows appended as JSON lines; ``events_path`` (default: beside ``metrics_path``,
-    ``<stem>.events.jsonl``): the event log when ``event_log`` is on; ``metrics_sink``: any object
-    with ``log(dict, step=)`` and ``finish()`` that receives each step's metrics (default: a
-    :class:`WandbLogger` when ``wandb_project`` is set, on EP rank 0, under ``run_dir`` or the
-    metrics' folder)."""
+    """Drives the PROBE layers of ``model`` (module docstring). ``runtime``: the forecaster
+    (default: :func:`default_forecaster`); ``metrics_path``: per-layer, per-step rows appended as
+    JSON lines; ``events_path`` (default: beside ``metrics_path``, ``<stem>.events.jsonl``): the
+    event log when ``event_log`` is on; ``metrics_sink``: any object with ``log(dict, step=)`` and
+    ``finish()`` that receives each step's metrics (default: a :class:`WandbLogger` when
+    ``wandb_project`` is set, on EP rank 0, under ``run_dir`` or the metrics' folder)."""
 
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
-                 runtime: Optional[LookaheadRuntime] = None, cost: Optional[ExpertCost] = None,
+                 runtime: Optional[Forecaster] = None, cost: Optional[ExpertCost] = None,
                  metrics_path: Optional[str] = None, budget_in: Optional[int] = None,
                  events_path: Optional[str] = None, metrics_sink=None, run_dir: Optional[str] = None):
         from megatron_probe.mcore.layer import ProbeMoELayer
@@ -111,113 +157,90 @@ class LookaheadPipeline:
         for m in self.layers:
             if m.layout != self.layout:
                 raise ValueError("all MoE layers must share one expert layout (experts, EP size, replica slots)")
-        self.ep_group = ep_group if ep_group is not None else self.layers[0].token_dispatcher.ep_group
-        self.ep, self.me = group_size(self.ep_group), group_rank(self.ep_group)
-        ranks = None if self.ep_group is None else dist.get_process_group_ranks(self.ep_group)
-        # the pipeline's own small collectives, with their own timeout (collective: every rank of
-        # the default group creates it, as it does the transfer group below). A peer may reach the
-        # agreement only after waiting out its prefetch deadline or a failed copy's transfer
-        # timeout (collective_timeout_s), so the control group waits longer than both: it must
-        # not give up on a peer that is late for a legitimate reason
-        timeout = datetime.timedelta(seconds=2 * cfg.collective_timeout_s + cfg.prefetch_deadline_ms / 1e3)
-        self.ctl_group = dist.new_group(ranks=ranks, timeout=timeout) if self.ep > 1 else self.ep_group
-        if self.ep > 1 and group_rank(self.ctl_group) != self.me:
-            raise RuntimeError(f"the control group orders the EP ranks differently ({ranks}): rank {self.me} is "
-                               f"{group_rank(self.ctl_group)} there")
+        ep_group = ep_group if ep_group is not None else self.layers[0].token_dispatcher.ep_group
         bank0 = self.layers[0].expert_bank
+        self.events = EventLog(group_rank(ep_group)) if cfg.event_log else None
+        self.comms = PipelineComms.create(ep_group, cfg, bank0.fc1.device, self.events)
+        self.ep_group, self.ep, self.me = ep_group, self.comms.ep, self.comms.me
+        self.ctl_group, self.engine = self.comms.ctl_group, self.comms.engine
         cap = None if cfg.replica_memory_cap_mib is None else int(cfg.replica_memory_cap_mib * 2 ** 20)
         self.pool = ReplicaBankPool(self.layout, tuple(bank0.fc1.shape[1:]), tuple(bank0.fc2.shape[1:]),
                                     bank0.fc1.dtype, bank0.fc1.device, cap)
         for i, m in enumerate(self.layers):
             m.expert_bank.use_shared_replicas()
-            m.token_dispatcher.stage_hooks = self
+            m.token_dispatcher.hooks = self
             m.token_dispatcher.layer_index = i
-        config = self.layers[0].config
         if cost is None:
+            config = self.layers[0].config
             shape = ModelShape(hidden=config.hidden_size, expert_hidden=config.moe_ffn_hidden_size,
                                num_experts=config.num_moe_experts, topk=config.moe_router_topk)
             cost = ExpertCost.from_profile(get_profile(cfg.hardware_profile), shape)
         self.cost = cost
-        if self.ep > 1:  # every rank must plan with the same cost model, or plans diverge
-            c = torch.tensor([cost.per_token_us, cost.per_active_expert_us, -cost.per_token_us,
-                              -cost.per_active_expert_us], dtype=torch.float64)
-            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=self.ctl_group)
-            if c[0] != -c[2] or c[1] != -c[3]:
-                raise ValueError(f"EP ranks use different expert cost models ({cost} here); the planner must see "
-                                 "identical inputs on every rank: average or broadcast a measured cost first")
+        check_same_cost(cost, self.ctl_group)
         self.budget_in = budget_in  # replicas a rank may receive per layer (default: R)
+        self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
+        self.default_wait = WaitPolicy(cfg.prefetch_deadline_ms)
+        self.forecaster, self.wait_policy = self.runtime, self.default_wait
         self.active = True
-        self.oracle_truth = None  # set by activate(oracle_truth=...): plan on true counts, copies free
-        self.free_ms: Dict[int, float] = {}
-        self.runtime = runtime
-        if self.runtime is None and cfg.pipeline_predict and cfg.pipeline_plan:
-            self.runtime = LookaheadRuntime(model, cfg, self.ctl_group)
-        self.events = EventLog(self.me) if cfg.event_log else None
+        self.free_ms: Dict[int, float] = {}  # per layer: copy time a free wait policy excludes
         if events_path is None and metrics_path and self.events is not None:
             events_path = os.path.splitext(metrics_path)[0] + ".events.jsonl"
-        self.events_path = events_path
-        self.engine = TransferEngine.create(ranks=ranks, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20),
-                                            device=bank0.fc1.device, timeout_s=cfg.collective_timeout_s,
-                                            event_log=self.events)
-        self.disabled: Optional[str] = None  # why copying was switched off (a transfer failed)
-        self.disabled_at: Optional[tuple] = None  # (step, layer) where every rank switched it off
-        self._a2a = ("a2a_dispatch", None, 0)  # kind, layer, start of the All-to-All in progress
-        self._plans: Dict[int, LayerPlan] = {}
-        self._prev_true: Dict[int, torch.Tensor] = {}
-        self._step_rows: List[Dict] = []
-        self._layer_t0: Dict[int, float] = {}
-        self.step = 0
-        self.metrics_path = metrics_path
-        self.history: List[Dict] = []
         if metrics_sink is None and cfg.wandb_project is not None and self.me == 0:
             run_dir = run_dir or (os.path.dirname(os.path.abspath(metrics_path)) if metrics_path else os.getcwd())
             metrics_sink = WandbLogger(cfg.wandb_project, run_dir, config=cfg.to_dict(), mode=cfg.wandb_mode)
-        self.sink = metrics_sink
+        self.metrics = PipelineMetrics(metrics_path, metrics_sink, self.events, events_path)
+        self.disabled: Optional[str] = None  # why copying was switched off (a transfer failed)
+        self.disabled_at: Optional[tuple] = None  # (step, layer) where every rank switched it off
+        self._plans: Dict[int, LayerPlan] = {}
+        self._layer_t0: Dict[int, float] = {}
+        self.step = 0
         self._handles = []
-        if 0 in getattr(self.runtime, "predictors", {}) or not cfg.pipeline_predict:
+        if self.runtime is not None and self.runtime.forecasts(0):
             holder = layer_holding(model, self.layers[0])
-            # registered after the runtime's own hook: the forecast for layer 0 already exists
+            # registered after the forecaster's own hook: the forecast for layer 0 already exists
             self._handles.append(holder.register_forward_pre_hook(self._layer0_hook, with_kwargs=True))
 
+    @property
+    def history(self) -> List[Dict]:
+        return self.metrics.history
+
+    @property
+    def metrics_path(self) -> Optional[str]:
+        return self.metrics.metrics_path
+
     def _layer0_hook(self, module, args, kwargs):
-        if self.active and self.oracle_truth is None:
+        if self.active and self.forecaster is not None and self.forecaster.lookahead:
             self._prefetch(0, "phase2")
 
-    def activate(self, on: bool = True, oracle_truth=None) -> None:
+    def activate(self, on: bool = True, forecaster: Optional[Forecaster] = None,
+                 wait: Optional[WaitPolicy] = None) -> None:
         """Switch the pipeline on or off for the following forwards (off: static placement,
-        exactly the plain PROBE layer). ``oracle_truth(layer) -> [ep, E]`` turns it into the
-        oracle: each layer is planned on its true counts right before its dispatch and its copies
-        are waited for in full, their time reported in ``free_ms`` (to be excluded)."""
+        exactly the plain PROBE layer). ``forecaster`` / ``wait`` replace the pipeline's own for
+        as long as it stays on (e.g. ``OracleForecaster`` with ``WaitPolicy.oracle()``: each
+        layer planned on its true counts right before its dispatch, its copies waited for in
+        full and reported in ``free_ms``)."""
         self.active = on
-        self.oracle_truth = oracle_truth if on else None
+        self.forecaster = (forecaster or self.runtime) if on else self.runtime
+        self.wait_policy = (wait or self.default_wait) if on else self.default_wait
         for m in self.layers:
-            m.token_dispatcher.stage_hooks = self if on else None
+            m.token_dispatcher.hooks = self if on else None
             if not on:
                 m.token_dispatcher.assignment_fn = None
                 m.token_dispatcher.set_placement(empty_placement(self.layout))
 
     # ------------------------------------------------------------------ planning and copies
-    def _forecast(self, layer: int) -> Optional[torch.Tensor]:
-        if not self.cfg.pipeline_plan:
-            return None
-        if self.oracle_truth is not None:
-            return self.oracle_truth(layer).detach().cpu().long()
-        if self.cfg.pipeline_predict:
-            counts = self.runtime.predicted_counts(layer) if self.runtime is not None else None
-            return None if counts is None else counts.detach().cpu().long()
-        return self._prev_true.get(layer)  # ablation: last step's true counts of this layer
-
     def _prefetch(self, layer: int, phase: str) -> None:
         """Plan ``layer`` and queue its copies into bank ``layer % 2``."""
-        if layer >= len(self.layers) or layer in self._plans or self.disabled is not None:
+        if (layer >= len(self.layers) or layer in self._plans or self.disabled is not None
+                or not self.cfg.pipeline_plan or self.forecaster is None):
             return
-        counts = self._forecast(layer)
+        counts = self.forecaster.predicted_counts(layer)
         if counts is None:
             return
         with nvtx_range("plan"):
             # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
             # the copies are issued from the host, so the placement is needed there anyway
-            placement, invalid = self._valid_placement(self._plan(counts))
+            placement, invalid = self._valid_placement(self._plan(counts.detach().cpu().long()))
         b = self.pool.bank_of(layer)
         copies = replica_copies(placement, self.layout, self.me,
                                 unchanged=lambda r, s, e: self.pool.holds(b, layer, r, s, e),
@@ -256,24 +279,23 @@ class LookaheadPipeline:
 
     def _plan(self, counts: torch.Tensor) -> torch.Tensor:
         budget = self.layout.replica_slots if self.budget_in is None else self.budget_in
-        charge = 0.0 if self.oracle_truth is not None else self.cfg.copy_charge_us  # the oracle's copies are free
+        charge = 0.0 if self.wait_policy.copies_free else self.cfg.copy_charge_us
         return plan_with_copy_charge(counts, self.layout, self.cost, budget, charge)
 
     # ------------------------------------------------------------------ dispatcher hooks
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         self._layer_t0[layer] = time.perf_counter()
-        if self.oracle_truth is not None:
+        if self.forecaster is not None and not self.forecaster.lookahead:
             t0 = time.perf_counter()
-            self._prefetch(layer, "oracle")
+            self._prefetch(layer, "at_dispatch")
             plan = self._plans.get(layer)
-            if plan is not None and plan.batch is not None:
+            if plan is not None and plan.batch is not None and self.wait_policy.deadline_ms is None:
                 plan.batch.wait(raise_error=False)  # a failed copy is dropped by the agreement
-            self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
+            if self.wait_policy.copies_free:
+                self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
         plan = self._plans.pop(layer, None)
-        bank = self.layers[layer].expert_bank
-        row = {"step": self.step, "layer": layer, "copies": 0, "dropped": 0, "failed": 0,
-               "invalid": 0 if plan is None else plan.invalid, "bytes": 0, "wait_ms": 0.0}
+        row = self.metrics.new_row(self.step, layer, 0 if plan is None else plan.invalid)
         if plan is not None and not bool((plan.placement >= 0).any()):
             plan = None  # nothing planned (the same on every rank): no wait, no agreement needed
         if plan is None:
@@ -296,23 +318,23 @@ class LookaheadPipeline:
             if self.disabled_at == (self.step, layer):
                 row["engine_disabled"] = 1
         row["fallbacks"] = row["dropped"] + row["invalid"]  # planned replicas not used: tokens stayed home
-        self._a2a = ("a2a_dispatch", layer, 0)
-        b = self.pool.bank_of(layer)
-        bank.attach_replicas(*self.pool.block(b), placement)
+        self.layers[layer].expert_bank.attach_replicas(*self.pool.block(self.pool.bank_of(layer)), placement)
         dispatcher.set_placement(placement)
         if self.cfg.pipeline_reassign and bool((placement >= 0).any()):
             dispatcher.assignment_fn = lambda counts, pl, layout: assign_on_truth(counts, pl, layout, self.cost)
         else:
             dispatcher.assignment_fn = None
-        self._step_rows.append(row)
 
     def _agree(self, layer: int, plan: LayerPlan) -> torch.Tensor:
-        """Wait up to the deadline for this rank's incoming copies, then agree with every rank on
-        each copy's state: ``[ep, R]`` of 0 (arrived, or nothing to copy), 1 (late), 2 (failed)."""
+        """Wait (the wait policy's deadline) for this rank's incoming copies, then agree with every
+        rank on each copy's state: ``[ep, R]`` of 0 (arrived, or nothing to copy), 1 (late),
+        2 (failed)."""
         R = self.layout.replica_slots
         batch = plan.batch
         mine = list(plan.recv_ops.items())
-        done = batch.wait_ops([i for _, i in mine], self.cfg.prefetch_deadline_ms / 1e3) if batch and mine else []
+        deadline = self.wait_policy.deadline_ms
+        done = (batch.wait_ops([i for _, i in mine], None if deadline is None else deadline / 1e3)
+                if batch and mine else [])
         n = self.ep * R
         flat = plan.placement.reshape(-1).long()
         # one all-reduce (MAX) carries: each copy's state as its receiver sees it (a sender adds
@@ -338,71 +360,55 @@ class LookaheadPipeline:
             self.disabled_at = (self.step, layer)
         return sync[:n].view(self.ep, R)
 
-    def a2a(self, starting: bool) -> None:
+    @contextlib.contextmanager
+    def all_to_all(self, dispatcher, kind: str):
+        """Phase locking: no byte of a weight copy moves on this rank while an All-to-All runs."""
         lock = self.cfg.pipeline_phase_lock
-        if starting:
-            if lock:
-                self.engine.pause()  # returns once no chunk is moving on this rank
-            self._a2a = (self._a2a[0], self._a2a[1], now_ns())
-        else:
-            kind, layer, t0 = self._a2a
+        if lock:
+            self.engine.pause()  # returns once no chunk is moving on this rank
+        t0 = now_ns()
+        try:
+            yield
+        finally:
             if self.events is not None:
-                self.events.record(kind, layer, t0, now_ns())
+                self.events.record(f"a2a_{kind}", dispatcher.layer_index, t0, now_ns())
             if lock:
                 self.engine.resume()
 
     def before_experts(self, dispatcher) -> None:
-        self._a2a = ("a2a_combine", dispatcher.layer_index, 0)
-        if self.oracle_truth is None:
+        if self.forecaster is not None and self.forecaster.lookahead:
             self._prefetch(dispatcher.layer_index + 1, "phase1")
 
     def after_combine(self, dispatcher) -> None:
         layer = dispatcher.layer_index
-        row = next(r for r in reversed(self._step_rows) if r["layer"] == layer)
+        row = self.metrics.row(layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
-        assign = dispatcher.last_assignment  # [ep_src, E, ep_dst]
         row["ir_before"] = round(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)), 4)
-        row["ir_after"] = round(imbalance_ratio(rank_loads(assign)), 4)
+        row["ir_after"] = round(imbalance_ratio(rank_loads(dispatcher.last_assignment)), 4)
         row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
-        self._prev_true[layer] = counts.clone()
+        if self.forecaster is not None:
+            self.forecaster.observe_true(layer, counts)
 
     # ------------------------------------------------------------------ steps
     def end_step(self) -> List[Dict]:
-        """After each engine step: deferred predictor update, metrics of the step."""
-        if self.runtime is not None:
-            self.runtime.end_step()
-        for layer in list(self._plans):  # planned but never dispatched (e.g. a shorter forward)
-            self._plans.pop(layer)
-        rows, self._step_rows = self._step_rows, []
-        self.history.extend(rows)
-        if self.metrics_path and rows:
-            with open(self.metrics_path, "a") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-        if self.sink is not None and rows:
-            self.sink.log(step_metrics(rows), step=self.step)
-        self._flush_events()
+        """After each engine step: the forecaster's step end (deferred predictor update), metrics."""
+        if self.forecaster is not None:
+            self.forecaster.end_step()
+        self._plans.clear()  # planned but never dispatched (e.g. a shorter forward)
+        rows = self.metrics.end_step(self.step)
         self.step += 1
         return rows
 
-    def _flush_events(self) -> None:
-        if self.events is not None and self.events_path:
-            write_jsonl(self.events_path, self.events.drain())
-
     def summary(self) -> Dict:
-        h = self.history
-        if not h:
+        out = self.metrics.summary()
+        if not out:
             return {}
-        n = len(h)
-        out = {"layer_steps": n, **{k: sum(r[k] for r in h) for k in COUNTED},
-               "wait_ms_total": round(sum(r["wait_ms"] for r in h), 3),
-               "ir_before": round(sum(r.get("ir_before", 1) for r in h) / n, 4),
-               "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4),
-               "replica_memory_bytes": self.pool.memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
-               "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
-               "engine_disabled": self.disabled, "disabled_at": self.disabled_at}
-        if self.runtime is not None and self.runtime.collect_metrics:
-            out["prediction_topk_acc"] = self.runtime.metrics().get("local", {}).get("mean_topk_acc")
+        out.update({"replica_memory_bytes": self.pool.memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
+                    "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
+                    "engine_disabled": self.disabled, "disabled_at": self.disabled_at})
+        acc = self.runtime.topk_accuracy() if self.runtime is not None else None
+        if acc is not None:
+            out["prediction_topk_acc"] = acc
         return out
 
     def close(self) -> None:
@@ -411,14 +417,7 @@ class LookaheadPipeline:
         self._handles.clear()
         self.engine.drain(2 * self.cfg.collective_timeout_s)  # bounded: a broken peer fails the copies
         self.engine.close()
-        self._flush_events()
         if self.runtime is not None:
             self.runtime.close()
-        if self.sink is not None:
-            numeric = {f"summary/{k}": v for k, v in self.summary().items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if numeric:
-                self.sink.log(numeric, step=self.step)
-            self.sink.finish()
-            self.sink = None
+        self.metrics.close(self.step, self.summary())
         self.activate(False)  # the plain layer again: static placement, no hooks

@@ -85,7 +85,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     from megatron_probe.data.workloads import Workload
     from megatron_probe.mcore.cpu import initialize_megatron_parallel
     from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
-    from megatron_probe.runtime.lookahead import default_predictor_path
+    from megatron_probe.runtime.lookahead import LookaheadRuntime, default_predictor_path
     from megatron_probe.runtime.pipeline import LookaheadPipeline
     from megatron_probe.mechanism.profiling import nvtx_range
 
@@ -182,7 +182,8 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     local = {"rows": rows, "requests": {mode: [dataclasses.asdict(_req_result(r)) for r in e.requests.values()]
                                         for mode, e in engines.items()},
              "pipeline": {m: p.summary() for m, p in pipes.items()},
-             "prediction": {m: (p.runtime.metrics() if p.runtime is not None else {}) for m, p in pipes.items()},
+             "prediction": {m: (p.runtime.metrics() if isinstance(p.runtime, LookaheadRuntime) else {})
+                            for m, p in pipes.items()},
              "unfinished": {m: len(e.queue) + len(e.active) for m, e in engines.items()},
              "calibration": calibration}
     for p in pipes.values():

@@ -1,0 +1,91 @@
+"""What the live pipeline records: one row per layer and step, where it goes, and the summary.
+
+A row (``LookaheadPipeline`` fills it): ``step``, ``layer``, ``copies``, ``dropped`` (planned
+copies not there at the deadline), ``failed``, ``invalid`` (plan entries naming no valid replica),
+``fallbacks`` (dropped + invalid: planned replicas not used, tokens stayed home), ``bytes``,
+``wait_ms`` (exposed wait before the dispatch), ``ir_before`` / ``ir_after`` (static vs used
+placement), ``layer_ms``, and ``engine_disabled`` where copying was switched off. Rows go to
+``history``, to ``metrics_path`` as JSON lines, and to a metrics sink (``log(dict, step=)``,
+``finish()``: the wandb logger) as :func:`step_metrics`; the event log is flushed beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+from megatron_probe.mechanism.event_log import EventLog, write_jsonl
+
+COUNTED = ("copies", "dropped", "failed", "invalid", "fallbacks", "bytes")
+
+
+def step_metrics(rows: List[Dict]) -> Dict[str, float]:
+    """One step's rows as a flat dict for a metrics sink: ``layer<L>/<field>`` for every numeric
+    field of every layer, and ``step/<field>`` totals."""
+    out: Dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in ("step", "layer") and isinstance(v, (int, float)):
+                out[f"layer{r['layer']}/{k}"] = v
+    for k in COUNTED + ("wait_ms", "layer_ms"):
+        out[f"step/{k}"] = sum(r.get(k, 0) for r in rows)
+    return out
+
+
+class PipelineMetrics:
+    def __init__(self, metrics_path: Optional[str] = None, sink=None, events: Optional[EventLog] = None,
+                 events_path: Optional[str] = None):
+        self.metrics_path = metrics_path
+        self.sink = sink
+        self.events = events
+        self.events_path = events_path
+        self.history: List[Dict] = []
+        self._rows: List[Dict] = []
+
+    def new_row(self, step: int, layer: int, invalid: int) -> Dict:
+        row = {"step": step, "layer": layer, "copies": 0, "dropped": 0, "failed": 0, "invalid": invalid,
+               "bytes": 0, "wait_ms": 0.0}
+        self._rows.append(row)
+        return row
+
+    def row(self, layer: int) -> Dict:
+        """This step's row of ``layer`` (the latest one)."""
+        return next(r for r in reversed(self._rows) if r["layer"] == layer)
+
+    def end_step(self, step: int) -> List[Dict]:
+        rows, self._rows = self._rows, []
+        self.history.extend(rows)
+        if self.metrics_path and rows:
+            with open(self.metrics_path, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        if self.sink is not None and rows:
+            self.sink.log(step_metrics(rows), step=step)
+        self.flush_events()
+        return rows
+
+    def flush_events(self) -> None:
+        if self.events is not None and self.events_path:
+            write_jsonl(self.events_path, self.events.drain())
+
+    def summary(self) -> Dict:
+        """Totals and means over every recorded row (empty before the first)."""
+        h = self.history
+        if not h:
+            return {}
+        n = len(h)
+        return {"layer_steps": n, **{k: sum(r[k] for r in h) for k in COUNTED},
+                "wait_ms_total": round(sum(r["wait_ms"] for r in h), 3),
+                "ir_before": round(sum(r.get("ir_before", 1) for r in h) / n, 4),
+                "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4)}
+
+    def close(self, step: int, summary: Dict) -> None:
+        """Flush the events; the sink gets the summary's numbers and is finished."""
+        self.flush_events()
+        if self.sink is not None:
+            numeric = {f"summary/{k}": v for k, v in summary.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                self.sink.log(numeric, step=step)
+            self.sink.finish()
+            self.sink = None
