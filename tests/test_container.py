@@ -196,8 +196,8 @@ def test_cpu_demo_command_parses_and_validates(tool):
     assert a.compare and a.workload == "shift" and a.expert_model_parallel_size == 2
     assert a.max_requests == 4  # extra arguments come last and win
     assert a.probe_replica_slots_per_rank == 3 and a.probe_hardware_profile == "h200-sxm"
-    opts, fields = tool.validate(a, p)  # against the shipped checkpoint and workload
-    assert opts.modes == ("stock", "probe") and opts.ep == 2 and fields["replica_slots_per_rank"] == 3
+    opts = tool.validate(a, p)  # against the shipped checkpoint and workload
+    assert opts.modes == ("stock", "probe") and opts.ep == 2 and opts.probe.replica_slots_per_rank == 3
 
 
 def test_probe_args_file_can_be_replaced_or_dropped(tool, tmp_path):

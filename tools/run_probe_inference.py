@@ -151,10 +151,12 @@ def probe_fields(a) -> dict:
     return {k[len("probe_"):]: v for k, v in vars(a).items() if k.startswith("probe_") and v is not None}
 
 
-def validate(a, p) -> tuple:
-    """Check every flag against the checkpoint and each other; returns (ServeOptions, ProbeConfig fields)."""
+def validate(a, p):
+    """Check every flag against the checkpoint and each other; returns ``ServeOptions`` with the
+    one ``ProbeConfig`` every later step uses."""
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.workloads import Workload
+    from megatron_probe.runtime.lookahead import default_predictor_path
     from megatron_probe.serving.worker import ServeOptions, check_model_flags
     from megatron_probe.experiments.tiny_moe import TinyMoEConfig
 
@@ -171,6 +173,8 @@ def validate(a, p) -> tuple:
         check_model_flags(cfg, expect, a.load)
         fields = probe_fields(a)
         fields.setdefault("replica_slots_per_rank", 3)
+        if "predictor_state" not in fields and os.path.exists(default_predictor_path(a.load)):
+            fields["predictor_state"] = default_predictor_path(a.load)  # the warm start beside the checkpoint
         pc = ProbeConfig(**fields)
         pc.validate_for_model(cfg.num_experts, a.expert_model_parallel_size, cfg.topk)
         for flag, v, lo in (("--expert-model-parallel-size", a.expert_model_parallel_size, 1),
@@ -188,11 +192,11 @@ def validate(a, p) -> tuple:
     modes = ("stock", "probe") if a.compare else (("probe",) if a.moe_token_dispatcher_type == "probe"
                                                   else ("stock",))
     opts = ServeOptions(checkpoint=a.load, workload=wl_path, ep=a.expert_model_parallel_size, modes=modes,
-                        probe=fields, kv_capacity=a.micro_batch_size, prefill_chunk=a.prefill_chunk_size,
+                        probe=pc, kv_capacity=a.micro_batch_size, prefill_chunk=a.prefill_chunk_size,
                         max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
                         bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
                         metrics_path=a.metrics_jsonl, expect=expect)
-    return opts, fields
+    return opts
 
 
 def _fmt(x):
@@ -251,9 +255,8 @@ def _show(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def run_scaled(a, opts, fields) -> dict:
+def run_scaled(a, opts) -> dict:
     """The scaled regime on EP gloo processes: every trace step in order, static / PROBE / oracle."""
-    from megatron_probe.config import ProbeConfig
     from megatron_probe.data.traces import load_trace
     from megatron_probe.data.workloads import Workload
     from megatron_probe.mcore.launch import run_distributed
@@ -277,7 +280,7 @@ def run_scaled(a, opts, fields) -> dict:
     tr = load_trace(trace)
     if tr.extra.get("scenario") not in (None, wl.scenario):
         raise SystemExit(f"trace {trace} was recorded on the {tr.extra['scenario']!r} workload, not {wl.scenario!r}")
-    pc = ProbeConfig(**fields)
+    pc = opts.probe
     pred = pc.predictor_state or default_predictor_path(opts.checkpoint)
     sopts = dict(trace=trace, checkpoint=opts.checkpoint, predictor=pred if os.path.exists(pred) else None,
                  predictor_hidden=pc.predictor_hidden, layers=a.scaled_layers, hidden=a.scaled_hidden_size,
@@ -301,11 +304,11 @@ def run_scaled(a, opts, fields) -> dict:
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    opts, fields = validate(a, p)
+    opts = validate(a, p)
     from megatron_probe.mcore.launch import run_distributed, under_torchrun
 
     if a.regime == "scaled":
-        res = run_scaled(a, opts, fields)
+        res = run_scaled(a, opts)
     else:
         from megatron_probe.serving.worker import serve_worker
 

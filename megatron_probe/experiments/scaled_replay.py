@@ -195,7 +195,7 @@ class ScaledReplay:
                                       runtime=self.forecaster, cost=self.cost)
         self.copy_us = measure_copy_us(self.pipe, bank, rank, self.group) if opts["copy_charge"] == "measured" else 0.0
         if self.copy_us:
-            self.pipe.cfg = self.pipe.cfg.replace(copy_charge_us=self.copy_us)
+            self.pipe.set_copy_charge(self.copy_us)
         self.copies = self.dropped = 0
 
     def run_step(self, j: int, step_index: int, rows: List[torch.Tensor], modes=MODES) -> Dict[str, Dict]:

@@ -85,10 +85,11 @@ class LookaheadRuntime:
 
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
                  predictors: Optional[PredictorSet] = None, collect_metrics: Optional[bool] = None):
-        self.cfg = probe_config or ProbeConfig()
         self.layers = moe_layers(model)
         if not self.layers:
             raise ValueError("model has no MoE layer to predict")
+        # default: the PROBE layers' own config (stock layers have none: the defaults)
+        self.cfg = probe_config or getattr(self.layers[0], "probe_config", None) or ProbeConfig()
         if ep_group is None:
             ep_group = getattr(self.layers[0], "ep_group", None)
             if ep_group is None and getattr(self.layers[0], "pg_collection", None) is not None:

@@ -134,7 +134,8 @@ def default_forecaster(model, cfg: ProbeConfig, group) -> Optional[Forecaster]:
 
 
 class LookaheadPipeline:
-    """Drives the PROBE layers of ``model`` (module docstring). ``runtime``: the forecaster
+    """Drives the PROBE layers of ``model`` (module docstring). ``probe_config``: default the
+    layers' own (the one they were built with); ``runtime``: the forecaster
     (default: :func:`default_forecaster`); ``metrics_path``: per-layer, per-step rows appended as
     JSON lines; ``events_path`` (default: beside ``metrics_path``, ``<stem>.events.jsonl``): the
     event log when ``event_log`` is on; ``metrics_sink``: any object with ``log(dict, step=)`` and
@@ -147,10 +148,10 @@ class LookaheadPipeline:
                  events_path: Optional[str] = None, metrics_sink=None, run_dir: Optional[str] = None):
         from megatron_probe.mcore.layer import ProbeMoELayer
 
-        self.cfg = cfg = probe_config or ProbeConfig()
         self.layers = moe_layers(model)
         if not self.layers or not all(isinstance(m, ProbeMoELayer) for m in self.layers):
             raise TypeError("the lookahead pipeline drives ProbeMoELayer layers (build the model with probe_layer_spec)")
+        self.cfg = cfg = probe_config if probe_config is not None else self.layers[0].probe_config
         self.layout = self.layers[0].layout
         if self.layout.replica_slots < 1:
             raise ValueError("the lookahead pipeline needs replica_slots_per_rank >= 1 in the layers' ProbeConfig")
@@ -178,6 +179,7 @@ class LookaheadPipeline:
         self.cost = cost
         check_same_cost(cost, self.ctl_group)
         self.budget_in = budget_in  # replicas a rank may receive per layer (default: R)
+        self.copy_charge_us = cfg.copy_charge_us  # what an unhidden copy costs the planner (set_copy_charge)
         self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
         self.default_wait = WaitPolicy(cfg.prefetch_deadline_ms)
         self.forecaster, self.wait_policy = self.runtime, self.default_wait
@@ -277,9 +279,16 @@ class LookaheadPipeline:
                 placement[r, s] = e
         return placement, invalid
 
+    def set_copy_charge(self, us: float) -> None:
+        """The planner's price of one copy from now on (e.g. measured over this pipeline's engine:
+        ``experiments.calibration.measure_copy_us``, the same on every rank)."""
+        if not us >= 0:
+            raise ValueError(f"copy charge {us} us must be >= 0")
+        self.copy_charge_us = float(us)
+
     def _plan(self, counts: torch.Tensor) -> torch.Tensor:
         budget = self.layout.replica_slots if self.budget_in is None else self.budget_in
-        charge = 0.0 if self.wait_policy.copies_free else self.cfg.copy_charge_us
+        charge = 0.0 if self.wait_policy.copies_free else self.copy_charge_us
         return plan_with_copy_charge(counts, self.layout, self.cost, budget, charge)
 
     # ------------------------------------------------------------------ dispatcher hooks

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_probe.config import ProbeConfig
+
 MODES = ("stock", "probe")
 
 
@@ -34,7 +36,7 @@ class ServeOptions:
     workload: str
     ep: int = 2
     modes: tuple = ("stock", "probe")
-    probe: Dict = field(default_factory=dict)  # ProbeConfig fields
+    probe: Optional[ProbeConfig] = None  # validated once by the caller (default: ProbeConfig())
     kv_capacity: int = 32
     prefill_chunk: int = 64
     max_steps: Optional[int] = None
@@ -81,11 +83,10 @@ def stock_label(ws: int) -> str:
 
 
 def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]) -> None:
-    from megatron_probe.config import ProbeConfig
     from megatron_probe.data.workloads import Workload
     from megatron_probe.mcore.cpu import initialize_megatron_parallel
     from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
-    from megatron_probe.runtime.lookahead import LookaheadRuntime, default_predictor_path
+    from megatron_probe.runtime.lookahead import LookaheadRuntime
     from megatron_probe.runtime.pipeline import LookaheadPipeline
     from megatron_probe.mechanism.profiling import nvtx_range
 
@@ -101,12 +102,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
 
     group = parallel_state.get_expert_model_parallel_group() if ws > 1 else None
     wl = Workload.load(opts.workload)
-    probe_fields = dict(opts.probe)
-    if "probe" in opts.modes and not probe_fields.get("predictor_state"):
-        path = default_predictor_path(opts.checkpoint)
-        if os.path.exists(path):
-            probe_fields["predictor_state"] = path
-    probe_cfg = ProbeConfig(**probe_fields)
+    probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
     from megatron_probe.runtime.model_walk import moe_layers
 
     models, engines, pipes = {}, {}, {}
@@ -134,12 +130,11 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
                 os.remove(layer_rows)
             pipe = pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost,
                                                    metrics_path=layer_rows)
-            if opts.cost_model == "measured" and ws > 1 and not probe_fields.get("copy_charge_us"):
+            if opts.cost_model == "measured" and ws > 1 and not probe_cfg.copy_charge_us:
                 from megatron_probe.experiments.calibration import measure_copy_us
 
-                copy_us = measure_copy_us(pipe, moe_layers(model)[0].expert_bank, rank, group)
-                pipe.cfg = pipe.cfg.replace(copy_charge_us=copy_us)
-            calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.cfg.copy_charge_us, 1),
+                pipe.set_copy_charge(measure_copy_us(pipe, moe_layers(model)[0].expert_bank, rank, group))
+            calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.copy_charge_us, 1),
                            "expert_cost_us": {"per_token": round(pipe.cost.per_token_us, 3),
                                               "per_active_expert": round(pipe.cost.per_active_expert_us, 2)}}
     rows: List[Dict] = []
