@@ -4,6 +4,25 @@ The stock expert module is built from the spec as usual (``SequentialMLP`` or
 ``TEGroupedMLP``), so parameter names and shapes -- and therefore checkpoints -- are exactly the
 stock layer's. Its weights are re-bound into an :class:`ExpertBank` that adds ``R`` replica
 slots (buffers, never saved), and expert compute runs native and replica slots together.
+
+One token's path through Megatron-Core 0.16's ``MoELayer.forward`` (inherited unchanged) and
+what this class changes:
+
+1. ``route``: the router (``ProbeRouter`` from ``probe_layer_spec``: TopKRouter's routing).
+2. ``preprocess`` -> ``token_dispatcher.dispatch_preprocess``: the PROBE dispatcher
+   (``mechanism/dispatcher.py``, installed here in place of Megatron's) exchanges counts, takes
+   the placement and assignment and orders the pairs by destination slot.
+3. ``dispatch`` -> ``token_dispatch``: the uneven All-to-All.
+4. ``shared_experts_compute``: Megatron's (overlap refused).
+5. ``routed_experts_compute``: **overridden** here: ``dispatch_postprocess``, then one grouped
+   GEMM per projection over the bank's native and replica blocks (``SlotExpertCompute``) instead
+   of ``self.experts``, then ``combine_preprocess``.
+6. ``combine`` -> ``token_combine`` and 7. ``postprocess`` -> ``combine_postprocess``: back to
+   the source ranks, top-k outputs summed in the stock order.
+
+Replicas are set from outside: :meth:`ProbeMoELayer.set_replica_placement` (fills the own
+replica rows, synchronously) or the live pipeline (``runtime/pipeline.py``), which shares one
+replica pool across the layers and drives the dispatcher through its hooks.
 """
 
 from __future__ import annotations

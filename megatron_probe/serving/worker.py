@@ -82,13 +82,38 @@ def stock_label(ws: int) -> str:
             "needs CUDA for EP > 1)")
 
 
+@dataclass
+class ServingMode:
+    """One mode's model, engine and (PROBE) live pipeline on this rank."""
+
+    model: object
+    engine: object
+    pipe: object = None
+
+
 def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]) -> None:
+    """Serve ``opts.workload`` in every mode of ``opts.modes`` on this rank; rank 0 gathers every
+    rank's rows and requests and writes the result (:func:`summarise`) to ``out_path``."""
+    device, group = _init_serving(ws, opts)
     from megatron_probe.data.workloads import Workload
+
+    wl = Workload.load(opts.workload)
+    probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
+    modes, calibration = {}, {}
+    for mode in opts.modes:
+        modes[mode], cal = _build_mode(mode, opts, rank, ws, wl, probe_cfg, device, group)
+        calibration = cal or calibration
+    rows = _serve_steps(modes, opts, wl, rank)
+    local = _local_results(modes, rows, calibration)
+    for m in modes.values():
+        if m.pipe is not None:
+            m.pipe.close()
+    _gather_and_write(local, opts, wl, rank, ws, group, out_path)
+
+
+def _init_serving(ws: int, opts: ServeOptions):
+    """Threads, Megatron's parallel state; returns ``(device, EP group or None)``."""
     from megatron_probe.mcore.cpu import initialize_megatron_parallel
-    from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
-    from megatron_probe.runtime.lookahead import LookaheadRuntime
-    from megatron_probe.runtime.pipeline import LookaheadPipeline
-    from megatron_probe.mechanism.profiling import nvtx_range
 
     import logging
 
@@ -100,43 +125,59 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     initialize_megatron_parallel(ws, seed=opts.seed, device=device)
     from megatron.core import parallel_state
 
-    group = parallel_state.get_expert_model_parallel_group() if ws > 1 else None
-    wl = Workload.load(opts.workload)
-    probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
+    return device, (parallel_state.get_expert_model_parallel_group() if ws > 1 else None)
+
+
+def _build_mode(mode: str, opts: ServeOptions, rank: int, ws: int, wl, probe_cfg, device, group):
+    """The model and engine of ``mode``; for ``probe`` also its pipeline. Returns
+    ``(ServingMode, calibration dict or None)``."""
+    from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
+
+    model, tok, cfg = _build(mode, opts, rank, ws, probe_cfg)
+    if device == "cuda":
+        model = model.cuda()
+    reqs = requests_from_workload(wl, rank, ws, opts.max_requests, opts.max_new_tokens)
+    engine = ContinuousBatchingEngine(model, reqs, cfg.seq_length, opts.kv_capacity, opts.prefill_chunk,
+                                      tok.token_to_id("<|endoftext|>"), group, name=mode)
+    if mode != "probe":
+        return ServingMode(model, engine), None
+    pipe, calibration = _probe_pipeline(model, opts, rank, ws, probe_cfg, group)
+    return ServingMode(model, engine, pipe), calibration
+
+
+def _probe_pipeline(model, opts: ServeOptions, rank: int, ws: int, probe_cfg, group):
+    """The live pipeline of the PROBE model, its cost model and copy charge measured here unless
+    ``opts.cost_model`` says to take the hardware profile's; returns ``(pipeline, calibration)``."""
     from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
 
-    models, engines, pipes = {}, {}, {}
-    calibration = {}
-    for mode in opts.modes:
-        model, tok, cfg = _build(mode, opts, rank, ws, probe_cfg)
-        if device == "cuda":
-            model = model.cuda()
-        models[mode] = model
-        reqs = requests_from_workload(wl, rank, ws, opts.max_requests, opts.max_new_tokens)
-        engines[mode] = ContinuousBatchingEngine(model, reqs, cfg.seq_length, opts.kv_capacity, opts.prefill_chunk,
-                                                 tok.token_to_id("<|endoftext|>"), group, name=mode)
-        if mode == "probe":
-            cost = None
-            if opts.cost_model == "measured":
-                from megatron_probe.experiments.calibration import measure_expert_cost
+    bank = moe_layers(model)[0].expert_bank
+    cost = None
+    if opts.cost_model == "measured":
+        from megatron_probe.experiments.calibration import measure_expert_cost
 
-                layer0 = moe_layers(model)[0]
-                cost = measure_expert_cost(layer0.config, layer0.expert_bank, group, ws)
-            # with --metrics-jsonl: the pipeline's per-layer rows (and its event log when
-            # event_log is on) beside it, one file per rank
-            layer_rows = (f"{os.path.splitext(opts.metrics_path)[0]}.layers.rank{rank}.jsonl"
-                          if opts.metrics_path else None)
-            if layer_rows and os.path.exists(layer_rows):
-                os.remove(layer_rows)
-            pipe = pipes[mode] = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost,
-                                                   metrics_path=layer_rows)
-            if opts.cost_model == "measured" and ws > 1 and not probe_cfg.copy_charge_us:
-                from megatron_probe.experiments.calibration import measure_copy_us
+        cost = measure_expert_cost(moe_layers(model)[0].config, bank, group, ws)
+    # with --metrics-jsonl: the pipeline's per-layer rows (and its event log when event_log is
+    # on) beside it, one file per rank
+    layer_rows = f"{os.path.splitext(opts.metrics_path)[0]}.layers.rank{rank}.jsonl" if opts.metrics_path else None
+    if layer_rows and os.path.exists(layer_rows):
+        os.remove(layer_rows)
+    pipe = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost, metrics_path=layer_rows)
+    if opts.cost_model == "measured" and ws > 1 and not probe_cfg.copy_charge_us:
+        from megatron_probe.experiments.calibration import measure_copy_us
 
-                pipe.set_copy_charge(measure_copy_us(pipe, moe_layers(model)[0].expert_bank, rank, group))
-            calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.copy_charge_us, 1),
-                           "expert_cost_us": {"per_token": round(pipe.cost.per_token_us, 3),
-                                              "per_active_expert": round(pipe.cost.per_active_expert_us, 2)}}
+        pipe.set_copy_charge(measure_copy_us(pipe, bank, rank, group))
+    calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.copy_charge_us, 1),
+                   "expert_cost_us": {"per_token": round(pipe.cost.per_token_us, 3),
+                                      "per_active_expert": round(pipe.cost.per_active_expert_us, 2)}}
+    return pipe, calibration
+
+
+def _serve_steps(modes: Dict[str, ServingMode], opts: ServeOptions, wl, rank: int) -> List[Dict]:
+    """Step the engines alternately (the order rotates every step) until every request is done
+    or ``opts.max_steps``; one row per mode and step."""
+    from megatron_probe.mechanism.profiling import nvtx_range
+
     rows: List[Dict] = []
     live = list(opts.modes)
     step = 0
@@ -146,58 +187,74 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         order = live[step % len(live):] + live[: step % len(live)]  # no mode always runs first
         for mode in order:
             with nvtx_range(f"serve.{mode}.step{step}"):
-                rec = engines[mode].step()
+                rec = modes[mode].engine.step()
             if rec is None:
                 live.remove(mode)
                 continue
-            row = {"step": rec.step, "mode": mode, "tokens": rec.tokens, "prefill_tokens": rec.prefill_tokens,
-                   "decode_tokens": rec.decode_tokens, "active": rec.active, "queued": rec.queued,
-                   "seconds": rec.seconds, "emitted": rec.emitted}
-            if mode in pipes:
-                layers = pipes[mode].end_step()
-                if layers:
-                    n = len(layers)
-                    row.update(ir_before=sum(r.get("ir_before", 1.0) for r in layers) / n,
-                               ir_after=sum(r.get("ir_after", 1.0) for r in layers) / n,
-                               ir_layers_before=[r.get("ir_before", 1.0) for r in layers],
-                               ir_layers_after=[r.get("ir_after", 1.0) for r in layers],
-                               copies=sum(r["copies"] for r in layers), dropped=sum(r["dropped"] for r in layers),
-                               bytes=sum(r["bytes"] for r in layers), wait_ms=sum(r["wait_ms"] for r in layers))
-            rows.append(row)
+            rows.append(_step_row(rec, mode, modes[mode].pipe))
         if opts.progress and rank == 0 and (step % 10 == 0 or not live):
-            done = sum(r.finished for r in engines[opts.modes[-1]].requests.values())
-            n = len(engines[opts.modes[-1]].requests)
+            engine = modes[opts.modes[-1]].engine
+            done = sum(r.finished for r in engine.requests.values())
+            n = len(engine.requests)
             bar = "#" * int(30 * done / max(1, n))
             print(f"\r[{bar:<30}] step {step} ({min(step, total_steps)}/{total_steps} arrival steps), rank 0 "
                   f"requests done {done}/{n}, {time.time() - t_start:.0f}s", end="", file=sys.stderr, flush=True)
         step += 1
     if opts.progress and rank == 0:
         print(file=sys.stderr)
-    # per-request results and per-step rows of every rank -> rank 0
-    local = {"rows": rows, "requests": {mode: [dataclasses.asdict(_req_result(r)) for r in e.requests.values()]
-                                        for mode, e in engines.items()},
-             "pipeline": {m: p.summary() for m, p in pipes.items()},
-             "prediction": {m: (p.runtime.metrics() if isinstance(p.runtime, LookaheadRuntime) else {})
-                            for m, p in pipes.items()},
-             "unfinished": {m: len(e.queue) + len(e.active) for m, e in engines.items()},
-             "calibration": calibration}
-    for p in pipes.values():
-        p.close()
+    return rows
+
+
+def _step_row(rec, mode: str, pipe) -> Dict:
+    """One engine step's row; with a pipeline, its step end and per-layer figures."""
+    row = {"step": rec.step, "mode": mode, "tokens": rec.tokens, "prefill_tokens": rec.prefill_tokens,
+           "decode_tokens": rec.decode_tokens, "active": rec.active, "queued": rec.queued,
+           "seconds": rec.seconds, "emitted": rec.emitted}
+    layers = pipe.end_step() if pipe is not None else None
+    if layers:
+        n = len(layers)
+        row.update(ir_before=sum(r.get("ir_before", 1.0) for r in layers) / n,
+                   ir_after=sum(r.get("ir_after", 1.0) for r in layers) / n,
+                   ir_layers_before=[r.get("ir_before", 1.0) for r in layers],
+                   ir_layers_after=[r.get("ir_after", 1.0) for r in layers],
+                   copies=sum(r["copies"] for r in layers), dropped=sum(r["dropped"] for r in layers),
+                   bytes=sum(r["bytes"] for r in layers), wait_ms=sum(r["wait_ms"] for r in layers))
+    return row
+
+
+def _local_results(modes: Dict[str, ServingMode], rows: List[Dict], calibration: Dict) -> Dict:
+    """This rank's per-request results, rows and pipeline summaries, for rank 0."""
+    from megatron_probe.runtime.lookahead import LookaheadRuntime
+
+    pipes = {m: s.pipe for m, s in modes.items() if s.pipe is not None}
+    return {"rows": rows,
+            "requests": {mode: [dataclasses.asdict(_req_result(r)) for r in s.engine.requests.values()]
+                         for mode, s in modes.items()},
+            "pipeline": {m: p.summary() for m, p in pipes.items()},
+            "prediction": {m: (p.runtime.metrics() if isinstance(p.runtime, LookaheadRuntime) else {})
+                           for m, p in pipes.items()},
+            "unfinished": {m: len(s.engine.queue) + len(s.engine.active) for m, s in modes.items()},
+            "calibration": calibration}
+
+
+def _gather_and_write(local: Dict, opts: ServeOptions, wl, rank: int, ws: int, group, out_path: Optional[str]):
+    """Every rank's results to rank 0, which writes the summary and the per-step rows."""
     gathered = [None] * ws if rank == 0 else None
     if ws > 1:
         dist.gather_object(local, gathered, dst=0, group=group)
     else:
         gathered = [local]
-    if rank == 0:
-        res = summarise(gathered, opts, wl, ws)
-        if out_path:
-            with open(out_path, "w") as f:
-                json.dump(res, f)
-        if opts.metrics_path:
-            with open(opts.metrics_path, "w") as f:
-                for r in range(ws):
-                    for row in gathered[r]["rows"]:
-                        f.write(json.dumps({"rank": r, **row}) + "\n")
+    if rank != 0:
+        return
+    res = summarise(gathered, opts, wl, ws)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(res, f)
+    if opts.metrics_path:
+        with open(opts.metrics_path, "w") as f:
+            for r in range(ws):
+                for row in gathered[r]["rows"]:
+                    f.write(json.dumps({"rank": r, **row}) + "\n")
 
 
 @dataclass
