@@ -177,7 +177,12 @@ def build_run(p, a):
     hw = get_profile(a.hardware or pre["hw"])
     topo = Topology(a.nodes, a.gpus_per_node)
     rebalances = check_args(p, a, model.shape, topo)
-    batches, chunks = int_list(a.decode_batches), int_list(a.prefill_chunks)
+    try:
+        batches, chunks = int_list(a.decode_batches), int_list(a.prefill_chunks)
+    except ValueError as e:
+        p.error(f"--decode-batches / --prefill-chunks must be comma lists of integers: {e}")
+    if not batches:
+        p.error(f"--decode-batches {a.decode_batches!r} names no batch size; valid: e.g. 512,768")
     if a.out_dir:
         os.makedirs(a.out_dir, exist_ok=True)
     run = Run(a, model, hw, topo, rebalances, batches, chunks)
@@ -389,8 +394,9 @@ def segment_mean(xs, lo, hi):
 def log_switch(run, st):
     """Throughput in the 50 steps before and after the switch, and during EPLB's warm-up."""
     sw, win = run.a.switch_step, run.a.eplb_window
+    lo = max(0, sw - 50)  # a switch before step 50: the window starts at step 0
     run.log("throughput around the switch (tok/s, mean of steps): "
-            + "; ".join(f"{n}: [{sw - 50},{sw}) {segment_mean(st[n], sw - 50, sw):.0f}, [{sw},{sw + 50}) "
+            + "; ".join(f"{n}: [{lo},{sw}) {segment_mean(st[n], lo, sw):.0f}, [{sw},{sw + 50}) "
                         f"{segment_mean(st[n], sw, sw + 50):.0f}" for n in DECODE_NAMES))
     if sw > win:
         run.log(f"EPLB warm-up (steps 0-{win - 1} vs {win}-{sw - 1}): eplb "
