@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distributed import run_ranks
 from megatron_probe.policy import ExpertLayout, imbalance_ratio, validate_assignment, validate_placement
 from megatron_probe.policy.cost_model import (
     PRESETS,
@@ -179,3 +181,27 @@ def test_copy_charge_keeps_only_copies_that_pay():
     assert int((plan_with_copy_charge(counts, layout, cost, None, 500.0) >= 0).sum()) == 0  # does not pay
     with pytest.raises(ValueError, match="copy_charge_us=-1"):
         plan_with_copy_charge(counts, layout, cost, None, -1)
+
+
+def planner_determinism(rank, ws):
+    """Every rank plans from the same all-gathered counts; the plans must be identical."""
+    from megatron_probe.mechanism.comm import all_gather_rows
+
+    torch.manual_seed(rank)
+    lay = ExpertLayout(32, ws, 3)
+    mine = torch.randint(0, 100, (32,))
+    mine[rank * 3] += 1000
+    counts = all_gather_rows(mine, None if ws == 1 else dist.group.WORLD)
+    cost = ExpertCost(0.1, 5.0)
+    pl, A = plan_probe(counts, lay, cost)
+    A2 = assign_on_truth(counts, pl, lay, cost)
+    flat = torch.cat([pl.flatten(), A.flatten(), A2.flatten()])
+    allp = all_gather_rows(flat, dist.group.WORLD)
+    differ = [r for r in range(ws) if not torch.equal(allp[r], allp[0])]
+    assert not differ, (f"rank {rank}: the plans of ranks {differ} differ from rank 0's", pl.tolist())
+    assert int((pl >= 0).sum()) > 0, ("no replica planned", pl.tolist())
+
+
+@pytest.mark.slow
+def test_planner_identical_on_every_rank():
+    run_ranks(planner_determinism, 2)

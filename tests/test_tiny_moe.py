@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from distributed import init_ep, run_ranks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = os.path.join(ROOT, "checkpoints", "tiny-moe-v1")
 HAVE_CKPT = os.path.exists(os.path.join(CKPT, "model.pt"))
@@ -65,20 +67,43 @@ def test_shipped_checkpoint_record_and_size():
     assert rec["command"].startswith("python tools/train_tiny_moe.py")
 
 
+def tiny_moe_generate(rank, ws, ckpt, replicas):
+    """Greedy tokens of the checkpoint at EP=ws (PROBE spec, optionally with replicas on every
+    layer) for a prompt that depends on the rank: ``{prompt: new token ids}``."""
+    import torch
+
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import greedy_generate, load_model
+    from megatron_probe.runtime.model_walk import moe_layers
+
+    init_ep(ws)
+    R = 2 if (replicas and ws > 1) else 0
+    model, tok, cfg = load_model(ckpt, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=R),
+                                 ep=ws, rank=rank)
+    if R:
+        L = cfg.num_experts // ws
+        pl = torch.full((ws, R), -1, dtype=torch.long)
+        for r in range(ws):
+            foreign = [e for e in range(cfg.num_experts) if e // L != r]
+            pl[r] = torch.tensor(foreign[r::max(1, len(foreign) // R)][:R])
+        for m in moe_layers(model):
+            m.set_replica_placement(pl)
+    prompts = ["def main(argv):\n    parser = argparse.", "Diese Option bewirkt, dass"]
+    out = {}
+    for i in range(len(prompts)):
+        # each rank serves a different prompt in the same forward passes (EP shares experts, not tokens)
+        mine = prompts[(i + rank) % len(prompts)]
+        ids = tok.encode(mine).ids
+        out[mine] = greedy_generate(model, ids, 12, cfg.seq_length, eos_id=None)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_CKPT, reason="no shipped checkpoint")
-def test_shipped_checkpoint_same_tokens_stock_probe_and_ep2_with_replicas(tmp_path):
-    import dist_workers
-    from megatron_probe.mcore.launch import run_distributed
-
-    (tmp_path / "ep1").mkdir()
-    (tmp_path / "ep2").mkdir()
-    run_distributed(dist_workers.tiny_moe_generate, 1, CKPT, False, str(tmp_path / "ep1"), backend="gloo")
-    run_distributed(dist_workers.tiny_moe_generate, 2, CKPT, True, str(tmp_path / "ep2"), backend="gloo")
-    ref = json.loads((tmp_path / "ep1" / "rank0.json").read_text())
-    for r in range(2):
-        got = json.loads((tmp_path / "ep2" / f"rank{r}.json").read_text())
+def test_shipped_checkpoint_same_tokens_stock_probe_and_ep2_with_replicas():
+    (ref,) = run_ranks(tiny_moe_generate, 1, CKPT, False)
+    for r, got in enumerate(run_ranks(tiny_moe_generate, 2, CKPT, True)):
         for prompt, toks in got.items():
-            assert toks == ref[prompt], (r, prompt)
+            assert toks == ref[prompt], (r, prompt, toks, ref[prompt])
     out = _run("tools/sample_tiny_moe.py", "--prompt-tokens", "16", "--new-tokens", "8", "--per-domain", "1")
     assert "All samples identical between the stock and the PROBE spec: yes." in out

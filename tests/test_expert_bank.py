@@ -1,0 +1,72 @@
+"""The expert bank (mechanism.expert_bank) over gloo: replica fills bring the right weights, the
+native parameters stay views of the bank rows through a dtype change, a swapped storage is
+noticed."""
+
+import pytest
+import torch
+
+from distributed import init_ep, moe_config, probe_layer, run_ranks
+
+
+def bank_fill(rank, ws):
+    from megatron_probe.mechanism.comm import all_gather_rows
+
+    init_ep(ws)
+    torch.manual_seed(0)
+    cfg = moe_config(ws, E=8)
+    layer = probe_layer(cfg, R=3)
+    L = layer.num_local_experts
+    # every rank knows every expert's weights: gather them for the check
+    bank = layer.expert_bank
+    fc1_all = all_gather_rows(bank.fc1[:L].contiguous(), layer.ep_group).reshape(-1, *bank.fc1.shape[1:])
+    fc2_all = all_gather_rows(bank.fc2[:L].contiguous(), layer.ep_group).reshape(-1, *bank.fc2.shape[1:])
+    moved = []
+    placements = []
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        pl = torch.full((ws, 3), -1, dtype=torch.long)
+        for r in range(ws):
+            foreign = [e for e in range(8) if e // L != r]
+            perm = torch.randperm(len(foreign), generator=g).tolist()
+            for s in range(3):
+                if step == 2 or torch.rand((), generator=g) < 0.8:
+                    pl[r, s] = foreign[perm[s]]
+        if step == 3:
+            pl = placements[-1].clone()  # unchanged placement: nothing moves
+        placements.append(pl)
+        moved.append(layer.set_replica_placement(pl))
+        wrong = []
+        for s in range(3):
+            e = int(pl[rank, s])
+            if e >= 0 and not (torch.equal(bank.replica_fc1[s], fc1_all[e])
+                               and torch.equal(bank.replica_fc2[s], fc2_all[e])):
+                wrong.append((s, e))
+        assert not wrong, (f"step {step}: (slot, expert) not holding that expert's weights", wrong, pl.tolist())
+    assert moved[-1] == 0, ("an unchanged placement moved something", moved)
+    assert layer.replica_memory_bytes() == 3 * bank.expert_bytes() > 0, (
+        layer.replica_memory_bytes(), bank.expert_bytes())
+    # storage sharing: native parameters are the bank rows
+    p0 = layer.experts.local_experts[0].linear_fc1.weight
+    assert p0.data_ptr() == bank.fc1[0].data_ptr(), "native parameter is not a view of the bank"
+    # dtype change re-binds the views and keeps replicas
+    layer.to(torch.bfloat16)
+    x = torch.randn(6, 1, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, _ = layer(x)
+    assert layer.experts.local_experts[0].linear_fc1.weight.data_ptr() == bank.fc1[0].data_ptr(), \
+        "after .to(bfloat16) the native parameter is not a view of the bank"
+    assert bank.fc1.dtype == torch.bfloat16, bank.fc1.dtype
+    e = int(placements[-1][rank, 0])
+    if e >= 0:
+        assert torch.equal(bank.replica_fc1[0], fc1_all[e].to(torch.bfloat16)), f"replica of expert {e} lost"
+    # replacing a parameter's storage is noticed before the next compute
+    lin = layer.experts.local_experts[1].linear_fc2
+    lin.weight.data = torch.zeros_like(lin.weight)
+    _, (fc2, _) = bank.weights(differentiable=False)
+    assert torch.equal(fc2[1], torch.zeros_like(fc2[1])), "swapped storage not noticed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_replica_bank(ws):
+    run_ranks(bank_fill, ws)
