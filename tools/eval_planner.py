@@ -86,7 +86,8 @@ def setup_for(counts, ep, R, args, hw, shape):
     setup = EvalSetup(ep=ep, replica_slots=R, cost=cost, budget_in=budget, eplb_window=args.eplb_window,
                       eplb_period=args.eplb_period, noise=args.noise, k_max=args.k_max, seed=args.seed,
                       exact_time_steps=args.exact_time_steps, exact_time_limit=args.exact_time_limit,
-                      optimal_steps=args.optimal_steps, optimal_time_limit=args.optimal_time_limit)
+                      optimal_steps=args.optimal_steps, optimal_time_limit=args.optimal_time_limit,
+                      copy_cost_us=0.0, split_objective=args.split_objective)  # resident copies ride in the window like PROBE's (within the budget): hidden
     meta = {"window_us": round(window, 1), "transfer_us_per_expert": round(transfer_time_us(hw, shape, 1), 1),
             "budget_in": budget, "tokens_per_rank": tokens_per_rank}
     return setup, meta
@@ -126,6 +127,8 @@ def main():
                                                          "two EPLB rebalances")
     p.add_argument("--shift-step", type=int, default=None, help="the shift's step (default with --shift: half way)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {POLICIES}")
+    p.add_argument("--split-objective", choices=("time", "tokens"), default="time",
+                   help="the dispatch split of the ours_* policies: the cost model's time or exact tokens")
     p.add_argument("--exact-time-steps", type=int, default=2,
                    help="stationary steps per layer where the time-objective MILP runs")
     p.add_argument("--exact-time-limit", type=float, default=5.0)
@@ -152,7 +155,7 @@ def main():
     result = {"command": "python tools/eval_planner.py " + " ".join(sys.argv[1:]), "hardware": hw.name,
               "shape": a.shape, "noise_model": f"count * exp({a.noise} N(0,1) - {a.noise}^2/2), rounded", "ep": a.ep,
               "replica_slots": a.replica_slots, "steps": a.steps, "eplb_window": a.eplb_window,
-              "eplb_period": a.eplb_period, "shift_step": a.shift_step,
+              "eplb_period": a.eplb_period, "shift_step": a.shift_step, "split_objective": a.split_objective,
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     try:
         if a.sweep:

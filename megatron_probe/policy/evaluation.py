@@ -21,8 +21,11 @@ placements, SGLang's local-first split), ``eplb_home`` (the project's earlier ho
 variant); ``probe`` (PROBE as published: planned on the forecast, the forecast's split applied to
 the true tokens); ``probe+reassign`` (PROBE's placement, the planner's greedy split on the true
 counts); ``exact_split`` (PROBE's placement, the exact min-max split of the true counts:
-``optimal.exact_split``); ``oracle`` (planned on the true counts); ``optimal`` (the exact
-placement-and-split MILP, small cases only).
+``optimal.exact_split``); ``ours_streamed`` (PROBE's streamed placement, the dispatch split of
+``split.balanced_split`` on the true counts, time objective); ``ours_resident``
+(``resident.ResidentPlanner``: ``R`` resident slots per layer per rank, changed only when the
+forecast pays for the copy, the same split); ``oracle`` (planned on the true counts);
+``optimal`` (the exact placement-and-split MILP, small cases only).
 
 "Forecasts" here are the true counts with log-normal noise (:func:`noisy_forecast`): these
 traces carry no predictor output.
@@ -48,9 +51,12 @@ from megatron_probe.policy.placement import (
     validate_split,
 )
 from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, rank_times, split_as_predicted, static_assignment
+from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
+from megatron_probe.policy.split import balanced_split
 
-POLICIES = ("static", "eplb", "eplb_local", "eplb_home", "probe", "probe+reassign", "exact_split", "oracle", "optimal")
-STREAMED = ("probe", "probe+reassign", "exact_split", "oracle", "optimal")  # 2R shared slots per rank
+POLICIES = ("static", "eplb", "eplb_local", "eplb_home", "probe", "probe+reassign", "exact_split", "ours_streamed",
+            "ours_resident", "oracle", "optimal")
+STREAMED = ("probe", "probe+reassign", "exact_split", "ours_streamed", "oracle", "optimal")  # 2R shared slots per rank
 PHASES = ("warmup", "stationary", "after_shift")
 
 
@@ -118,6 +124,8 @@ class EvalSetup:
     exact_time_limit: float = 5.0
     optimal_steps: int = 3  # stationary steps where the placement MILP runs (small cases)
     optimal_time_limit: float = 20.0
+    copy_cost_us: float = 0.0  # what a resident copy must pay for (ours_resident)
+    split_objective: str = "time"  # the ours_* dispatch split: "time" (cost model) or "tokens" (exact)
 
 
 class _Record:
@@ -160,6 +168,8 @@ def replay(counts: torch.Tensor, setup: EvalSetup, shift_step: Optional[int] = N
                               split="even" if name == "eplb" else "local_first") for _ in range(L)]
             for name in ("eplb", "eplb_local") if name in policies}
     home = [HomeFixedEPLBPolicy(layout, setup.eplb_window, setup.eplb_period) for _ in range(L)]
+    resident = [ResidentPlanner(layout, cost, ResidentSettings(copy_cost_us=setup.copy_cost_us, k_max=setup.k_max))
+                for _ in range(L)]
     rec = {p: _Record() for p in policies}
     plan_us: List[float] = []
     time_gap: List[float] = []
@@ -186,8 +196,9 @@ def replay(counts: torch.Tensor, setup: EvalSetup, shift_step: Optional[int] = N
                 pl, A, moved = home[l].plan(C)
                 validate_assignment(A, C, pl, layout)
                 add("eplb_home", phase, A, moved)
-            if {"probe", "probe+reassign", "exact_split"} & set(policies):
-                P = noisy_forecast(C, setup.noise, gen)
+            P = noisy_forecast(C, setup.noise, gen) if {"probe", "probe+reassign", "exact_split", "ours_streamed",
+                                                         "ours_resident"} & set(policies) else None
+            if {"probe", "probe+reassign", "exact_split", "ours_streamed"} & set(policies):
                 t0 = time.perf_counter()
                 pl, Ap = plan_probe_host(P, layout, cost, budget_in=setup.budget_in, k_max=setup.k_max)
                 plan_us.append((time.perf_counter() - t0) * 1e6)
@@ -200,6 +211,10 @@ def replay(counts: torch.Tensor, setup: EvalSetup, shift_step: Optional[int] = N
                     A = assign_on_truth(C, pl, layout, cost)
                     validate_assignment(A, C, pl, layout)
                     add("probe+reassign", phase, A, n_copies)
+                if "ours_streamed" in policies:
+                    A = balanced_split(C, holder_slots(pl, layout) >= 0, setup.split_objective, cost)
+                    validate_assignment(A, C, pl, layout)
+                    add("ours_streamed", phase, A, n_copies)
                 if "exact_split" in policies:
                     holds = holder_slots(pl, layout) >= 0
                     ex = exact_split(C, holds)
@@ -210,6 +225,12 @@ def replay(counts: torch.Tensor, setup: EvalSetup, shift_step: Optional[int] = N
                         time_methods[best.method] = time_methods.get(best.method, 0) + 1
                         if best.value > 0:
                             time_gap.append(float(rank_times(ex.assign, cost).max()) / best.value - 1.0)
+            if "ours_resident" in policies:
+                pl, copies = resident[l].plan(P)
+                A = balanced_split(C, holder_slots(pl, layout) >= 0, setup.split_objective, cost)
+                validate_assignment(A, C, pl, layout)
+                add("ours_resident", phase, A, copies)
+                resident[l].observe(C)
             if "oracle" in policies:
                 pl, A = plan_probe_host(C, layout, cost, budget_in=R, k_max=setup.k_max)
                 add("oracle", phase, A, int((pl >= 0).sum()))

@@ -18,6 +18,7 @@ import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, holder_slots
+from megatron_probe.policy.split import locality_first
 
 
 def _scipy():
@@ -192,28 +193,6 @@ def _min_max_tokens(cnt, total, pairs, ep, E):
     return out
 
 
-def _locality_first(cnt, y, ep, E):
-    """Split per-destination amounts ``y [E, ep]`` over the sources: each source first keeps what
-    its own rank computes, then the rest fills the remaining capacity in rank order."""
-    out = np.zeros((ep, E, ep), dtype=np.int64)
-    for e in range(E):
-        room = y[e].copy()
-        left = cnt[:, e].copy()
-        own = np.minimum(left, room)
-        out[np.arange(ep), e, np.arange(ep)] = own
-        left -= own
-        room -= own
-        for s in range(ep):
-            for r in range(ep):
-                if left[s] == 0:
-                    break
-                t = min(left[s], room[r])
-                out[s, e, r] += t
-                left[s] -= t
-                room[r] -= t
-    return out
-
-
 def _min_max_time(cnt, total, pairs, ep, E, cost, time_limit):
     Bounds, LinearConstraint, milp = _scipy()
     from scipy.sparse import coo_matrix
@@ -256,7 +235,7 @@ def _min_max_time(cnt, total, pairs, ep, E, cost, time_limit):
     if res.status == 0 and res.x is not None:
         y = np.zeros((E, ep), dtype=np.int64)
         y[pe, pr] = np.rint(res.x[:n]).astype(np.int64)
-        assign = torch.from_numpy(_locality_first(cnt, y, ep, E))
+        assign = torch.from_numpy(locality_first(cnt, y))
         return ExactSplit(assign, float(res.x[-1]), "milp")
     bound = getattr(res, "mip_dual_bound", None)
     if bound is None or not np.isfinite(bound):

@@ -1,0 +1,187 @@
+"""Resident replicas: ``R`` slots per rank per layer that keep their expert across steps, changed
+only when the forecast says a change pays for its copy.
+
+PROBE streams its replicas (two banks of ``R`` slots shared by every layer, refilled at every
+step and layer); EPLB keeps them resident but re-packs rarely and blind to shifts. A
+:class:`ResidentPlanner` (one per MoE layer) keeps them resident and decides at every step, from
+the forecast of this step's counts:
+
+1. **Warm start**: the first forecast is planned from scratch (``planner.plan_probe_host``) and
+   every slot filled at once (a burst, counted), so there is no static warm-up phase.
+2. **Candidates**: decisions use the forecast smoothed over steps (``forecast_smoothing``: the
+   newest step's weight), since a resident replica is for the load that persists. The
+   from-scratch plan on it names the replicas the layer would want
+   now; the ones not yet held are candidates, in the planner's order (its earlier copies help
+   more). A candidate takes a free slot of its rank, or replaces the held replica that the
+   forecast sends the fewest tokens to.
+3. **Decision**: with the split the dispatcher will use (``split.balanced_split``, time
+   objective), the slowest rank's expert time of the forecast with the current placement and with
+   the candidates (at most ``copy_budget`` of them, else the first alone). A change is kept when
+   it saves at least ``min_gain`` of the current time (hysteresis: a stationary load, whose
+   forecasts wobble around one placement, never flaps) and when the saving over the expected
+   residency pays for the copies: ``saving x horizon >= copies x copy_cost_us``. When more
+   candidates wait than the budget allows and the whole new plan saves at least ``burst_gain``
+   (the load has shifted), the whole plan is adopted at once (a burst, counted).
+4. **Horizon**: how long a hot set stays hot, estimated online from the true counts
+   (:meth:`ResidentPlanner.observe`): the turnover of the layer's hottest experts from step to
+   step, averaged (exponentially), gives an expected residency ``1 / turnover`` steps, capped.
+
+Deterministic (ties to lower indices), so every rank decides the same from the same gathered
+forecast. The replica copies themselves are the mechanism's business (prefetched one layer
+ahead, phase-locked, like PROBE's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from megatron_probe.policy.cost_model import ExpertCost
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, empty_placement, holder_slots
+from megatron_probe.policy.planner import plan_probe_host, rank_times
+from megatron_probe.policy.split import balanced_split
+
+
+@dataclass(frozen=True)
+class ResidentSettings:
+    copy_budget: int = 2  # new replicas per layer per step after the warm start
+    copy_cost_us: float = 0.0  # what one copy costs beyond what overlap hides
+    min_gain: float = 0.02  # hysteresis: a change must save this share of the layer's slowest expert time
+    burst_gain: float = 0.10  # a whole new plan saving this share (a shift) is adopted at once
+    horizon_max: float = 64.0  # cap of the expected residency (steps)
+    turnover_smoothing: float = 0.2  # weight of the newest step in the turnover average
+    forecast_smoothing: float = 0.5  # weight of the newest forecast in the load the decisions use
+    hot_experts: Optional[int] = None  # size of the hot set the turnover is measured on (default: ep x R)
+    k_max: int = 16  # planner iterations
+
+    def __post_init__(self):
+        if self.copy_budget < 0:
+            raise ValueError(f"copy_budget={self.copy_budget} must be >= 0")
+        if not self.copy_cost_us >= 0:
+            raise ValueError(f"copy_cost_us={self.copy_cost_us} must be >= 0")
+        if not 0 <= self.min_gain < 1:
+            raise ValueError(f"min_gain={self.min_gain}; valid: 0 <= min_gain < 1")
+        if not self.min_gain <= self.burst_gain:
+            raise ValueError(f"burst_gain={self.burst_gain}; valid: >= min_gain ({self.min_gain})")
+        if not self.horizon_max >= 1:
+            raise ValueError(f"horizon_max={self.horizon_max}; valid: >= 1 step")
+        for name in ("turnover_smoothing", "forecast_smoothing"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)}; valid: 0 < x <= 1")
+
+
+def slowest_time(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost) -> float:
+    """The slowest rank's expert time (us) of ``counts [ep, E]`` split over ``placement``'s copies
+    the way the dispatcher splits (``balanced_split``, time objective)."""
+    holds = holder_slots(placement, layout) >= 0
+    return float(rank_times(balanced_split(counts, holds, "time", cost), cost).max())
+
+
+class ResidentPlanner:
+    """Resident replica placement of one MoE layer (module docstring)."""
+
+    def __init__(self, layout: ExpertLayout, cost: ExpertCost, settings: ResidentSettings = ResidentSettings()):
+        self.layout, self.cost, self.settings = layout, cost, settings
+        self.placement = empty_placement(layout)
+        self.warm = False
+        self._load: Optional[torch.Tensor] = None  # exponentially smoothed forecast [ep, E]
+        self.turnover: Optional[float] = None
+        self._hot_prev: Optional[set] = None
+        self.copies_total = 0
+
+    @property
+    def horizon(self) -> float:
+        """Expected residency of a replica (steps)."""
+        s = self.settings
+        if self.turnover is None or self.turnover <= 0:
+            return s.horizon_max
+        return min(s.horizon_max, 1.0 / self.turnover)
+
+    def observe(self, counts: torch.Tensor) -> None:
+        """Update the turnover estimate from a step's true counts ``[ep, E]``."""
+        n = self.settings.hot_experts or self.layout.ep_size * max(1, self.layout.replica_slots)
+        load = counts.sum(0).double()
+        order = torch.sort(-load, stable=True).indices[:n]
+        hot = {int(e) for e in order if load[e] > 0}
+        if self._hot_prev is not None and hot:
+            f = 1.0 - len(hot & self._hot_prev) / len(hot)
+            a = self.settings.turnover_smoothing
+            self.turnover = f if self.turnover is None else (1 - a) * self.turnover + a * f
+        self._hot_prev = hot
+
+    def plan(self, forecast: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """The placement ``[ep, R]`` for this step from the ``forecast [ep, E]``, and the number of
+        new copies it needs (0: unchanged)."""
+        lay, s = self.layout, self.settings
+        if lay.replica_slots == 0:
+            return self.placement.clone(), 0
+        # decisions on a smoothed forecast: a replica stays for many steps, one step's noise
+        # should not move it (the dispatch split uses the true counts anyway)
+        f = forecast.double()
+        self._load = f if self._load is None else (1 - s.forecast_smoothing) * self._load + s.forecast_smoothing * f
+        forecast = torch.round(self._load).long()
+        ideal, _ = plan_probe_host(forecast, lay, self.cost, k_max=s.k_max)
+        if not self.warm:
+            self.warm = True
+            return self._adopt(ideal)
+        candidates = self._candidates(ideal)
+        if not candidates or s.copy_budget == 0:
+            return self.placement.clone(), 0
+        t_now = slowest_time(forecast, self.placement, lay, self.cost)
+        if len(candidates) > s.copy_budget:  # a shift: the whole new plan, if it saves enough
+            saving = t_now - slowest_time(forecast, ideal, lay, self.cost)
+            copies = len(self._candidates(ideal))
+            if saving >= s.burst_gain * t_now and saving * self.horizon >= copies * s.copy_cost_us:
+                return self._adopt(ideal)
+        for take in (candidates[: s.copy_budget], candidates[:1]):
+            new = self._apply(take, forecast)
+            saving = t_now - slowest_time(forecast, new, lay, self.cost)
+            copies = len(take)
+            if saving >= s.min_gain * t_now and saving > 0 and saving * self.horizon >= copies * s.copy_cost_us:
+                return self._adopt(new)
+            if len(take) == 1:
+                break
+        return self.placement.clone(), 0
+
+    # ------------------------------------------------------------------ helpers
+    def _adopt(self, placement: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        held = holder_slots(self.placement, self.layout) >= 0
+        want = holder_slots(placement, self.layout) >= 0
+        copies = int((want & ~held).sum())
+        self.placement = placement.clone()
+        self.copies_total += copies
+        return self.placement.clone(), copies
+
+    def _candidates(self, ideal: torch.Tensor):
+        """``[(rank, expert)]`` replicas of the from-scratch plan not held yet, in the planner's
+        order (slot by slot, rank by rank)."""
+        held = holder_slots(self.placement, self.layout) >= 0
+        out = []
+        for slot in range(ideal.shape[1]):
+            for r in range(ideal.shape[0]):
+                e = int(ideal[r, slot])
+                if e != EMPTY_SLOT and not held[r, e]:
+                    out.append((r, e))
+        return out
+
+    def _apply(self, take, forecast: torch.Tensor) -> torch.Tensor:
+        """The current placement with each ``(rank, expert)`` of ``take`` in a free slot of its rank,
+        or in place of the held replica the forecast sends the fewest tokens to (one not just
+        added)."""
+        new = self.placement.clone()
+        demand = forecast.sum(0)
+        fresh = set()
+        for r, e in take:
+            free = (new[r] == EMPTY_SLOT).nonzero().flatten()
+            if free.numel():
+                slot = int(free[0])
+            else:
+                choices = [(int(demand[int(new[r, k])]), k) for k in range(new.shape[1]) if (r, k) not in fresh]
+                if not choices:
+                    continue
+                slot = min(choices)[1]
+            new[r, slot] = e
+            fresh.add((r, slot))
+        return new

@@ -1,0 +1,154 @@
+"""The balancer's policy pieces: the dispatch split (exact in tokens, local search in time) and
+resident replica planning (warm start, no flapping, following a shift)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_probe.policy.cost_model import ExpertCost
+from megatron_probe.policy.evaluation import noisy_forecast
+from megatron_probe.policy.optimal import exact_split
+from megatron_probe.policy.placement import (
+    ExpertLayout,
+    holder_slots,
+    locality_even_assignment,
+    rank_loads,
+    validate_assignment,
+    validate_placement,
+)
+from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, rank_times
+from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings, slowest_time
+from megatron_probe.policy.split import balanced_split
+
+COST = ExpertCost(per_token_us=0.1, per_active_expert_us=6.4)
+
+
+@st.composite
+def split_cases(draw):
+    ep = draw(st.sampled_from([2, 4, 8]))
+    E = ep * draw(st.integers(1, 8))
+    R = draw(st.integers(0, min(3, E - E // ep)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    hot = torch.rand(E, generator=g) ** draw(st.sampled_from([1, 4]))
+    counts = (hot.unsqueeze(0) * torch.rand(ep, E, generator=g) * draw(st.sampled_from([2, 30, 600]))).round().long()
+    forecast = (counts.double() * torch.exp(0.3 * torch.randn(ep, E, generator=g, dtype=torch.float64))).round().long()
+    lay = ExpertLayout(E, ep, R)
+    placement, _ = plan_probe_host(forecast, lay, COST)  # planned on a forecast, split on the truth
+    return lay, counts, placement
+
+
+@settings(max_examples=120, deadline=None)
+@given(split_cases())
+def test_token_split_is_exact_and_valid(case):
+    lay, counts, pl = case
+    holds = holder_slots(pl, lay) >= 0
+    A = balanced_split(counts, holds)
+    validate_assignment(A, counts, pl, lay)  # conserves tokens, only copies that exist
+    best = int(rank_loads(A).max())
+    assert best == exact_split(counts, holds).value  # the LP's optimum
+    for greedy in (assign_on_truth(counts, pl, lay, COST), locality_even_assignment(counts, pl, lay)):
+        assert best <= int(rank_loads(greedy).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(split_cases())
+def test_time_split_never_slower_than_the_token_split(case):
+    lay, counts, pl = case
+    holds = holder_slots(pl, lay) >= 0
+    T = balanced_split(counts, holds, "time", COST)
+    validate_assignment(T, counts, pl, lay)
+    t_time = float(rank_times(T, COST).max())
+    assert t_time <= float(rank_times(balanced_split(counts, holds), COST).max()) + 1e-9
+    if lay.num_experts <= 16:  # the MILP's optimum is a lower bound
+        best = exact_split(counts, holds, "time", COST, time_limit=5.0)
+        assert t_time >= best.value - 1e-6
+
+
+def test_split_by_hand_and_bad_input():
+    # 2 ranks, expert 0 (home 0) replicated on rank 1: 10 + 2 tokens -> 6 / 6 in tokens
+    lay = ExpertLayout(2, 2, 1)
+    pl = torch.tensor([[-1], [0]])
+    counts = torch.tensor([[6, 0], [4, 2]])
+    A = balanced_split(counts, holder_slots(pl, lay) >= 0)
+    assert rank_loads(A).tolist() == [6, 6]
+    assert A[1, 0, 1] == 4 and A[0, 0, 0] == 6  # locality first: rank 1 keeps its own tokens of expert 0
+    # in time, with an active expert costing 10 tokens: rank 1 computing expert 0 costs +10
+    T = balanced_split(counts, holder_slots(pl, lay) >= 0, "time", ExpertCost(1.0, 10.0))
+    assert rank_times(T, ExpertCost(1.0, 10.0)).max() <= rank_times(A, ExpertCost(1.0, 10.0)).max()
+    with pytest.raises(ValueError, match="no copy on any rank"):
+        balanced_split(counts, torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unknown objective 'speed'"):
+        balanced_split(counts, holder_slots(pl, lay) >= 0, "speed")
+    with pytest.raises(ValueError, match="needs an ExpertCost"):
+        balanced_split(counts, holder_slots(pl, lay) >= 0, "time")
+    with pytest.raises(ValueError, match="counts\\[0, 1\\] = -1 is negative"):
+        balanced_split(torch.tensor([[6, -1], [4, 2]]), holder_slots(pl, lay) >= 0)
+
+
+def _skewed(E, ep, hot_experts, seed, tokens=4096):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.full((E,), 1.0)
+    w[hot_experts] = 12.0
+    return torch.stack([torch.multinomial(w, tokens // ep, replacement=True, generator=g).bincount(minlength=E)
+                        for _ in range(ep)])
+
+
+def test_resident_warm_start_adopts_a_full_plan():
+    lay = ExpertLayout(32, 4, 2)
+    load = _skewed(32, 4, [0, 1, 2, 9], seed=0)
+    rp = ResidentPlanner(lay, COST)
+    pl, copies = rp.plan(load)
+    validate_placement(pl, lay)
+    assert copies == int((pl >= 0).sum()) > 0  # every slot filled at once: no static warm-up phase
+    assert slowest_time(load, pl, lay, COST) < slowest_time(load, torch.full_like(pl, -1), lay, COST)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(0, 2 ** 16), st.sampled_from([0.0, 0.05, 0.1]))
+def test_resident_never_flaps_on_a_constant_load(seed, sigma):
+    """A constant true load with forecasts that wobble around it: after the warm start the
+    placement changes at most once (one settling change, never back and forth); with an exact
+    forecast never."""
+    lay = ExpertLayout(32, 4, 2)
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.randperm(32, generator=g)[:4].tolist()
+    load = _skewed(32, 4, hot, seed)
+    rp = ResidentPlanner(lay, COST)
+    seen = []
+    for _ in range(40):
+        pl, _ = rp.plan(noisy_forecast(load, sigma, g))
+        rp.observe(load)
+        if not seen or not torch.equal(pl, seen[-1]):
+            seen.append(pl.clone())
+    assert len(seen) <= 2, [p.tolist() for p in seen]
+    if sigma == 0.0:
+        assert len(seen) == 1  # an exact forecast of a constant load: the warm start is final
+
+
+def test_resident_follows_a_shift_and_respects_its_budget():
+    lay = ExpertLayout(32, 4, 2)
+    before, after = _skewed(32, 4, [0, 1, 2, 3], 1), _skewed(32, 4, [16, 17, 24, 25], 2)
+    rp = ResidentPlanner(lay, COST, ResidentSettings(copy_budget=2, burst_gain=0.99))  # no burst
+    rp.plan(before)
+    t_stale = slowest_time(after, rp.placement, lay, COST)
+    copies = [rp.plan(after)[1] for _ in range(6)]
+    assert max(copies) <= 2 and sum(copies) > 0  # the budget holds, and the placement moves
+    assert slowest_time(after, rp.placement, lay, COST) < t_stale
+    # default burst_gain, decisions on the newest forecast alone: a big shift is followed at once
+    burst = ResidentPlanner(lay, COST, ResidentSettings(forecast_smoothing=1.0))
+    burst.plan(before)
+    _, n = burst.plan(after)
+    assert n > 2
+
+
+def test_resident_copy_cost_holds_back_changes_that_do_not_pay():
+    lay = ExpertLayout(32, 4, 2)
+    before, after = _skewed(32, 4, [0, 1, 2, 3], 1), _skewed(32, 4, [16, 17, 24, 25], 2)
+    rp = ResidentPlanner(lay, COST, ResidentSettings(copy_cost_us=1e9))
+    rp.plan(before)
+    assert [rp.plan(after)[1] for _ in range(3)] == [0, 0, 0]  # no saving pays a copy that dear
+    with pytest.raises(ValueError, match="min_gain=1.5"):
+        ResidentSettings(min_gain=1.5)
+    with pytest.raises(ValueError, match="burst_gain=0.01"):
+        ResidentSettings(min_gain=0.02, burst_gain=0.01)
