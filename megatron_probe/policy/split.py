@@ -47,7 +47,12 @@ def locality_first(cnt: np.ndarray, y: np.ndarray) -> np.ndarray:
     out[diag, :, diag] = own
     left = cnt - own
     room = y - own.T  # [E, ep]
-    for e in np.nonzero(left.sum(0))[0]:
+    # an expert computed on one rank only: everything left goes there (most experts: no loop)
+    dests = (room > 0).sum(1)
+    single = np.nonzero((dests == 1) & (left.sum(0) > 0))[0]
+    if single.size:
+        out[:, single, room[single].argmax(1)] += left[:, single]
+    for e in np.nonzero((dests > 1) & (left.sum(0) > 0))[0]:
         for s in np.nonzero(left[:, e])[0]:
             need = left[s, e]
             for r in np.nonzero(room[e])[0]:
@@ -65,10 +70,12 @@ def _initial(total: np.ndarray, cnt: np.ndarray, hold: np.ndarray) -> np.ndarray
     expert goes to its least-loaded holder, experts with the most such tokens first."""
     y = np.where(hold.T, cnt.T, 0).astype(np.int64)  # local tokens
     rest = total - y.sum(1)
+    n_hold = hold.sum(0)
+    single = np.nonzero((n_hold == 1) & (rest > 0))[0]  # one copy: no choice to make
+    y[single, hold[:, single].argmax(0)] += rest[single]
     load = y.sum(0)
-    for e in np.argsort(-rest, kind="stable"):
-        if rest[e] <= 0:
-            break
+    multi = np.nonzero((n_hold > 1) & (rest > 0))[0]
+    for e in multi[np.argsort(-rest[multi], kind="stable")]:
         holders = np.nonzero(hold[:, e])[0]
         r = holders[np.argmin(load[holders])]
         y[e, r] += rest[e]
@@ -76,30 +83,49 @@ def _initial(total: np.ndarray, cnt: np.ndarray, hold: np.ndarray) -> np.ndarray
     return y
 
 
+class _Movable:
+    """The replicated experts' per-rank totals as plain Python lists (small, hot loops: faster
+    than NumPy scalar indexing), with every rank's full load."""
+
+    def __init__(self, y: np.ndarray, hold: np.ndarray):
+        self.ep = hold.shape[0]
+        self.experts = [int(e) for e in np.nonzero(hold.sum(0) > 1)[0]]
+        self.holders = [[int(r) for r in np.nonzero(hold[:, e])[0]] for e in self.experts]
+        self.y = [[int(v) for v in y[e]] for e in self.experts]
+        self.on_rank = [[i for i, hs in enumerate(self.holders) if r in hs] for r in range(self.ep)]
+        self.load = [int(v) for v in y.sum(0)]
+        self.active = [int(v) for v in (y > 0).sum(0)]
+
+    def write(self, y: np.ndarray) -> np.ndarray:
+        for e, row in zip(self.experts, self.y):
+            y[e] = row
+        return y
+
+
 def _exact_tokens(y: np.ndarray, hold: np.ndarray) -> np.ndarray:
     """Augmenting paths on ``y [E, ep]`` until the most loaded rank is minimal (module docstring)."""
-    multi = np.nonzero(hold.sum(0) > 1)[0]  # only experts with several copies can move
-    if multi.size == 0:
+    m = _Movable(y, hold)
+    if not m.experts:
         return y
-    holders = {int(e): np.nonzero(hold[:, e])[0] for e in multi}
-    load = y.sum(0)
+    load, ym, holders, on_rank = m.load, m.y, m.holders, m.on_rank
     while True:
-        top = int(load.max())
+        top = max(load)
         improved = False
-        for u in np.nonzero(load == top)[0]:
-            # breadth-first over ranks; parent[b] = (a, e): reached b from a through expert e
-            parent = {int(u): None}
-            frontier = [int(u)]
+        for u in [r for r in range(m.ep) if load[r] == top]:
+            # breadth-first over ranks; parent[b] = (a, i): reached b from a through expert i
+            parent = {u: None}
+            frontier = [u]
             target = None
             while frontier and target is None:
                 nxt = []
                 for a in frontier:
-                    for e in multi[y[multi, a] > 0]:
-                        for b in holders[int(e)]:
-                            b = int(b)
+                    for i in on_rank[a]:
+                        if ym[i][a] <= 0:
+                            continue
+                        for b in holders[i]:
                             if b in parent:
                                 continue
-                            parent[b] = (a, int(e))
+                            parent[b] = (a, i)
                             if load[b] <= top - 2:
                                 target = b
                                 break
@@ -114,56 +140,58 @@ def _exact_tokens(y: np.ndarray, hold: np.ndarray) -> np.ndarray:
             path = []
             b = target
             while parent[b] is not None:
-                a, e = parent[b]
-                path.append((a, e, b))
+                a, i = parent[b]
+                path.append((a, i, b))
                 b = a
-            delta = min(min(int(y[e, a]) for a, e, _ in path), (top - int(load[target])) // 2)
-            for a, e, b in path:
-                y[e, a] -= delta
-                y[e, b] += delta
-            load[int(u)] -= delta
+            delta = min(min(ym[i][a] for a, i, _ in path), (top - load[target]) // 2)
+            for a, i, b in path:
+                ym[i][a] -= delta
+                ym[i][b] += delta
+            load[u] -= delta
             load[target] += delta
             improved = True
             break
         if not improved:
-            return y
+            return m.write(y)
 
 
 def _time_local_search(y: np.ndarray, hold: np.ndarray, o_u: int, max_moves: int = 64) -> np.ndarray:
     """Moves between two holders that lower the slower of the two below the current maximum
     time (token units: tokens + ``o_u`` per active copy)."""
-    multi = np.nonzero(hold.sum(0) > 1)[0]
-    if multi.size == 0 or o_u <= 0:
+    m = _Movable(y, hold)
+    if not m.experts or o_u <= 0:
         return y
+    ym, holders, on_rank = m.y, m.holders, m.on_rank
+    t = [m.load[r] + o_u * m.active[r] for r in range(m.ep)]
     for _ in range(max_moves):
-        active = (y > 0).sum(0)
-        t = y.sum(0) + o_u * active
-        top = int(t.max())
+        top = max(t)
         best = None
-        for u in np.nonzero(t == top)[0]:
-            for e in multi[y[multi, u] > 0]:
-                frag = int(y[e, u])
-                for b in np.nonzero(hold[:, e])[0]:
+        for u in [r for r in range(m.ep) if t[r] == top]:
+            for i in on_rank[u]:
+                frag = ym[i][u]
+                if frag <= 0:
+                    continue
+                for b in holders[i]:
                     if b == u:
                         continue
-                    extra = 0 if y[e, b] > 0 else o_u
+                    extra = 0 if ym[i][b] > 0 else o_u
                     # move everything (u sheds the copy's fixed cost) or the balancing part
-                    for m in {frag, min(frag, (int(t[u]) - int(t[b]) - extra) // 2)}:
-                        if m <= 0:
+                    for mv in {frag, min(frag, (t[u] - t[b] - extra) // 2)}:
+                        if mv <= 0:
                             continue
-                        tu = int(t[u]) - m - (o_u if m == frag else 0)
-                        tb = int(t[b]) + m + extra
-                        new_top = max(tu, tb)
+                        new_top = max(t[u] - mv - (o_u if mv == frag else 0), t[b] + mv + extra)
                         if new_top < top and (best is None or new_top < best[0]):
-                            best = (new_top, int(e), int(u), int(b), m)
+                            best = (new_top, i, u, b, mv, extra)
             if best is not None:
                 break
         if best is None:
-            return y
-        _, e, u, b, m = best
-        y[e, u] -= m
-        y[e, b] += m
-    return y
+            break
+        _, i, u, b, mv, extra = best
+        t[u] -= mv + (o_u if mv == ym[i][u] else 0)
+        t[b] += mv + extra
+        ym[i][u] -= mv
+        ym[i][b] += mv
+    return m.write(y)
 
 
 def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tokens",
