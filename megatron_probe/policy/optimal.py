@@ -18,7 +18,7 @@ import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, holder_slots
-from megatron_probe.policy.split import locality_first
+from megatron_probe.policy.split import locality_first, split_inputs
 
 
 def _scipy():
@@ -134,19 +134,8 @@ def exact_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tok
     the per-active-expert term (a copy is active when it gets a token) as a mixed-integer program;
     if HiGHS proves no optimum within ``time_limit`` seconds the result is its lower bound,
     labelled ``lp_bound``."""
-    if objective not in ("tokens", "time"):
-        raise ValueError(f"unknown objective {objective!r}; valid: ('tokens', 'time')")
-    if objective == "time" and cost is None:
-        raise ValueError("objective='time' needs an ExpertCost")
-    ep, E = holds.shape
-    if tuple(counts.shape) != (ep, E):
-        raise ValueError(f"counts has shape {tuple(counts.shape)}, holds {tuple(holds.shape)}: both must be [ep, E]")
-    cnt = counts.detach().cpu().long().numpy()
-    hold = holds.detach().cpu().bool().numpy()
-    total = cnt.sum(0)  # [E]
-    orphan = np.nonzero((total > 0) & ~hold.any(0))[0]
-    if orphan.size:
-        raise ValueError(f"expert {int(orphan[0])} has {int(total[orphan[0]])} tokens but no copy on any rank")
+    cnt, hold, total = split_inputs(counts, holds, objective, cost)
+    ep, E = hold.shape
     pairs = [(e, r) for e in range(E) if total[e] > 0 for r in range(ep) if hold[r, e]]
     if not pairs:
         return ExactSplit(torch.zeros(ep, E, ep, dtype=torch.long), 0.0, "lp" if objective == "tokens" else "milp")

@@ -194,11 +194,10 @@ def _time_local_search(y: np.ndarray, hold: np.ndarray, o_u: int, max_moves: int
     return m.write(y)
 
 
-def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tokens",
-                   cost: Optional[ExpertCost] = None) -> torch.Tensor:
-    """The split ``[ep_src, E, ep_dst]`` of the true ``counts [ep, E]`` over the copies in
-    ``holds [ep, E]`` (bool; natives included) that minimises the slowest rank: exactly in tokens,
-    or by local search in time (``cost`` needed; module docstring)."""
+def split_inputs(counts: torch.Tensor, holds: torch.Tensor, objective: str, cost: Optional[ExpertCost]):
+    """The checks every split makes (this module's and the exact yardsticks'): a known objective,
+    a cost for the time objective, matching shapes, no negative count, a copy for every expert
+    with tokens. Returns ``(counts, holds, per-expert totals)`` as NumPy arrays."""
     if objective not in ("tokens", "time"):
         raise ValueError(f"unknown objective {objective!r}; valid: ('tokens', 'time')")
     if objective == "time" and cost is None:
@@ -215,6 +214,15 @@ def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "
     orphan = np.nonzero((total > 0) & ~hold.any(0))[0]
     if orphan.size:
         raise ValueError(f"expert {int(orphan[0])} has {int(total[orphan[0]])} tokens but no copy on any rank")
+    return cnt, hold, total
+
+
+def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tokens",
+                   cost: Optional[ExpertCost] = None) -> torch.Tensor:
+    """The split ``[ep_src, E, ep_dst]`` of the true ``counts [ep, E]`` over the copies in
+    ``holds [ep, E]`` (bool; natives included) that minimises the slowest rank: exactly in tokens,
+    or by local search in time (``cost`` needed; module docstring)."""
+    cnt, hold, total = split_inputs(counts, holds, objective, cost)
     start = _initial(total, cnt, hold)
     y = _exact_tokens(start.copy(), hold)
     if objective == "time":
