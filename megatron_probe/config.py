@@ -14,6 +14,7 @@ from typing import Optional
 
 EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop")
 ASSIGNMENT_POLICIES = ("locality_even",)
+REPLICA_MODES = ("streamed", "resident", "auto")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -25,6 +26,13 @@ class ProbeConfig:
         replica_slots_per_rank: expert slots per EP rank that can hold a copy of an expert owned by
             another rank (the paper uses 3). 0 turns replication off: the layer then behaves
             exactly like Megatron's ``alltoall`` dispatcher.
+        replica_mode: how the live pipeline keeps replicas. ``streamed`` (PROBE as published): two
+            banks of ``R`` slots shared by all MoE layers (``2 R`` experts of memory per rank),
+            refilled for every layer at every step. ``resident``: each MoE layer keeps its own
+            ``R`` slots across steps (``layers x R`` experts per rank) and changes one only when
+            the forecast saving over the expected residency pays for the copy
+            (``policy.resident.ResidentPlanner``). ``auto``: resident when its memory fits
+            ``replica_memory_cap_mib`` (always, without a cap), else streamed.
         expert_backend: how native experts and replica slots are computed in one grouped GEMM per
             projection: ``te`` (Transformer Engine ``GroupedLinear``, GPU, bf16/FP8),
             ``grouped_mm`` (``torch._grouped_mm``), ``loop`` (one GEMM per expert), or ``auto``
@@ -44,8 +52,9 @@ class ProbeConfig:
         predictor_state: predictor state file to warm-start from (``tools/distill_predictor.py``
             writes one beside the checkpoint); ``None``: start from the frozen router copies.
         predictor_side_stream: on GPU, run the online update on a side stream.
-        replica_memory_cap_mib: cap on the double-buffered replica banks of one rank (2 x R
-            experts); a configuration over it is refused. ``None``: no cap.
+        replica_memory_cap_mib: cap on one rank's replica memory (streamed: the two banks, 2 x R
+            experts; resident: layers x R experts); a configuration over it is refused (``auto``
+            falls back to streamed). ``None``: no cap.
         prefetch_deadline_ms: how long layer L's dispatch waits for its replica copies; a copy
             still incomplete then is dropped from the plan (its tokens stay home) and counted.
         transfer_chunk_mib: copies move in chunks of this size (the unit of pausing).
@@ -74,6 +83,7 @@ class ProbeConfig:
     """
 
     replica_slots_per_rank: int = 0
+    replica_mode: str = "streamed"
     expert_backend: str = "auto"
     assignment_policy: str = "locality_even"
     validate_assignment: bool = True
@@ -136,6 +146,8 @@ class ProbeConfig:
                 f"replica_slots_per_rank={self.replica_slots_per_rank} is negative; "
                 "valid values are 0 (no replication) or a positive slot count"
             )
+        if self.replica_mode not in REPLICA_MODES:
+            raise ValueError(f"replica_mode={self.replica_mode!r} is not one of {REPLICA_MODES}")
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
                 f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}"

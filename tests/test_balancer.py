@@ -18,8 +18,9 @@ from megatron_probe.policy.placement import (
     validate_placement,
 )
 from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, rank_times
-from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings, slowest_time
-from megatron_probe.policy.split import balanced_split
+from megatron_probe.policy import resident as resident_mod
+from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings, slowest_time, time_lower_bound
+from megatron_probe.policy.split import balanced_split, balanced_split_times, locality_first, time_split_bounded
 
 COST = ExpertCost(per_token_us=0.1, per_active_expert_us=6.4)
 
@@ -63,6 +64,99 @@ def test_time_split_never_slower_than_the_token_split(case):
     if lay.num_experts <= 16:  # the MILP's optimum is a lower bound
         best = exact_split(counts, holds, "time", COST, time_limit=5.0)
         assert t_time >= best.value - 1e-6
+
+
+@settings(max_examples=300, deadline=None)
+@given(split_cases(), st.sampled_from([COST, ExpertCost(per_token_us=0.1, per_active_expert_us=6.44),
+                                       ExpertCost(per_token_us=0.01, per_active_expert_us=90.0)]))
+def test_time_split_never_slower_than_static(case, cost):
+    """Whatever the placement and however large the per-active-expert cost, the time split's
+    slowest rank is never slower (in us, the cost model's) than with no replica at all."""
+    from megatron_probe.policy.planner import static_assignment
+
+    lay, counts, pl = case
+    T = balanced_split(counts, holder_slots(pl, lay) >= 0, "time", cost)
+    static = static_assignment(counts, ExpertLayout(lay.num_experts, lay.ep_size, 0))
+    assert float(rank_times(T, cost).max()) <= float(rank_times(static, cost).max())
+
+
+@st.composite
+def any_holds_cases(draw):
+    """Adversarial layouts: any holder sets (not only a planner's), chains of replicas, one expert
+    everywhere, many empty experts, huge and tiny counts."""
+    ep = draw(st.integers(1, 8))
+    E = draw(st.integers(1, 24))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    kind = draw(st.sampled_from(["random", "chain", "everywhere", "one_source"]))
+    holds = torch.rand(ep, E, generator=g) < draw(st.sampled_from([0.0, 0.2, 0.5, 0.9]))
+    holds[torch.randint(ep, (E,), generator=g), torch.arange(E)] = True
+    if kind == "chain":  # expert e on ranks e and e + 1: tokens must travel along the chain
+        holds[:] = False
+        holds[torch.arange(E) % ep, torch.arange(E)] = True
+        holds[(torch.arange(E) + 1) % ep, torch.arange(E)] = True
+    elif kind == "everywhere":
+        holds[:, 0] = True
+    scale = draw(st.sampled_from([1, 3, 50, 10 ** 6]))
+    counts = (torch.rand(ep, E, generator=g) ** draw(st.sampled_from([1, 6])) * scale).round().long()
+    if kind == "one_source":
+        counts[1:] = 0
+    counts[:, torch.rand(E, generator=g) < 0.2] = 0
+    return counts, holds
+
+
+@settings(max_examples=200, deadline=None)
+@given(any_holds_cases())
+def test_token_split_exact_on_adversarial_layouts(case):
+    counts, holds = case
+    A = balanced_split(counts, holds)
+    assert torch.equal(A.sum(-1), counts)  # every token once
+    assert not ((A.sum(0) > 0) & ~holds.T).any()  # only copies that exist
+    assert (A >= 0).all()
+    assert int(rank_loads(A).max()) == exact_split(counts, holds).value
+    # locality first: a source keeps what its own rank computes of its own tokens
+    on = A.sum(0)  # [E, ep]
+    diag = torch.arange(counts.shape[0])
+    assert torch.equal(A[diag, :, diag], torch.minimum(counts, on.T))
+    T = balanced_split(counts, holds, "time", COST)
+    assert torch.equal(T.sum(-1), counts) and not ((T.sum(0) > 0) & ~holds.T).any()
+    # the times without the assignment are the assignment's, bit for bit
+    assert torch.equal(torch.from_numpy(balanced_split_times(counts, holds, COST)), rank_times(T, COST))
+    assert float(rank_times(T, COST).max()) >= time_lower_bound(counts, COST, counts.shape[0]) - 1e-9
+    # the bound known before the time split's local search holds, also when the per-active-expert
+    # cost is not a whole number of tokens
+    for cost in (COST, ExpertCost(per_token_us=0.1, per_active_expert_us=6.44)):
+        upper, times = time_split_bounded(counts, holds, cost)
+        t = times()
+        assert torch.equal(torch.from_numpy(t), rank_times(balanced_split(counts, holds, "time", cost), cost))
+        assert upper >= float(t.max())
+
+
+def _locality_reference(cnt, y):
+    """locality_first spelled out: own rank first, then the rest in rank order."""
+    ep, E = cnt.shape
+    out = torch.zeros(ep, E, ep, dtype=torch.long)
+    for e in range(E):
+        room = [int(y[e, r]) for r in range(ep)]
+        for s in range(ep):
+            own = min(int(cnt[s, e]), room[s])
+            out[s, e, s] = own
+            room[s] -= own
+        for s in range(ep):
+            need = int(cnt[s, e]) - int(out[s, e, s])
+            for r in range(ep):
+                t = min(need, room[r])
+                out[s, e, r] += t
+                room[r] -= t
+                need -= t
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(any_holds_cases())
+def test_locality_first_matches_the_loop(case):
+    counts, holds = case
+    y = exact_split(counts, holds).assign.sum(0)  # any valid per-rank totals
+    assert torch.equal(torch.from_numpy(locality_first(counts.numpy(), y.numpy())), _locality_reference(counts, y))
 
 
 def test_split_by_hand_and_bad_input():
@@ -152,3 +246,55 @@ def test_resident_copy_cost_holds_back_changes_that_do_not_pay():
         ResidentSettings(min_gain=1.5)
     with pytest.raises(ValueError, match="burst_gain=0.01"):
         ResidentSettings(min_gain=0.02, burst_gain=0.01)
+
+
+def _weighted(E, ep, hot, weight, tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.ones(E)
+    w[hot] = weight
+    return torch.stack([torch.multinomial(w, tokens // ep, replacement=True, generator=g).bincount(minlength=E)
+                        for _ in range(ep)])
+
+
+def _forecast_sequence(seed, steps, E, ep, shifts, weight, tokens):
+    g = torch.Generator().manual_seed(seed)
+    hot = torch.randperm(E, generator=g)[:3].tolist()
+    out = []
+    for s in range(steps):
+        if s in shifts:
+            hot = torch.randperm(E, generator=g)[:3].tolist()
+        out.append(noisy_forecast(_weighted(E, ep, hot, weight, tokens, seed * 1000 + s), 0.1, g))
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2 ** 16), st.sampled_from([(32, 4, 2), (16, 2, 3), (64, 8, 3)]),
+       st.sampled_from([(1.5, 16384), (3.0, 16384), (12.0, 4096)]),
+       st.sampled_from([ResidentSettings(), ResidentSettings(copy_budget=1, min_gain=0.05),
+                        ResidentSettings(forecast_smoothing=1.0, min_gain=0.0, burst_gain=0.0),
+                        ResidentSettings(copy_cost_us=50.0, copy_budget=0)]))
+def test_resident_early_exit_never_changes_a_decision(seed, shape, load, rs):
+    """The stationary-step shortcut of ResidentPlanner.plan against the full decision every step,
+    on forecasts that are stationary, noisy and shifting."""
+    E, ep, R = shape
+    lay = ExpertLayout(E, ep, R)
+    fast, full = ResidentPlanner(lay, COST, rs), ResidentPlanner(lay, COST, rs)
+    full._early_exit = False
+    for step, f in enumerate(_forecast_sequence(seed, 24, E, ep, {8, 16}, *load)):
+        a, b = fast.plan(f), full.plan(f)
+        assert torch.equal(a[0], b[0]) and a[1] == b[1], step
+        fast.observe(f)
+        full.observe(f)
+    assert fast.copies_total == full.copies_total
+
+
+def test_resident_early_exit_skips_the_planner_on_stationary_steps(monkeypatch):
+    lay = ExpertLayout(32, 4, 2)
+    calls = []
+    real = resident_mod.plan_probe_host
+    monkeypatch.setattr(resident_mod, "plan_probe_host", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rp = ResidentPlanner(lay, COST)
+    load = _weighted(32, 4, [3, 17], 3.0, 16384, seed=5)  # a placement within 2% of the bound exists
+    for _ in range(20):
+        rp.plan(load)
+    assert len(calls) == 1  # only the warm start plans: every later step ends before the planner

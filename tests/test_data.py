@@ -19,7 +19,7 @@ from megatron_probe.data.traces import (
     save_trace,
     shared_trace_files,
 )
-from megatron_probe.data.workloads import Request, Workload, schedule_steps
+from megatron_probe.data.workloads import SCENARIOS, Request, Workload, build_workload, length_ranges, schedule_steps
 
 SHARED = shared_trace_files()
 
@@ -225,6 +225,73 @@ def test_workload_roundtrip_and_errors(tmp_path):
     open(p, "w").write(json.dumps(data))
     with pytest.raises(ValueError, match="workload version 7 is not supported"):
         Workload.load(p)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_tokenizer_and_config():
+    from tokenizers import Tokenizer
+
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT, TinyMoEConfig
+
+    return (Tokenizer.from_file(os.path.join(DEFAULT_CHECKPOINT, "tokenizer.json")),
+            TinyMoEConfig.from_json(os.path.join(DEFAULT_CHECKPOINT, "config.json")))
+
+
+def test_prefill_scenario_is_deterministic_heldout_and_fits_the_model():
+    tok, cfg = _tiny_tokenizer_and_config()
+    corpus = build_corpus(400_000)
+    held = {d: dc.heldout for d, dc in corpus.items()}
+    pr, orng = length_ranges("prefill", cfg.seq_length)
+    assert pr[0] > orng[1] and pr[1] + orng[1] <= cfg.seq_length  # long prompts, short outputs, fits
+
+    def make(seed):
+        return build_workload("prefill", held, tok, seed=seed, num_requests=40, steps=8, max_len=cfg.seq_length,
+                              prompt_range=pr, output_range=orng, shift_from="english", shift_to="de_fr")
+
+    a, b = make(4), make(4)
+    assert [(r.source_file, r.prompt_ids, r.output_ids, r.arrival_step, r.domain) for r in a.requests] == \
+        [(r.source_file, r.prompt_ids, r.output_ids, r.arrival_step, r.domain) for r in b.requests]
+    assert [r.prompt_ids for r in make(5).requests] != [r.prompt_ids for r in a.requests]
+    assert a.scenario == "prefill" and a.extra["split"] == "heldout" and a.extra["shift_step"] == \
+        a.requests[20].arrival_step
+    for r in a.requests:
+        assert is_heldout(r.source_file), r.source_file
+        assert r.prompt_tokens == len(r.prompt_ids) >= pr[0] and r.output_tokens == len(r.output_ids) <= orng[1]
+        assert r.prompt_tokens + r.output_tokens - 1 <= cfg.seq_length  # what the engine checks
+    # the dominant domain switches at the middle request
+    first, second = [r.domain for r in a.requests[:20]], [r.domain for r in a.requests[20:]]
+    assert first.count("english") > 10 and second.count("de_fr") > 10
+    with pytest.raises(ValueError, match="unknown scenario 'prefil'"):
+        build_workload("prefil", held, tok)
+    with pytest.raises(ValueError, match="domain 'latin' of the prefill scenario is not in the corpus"):
+        build_workload("prefill", held, tok, shift_to="latin")
+    assert "prefill" in SCENARIOS
+
+
+def test_committed_prefill_workload_is_heldout_long_and_dense():
+    _, cfg = _tiny_tokenizer_and_config()
+    wl = Workload.load(os.path.join(ROOT, "workloads", "prefill.json"))
+    assert wl.scenario == "prefill" and wl.extra["split"] == "heldout"
+    for r in wl.requests:
+        assert is_heldout(r.source_file), r.source_file
+        assert len(r.prompt_ids) == r.prompt_tokens and len(r.output_ids) == r.output_tokens
+        assert r.prompt_tokens + r.output_tokens - 1 <= cfg.seq_length
+    # served with 64-token chunks and 256 requests at once (docs/serving.md), its arrival phase
+    # gives every one of 2 EP ranks more than 1024 tokens a step
+    steps = schedule_steps(wl, prefill_chunk=64, max_active=256)
+    per_rank = [min(sum(e - s for rid, s, e in st.chunks if rid % 2 == k) for k in range(2)) for st in steps[3:48]]
+    assert min(per_rank) >= 1024, per_rank
+
+
+def test_make_workloads_rejects_an_unknown_scenario():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_workloads.py"), "--scenarios", "nope",
+                          "--out", "/nonexistent"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown scenario 'nope'" in out.stderr
 
 
 # ---------------------------------------------------------------------------- generator

@@ -70,3 +70,37 @@ def bank_fill(rank, ws):
 @pytest.mark.parametrize("ws", [2, 4])
 def test_replica_bank(ws):
     run_ranks(bank_fill, ws)
+
+
+def test_native_version_sees_every_weight_change_and_own_slots_record_their_placement():
+    """What resident replicas rely on: ``native_version`` changes when the native weights are
+    written in place (a checkpoint load) or re-allocated, and not otherwise; the own slots'
+    recorded placement bumps the replica version only when it changes."""
+    from megatron_probe.mechanism.expert_bank import ExpertBank
+    from megatron_probe.policy.placement import ExpertLayout
+
+    layout = ExpertLayout(num_experts=4, ep_size=2, replica_slots=1)
+    experts = [torch.nn.Linear(3, 5, bias=False) for _ in range(2)]
+    outs = [torch.nn.Linear(5, 3, bias=False) for _ in range(2)]
+    bank = ExpertBank(layout)
+    bank.adopt([(m, "weight") for m in experts], [(m, "weight") for m in outs])
+    v0 = bank.native_version()
+    assert bank.native_version() == v0
+    with torch.no_grad():
+        experts[1].weight.mul_(2.0)  # in place, through the parameter view
+    v1 = bank.native_version()
+    assert v1 != v0, (v0, v1)
+    outs[0].weight = torch.nn.Parameter(torch.zeros(3, 5))  # storage replaced: re-adopted
+    v2 = bank.native_version()
+    assert v2 != v1 and bank.version == 2, (v1, v2, bank.version)
+    assert torch.equal(bank.fc2[0], torch.zeros(3, 5))
+    r0 = bank.replica_version
+    bank.set_own_placement(torch.tensor([[2], [-1]]))
+    assert bank.replica_version == r0 + 1 and bank.own_slot_rows(0)[0].shape == (5, 3)
+    bank.set_own_placement(torch.tensor([[2], [-1]]))
+    assert bank.replica_version == r0 + 1
+    bank.use_shared_replicas()
+    with pytest.raises(RuntimeError, match="shared replica rows"):
+        bank.own_slot_rows(0)
+    bank.use_own_replicas()
+    assert bank.replica_fc1.shape == (1, 5, 3) and bool((bank.placement == -1).all())

@@ -140,6 +140,103 @@ def test_live_pipeline_never_changes_the_output(ws):
     run_ranks(pipeline_equivalence, ws)
 
 
+# --------------------------------------------------------------------------- resident replicas
+def _set_hot_experts(model, shift: int, num_experts: int):
+    """Move every layer's forced hot expert by ``shift`` (the router's expert bias)."""
+    from megatron_probe.runtime.model_walk import moe_layers
+
+    for i, layer in enumerate(moe_layers(model)):
+        bias = torch.zeros(num_experts)
+        bias[(3 * i + shift) % num_experts] = 5.0
+        layer.router.expert_bias.copy_(bias)
+
+
+def pipeline_resident(rank, ws):
+    """Resident mode on a load that moves (the hot expert of every layer changes every 4 steps):
+    output equal to the plain model's at every step while resident replicas change; copies only
+    when a slot changes; replica memory layers x R experts; after every rank's native weights
+    change in place (as a checkpoint load does), no slot serves the old weights: the replicas are
+    forgotten and copied again, and the output equals the plain model's with the new weights."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import forward_logits
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+
+    model, batches, _, unit_cost = _skewed_gpt(rank, ws)
+    E, R, steps = 8, 2, 12
+    gen = torch.Generator().manual_seed(11 + rank)
+    batches = [torch.randint(0, 128, (1, 24 + 3 * rank), generator=gen) for _ in range(steps)]
+    refs = []
+    with torch.no_grad():
+        for step, b in enumerate(batches):
+            _set_hot_experts(model, step // 4, E)
+            refs.append(forward_logits(model, b))
+    scale = max(float(r.abs().max()) for r in refs)
+    # forecast: last step's counts (the predictors copy the expert bias once, so they would not
+    # follow the test's bias moves)
+    pcfg = ProbeConfig(replica_slots_per_rank=R, replica_mode="resident", pipeline_predict=False,
+                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0)
+    pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+    held = []
+    with torch.inference_mode():
+        for step, b in enumerate(batches):
+            _set_hot_experts(model, step // 4, E)
+            got = forward_logits(model, b)
+            diff = float((got - refs[step]).abs().max())
+            assert diff <= 1e-5 * scale, (f"rank {rank} step {step}", diff, scale)
+            held.append([m.expert_bank.placement.clone() for m in moe_layers(model)])
+            pipe.end_step()
+        # every rank's native expert weights change in place; the reference is the plain model
+        pipe.activate(False)
+        for m in moe_layers(model):
+            m.expert_bank.fc1.mul_(1.05)
+            m.expert_bank.fc2.mul_(0.97)
+        _set_hot_experts(model, 0, E)
+        new_refs = [forward_logits(model, b) for b in batches[:3]]
+        pipe.activate(True)
+        copies_before = sum(r["copies"] for r in pipe.history)
+        for b, ref in zip(batches[:3], new_refs):
+            got = forward_logits(model, b)
+            diff = float((got - ref).abs().max())
+            assert diff <= 1e-5 * scale, (f"rank {rank} after the weights changed", diff, scale)
+            pipe.end_step()
+    rows = pipe.history
+    s = pipe.summary()
+    expert_bytes = moe_layers(model)[0].expert_bank.expert_bytes()
+    pipe.close()
+    changes = sum(1 for a, b in zip(held, held[1:]) for x, y in zip(a, b) if not torch.equal(x, y))
+    copy_steps = sorted({r["step"] for r in rows if r["copies"]})
+    ctx = (f"rank {rank}", s, f"changes={changes}", f"copy_steps={copy_steps}")
+    assert s["replica_mode"] == "resident", ctx
+    assert s["replica_memory_bytes"] == 4 * R * expert_bytes, ctx  # 4 layers x R, resident
+    assert s["copies"] > 0 and s["dropped"] == 0, ctx
+    assert changes > 0 and any(st > 0 for st in copy_steps), ctx  # slots changed after the warm start
+    assert len(copy_steps) < steps + 3, ctx  # not re-copied at every step like streamed replicas
+    assert sum(r["copies"] for r in rows) > copies_before, ("no copy after the weights changed", ctx)
+    return [[p.tolist() for p in step] for step in held]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_resident_replicas_never_change_the_output(ws):
+    held = run_ranks(pipeline_resident, ws)
+    assert all(h == held[0] for h in held), "EP ranks hold different resident placements"
+
+
+def test_replica_mode_choice_and_memory_cap():
+    from megatron_probe.runtime.pipeline import choose_replica_mode
+
+    mib = 2 ** 20
+    assert choose_replica_mode("auto", 4, 3, mib, None) == "resident"
+    assert choose_replica_mode("auto", 4, 3, mib, 12 * mib) == "resident"
+    assert choose_replica_mode("auto", 4, 3, mib, 11 * mib) == "streamed"
+    assert choose_replica_mode("streamed", 4, 3, mib, 11 * mib) == "streamed"
+    with pytest.raises(ValueError, match=r"resident replicas need 12 MiB.*replica_memory_cap_mib=11"):
+        choose_replica_mode("resident", 4, 3, mib, 11 * mib)
+    with pytest.raises(ValueError, match="replica_mode='x'"):
+        choose_replica_mode("x", 4, 3, mib, None)
+
+
 # --------------------------------------------------------------------------- event log
 def pipeline_event_log(rank, ws, wandb_project, out_dir):
     """The pipeline with the event log on, phase locking on and off: every chunk's and every

@@ -158,6 +158,7 @@ def test_bench_moe_layer_cli(tmp_path):
     for k in ("static_ms", "probe_ms", "oracle_ms", "speedup", "ir_static", "ir_probe"):
         assert isinstance(res[k], float) and res[k] > 0, k
     assert res["layer_measurements"] == 3 * 3
-    assert res["ir_oracle"] <= res["ir_static"] + 1e-9  # the oracle balances on the truth
+    # the split never makes a layer's slowest rank slower than static under the cost model
+    assert res["time_vs_static_oracle"] <= 1 + 1e-9 and res["time_vs_static_probe"] <= 1 + 1e-9, res
     assert 0 <= res["forecast_topk_acc"] <= 1 and res["copies"] >= res["dropped"] >= 0
     assert "static/PROBE" in r.stdout

@@ -51,6 +51,7 @@ def worker(rank, ws, opts, out_path):
     steps = [(i, step_rows(rep.trace, i, ws, opts["max_tokens"], gen)) for i in picks]
     times = {m: [] for m in MODES}
     waits, ir = [], {m: [] for m in MODES}
+    modelled = {"probe": [], "oracle": []}  # slowest rank's modelled expert time over static's, per layer
     for j, (si, rows) in enumerate(steps):
         res = rep.run_step(j, si, rows)
         for m in MODES:
@@ -59,11 +60,13 @@ def worker(rank, ws, opts, out_path):
         ir["probe"] += res["probe"]["ir_after"]
         ir["oracle"] += res["oracle"]["ir_after"]
         ir["static"] += res["probe"]["ir_before"]
+        for m in ("probe", "oracle"):
+            modelled[m] += res[m]["time_vs_static"]
     # a layer ends when its slowest rank does: take the max over ranks of each measurement
     t = {m: torch.tensor(times[m], dtype=torch.float64) for m in MODES}
     for m in MODES:
         dist.all_reduce(t[m], op=dist.ReduceOp.MAX, group=rep.group)
-    pool_mib = rep.pipe.pool.memory_bytes() / 2 ** 20
+    pool_mib = rep.replica_memory_mib()
     rep.close()
     if rank == 0:
         med = {m: float(t[m].median()) for m in MODES}
@@ -75,6 +78,8 @@ def worker(rank, ws, opts, out_path):
                "ir_static": round(sum(ir["static"]) / max(1, len(ir["static"])), 4),
                "ir_probe": round(sum(ir["probe"]) / max(1, len(ir["probe"])), 4),
                "ir_oracle": round(sum(ir["oracle"]) / max(1, len(ir["oracle"])), 4),
+               "time_vs_static_probe": round(sum(modelled["probe"]) / max(1, len(modelled["probe"])), 4),
+               "time_vs_static_oracle": round(sum(modelled["oracle"]) / max(1, len(modelled["oracle"])), 4),
                "exposed_wait_ms_median": round(float(torch.tensor(waits).median()), 3) if waits else 0.0,
                "exposed_wait_ms_mean": round(sum(waits) / max(1, len(waits)), 3),
                "copies": rep.copies, "dropped": rep.dropped, "layer_measurements": len(times["probe"]),
@@ -82,7 +87,7 @@ def worker(rank, ws, opts, out_path):
                "copy_charge_us": round(rep.copy_us, 1),
                "expert_cost_us": {"per_token": round(rep.cost.per_token_us, 2),
                                   "per_active_expert": round(rep.cost.per_active_expert_us, 1)},
-               "replica_memory_mib": round(pool_mib, 1),
+               "replica_mode": rep.pipe.mode, "replica_memory_mib": round(pool_mib, 1),
                "steps": [si for si, _ in steps]}
         with open(out_path, "w") as f:
             json.dump(res, f)
@@ -97,6 +102,8 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--replica-slots", type=int, default=3)
+    p.add_argument("--replica-mode", choices=("streamed", "resident", "auto"), default="streamed",
+                   help="ProbeConfig.replica_mode of the probe mode (the oracle always plans from scratch)")
     p.add_argument("--trace", default=None, help="recorded trace with hidden states (default: the shipped model "
                    "on workloads/shift.json with every token's hidden states, recorded to traces/shift.pt if missing)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -135,7 +142,8 @@ def main():
     opts = dict(trace=trace, checkpoint=a.checkpoint, predictor=pred if os.path.exists(pred) else None,
                 predictor_hidden=a.predictor_hidden, layers=a.layers, hidden=a.hidden, ffn=a.ffn,
                 replica_slots=a.replica_slots, steps=a.steps, max_tokens=a.max_tokens, deadline_ms=a.deadline_ms,
-                chunk_mib=a.chunk_mib, threads=a.threads, seed=a.seed, copy_charge=a.copy_charge)
+                chunk_mib=a.chunk_mib, threads=a.threads, seed=a.seed, copy_charge=a.copy_charge,
+                replica_mode=a.replica_mode)
     out = a.json or os.path.join("/tmp", f"bench_moe_layer_{os.getpid()}.json")
     t0 = time.time()
     run_distributed(worker, a.ep, opts, out, backend="gloo")
@@ -149,7 +157,7 @@ def main():
                 "replica_slots": a.replica_slots, "copy_charge": a.copy_charge, "seconds": round(time.time() - t0, 1)})
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"EP {a.ep}, {a.layers} layers, experts {a.hidden}x{a.ffn}, R={a.replica_slots}, "
+    print(f"EP {a.ep}, {a.layers} layers, experts {a.hidden}x{a.ffn}, R={a.replica_slots} {res['replica_mode']}, "
           f"{res['layer_measurements']} layer runs per mode ({res['seconds']} s)")
     print(f"{'mode':<8}{'median ms/layer':>17}{'IR':>8}")
     for m in MODES:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Write the serving workloads (steady, shift, repeat, bursty) from the held-out corpus split.
+"""Write the serving workloads (steady, shift, repeat, bursty, prefill) from the held-out corpus split.
 
   python tools/make_workloads.py --out workloads
+  python tools/make_workloads.py --scenarios prefill          # only workloads/prefill.json
   python tools/make_workloads.py --split train --scenarios steady --out /tmp/train   # predictor warm start
 """
 
@@ -9,37 +10,51 @@ import argparse
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_REQUESTS, DEFAULT_STEPS = 160, 400
+# prefill: ~13 long prompts arriving a step keep > 2 x 1024 tokens a step in the EP 2 scaled regime
+PREFILL_REQUESTS, PREFILL_STEPS = 640, 64
 
 
 def main():
     from megatron_probe.data.corpus import build_corpus
-    from megatron_probe.data.workloads import SCENARIOS, build_workload, schedule_steps
+    from megatron_probe.data.workloads import SCENARIOS, build_workload, length_ranges, schedule_steps
     from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT, TinyMoEConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="its tokenizer and sequence length are used")
     p.add_argument("--out", default=os.path.join(ROOT, "workloads"))
     p.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
-    p.add_argument("--requests", type=int, default=160)
-    p.add_argument("--steps", type=int, default=400, help="arrivals spread over the first 3/4 of this")
-    p.add_argument("--shift-step", type=int, default=200)
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"default {DEFAULT_REQUESTS}, prefill {PREFILL_REQUESTS}")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"arrivals spread over the first 3/4 of this; default {DEFAULT_STEPS}, prefill {PREFILL_STEPS}")
+    p.add_argument("--shift-step", type=int, default=200, help="shift only (prefill switches at its middle request)")
+    p.add_argument("--prefill-from", default="english", help="prefill: dominant domain of the first half")
+    p.add_argument("--prefill-to", default="de_fr", help="prefill: dominant domain of the second half")
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000, help="as in training (same split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("heldout", "train"), default="heldout",
                    help="documents to cut requests from (train: only for distilling predictors)")
     a = p.parse_args()
+    for sc in a.scenarios:
+        if sc not in SCENARIOS:
+            p.error(f"unknown scenario {sc!r}; valid: {', '.join(SCENARIOS)}")
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(a.checkpoint, "tokenizer.json"))
     cfg = TinyMoEConfig.from_json(os.path.join(a.checkpoint, "config.json"))
     corpus = build_corpus(a.max_bytes_per_domain)
     docs = {d: (dc.heldout if a.split == "heldout" else dc.train) for d, dc in corpus.items()}
-    prompt_range = (max(4, cfg.seq_length // 10), cfg.seq_length // 2)
-    output_range = (max(2, cfg.seq_length // 16), cfg.seq_length * 3 // 8)
-    for i, sc in enumerate(a.scenarios):
-        wl = build_workload(sc, docs, tok, seed=a.seed + i, num_requests=a.requests, steps=a.steps,
+    for sc in a.scenarios:
+        prefill = sc == "prefill"
+        prompt_range, output_range = length_ranges(sc, cfg.seq_length)
+        requests = a.requests or (PREFILL_REQUESTS if prefill else DEFAULT_REQUESTS)
+        steps = a.steps or (PREFILL_STEPS if prefill else DEFAULT_STEPS)
+        shift = dict(shift_from=a.prefill_from, shift_to=a.prefill_to) if prefill else {}
+        # seed by the scenario's place in SCENARIOS: one scenario alone gets the seed of a full run
+        wl = build_workload(sc, docs, tok, seed=a.seed + SCENARIOS.index(sc), num_requests=requests, steps=steps,
                             max_len=cfg.seq_length, prompt_range=prompt_range, output_range=output_range,
-                            shift_step=a.shift_step, split=a.split,
+                            shift_step=a.shift_step, split=a.split, **shift,
                             tokenizer_name=os.path.relpath(os.path.join(a.checkpoint, "tokenizer.json"), ROOT))
         path = os.path.join(a.out, f"{sc}.json")
         wl.save(path)

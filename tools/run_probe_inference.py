@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV slots per rank: the most requests a rank serves at once (the rest queue)")
     d.add_argument("--prefill-chunk-size", type=int, default=64, help="prompt tokens per request per step")
     d.add_argument("--workload", default="shift",
-                   help="a workload name in workloads/ (steady, shift, repeat, bursty) or a workload JSON path")
+                   help="a workload name in workloads/ (steady, shift, repeat, bursty, prefill) or a workload JSON path")
     d.add_argument("--max-steps", type=int, default=None, help="stop after this many engine steps")
     d.add_argument("--max-requests", type=int, default=None, help="serve only requests with id < N")
     d.add_argument("--max-new-tokens", type=int, default=None, help="cap each request's generation length")
@@ -285,7 +285,7 @@ def run_scaled(a, opts) -> dict:
     sopts = dict(trace=trace, checkpoint=opts.checkpoint, predictor=pred if os.path.exists(pred) else None,
                  predictor_hidden=pc.predictor_hidden, layers=a.scaled_layers, hidden=a.scaled_hidden_size,
                  ffn=a.scaled_ffn_hidden_size, replica_slots=pc.replica_slots_per_rank,
-                 deadline_ms=pc.prefetch_deadline_ms, chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
+                 replica_mode=pc.replica_mode, deadline_ms=pc.prefetch_deadline_ms, chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
                  copy_charge="none" if a.scaled_copy_charge == "none" else "measured", seed=opts.seed,
                  max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress)
     out = os.path.join(tempfile.mkdtemp(prefix="probe_scaled_"), "rows.json")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """SIMULATION of expert-parallel MoE inference at cluster scale: static EP, EPLB, PROBE as
-published, ours, oracle; the paper-style table, the switch plot and the ablations.
+published, ours (streamed and resident), oracle; the paper-style table, the switch plot and the ablations.
 
 Nothing here is measured on a cluster: times come from the project's cost model
 (megatron_probe/policy/cost_model.py) on a hardware preset, plans from the project's planner and
@@ -281,7 +281,17 @@ def prefill_chunk(run, ch):
 
 # ---- decode
 
-DECODE_NAMES = ("static", "eplb", "eplb-same", "probe", "ours", "oracle")
+DECODE_NAMES = ("static", "eplb", "eplb-same", "probe", "ours", "ours-resident", "oracle")
+# the two memory budgets, each policy against its reference at the same replica memory
+BUDGET_GROUPS = (("streamed", "probe", "ours"), ("resident", "eplb-same", "ours-resident"))
+
+
+def budget_titles(run):
+    """Each budget group's title with its replica memory per rank."""
+    R, layers = run.cfg_for().replica_slots, run.model.moe_layers
+    return {"streamed": f"streamed budget (2R = {2 * R} experts per rank, all layers): probe vs ours",
+            "resident": f"resident budget (R = {R} per layer, {R * layers} experts per rank): eplb-same vs "
+                        f"ours-resident"}
 
 
 def describe_eplb(run):
@@ -289,7 +299,8 @@ def describe_eplb(run):
     return (f"EPLB: the published algorithm as vLLM runs it, {a.eplb_split} split, window {a.eplb_window}, "
             f"rebalance at steps {run.rebalances} (vLLM's 1000/3000 scaled); 'eplb' with the paper's 2 redundant "
             f"experts per layer per rank, 'eplb-same' with PROBE's {slots} (resident: "
-            f"x{run.model.moe_layers} layers of memory where PROBE streams {2 * slots} slots)")
+            f"x{run.model.moe_layers} layers of memory where PROBE streams {2 * slots} slots; 'ours-resident' "
+            f"holds the same {slots} per layer)")
 
 
 def run_decode(run, eplb_note):
@@ -302,8 +313,14 @@ def run_decode(run, eplb_note):
             f"embedding, LM head and sampling not modelled) [{LABEL}]")
     run.log(f"{eplb_note}. Headline: steps {a.eplb_window}-{a.decode_steps - 1} (EPLB's warm-up, steps "
             f"0-{a.eplb_window - 1}, excluded; per phase below; 'all' = the paper's protocol, warm-up counted)")
-    run.log(f"{'batch':>6} " + " ".join(f"{n + ' tok/s':>14}" for n in DECODE_NAMES)
-            + f" {'probe/eplb':>10} {'ours/eplb':>9} {'ours/eplb-same':>14} {'ours/probe':>10}")
+    titles = budget_titles(run)
+    run.log("tok/s by memory budget; 'ratio' = ours / its reference at the same memory; 'copies' = weight copies "
+            "per layer per step, reference / ours (mean over the headline steps); "
+            + "; ".join(f"{titles[g]}" for g, _, _ in BUDGET_GROUPS))
+    run.log(f"{'':>34}|" + "|".join(f" {g + ' budget':<48}" for g, _, _ in BUDGET_GROUPS) + "|")
+    run.log(f"{'batch':>6} {'static':>8} {'eplb':>8} {'oracle':>8} |"
+            + "|".join(f" {ref:>13} {ours:>13} {'ratio':>6} {'copies':>12} " for _, ref, ours in BUDGET_GROUPS)
+            + f"| {'probe/eplb':>10}")
     run.res["decode"] = {}
     for B in run.batches:
         run.res["decode"][str(B)] = decode_batch(run, B, phases)
@@ -329,7 +346,7 @@ def decode_batch(run, B, phases):
     per_phase = {ph: mean_throughput(r, names, phase_steps(phases, a.decode_steps, ph), ep * B)
                  for ph in phases.names() + ["all", "headline"]}
     thr = per_phase["headline"]
-    log_decode_batch(run, B, per_phase, phases.names() + ["all"])
+    log_decode_batch(run, B, per_phase, phases.names() + ["all"], r)
     return {"throughput_tok_s": {n: round(v, 1) for n, v in thr.items()},
             "throughput_by_phase": {ph: {n: round(v, 1) for n, v in t.items()} for ph, t in per_phase.items()},
             "tpot_ms": {n: round(r["policies"][n]["mean_step_us"] / 1e3, 4) for n in names},
@@ -337,24 +354,33 @@ def decode_batch(run, B, phases):
             "ours_vs_eplb_same": ratio(thr["ours"], thr["eplb-same"]),
             "probe_vs_eplb_same": ratio(thr["probe"], thr["eplb-same"]),
             "probe_vs_eplb_all_steps": ratio(per_phase["all"]["probe"], per_phase["all"]["eplb"]),
-            "ours_vs_probe": ratio(thr["ours"], thr["probe"]), "static_ir_generated": round(static_ir(c), 4),
+            "ours_vs_probe": ratio(thr["ours"], thr["probe"]),
+            "ours_resident_vs_eplb_same": ratio(thr["ours-resident"], thr["eplb-same"]),
+            "ours_resident_vs_eplb": ratio(thr["ours-resident"], thr["eplb"]),
+            "ours_resident_vs_probe": ratio(thr["ours-resident"], thr["probe"]),
+            "copies_per_layer_step": {n: round(r["policies"][n]["copies"], 4) for n in names},
+            "replica_memory_experts_per_rank": {n: r["policies"][n]["replica_memory_experts_per_rank"]
+                                                for n in names},
+            "static_ir_generated": round(static_ir(c), 4),
             "budget_probe": r["budget_probe"], "budget_ours": r["budget_ours"],
             "window_est_us": r["window_est_us"], "policies": policy_summary(r, names),
             "step_throughput": {n: [round(tok_per_s(ep * B, u), 1) for u in r["policies"][n]["step_us"]]
                                 for n in names}}
 
 
-def log_decode_batch(run, B, per_phase, phase_names):
-    """A batch's row of headline throughputs, then its ratios per phase."""
-    thr = per_phase["headline"]
-    run.log(f"{B:>6} " + " ".join(f"{thr[n]:>14.0f}" for n in DECODE_NAMES)
-            + f" {ratio(thr['probe'], thr['eplb']):>10.3f} {ratio(thr['ours'], thr['eplb']):>9.3f}"
-              f" {ratio(thr['ours'], thr['eplb-same']):>14.3f} {ratio(thr['ours'], thr['probe']):>10.3f}")
+def log_decode_batch(run, B, per_phase, phase_names, r):
+    """A batch's row of headline throughputs by memory budget, then its ratios per phase."""
+    thr, pol = per_phase["headline"], r["policies"]
+    run.log(f"{B:>6} {thr['static']:>8.0f} {thr['eplb']:>8.0f} {thr['oracle']:>8.0f} |"
+            + "|".join(f" {thr[ref]:>13.0f} {thr[ours]:>13.0f} {ratio(thr[ours], thr[ref]):>6.3f} "
+                       f"{pol[ref]['copies']:>6.2f}/{pol[ours]['copies']:<5.2f} " for _, ref, ours in BUDGET_GROUPS)
+            + f"| {ratio(thr['probe'], thr['eplb']):>10.3f}")
     for ph in phase_names:
         t = per_phase[ph]
-        run.log(f"{'':>6}   {ph:<11} probe/eplb {ratio(t['probe'], t['eplb']):.3f}, ours/eplb "
-                f"{ratio(t['ours'], t['eplb']):.3f}, ours/eplb-same {ratio(t['ours'], t['eplb-same']):.3f}, "
-                f"eplb/static {ratio(t['eplb'], t['static']):.3f}")
+        run.log(f"{'':>6}   {ph:<11} ours/probe {ratio(t['ours'], t['probe']):.3f}, ours-resident/eplb-same "
+                f"{ratio(t['ours-resident'], t['eplb-same']):.3f}; probe/eplb {ratio(t['probe'], t['eplb']):.3f}, "
+                f"ours/eplb {ratio(t['ours'], t['eplb']):.3f}, ours-resident/probe "
+                f"{ratio(t['ours-resident'], t['probe']):.3f}, eplb/static {ratio(t['eplb'], t['static']):.3f}")
 
 
 def summarise_decode(run):
@@ -364,6 +390,14 @@ def summarise_decode(run):
     res["ours_decode_speedup_vs_eplb"] = max(v["ours_vs_eplb"] for v in rows)
     res["decode_speedup_vs_eplb_same"] = max(v["probe_vs_eplb_same"] for v in rows)
     res["ours_decode_speedup_vs_eplb_same"] = max(v["ours_vs_eplb_same"] for v in rows)
+    # per memory budget: ours against its reference at the same replica memory, worst and best batch
+    res["budgets"] = {
+        "streamed": {"title": budget_titles(run)["streamed"], "reference": "probe", "ours": "ours",
+                     "ratio_min": min(v["ours_vs_probe"] for v in rows),
+                     "ratio_max": max(v["ours_vs_probe"] for v in rows)},
+        "resident": {"title": budget_titles(run)["resident"], "reference": "eplb-same", "ours": "ours-resident",
+                     "ratio_min": min(v["ours_resident_vs_eplb_same"] for v in rows),
+                     "ratio_max": max(v["ours_resident_vs_eplb_same"] for v in rows)}}
     res["decode_headline"] = (f"steps {run.a.eplb_window}-{run.a.decode_steps - 1}: EPLB's warm-up excluded; "
                               "'_all_steps' keys count it as the paper did")
 
@@ -382,7 +416,7 @@ def log_decode_ir(run):
             f"{res['comp_max_over_mean_static']:.3f} -> {res['comp_max_over_mean_probe']:.3f}")
     run.log("exposed transfer per layer (us, mean): " + ", ".join(
         f"{n} {pol[n]['exposed_us']:.1f}" for n in DECODE_NAMES) + "; copies per layer: " + ", ".join(
-        f"{n} {pol[n]['copies']:.2f}" for n in ("eplb", "eplb-same", "probe", "ours")))
+        f"{n} {pol[n]['copies']:.2f}" for n in ("eplb", "eplb-same", "probe", "ours", "ours-resident")))
     return Bref
 
 
@@ -445,8 +479,9 @@ def run_repeat(run):
     run.log(f"--- Repeat (one request group per rank, never replaced; batch {B}, {c.shape[0]} steps; "
             f"throughput over steps {idx.start}-{idx.stop - 1}) [{LABEL}]")
     run.log("  " + ", ".join(f"{n} {thr[n]:.0f} tok/s (IR {r['policies'][n]['ir']:.2f})" for n in names)
-            + f"; probe/eplb {ratio(thr['probe'], thr['eplb'])}, ours/eplb {ratio(thr['ours'], thr['eplb'])}, "
-              f"ours/eplb-same {ratio(thr['ours'], thr['eplb-same'])}")
+            + f"; ours/probe {ratio(thr['ours'], thr['probe'])}, ours-resident/eplb-same "
+              f"{ratio(thr['ours-resident'], thr['eplb-same'])}; probe/eplb {ratio(thr['probe'], thr['eplb'])}, "
+              f"ours/eplb {ratio(thr['ours'], thr['eplb'])}, ours/eplb-same {ratio(thr['ours'], thr['eplb-same'])}")
     run.res["repeat"] = {"throughput_tok_s": thr, "steps": [idx.start, idx.stop - 1],
                          "policies": policy_summary(r, names), "static_ir_generated": static_ir(c)}
 
@@ -454,7 +489,7 @@ def run_repeat(run):
 # ---- ablations (decode, batch 768, shorter run with the switch in the middle)
 
 ABLATIONS = {"static": "planner off (static placement)", "probe": "PROBE as published",
-             "ours": "ours (forecast + planner + split phase + re-assign)",
+             "ours": "ours (forecast + planner + split phase + balanced split)",
              "ours-prev": "forecast replaced by last step's counts", "ours-naive": "split-phase off (naive overlap)",
              "ours-noplan": "planner replaced by EPLB's rule on the forecast"}
 

@@ -10,7 +10,9 @@ tokens); lengths are in tokens of the named tokenizer.
 
 Scenarios: ``steady`` (mixed domains, even arrivals), ``shift`` (one domain, then an abrupt
 switch to another domain at a given step, the paper's Code -> Chinese test), ``repeat`` (a few
-prompts duplicated: extreme skew), ``bursty`` (Poisson bursts of a single domain).
+prompts duplicated: extreme skew), ``bursty`` (Poisson bursts of a single domain), ``prefill``
+(prefill-heavy: long prompts, short outputs, many arrivals a step so that many prompts prefill at
+once; the dominant domain switches half way, so the hot experts move).
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from megatron_probe.fileformat import check_format
 
 WORKLOAD_FORMAT = "megatron_probe.workload"
 WORKLOAD_VERSION = 1
-SCENARIOS = ("steady", "shift", "repeat", "bursty")
+SCENARIOS = ("steady", "shift", "repeat", "bursty", "prefill")
+# prefill: share of a phase's requests from its dominant domain (the rest: any domain)
+PREFILL_DOMINANT_SHARE = 0.75
+
+
+def length_ranges(scenario: str, seq_length: int):
+    """(prompt_range, output_range) in tokens for a model of ``seq_length`` positions."""
+    if scenario == "prefill":  # long prompts, short outputs; their sum fits seq_length
+        return (seq_length * 5 // 8, seq_length * 7 // 8), (max(2, seq_length // 32), max(2, seq_length // 16))
+    return (max(4, seq_length // 10), seq_length // 2), (max(2, seq_length // 16), seq_length * 3 // 8)
 
 
 @dataclass
@@ -107,6 +118,10 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
         raise ValueError(f"split={split!r}; valid: 'heldout', 'train'")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid: {SCENARIOS}")
+    if scenario in ("shift", "prefill"):
+        for d in (shift_from, shift_to):
+            if d not in heldout:
+                raise ValueError(f"domain {d!r} of the {scenario} scenario is not in the corpus; valid: {sorted(heldout)}")
     gen = torch.Generator().manual_seed(seed)
     domains = sorted(heldout)
     reqs: List[Request] = []
@@ -140,7 +155,7 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
             p = protos[i % 4]
             add(domains[i % 4 % len(domains)], t, fixed=p)
         desc = "4 prompts, each duplicated many times (extreme skew)"
-    else:  # bursty
+    elif scenario == "bursty":
         t, i = 0.0, 0
         rate_gap = steps * 0.75 / max(1, num_requests)
         while len(reqs) < num_requests:
@@ -151,9 +166,22 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
             t += rate_gap * size * float(torch.empty(()).exponential_(1.0, generator=gen))
             i += 1
         desc = "Poisson bursts, each burst from a single domain"
+    else:  # prefill
+        # the arrival rate (num_requests over 3/4 of steps) sets how many prompts prefill at once
+        half = num_requests // 2
+        for i, t in enumerate(arrivals):
+            dom = shift_from if i < half else shift_to
+            if float(torch.rand((), generator=gen)) >= PREFILL_DOMINANT_SHARE:
+                dom = domains[int(torch.randint(len(domains), (), generator=gen))]
+            add(dom, t)
+        shift_step = arrivals[half] if half < len(arrivals) else steps
+        desc = (f"prefill-heavy: long prompts, short outputs, {num_requests} arrivals over {arrivals[-1] + 1} steps; "
+                f"{PREFILL_DOMINANT_SHARE:.0%} {shift_from}, then {PREFILL_DOMINANT_SHARE:.0%} {shift_to} "
+                f"from step {shift_step}")
     label = "held-out split" if split == "heldout" else "training split"
     return Workload(scenario, desc, f"{label} of megatron_probe.data.corpus", tokenizer_name, reqs,
-                    {"seed": seed, "shift_step": shift_step if scenario == "shift" else None, "split": split})
+                    {"seed": seed, "shift_step": shift_step if scenario in ("shift", "prefill") else None,
+                     "split": split})
 
 
 @dataclass

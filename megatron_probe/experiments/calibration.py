@@ -43,12 +43,12 @@ def measure_copy_us(pipe, bank, rank: int, group) -> float:
     from megatron_probe.mechanism.transfer import CopyOp
 
     ts = []
+    scratch = [torch.empty_like(bank.fc1[0]), torch.empty_like(bank.fc2[0])] if rank == 1 else None
     for _ in range(2):
         dist.barrier(group=group)
         t0 = time.perf_counter()
         batch = pipe.engine.submit([CopyOp(0, 1, "probe-copy-cost")],
-                                   [[bank.fc1[0], bank.fc2[0]] if rank == 0 else None],
-                                   [pipe.pool.slot_tensors(0, 0) if rank == 1 else None])
+                                   [[bank.fc1[0], bank.fc2[0]] if rank == 0 else None], [scratch])
         batch.wait()
         ts.append((time.perf_counter() - t0) * 1e6)
     c = torch.tensor([min(ts)], dtype=torch.float64)

@@ -173,7 +173,8 @@ class ScaledReplay:
             hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02)
         RouterReplay.clear_global_router_replay_instances()
         pcfg = ProbeConfig(replica_slots_per_rank=opts["replica_slots"], prefetch_deadline_ms=opts["deadline_ms"],
-                           transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True)
+                           transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
+                           replica_mode=opts.get("replica_mode", "streamed"))
         spec_mlp = probe_layer_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False),
                                     pcfg).submodules.mlp
 
@@ -185,14 +186,26 @@ class ScaledReplay:
             def forward(self, x):
                 return x + self.mlp(x)[0]
 
-        torch.manual_seed(1234 + rank)  # experts differ per rank (each owns its own), routers unused
-        self.blocks = torch.nn.ModuleList([Block() for _ in range(n_layers)]).eval()
+        def stack():
+            torch.manual_seed(1234 + rank)  # experts differ per rank (each owns its own), routers unused
+            return torch.nn.ModuleList([Block() for _ in range(n_layers)]).eval()
+
+        self.blocks = stack()
         from megatron_probe.experiments.calibration import measure_copy_us, measure_expert_cost
 
         bank = self.blocks[0].mlp.expert_bank
         self.cost = measure_expert_cost(tc, bank, self.group, ws)
         self.pipe = LookaheadPipeline(torch.nn.Sequential(*self.blocks), pcfg, ep_group=self.group,
                                       runtime=self.forecaster, cost=self.cost)
+        # the oracle plans every layer from scratch on its true counts with free copies, whatever
+        # the probe mode keeps: its own copy of the stack (same weights), so it never disturbs
+        # resident replicas of the probe mode
+        self._truth: Dict[int, torch.Tensor] = {}
+        self.oracle_blocks = stack()
+        self.oracle_pipe = LookaheadPipeline(torch.nn.Sequential(*self.oracle_blocks),
+                                             pcfg.replace(replica_mode="streamed"), ep_group=self.group,
+                                             runtime=OracleForecaster(lambda L: self._truth[L]), cost=self.cost)
+        self.oracle_pipe.activate(False)
         self.copy_us = measure_copy_us(self.pipe, bank, rank, self.group) if opts["copy_charge"] == "measured" else 0.0
         if self.copy_us:
             self.pipe.set_copy_charge(self.copy_us)
@@ -201,7 +214,7 @@ class ScaledReplay:
     def run_step(self, j: int, step_index: int, rows: List[torch.Tensor], modes=MODES) -> Dict[str, Dict]:
         """One trace step in every mode (order rotated by ``j``). Per mode: ``layer_ms`` (this
         rank's time per layer, the oracle's copy time excluded), ``wait_ms``, ``ir_before``,
-        ``ir_after`` (per layer), ``copies``, ``dropped``, ``tokens`` (this rank's)."""
+        ``ir_after``, ``time_vs_static`` (per layer), ``copies``, ``dropped``, ``tokens`` (this rank's)."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         st = self.trace.steps[step_index]
@@ -214,12 +227,14 @@ class ScaledReplay:
         # global true counts of each layer (every rank computes them from the trace)
         truth = {L: torch.stack([torch.bincount(ids_all[L][rows[r]].flatten(), minlength=self.E)
                                  for r in range(self.ws)]) for L in range(self.n_layers)}
+        self._truth = truth
         k = j % len(modes)
         out = {}
         for mode in tuple(modes[k:]) + tuple(modes[:k]):
-            pipe = self.pipe
+            pipe = self.oracle_pipe if mode == "oracle" else self.pipe
+            blocks = self.oracle_blocks if mode == "oracle" else self.blocks
             if mode == "oracle":
-                pipe.activate(True, OracleForecaster(lambda L: truth[L]), WaitPolicy.oracle())
+                pipe.activate(True, wait=WaitPolicy.oracle())
             else:
                 pipe.activate(mode != "static")
             if mode == "probe":
@@ -229,7 +244,7 @@ class ScaledReplay:
             times = []
             dist.barrier(group=self.group)
             with torch.inference_mode():
-                for L, blk in enumerate(self.blocks):
+                for L, blk in enumerate(blocks):
                     replay = blk.mlp.router.router_replay
                     replay.set_target_indices(true_ids[L])
                     replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
@@ -246,12 +261,21 @@ class ScaledReplay:
                     self.dropped += rec["dropped"]
                 rec["ir_before"] = [r.get("ir_before", 1.0) for r in layers]
                 rec["ir_after"] = [r.get("ir_after", 1.0) for r in layers]
+                rec["time_vs_static"] = [r.get("time_vs_static", 1.0) for r in layers]
             out[mode] = rec
-        self.pipe.activate(False)
+            pipe.activate(False)
         return out
+
+    def replica_memory_mib(self) -> float:
+        """Replica memory per rank of the probe mode (streamed: the two banks; resident: every
+        layer's own slots)."""
+        pool = self.pipe.pool
+        nbytes = pool.memory_bytes() if pool is not None else sum(b.mlp.expert_bank.replica_bytes() for b in self.blocks)
+        return nbytes / 2 ** 20
 
     def close(self):
         self.pipe.close()
+        self.oracle_pipe.close()
 
 
 def serve_scaled_worker(rank: int, ws: int, opts: Dict, out_path: str) -> None:
@@ -297,7 +321,7 @@ def serve_scaled_worker(rank: int, ws: int, opts: Dict, out_path: str) -> None:
     d = torch.tensor([max_diff["probe"], max_diff["oracle"], scale], dtype=torch.float64)
     dist.all_reduce(d, op=dist.ReduceOp.MAX, group=rep.group)
     info = {"copy_charge_us": rep.copy_us, "forecast_topk_acc": rep.forecaster.hits / max(1, rep.forecaster.total),
-            "replica_memory_mib": rep.pipe.pool.memory_bytes() / 2 ** 20,
+            "replica_mode": rep.pipe.mode, "replica_memory_mib": rep.replica_memory_mib(),
             "output_scale": float(d[2]), "max_abs_diff_vs_static": {"probe": float(d[0]), "oracle": float(d[1])},
             "expert_cost_us": {"per_token": rep.cost.per_token_us, "per_active_expert": rep.cost.per_active_expert_us}}
     rep.close()

@@ -148,6 +148,13 @@ class ExpertBank(torch.nn.Module):
         """Changes whenever the tensors :meth:`weights` returns change identity (TE caches them)."""
         return self.version, self.replica_version
 
+    def native_version(self) -> Tuple[int, int, int]:
+        """Changes whenever the native weights change: re-allocated (``version``) or written in
+        place (``load_state_dict``, ``copy_``: the parameter views share the rows' version
+        counters). A replica copied from them before a change is stale."""
+        self.ensure_current()
+        return self.version, self.fc1._version, self.fc2._version
+
     def expert_bytes(self) -> int:
         if self.fc1 is None or not self.layout.num_local_experts:
             return 0
@@ -167,6 +174,15 @@ class ExpertBank(torch.nn.Module):
             self.placement.fill_(EMPTY_SLOT)
             self.replica_version += 1
 
+    def use_own_replicas(self) -> None:
+        """Back to the layer's own replica rows (allocated again, empty), e.g. for a resident
+        pipeline after a streamed one."""
+        if self.shared:
+            self.shared = False
+            self._attached = None
+            self.replica_fc1 = self._own_rows(None, self.fc1)
+            self.replica_fc2 = self._own_rows(None, self.fc2)
+
     def attach_replicas(self, fc1: torch.Tensor, fc2: torch.Tensor, placement: torch.Tensor) -> None:
         """Compute replica slots from these shared ``[R, ...]`` rows, which hold ``placement``."""
         if not self.shared:
@@ -178,6 +194,23 @@ class ExpertBank(torch.nn.Module):
         self._attached = (fc1, fc2)
         self.placement = placement.detach().cpu().long().clone()
         self.replica_version += 1
+
+    def own_slot_rows(self, slot: int) -> List[torch.Tensor]:
+        """``[fc1, fc2]`` of one own replica slot (the live pipeline's resident copies land here)."""
+        if self.shared:
+            raise RuntimeError("this bank uses shared replica rows: it has no own slots")
+        return [self.replica_fc1[slot], self.replica_fc2[slot]]
+
+    def set_own_placement(self, placement: torch.Tensor) -> None:
+        """Record that the own rows now hold ``placement`` (``[ep, R]``, the same on every rank),
+        filled by someone else's copies (the live pipeline's resident mode); a slot whose copy is
+        unfinished must be given as empty."""
+        if self.shared:
+            raise RuntimeError("this bank uses shared replica rows: attach_replicas records their placement")
+        placement = placement.detach().cpu().long()
+        if not torch.equal(placement, self.placement):
+            self.placement = placement.clone()
+            self.replica_version += 1
 
     def fill(self, placement: torch.Tensor) -> int:
         """Copy weights so that the own replica rows hold ``placement`` (``[ep, R]``); collective.

@@ -21,7 +21,10 @@ the forecast of this step's counts:
    forecasts wobble around one placement, never flaps) and when the saving over the expected
    residency pays for the copies: ``saving x horizon >= copies x copy_cost_us``. When more
    candidates wait than the budget allows and the whole new plan saves at least ``burst_gain``
-   (the load has shifted), the whole plan is adopted at once (a burst, counted).
+   (the load has shifted), the whole plan is adopted at once (a burst, counted). Stationary
+   steps stop before the from-scratch plan: when the current time is within ``min_gain`` of a
+   time no placement beats (:func:`time_lower_bound`), no change can pass, so the decision is
+   the one the full procedure would take, for the price of one split.
 4. **Horizon**: how long a hot set stays hot, estimated online from the true counts
    (:meth:`ResidentPlanner.observe`): the turnover of the layer's hottest experts from step to
    step, averaged (exponentially), gives an expected residency ``1 / turnover`` steps, capped.
@@ -36,12 +39,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
-from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, empty_placement, holder_slots
-from megatron_probe.policy.planner import plan_probe_host, rank_times
-from megatron_probe.policy.split import balanced_split
+from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, empty_placement
+from megatron_probe.policy.planner import plan_probe_host
+from megatron_probe.policy.split import balanced_split_times, time_split_bounded
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,36 @@ class ResidentSettings:
                 raise ValueError(f"{name}={getattr(self, name)}; valid: 0 < x <= 1")
 
 
+def _holds(placement: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """``[ep, E]`` bool: the ranks holding a copy of each expert (natives and ``placement``'s
+    replicas); ``holder_slots(placement, layout) >= 0`` without the slot numbers."""
+    E, L = layout.num_experts, layout.num_local_experts
+    h = np.zeros((layout.ep_size, E), dtype=bool)
+    h[np.arange(E) // L, np.arange(E)] = True
+    pl = placement.detach().cpu().numpy()
+    r, k = np.nonzero(pl >= 0)
+    h[r, pl[r, k]] = True
+    return torch.from_numpy(h)
+
+
 def slowest_time(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost) -> float:
     """The slowest rank's expert time (us) of ``counts [ep, E]`` split over ``placement``'s copies
     the way the dispatcher splits (``balanced_split``, time objective)."""
-    holds = holder_slots(placement, layout) >= 0
-    return float(rank_times(balanced_split(counts, holds, "time", cost), cost).max())
+    return float(balanced_split_times(counts, _holds(placement, layout), cost).max())
+
+
+def time_lower_bound(counts: torch.Tensor, cost: ExpertCost, ep: int) -> float:
+    """A slowest expert time (us) that no placement and no split of ``counts [ep, E]`` beats: every
+    token is computed once and every expert with tokens is active on at least one rank, so the
+    ranks' times sum to at least that, and the slowest is at least the mean."""
+    total = counts.sum(0)
+    return (cost.per_token_us * float(total.sum()) + cost.per_active_expert_us * float((total > 0).sum())) / ep
 
 
 class ResidentPlanner:
     """Resident replica placement of one MoE layer (module docstring)."""
+
+    _early_exit = True  # the stationary-step shortcut of plan (tests compare against it off)
 
     def __init__(self, layout: ExpertLayout, cost: ExpertCost, settings: ResidentSettings = ResidentSettings()):
         self.layout, self.cost, self.settings = layout, cost, settings
@@ -90,6 +115,8 @@ class ResidentPlanner:
         self.turnover: Optional[float] = None
         self._hot_prev: Optional[set] = None
         self.copies_total = 0
+        self._held_for: Optional[bytes] = None  # the placement whose holders _held_cache has
+        self._held_cache: Optional[torch.Tensor] = None
 
     @property
     def horizon(self) -> float:
@@ -103,8 +130,9 @@ class ResidentPlanner:
         """Update the turnover estimate from a step's true counts ``[ep, E]``."""
         n = self.settings.hot_experts or self.layout.ep_size * max(1, self.layout.replica_slots)
         load = counts.sum(0).double()
-        order = torch.sort(-load, stable=True).indices[:n]
-        hot = {int(e) for e in order if load[e] > 0}
+        order = torch.sort(-load, stable=True).indices[:n].tolist()
+        pos = load.tolist()
+        hot = {e for e in order if pos[e] > 0}
         if self._hot_prev is not None and hot:
             f = 1.0 - len(hot & self._hot_prev) / len(hot)
             a = self.settings.turnover_smoothing
@@ -122,22 +150,41 @@ class ResidentPlanner:
         f = forecast.double()
         self._load = f if self._load is None else (1 - s.forecast_smoothing) * self._load + s.forecast_smoothing * f
         forecast = torch.round(self._load).long()
+        if self.warm:
+            if s.copy_budget == 0:
+                return self.placement.clone(), 0  # no change can be made: the plan would not be used
+            held = self._held()
+            # stationary steps end here: every new placement's slowest time is at least the lower
+            # bound, so when the current one is within min_gain of it no change (nor a burst, as
+            # burst_gain >= min_gain) can save enough: the same decision as running the planner.
+            # Tested first on an upper bound of the current time (the split before its local
+            # search), then on the time itself; the margin covers float rounding. (No token at
+            # all: the plan is empty, so is every candidate list.)
+            bound = time_lower_bound(forecast, self.cost, lay.ep_size)
+            upper, finish = time_split_bounded(forecast, held, self.cost)
+            if self._early_exit and (upper <= 0 or upper - bound < (s.min_gain - 1e-9) * upper):
+                return self.placement.clone(), 0
+            t_now = float(finish().max())
+            if self._early_exit and (t_now <= 0 or t_now - bound < (s.min_gain - 1e-9) * t_now):
+                return self.placement.clone(), 0
         ideal, _ = plan_probe_host(forecast, lay, self.cost, k_max=s.k_max)
         if not self.warm:
             self.warm = True
             return self._adopt(ideal)
-        candidates = self._candidates(ideal)
-        if not candidates or s.copy_budget == 0:
+        candidates = self._candidates(ideal, held)
+        if not candidates:
             return self.placement.clone(), 0
-        t_now = slowest_time(forecast, self.placement, lay, self.cost)
-        if len(candidates) > s.copy_budget:  # a shift: the whole new plan, if it saves enough
-            saving = t_now - slowest_time(forecast, ideal, lay, self.cost)
-            copies = len(self._candidates(ideal))
+        # a shift: the whole new plan, if it saves enough (it cannot when the lower bound is within
+        # burst_gain of the current time: then it is not priced)
+        if len(candidates) > s.copy_budget and not (
+                self._early_exit and t_now - bound < (s.burst_gain - 1e-9) * t_now):
+            saving = t_now - self._slowest(forecast, ideal)
+            copies = len(candidates)
             if saving >= s.burst_gain * t_now and saving * self.horizon >= copies * s.copy_cost_us:
                 return self._adopt(ideal)
         for take in (candidates[: s.copy_budget], candidates[:1]):
             new = self._apply(take, forecast)
-            saving = t_now - slowest_time(forecast, new, lay, self.cost)
+            saving = t_now - self._slowest(forecast, new)
             copies = len(take)
             if saving >= s.min_gain * t_now and saving > 0 and saving * self.horizon >= copies * s.copy_cost_us:
                 return self._adopt(new)
@@ -146,25 +193,32 @@ class ResidentPlanner:
         return self.placement.clone(), 0
 
     # ------------------------------------------------------------------ helpers
+    def _held(self) -> torch.Tensor:
+        """The current placement's holders ``[ep, E]``, recomputed only when it has changed."""
+        key = self.placement.detach().cpu().numpy().tobytes()
+        if key != self._held_for:
+            self._held_for, self._held_cache = key, _holds(self.placement, self.layout)
+        return self._held_cache
+
+    def _slowest(self, forecast: torch.Tensor, placement: torch.Tensor) -> float:
+        return float(balanced_split_times(forecast, _holds(placement, self.layout), self.cost).max())
+
     def _adopt(self, placement: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        held = holder_slots(self.placement, self.layout) >= 0
-        want = holder_slots(placement, self.layout) >= 0
+        held = self._held()
+        want = _holds(placement, self.layout)
         copies = int((want & ~held).sum())
         self.placement = placement.clone()
+        self._held_for, self._held_cache = self.placement.numpy().tobytes(), want
         self.copies_total += copies
         return self.placement.clone(), copies
 
-    def _candidates(self, ideal: torch.Tensor):
+    def _candidates(self, ideal: torch.Tensor, held: torch.Tensor):
         """``[(rank, expert)]`` replicas of the from-scratch plan not held yet, in the planner's
         order (slot by slot, rank by rank)."""
-        held = holder_slots(self.placement, self.layout) >= 0
-        out = []
-        for slot in range(ideal.shape[1]):
-            for r in range(ideal.shape[0]):
-                e = int(ideal[r, slot])
-                if e != EMPTY_SLOT and not held[r, e]:
-                    out.append((r, e))
-        return out
+        h = held.numpy()
+        rows = ideal.tolist()
+        return [(r, row[k]) for k in range(ideal.shape[1]) for r, row in enumerate(rows)
+                if row[k] != EMPTY_SLOT and not h[r, row[k]]]
 
     def _apply(self, take, forecast: torch.Tensor) -> torch.Tensor:
         """The current placement with each ``(rank, expert)`` of ``take`` in a free slot of its rank,

@@ -1,34 +1,41 @@
 """The split at dispatch: how the true tokens of each expert are divided among the copies that
-exist, so that the slowest rank finishes first. Host code (NumPy), deterministic: every rank
-computes the same split from the same all-gathered counts.
+exist, so that the slowest rank finishes first. Host code (NumPy and small Python lists),
+deterministic: every rank computes the same split from the same all-gathered counts.
 
 :func:`balanced_split` with ``objective="tokens"`` is **exact**: it minimises the most (token,
 expert) pairs on any rank. Only the total each rank computes of each expert matters for the
 loads (``y [E, ep]``); the per-source split is derived afterwards, keeping tokens on their own
-rank first (:func:`locality_first`).
+rank first (:func:`locality_first`). An expert with one copy has no choice, so the search runs
+on the replicated experts only (at most ``ep x R``), on top of each rank's fixed load.
 
-Algorithm (augmenting paths on the ranks). Start from a valid ``y`` (locality first, the rest on
-the least-loaded holder). Repeat: take a most-loaded rank ``u``; search the ranks reachable from
-``u``, where ``a -> b`` exists when ``a`` computes tokens of an expert ``b`` also holds; if one of
-them has load ``<= load(u) - 2``, push ``min(bottleneck, (load(u) - load(t)) // 2)`` tokens
-along the path (every rank on it keeps its load except the two ends). Stop when a most-loaded
-rank reaches no such rank. Then the set ``T`` of ranks it reaches is closed (no token on ``T``
-has a copy outside ``T``) and every rank of ``T`` carries at least ``max - 1``, so ``T``'s tokens
-need ``ceil(load(T) / |T|) = max`` on some rank of ``T`` in every split: the split is optimal.
-Each push lowers the sum of squared loads, so it terminates.
+Algorithm (augmenting paths on the ranks, with a rising lower bound ``M``). Start from a valid
+``y`` (locality first, the rest on the least-loaded holder) and ``M`` = the larger of
+``ceil(total / ep)`` and the largest fixed load, both lower bounds of the optimum. Repeat: take a
+most-loaded rank ``u`` with load ``> M``; search (breadth first) the ranks reachable from ``u``,
+where ``a -> b`` exists when ``a`` computes tokens of an expert ``b`` also holds; if one of them,
+``t``, has load ``< M``, push ``min(bottleneck, load(u) - M, M - load(t))`` tokens along the path
+(the ranks inside keep their load). If none, the set ``T`` of ranks reached is closed: every
+token on ``T`` belongs to an expert whose copies are all in ``T``, so every split puts
+``load(T)`` on ``T`` and ``ceil(load(T) / |T|)`` (``> M``, since ``u`` is above ``M`` and no rank
+of ``T`` below it) is a lower bound: ``M`` rises to it. It stops when no rank is above ``M``:
+then the maximum is ``M``, a lower bound, hence optimal. Each push lowers an excess, a deficit or
+saturates a path edge, and ``M`` only rises up to the optimum, so it terminates: at E = 128,
+EP = 8 after 7-10 pushes or raises (median; at most 17 seen), where pushing from the top rank by
+half the difference took about 230.
 
 ``objective="time"`` adds the per-active-expert cost of the cost model (a copy that computes at
 least one token costs ``o`` token units): single moves between two holders (a whole fragment or
 part of it) are applied while they lower the slower of the two ranks below the current maximum
-time, from two starts (the exact token split, and the unsplit start), and the better result is
-kept. A local search, not exact: ``optimal.exact_split`` with ``objective="time"`` is its
-yardstick (on random cases about 0.3% above the optimum on average, 3% at most; the planner's
-greedy re-split about 3% on average, up to 43%).
+time, from up to three starts (the exact token split, the unsplit start, and the static split,
+so the result is never slower than no replication), and the best result is kept; a start that already meets a lower bound on time (the largest fixed rank time, or the
+tokens plus one ``o`` per expert with tokens spread over the ranks) is optimal and ends the
+search. A local search, not exact: ``optimal.exact_split`` with ``objective="time"`` is its
+yardstick (docs/balancer.md has the measured gaps).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,162 +43,273 @@ import torch
 from megatron_probe.policy.cost_model import ExpertCost
 
 
+def _north_west(c: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[ep, m, ep]``: sources ``c [ep, m]`` keep what their own rank computes of ``y [m, ep]``,
+    the rest fills the remaining room in rank order, sources in rank order (north-west corner
+    rule: source s gives destination r the overlap of their cumulative intervals)."""
+    ep = c.shape[0]
+    own = np.minimum(c, y.T)  # [ep, m]
+    left = c - own  # per source, what leaves it
+    room = y - own.T  # [m, ep] per destination, what it still takes
+    l_hi = np.cumsum(left, 0)
+    r_hi = np.cumsum(room, 1)
+    lo = np.maximum((l_hi - left)[:, :, None], (r_hi - room)[None, :, :])
+    part = np.minimum(l_hi[:, :, None], r_hi[None, :, :]) - lo
+    np.maximum(part, 0, out=part)
+    diag = np.arange(ep)
+    part[diag, :, diag] += own
+    return part
+
+
 def locality_first(cnt: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-destination totals ``y [E, ep]`` split over the sources ``cnt [ep, E]``: each source
     first keeps what its own rank computes, then the rest fills the remaining room in rank
-    order. Returns ``[ep_src, E, ep_dst]``."""
+    order (sources in rank order). Returns ``[ep_src, E, ep_dst]``."""
     ep, E = cnt.shape
     out = np.zeros((ep, E, ep), dtype=np.int64)
-    diag = np.arange(ep)
-    own = np.minimum(cnt, y.T)  # [ep, E]
-    out[diag, :, diag] = own
-    left = cnt - own
-    room = y - own.T  # [E, ep]
-    # an expert computed on one rank only: everything left goes there (most experts: no loop)
-    dests = (room > 0).sum(1)
-    single = np.nonzero((dests == 1) & (left.sum(0) > 0))[0]
-    if single.size:
-        out[:, single, room[single].argmax(1)] += left[:, single]
-    for e in np.nonzero((dests > 1) & (left.sum(0) > 0))[0]:
-        for s in np.nonzero(left[:, e])[0]:
-            need = left[s, e]
-            for r in np.nonzero(room[e])[0]:
-                t = min(need, room[e, r])
-                out[s, e, r] += t
-                room[e, r] -= t
-                need -= t
-                if need == 0:
-                    break
+    pos = y > 0
+    n_dst = pos.sum(1)
+    one = np.flatnonzero(n_dst == 1)  # computed on one rank (most experts): all of it goes there
+    out[:, one, pos[one].argmax(1)] = cnt[:, one]
+    many = np.flatnonzero(n_dst > 1)
+    if many.size:
+        out[:, many, :] = _north_west(cnt[:, many], y[many])
     return out
 
 
-def _initial(total: np.ndarray, cnt: np.ndarray, hold: np.ndarray) -> np.ndarray:
-    """A valid ``y [E, ep]``: tokens stay on their source when it holds a copy; the rest of each
-    expert goes to its least-loaded holder, experts with the most such tokens first."""
-    y = np.where(hold.T, cnt.T, 0).astype(np.int64)  # local tokens
-    rest = total - y.sum(1)
-    n_hold = hold.sum(0)
-    single = np.nonzero((n_hold == 1) & (rest > 0))[0]  # one copy: no choice to make
-    y[single, hold[:, single].argmax(0)] += rest[single]
-    load = y.sum(0)
-    multi = np.nonzero((n_hold > 1) & (rest > 0))[0]
-    for e in multi[np.argsort(-rest[multi], kind="stable")]:
-        holders = np.nonzero(hold[:, e])[0]
-        r = holders[np.argmin(load[holders])]
-        y[e, r] += rest[e]
-        load[r] += rest[e]
-    return y
+class _Holds:
+    """What the split needs of ``holds [ep, E]`` alone (cached: a resident placement is split
+    step after step): the experts with one copy and their rank, the replicated ones, their
+    holders and, per rank, the replicated experts it holds."""
+
+    def __init__(self, hold: np.ndarray):
+        ep, E = hold.shape
+        self.ep, self.E = ep, E
+        n_hold = hold.sum(0)
+        self.single = np.flatnonzero(n_hold == 1)
+        self.owner = hold[:, self.single].argmax(0)
+        self.one = np.zeros((ep, E), dtype=np.int64)  # 1 where a rank holds an expert's only copy
+        self.one[self.owner, self.single] = 1
+        self.multi = np.flatnonzero(n_hold > 1)
+        er, rr = np.nonzero(hold[:, self.multi].T)  # by expert, then rank: holders ascend
+        self.pair_rank, self.pair_expert = rr, self.multi[er]
+        self.holders: List[List[int]] = [[] for _ in range(len(self.multi))]
+        self.on_rank: List[List[int]] = [[] for _ in range(ep)]
+        for i, r in zip(er.tolist(), rr.tolist()):
+            self.holders[i].append(r)
+            self.on_rank[r].append(i)
 
 
-class _Movable:
-    """The replicated experts' per-rank totals as plain Python lists (small, hot loops: faster
-    than NumPy scalar indexing), with every rank's full load."""
-
-    def __init__(self, y: np.ndarray, hold: np.ndarray):
-        self.ep = hold.shape[0]
-        self.experts = [int(e) for e in np.nonzero(hold.sum(0) > 1)[0]]
-        self.holders = [[int(r) for r in np.nonzero(hold[:, e])[0]] for e in self.experts]
-        self.y = [[int(v) for v in y[e]] for e in self.experts]
-        self.on_rank = [[i for i, hs in enumerate(self.holders) if r in hs] for r in range(self.ep)]
-        self.load = [int(v) for v in y.sum(0)]
-        self.active = [int(v) for v in (y > 0).sum(0)]
-
-    def write(self, y: np.ndarray) -> np.ndarray:
-        for e, row in zip(self.experts, self.y):
-            y[e] = row
-        return y
+_HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
 
-def _exact_tokens(y: np.ndarray, hold: np.ndarray) -> np.ndarray:
-    """Augmenting paths on ``y [E, ep]`` until the most loaded rank is minimal (module docstring)."""
-    m = _Movable(y, hold)
-    if not m.experts:
-        return y
-    load, ym, holders, on_rank = m.load, m.y, m.holders, m.on_rank
+def _holds(hold: np.ndarray) -> _Holds:
+    key = (hold.shape, hold.tobytes())
+    h = _HOLDS_CACHE.pop(key, None)
+    if h is None:
+        if len(_HOLDS_CACHE) >= 64:  # least recently used out: placements in use stay
+            _HOLDS_CACHE.pop(next(iter(_HOLDS_CACHE)))
+        h = _Holds(hold)
+    _HOLDS_CACHE[key] = h  # (re)inserted last: dicts keep insertion order
+    return h
+
+
+class _Core:
+    """The split reduced to what can move: every rank's fixed load and active count (experts with
+    one copy), and the replicated experts' per-rank totals as plain Python lists (small, hot
+    loops: faster than NumPy scalar indexing)."""
+
+    def __init__(self, cnt: np.ndarray, hold: np.ndarray, total: np.ndarray):
+        h = _holds(hold)
+        ep = h.ep
+        self.h, self.ep, self.total_e = h, ep, total
+        self.holders, self.on_rank, self.multi = h.holders, h.on_rank, h.multi
+        self.fixed = (h.one @ total).tolist()
+        self.fixed_active = (h.one @ (total > 0)).tolist()
+        self.total = int(total.sum())
+        self.n_active_min = int(np.count_nonzero(total))  # every expert with tokens is active somewhere
+        # the start: local tokens stay, the rest on the least-loaded holder, experts with the most
+        # such tokens first
+        m = len(self.multi)
+        local = cnt[h.pair_rank, h.pair_expert].tolist()
+        y = [[0] * ep for _ in range(m)]
+        load = self.fixed[:]
+        rest = total[self.multi].tolist()
+        k = 0
+        for i, hs in enumerate(self.holders):
+            row = y[i]
+            for r in hs:
+                v = local[k]
+                k += 1
+                row[r] = v
+                load[r] += v
+                rest[i] -= v
+        for i in sorted(range(m), key=lambda j: -rest[j]):  # stable
+            if rest[i] <= 0:
+                break
+            hs = self.holders[i]
+            r = min(hs, key=load.__getitem__)  # ties: the lower rank (holders ascend)
+            y[i][r] += rest[i]
+            load[r] += rest[i]
+        self.start = y
+        self.start_load = load
+
+    def home(self):
+        """``(y, load)`` of the static split (every replicated expert on its home rank of the
+        contiguous layout), or ``None`` when the holders do not include the homes (any holder
+        sets, not a placement over natives)."""
+        E, ep = self.h.E, self.ep
+        if E % ep:
+            return None
+        per_rank = E // ep
+        y = [[0] * ep for _ in self.multi]
+        load = self.fixed[:]
+        for row, e, hs in zip(y, self.multi, self.holders):
+            home, n = int(e) // per_rank, int(self.total_e[e])
+            if home not in hs:
+                return None
+            row[home] = n
+            load[home] += n
+        return y, load
+
+    def times(self, y, load, o_u: int) -> List[int]:
+        """Rank times in token units: tokens plus ``o_u`` per active copy."""
+        act = self.fixed_active[:]
+        for row, hs in zip(y, self.holders):
+            for r in hs:
+                if row[r] > 0:
+                    act[r] += 1
+        return [load[r] + o_u * act[r] for r in range(self.ep)]
+
+    def y_full(self, y) -> np.ndarray:
+        """``y [E, ep]`` with the fixed experts and the replicated ones' ``y``."""
+        h = self.h
+        out = np.zeros((h.E, self.ep), dtype=np.int64)
+        out[h.single, h.owner] = self.total_e[h.single]
+        if len(self.multi):
+            out[self.multi] = y
+        return out
+
+    def assignment(self, cnt: np.ndarray, y) -> np.ndarray:
+        """:func:`locality_first` of ``y``: the fixed experts all to their copy, the replicated
+        ones by the north-west corner rule."""
+        h = self.h
+        out = np.zeros((self.ep, h.E, self.ep), dtype=np.int64)
+        out[:, h.single, h.owner] = cnt[:, h.single]  # an expert with one copy: all of it there
+        if len(self.multi):
+            out[:, self.multi, :] = _north_west(cnt[:, self.multi], np.asarray(y, dtype=np.int64))
+        return out
+
+
+def _exact_tokens(core: _Core) -> Tuple[list, list]:
+    """Augmenting paths under a rising lower bound until no rank exceeds it (module docstring).
+    Returns ``(y, load)``: the replicated experts' per-rank totals and every rank's load."""
+    ep = core.ep
+    y = [row[:] for row in core.start]
+    load = core.start_load[:]
+    holders, on_rank = core.holders, core.on_rank
+    M = max(-(-core.total // ep), max(core.fixed))
     while True:
         top = max(load)
-        improved = False
-        for u in [r for r in range(m.ep) if load[r] == top]:
-            # breadth-first over ranks; parent[b] = (a, i): reached b from a through expert i
-            parent = {u: None}
-            frontier = [u]
-            target = None
-            while frontier and target is None:
-                nxt = []
-                for a in frontier:
-                    for i in on_rank[a]:
-                        if ym[i][a] <= 0:
+        if top <= M:
+            return y, load
+        u = load.index(top)
+        # breadth-first over ranks; parent[b] = (a, i): reached b from a through expert i
+        parent = [None] * ep
+        seen = [False] * ep
+        seen[u] = True
+        frontier = [u]
+        target = -1
+        while frontier and target < 0:
+            nxt = []
+            for a in frontier:
+                for i in on_rank[a]:
+                    if y[i][a] <= 0:
+                        continue
+                    for b in holders[i]:
+                        if seen[b]:
                             continue
-                        for b in holders[i]:
-                            if b in parent:
-                                continue
-                            parent[b] = (a, i)
-                            if load[b] <= top - 2:
-                                target = b
-                                break
-                            nxt.append(b)
-                        if target is not None:
+                        seen[b] = True
+                        parent[b] = (a, i)
+                        if load[b] < M:
+                            target = b
                             break
-                    if target is not None:
+                        nxt.append(b)
+                    if target >= 0:
                         break
-                frontier = nxt
-            if target is None:
-                continue
-            path = []
-            b = target
-            while parent[b] is not None:
-                a, i = parent[b]
-                path.append((a, i, b))
-                b = a
-            delta = min(min(ym[i][a] for a, i, _ in path), (top - load[target]) // 2)
-            for a, i, b in path:
-                ym[i][a] -= delta
-                ym[i][b] += delta
-            load[u] -= delta
-            load[target] += delta
-            improved = True
-            break
-        if not improved:
-            return m.write(y)
+                if target >= 0:
+                    break
+            frontier = nxt
+        if target < 0:
+            # closed set: its tokens cannot leave it, a lower bound above M
+            reached = [r for r in range(ep) if seen[r]]
+            M = -(-sum(load[r] for r in reached) // len(reached))
+            continue
+        delta = min(top - M, M - load[target])
+        b = target
+        while b != u:
+            a, i = parent[b]
+            delta = min(delta, y[i][a])
+            b = a
+        b = target
+        while b != u:
+            a, i = parent[b]
+            y[i][a] -= delta
+            y[i][b] += delta
+            b = a
+        load[u] -= delta
+        load[target] += delta
 
 
-def _time_local_search(y: np.ndarray, hold: np.ndarray, o_u: int, max_moves: int = 64) -> np.ndarray:
+def _time_local_search(core: _Core, y0, load0, o_u: int, bound: int, max_moves: int = 64):
     """Moves between two holders that lower the slower of the two below the current maximum
-    time (token units: tokens + ``o_u`` per active copy)."""
-    m = _Movable(y, hold)
-    if not m.experts or o_u <= 0:
-        return y
-    ym, holders, on_rank = m.y, m.holders, m.on_rank
-    t = [m.load[r] + o_u * m.active[r] for r in range(m.ep)]
+    time (token units: tokens + ``o_u`` per active copy), the best such move first; stops at
+    ``bound``. Returns ``(y, max time)``."""
+    y = [row[:] for row in y0]
+    t = core.times(y, load0, o_u)
+    holders, on_rank, ranks = core.holders, core.on_rank, range(core.ep)
     for _ in range(max_moves):
         top = max(t)
-        best = None
-        for u in [r for r in range(m.ep) if t[r] == top]:
+        if top <= bound:
+            break
+        best_top, best = top, None
+        for u in ranks:
+            if t[u] != top:
+                continue
             for i in on_rank[u]:
-                frag = ym[i][u]
+                row = y[i]
+                frag = row[u]
                 if frag <= 0:
                     continue
+                shed = top - frag - o_u  # u without this fragment and its copy's fixed cost
                 for b in holders[i]:
                     if b == u:
                         continue
-                    extra = 0 if ym[i][b] > 0 else o_u
-                    # move everything (u sheds the copy's fixed cost) or the balancing part
-                    for mv in {frag, min(frag, (t[u] - t[b] - extra) // 2)}:
-                        if mv <= 0:
-                            continue
-                        new_top = max(t[u] - mv - (o_u if mv == frag else 0), t[b] + mv + extra)
-                        if new_top < top and (best is None or new_top < best[0]):
-                            best = (new_top, i, u, b, mv, extra)
+                    tb = t[b] + (0 if row[b] > 0 else o_u)
+                    # move everything (u sheds the copy's fixed cost), then the balancing part
+                    nt = shed if shed > tb + frag else tb + frag
+                    if nt < best_top:
+                        best_top, best = nt, (i, u, b, frag)
+                    part = (top - tb) // 2
+                    if 0 < part < frag:
+                        nt = top - part if top - part > tb + part else tb + part
+                        if nt < best_top:
+                            best_top, best = nt, (i, u, b, part)
             if best is not None:
                 break
         if best is None:
             break
-        _, i, u, b, mv, extra = best
-        t[u] -= mv + (o_u if mv == ym[i][u] else 0)
-        t[b] += mv + extra
-        ym[i][u] -= mv
-        ym[i][b] += mv
-    return m.write(y)
+        i, u, b, mv = best
+        row = y[i]
+        t[u] -= mv + (o_u if mv == row[u] else 0)
+        t[b] += mv + (0 if row[b] > 0 else o_u)
+        row[u] -= mv
+        row[b] += mv
+    return y, max(t)
+
+
+def _plain(t: torch.Tensor, dtype) -> bool:
+    return t.dtype == dtype and t.device.type == "cpu" and not t.requires_grad
 
 
 def split_inputs(counts: torch.Tensor, holds: torch.Tensor, objective: str, cost: Optional[ExpertCost]):
@@ -205,16 +323,101 @@ def split_inputs(counts: torch.Tensor, holds: torch.Tensor, objective: str, cost
     ep, E = holds.shape
     if tuple(counts.shape) != (ep, E):
         raise ValueError(f"counts has shape {tuple(counts.shape)}, holds {tuple(holds.shape)}: both must be [ep, E]")
-    cnt = counts.detach().cpu().long().numpy()
-    hold = holds.detach().cpu().bool().numpy()
-    if (cnt < 0).any():
+    # plain CPU tensors of the right type (the usual case) convert without copies or extra calls
+    cnt = counts.numpy() if _plain(counts, torch.long) else counts.detach().cpu().long().numpy()
+    hold = holds.numpy() if _plain(holds, torch.bool) else holds.detach().cpu().bool().numpy()
+    if cnt.min(initial=0) < 0:
         s, e = np.argwhere(cnt < 0)[0]
         raise ValueError(f"counts[{s}, {e}] = {int(cnt[s, e])} is negative")
     total = cnt.sum(0)
-    orphan = np.nonzero((total > 0) & ~hold.any(0))[0]
-    if orphan.size:
-        raise ValueError(f"expert {int(orphan[0])} has {int(total[orphan[0]])} tokens but no copy on any rank")
+    held = hold.any(0)
+    if not held.all():  # rare: an expert without a copy must have no token
+        orphan = np.nonzero((total > 0) & ~held)[0]
+        if orphan.size:
+            raise ValueError(f"expert {int(orphan[0])} has {int(total[orphan[0]])} tokens but no copy on any rank")
     return cnt, hold, total
+
+
+def _o_units(cost: Optional[ExpertCost]) -> int:
+    """The per-active-expert cost in token units (integers: the same split on every rank)."""
+    return int(round(cost.per_active_expert_us / cost.per_token_us)) if cost.per_token_us > 0 else 0
+
+
+def _time_refine(core: _Core, y, load, o_u: int, cost: Optional[ExpertCost] = None):
+    """The time objective's local search from the exact token split ``(y, load)``."""
+    # no split beats the largest fixed rank time, nor the tokens plus one active copy per expert
+    # with tokens spread evenly: a start that reaches it needs no other
+    bound = max(max(f + o_u * a for f, a in zip(core.fixed, core.fixed_active)),
+                -(-(core.total + o_u * core.n_active_min) // core.ep))
+    # two starts, the better kept (the first on ties): the exact token split (balanced, many
+    # fragments) and the unsplit one (few active copies)
+    best_y, best_t = _time_local_search(core, y, load, o_u, bound)
+    if best_t > bound:
+        y2, t2 = _time_local_search(core, core.start, core.start_load, o_u, bound)
+        if t2 < best_t:
+            best_y, best_t = y2, t2
+    home = core.home()
+    if home is None:
+        return best_y
+    if best_t > bound:
+        # the static split (every replicated expert on its home rank) is a third start
+        if max(core.times(home[0], home[1], o_u)) < best_t:
+            y3, t3 = _time_local_search(core, home[0], home[1], o_u, bound)
+            if t3 < best_t:
+                best_y = y3
+    if cost is not None and _times_us(core, home[0], cost).max() < _times_us(core, best_y, cost).max():
+        # decided in token units (o rounded); in us the static split must still not be faster,
+        # so the split is never slower than no replication at all
+        best_y = home[0]
+    return best_y
+
+
+def _split_y(cnt: np.ndarray, hold: np.ndarray, total: np.ndarray, objective: str,
+             cost: Optional[ExpertCost]):
+    """``(core, y)``: the replicated experts' per-rank totals of :func:`balanced_split`."""
+    core = _Core(cnt, hold, total)
+    if not len(core.multi):
+        return core, []
+    y, load = _exact_tokens(core)
+    if objective == "time":
+        o_u = _o_units(cost)
+        if o_u > 0:
+            y = _time_refine(core, y, load, o_u, cost)
+    return core, y
+
+
+def _times_us(core: _Core, y, cost: ExpertCost) -> np.ndarray:
+    """Rank times (us) of ``y``: the float operations of ``planner.rank_times`` on the same
+    integers, so the same values bit for bit."""
+    load, act = core.fixed[:], core.fixed_active[:]
+    for row, hs in zip(y, core.holders):
+        for r in hs:
+            if row[r] > 0:
+                load[r] += row[r]
+                act[r] += 1
+    c, o = cost.per_token_us, cost.per_active_expert_us
+    return np.array([c * float(load[r]) + o * float(act[r]) for r in range(core.ep)])
+
+
+def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCost):
+    """``(upper, times)``: an upper bound (us) on the slowest rank of :func:`balanced_split`'s
+    time split, known before its local search (the exact token split's time, the search only
+    lowers it in token units; plus what rounding the per-active-expert cost to token units can
+    add), and ``times()``, which finishes the split and returns its ``[ep]`` rank times (equal to
+    :func:`balanced_split_times`). For callers that only need the split when the bound is not
+    good enough."""
+    cnt, hold, total = split_inputs(counts, holds, "time", cost)
+    core = _Core(cnt, hold, total)
+    o_u = _o_units(cost)
+    if not len(core.multi) or o_u <= 0:  # the time split is the token split
+        t = _times_us(core, _exact_tokens(core)[0] if len(core.multi) else [], cost)
+        return float(t.max()), lambda: t
+    y, load = _exact_tokens(core)
+    units = max(core.times(y, load, o_u))
+    most_active = max(a + len(on) for a, on in zip(core.fixed_active, core.on_rank))
+    slack = max(0.0, cost.per_active_expert_us - cost.per_token_us * o_u) * most_active
+    upper = (cost.per_token_us * units + slack) * (1 + 1e-12)
+    return upper, lambda: _times_us(core, _time_refine(core, y, load, o_u, cost), cost)
 
 
 def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tokens",
@@ -223,12 +426,15 @@ def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "
     ``holds [ep, E]`` (bool; natives included) that minimises the slowest rank: exactly in tokens,
     or by local search in time (``cost`` needed; module docstring)."""
     cnt, hold, total = split_inputs(counts, holds, objective, cost)
-    start = _initial(total, cnt, hold)
-    y = _exact_tokens(start.copy(), hold)
-    if objective == "time":
-        o_u = int(round(cost.per_active_expert_us / cost.per_token_us)) if cost.per_token_us > 0 else 0
-        # two starts, the better kept: the exact token split (balanced, many fragments) and the
-        # unsplit one (few active copies)
-        candidates = [_time_local_search(y, hold, o_u), _time_local_search(start, hold, o_u)]
-        y = min(candidates, key=lambda c: int((c.sum(0) + o_u * (c > 0).sum(0)).max()))
-    return torch.from_numpy(locality_first(cnt, y))
+    core, y = _split_y(cnt, hold, total, objective, cost)
+    return torch.from_numpy(core.assignment(cnt, y))
+
+
+def balanced_split_times(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCost,
+                         objective: str = "time") -> np.ndarray:
+    """``[ep]`` rank times (us) of :func:`balanced_split`'s split, without building the
+    ``[ep, E, ep]`` assignment: equal to ``planner.rank_times(balanced_split(...), cost)``, bit
+    for bit."""
+    cnt, hold, total = split_inputs(counts, holds, objective, cost)
+    core, y = _split_y(cnt, hold, total, objective, cost)
+    return _times_us(core, y, cost)

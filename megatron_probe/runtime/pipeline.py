@@ -15,9 +15,26 @@ every All-to-All      the engine is paused while it runs, resumed after (phase l
 L before dispatch     ``wait``: up to ``prefetch_deadline_ms`` for this rank's incoming copies;
                       the ranks agree (one small all-reduce) which copies arrived; the rest are
                       dropped from layer L's placement (their tokens stay home, counted)
-L dispatch            with the agreed placement and the assignment re-computed on the true
-                      counts (or the default split when re-assignment is off)
+L dispatch            with the agreed placement and the split re-computed on the true counts
+                      (or the default split when re-assignment is off)
 ====================  =====================================================================
+
+Two replica modes (``ProbeConfig.replica_mode``, chosen once by :func:`choose_replica_mode`):
+
+* ``streamed`` (PROBE as published): the table above, with the copies landing in the shared
+  double banks (``ReplicaBankPool``, ``2 R`` experts per rank) and re-sent for every layer at
+  every step (except slots the bank still holds for the same layer);
+* ``resident``: each layer keeps ``R`` slots of its own (``layers x R`` experts per rank). At
+  ``plan`` the layer's ``policy.resident.ResidentPlanner`` decides from the forecast which slots
+  change (usually none; a slot changes when the saving over the expected residency pays for the
+  copy); only those are copied, one layer ahead and phase-locked as above. A layer without new
+  copies neither waits nor agrees; with copies, the agreement decides, and a slot whose copy is
+  late or failed is left empty (its tokens stay home) and planned again later. A slot is never
+  used after the natives it was copied from change (``ExpertBank.native_version``, checked when
+  planning and at use): the layer's replicas are forgotten and copied again.
+
+In both modes the dispatch split is the balanced split of the true counts over the copies that
+exist (``policy.split.balanced_split``, time objective), the same on every rank.
 
 MoE layer 0 is forecast and planned at its transformer layer's input (phase 2 only). Dispatch
 always follows the true router; the placement only decides where each (token, expert) pair is
@@ -45,6 +62,7 @@ transfer engine come from :class:`PipelineComms`, and the copies are planned by
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import time
@@ -61,8 +79,11 @@ from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
-from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, imbalance_ratio, rank_loads, static_rank_loads
-from megatron_probe.policy.planner import assign_on_truth, plan_with_copy_charge
+from megatron_probe.policy.placement import (EMPTY_SLOT, ExpertLayout, empty_placement, holder_slots, imbalance_ratio,
+                                              rank_loads, static_rank_loads)
+from megatron_probe.policy.planner import plan_with_copy_charge, rank_times, static_assignment
+from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
+from megatron_probe.policy.split import balanced_split
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.lookahead import LookaheadRuntime
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
@@ -111,6 +132,36 @@ class PipelineComms:
         return cls(ep_group, ep, me, ctl, engine)
 
 
+@dataclass
+class ResidentLayer:
+    """Resident mode, one MoE layer: its planner, what its own replica rows hold and may serve
+    (``[ep, R]``, the same on every rank; a slot whose copy is not agreed yet is empty), and the
+    native weights' version those copies were read from."""
+
+    planner: ResidentPlanner
+    held: torch.Tensor
+    native_version: tuple
+
+
+def choose_replica_mode(mode: str, layers: int, slots: int, expert_bytes: int, cap_bytes: Optional[int]) -> str:
+    """``streamed`` or ``resident`` for ``ProbeConfig.replica_mode`` (``auto``: resident when its
+    ``layers x slots`` experts per rank fit the cap). Refuses resident over the cap."""
+    need = layers * slots * expert_bytes
+    fits = cap_bytes is None or need <= cap_bytes
+    if mode == "auto":
+        return "resident" if fits else "streamed"
+    if mode == "resident" and not fits:
+        mib = 2 ** 20
+        raise ValueError(
+            f"resident replicas need {need / mib:.3g} MiB per rank ({layers} MoE layers x {slots} slots x "
+            f"{expert_bytes / mib:.3g} MiB per expert), over replica_memory_cap_mib={cap_bytes / mib:.3g}; valid: "
+            f"replica_mode='streamed' (2 x {slots} experts), replica_mode='auto', replica_slots_per_rank <= "
+            f"{cap_bytes // max(1, layers * expert_bytes)} or replica_memory_cap_mib >= {need / mib:.4g}")
+    if mode not in ("streamed", "resident"):
+        raise ValueError(f"replica_mode={mode!r}; valid: ('streamed', 'resident', 'auto')")
+    return mode
+
+
 def check_same_cost(cost: ExpertCost, group) -> None:
     """Every rank must plan with the same cost model, or plans diverge: refuse if they differ."""
     if group_size(group) <= 1:
@@ -153,6 +204,7 @@ class LookaheadPipeline:
             raise TypeError("the lookahead pipeline drives ProbeMoELayer layers (build the model with probe_layer_spec)")
         self.cfg = cfg = probe_config if probe_config is not None else self.layers[0].probe_config
         self.layout = self.layers[0].layout
+        self._static_layout = ExpertLayout(self.layout.num_experts, self.layout.ep_size, 0)
         if self.layout.replica_slots < 1:
             raise ValueError("the lookahead pipeline needs replica_slots_per_rank >= 1 in the layers' ProbeConfig")
         for m in self.layers:
@@ -165,10 +217,19 @@ class LookaheadPipeline:
         self.ep_group, self.ep, self.me = ep_group, self.comms.ep, self.comms.me
         self.ctl_group, self.engine = self.comms.ctl_group, self.comms.engine
         cap = None if cfg.replica_memory_cap_mib is None else int(cfg.replica_memory_cap_mib * 2 ** 20)
-        self.pool = ReplicaBankPool(self.layout, tuple(bank0.fc1.shape[1:]), tuple(bank0.fc2.shape[1:]),
-                                    bank0.fc1.dtype, bank0.fc1.device, cap)
+        self.mode = choose_replica_mode(cfg.replica_mode, len(self.layers), self.layout.replica_slots,
+                                        bank0.expert_bytes(), cap)
+        self.pool: Optional[ReplicaBankPool] = None
+        self.resident: List[ResidentLayer] = []
+        if self.mode == "streamed":
+            self.pool = ReplicaBankPool(self.layout, tuple(bank0.fc1.shape[1:]), tuple(bank0.fc2.shape[1:]),
+                                        bank0.fc1.dtype, bank0.fc1.device, cap)
         for i, m in enumerate(self.layers):
-            m.expert_bank.use_shared_replicas()
+            if self.mode == "streamed":
+                m.expert_bank.use_shared_replicas()
+            else:
+                m.expert_bank.use_own_replicas()
+                m.expert_bank.set_own_placement(empty_placement(self.layout))  # start empty: warm start fills
             m.token_dispatcher.hooks = self
             m.token_dispatcher.layer_index = i
         if cost is None:
@@ -178,6 +239,10 @@ class LookaheadPipeline:
             cost = ExpertCost.from_profile(get_profile(cfg.hardware_profile), shape)
         self.cost = cost
         check_same_cost(cost, self.ctl_group)
+        if self.mode == "resident":
+            self.resident = [ResidentLayer(ResidentPlanner(self.layout, cost, ResidentSettings(
+                copy_cost_us=cfg.copy_charge_us)), empty_placement(self.layout), m.expert_bank.native_version())
+                for m in self.layers]
         self.budget_in = budget_in  # replicas a rank may receive per layer (default: R)
         self.copy_charge_us = cfg.copy_charge_us  # what an unhidden copy costs the planner (set_copy_charge)
         self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
@@ -239,6 +304,9 @@ class LookaheadPipeline:
         counts = self.forecaster.predicted_counts(layer)
         if counts is None:
             return
+        if self.mode == "resident":
+            self._prefetch_resident(layer, phase, counts)
+            return
         with nvtx_range("plan"):
             # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
             # the copies are issued from the host, so the placement is needed there anyway
@@ -255,6 +323,46 @@ class LookaheadPipeline:
             plan.batch = self.engine.submit(copies.ops, copies.src, copies.dst) if copies.ops else None
         self.pool.mark(b, layer, placement)
         self._plans[layer] = plan
+
+    def _prefetch_resident(self, layer: int, phase: str, counts: torch.Tensor) -> None:
+        """Resident mode: the layer's planner decides which slots change (usually none); only
+        those are copied, into the layer's own rows."""
+        res, bank = self.resident[layer], self.layers[layer].expert_bank
+        self._check_natives(layer)
+        charge = 0.0 if self.wait_policy.copies_free else self.copy_charge_us
+        if res.planner.settings.copy_cost_us != charge:
+            res.planner.settings = dataclasses.replace(res.planner.settings, copy_cost_us=charge)
+        with nvtx_range("plan"):
+            placement, invalid = self._valid_placement(res.planner.plan(counts.detach().cpu().long())[0])
+        held = res.held
+        copies = replica_copies(placement, self.layout, self.me,
+                                unchanged=lambda r, s, e: int(held[r, s]) == e,
+                                native_rows=bank.native_rows, slot_rows=bank.own_slot_rows,
+                                key=lambda r, s, e: (layer, e, s))
+        for op in copies.ops:  # a slot being overwritten holds nothing usable until its copy is agreed
+            res.held[op.dst, op.key[2]] = EMPTY_SLOT
+        plan = LayerPlan(placement=placement, invalid=invalid, recv_ops=copies.recv, send_ops=copies.send,
+                         copies=len(copies.ops), bytes=len(copies.ops) * bank.expert_bytes())
+        if copies.ops:
+            with nvtx_range(f"prefetch.{phase}"):
+                plan.batch = self.engine.submit(copies.ops, copies.src, copies.dst)
+        self._plans[layer] = plan
+
+    def _check_natives(self, layer: int) -> bool:
+        """A layer's native weights changed since its replicas were copied (a reload, in place or
+        not): every resident replica of the layer is stale, so all are forgotten (re-copied when
+        still wanted). Weights change on every EP rank at once (a checkpoint load does), so every
+        rank forgets the same. Returns whether they were forgotten."""
+        res, bank = self.resident[layer], self.layers[layer].expert_bank
+        version = bank.native_version()
+        if version == res.native_version:
+            return False
+        res.native_version = version
+        res.held = empty_placement(self.layout)
+        res.planner.placement = empty_placement(self.layout)
+        res.planner.warm = False  # planned from scratch again, like the first step
+        bank.set_own_placement(res.held)
+        return True
 
     def _valid_placement(self, raw) -> tuple:
         """``(placement [ep, R], invalid)``: the plan with every entry that names no valid replica
@@ -305,34 +413,72 @@ class LookaheadPipeline:
                 self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
         plan = self._plans.pop(layer, None)
         row = self.metrics.new_row(self.step, layer, 0 if plan is None else plan.invalid)
-        if plan is not None and not bool((plan.placement >= 0).any()):
-            plan = None  # nothing planned (the same on every rank): no wait, no agreement needed
-        if plan is None:
-            placement = empty_placement(self.layout)
+        if self.mode == "resident":
+            placement = self._resident_placement(layer, plan, row)
         else:
-            t0, t0_ns = time.perf_counter(), now_ns()
-            with nvtx_range("wait"):
-                state = self._agree(layer, plan)
-            row["wait_ms"] = (time.perf_counter() - t0) * 1e3
-            if self.events is not None:
-                self.events.record("wait", layer, t0_ns, now_ns())
-            placement = plan.placement.clone()
-            missing = (state > 0) & (placement >= 0)
-            placement[missing] = EMPTY_SLOT
-            if bool(missing.any()):
-                # a late copy still lands later: forget what the bank holds so it is re-sent
-                self.pool.held_layer[self.pool.bank_of(layer)] = None
-            row.update(copies=plan.copies, dropped=int(missing.sum()), failed=int((missing & (state == 2)).sum()),
-                       bytes=plan.bytes)
-            if self.disabled_at == (self.step, layer):
-                row["engine_disabled"] = 1
+            placement = self._streamed_placement(layer, plan, row)
         row["fallbacks"] = row["dropped"] + row["invalid"]  # planned replicas not used: tokens stayed home
-        self.layers[layer].expert_bank.attach_replicas(*self.pool.block(self.pool.bank_of(layer)), placement)
         dispatcher.set_placement(placement)
         if self.cfg.pipeline_reassign and bool((placement >= 0).any()):
-            dispatcher.assignment_fn = lambda counts, pl, layout: assign_on_truth(counts, pl, layout, self.cost)
+            dispatcher.assignment_fn = self._split
         else:
             dispatcher.assignment_fn = None
+
+    def _split(self, counts: torch.Tensor, placement: torch.Tensor, layout) -> torch.Tensor:
+        """The dispatch split on the true counts over the copies that exist: the balanced split
+        (``policy.split``, time objective of the cost model), the same on every rank."""
+        return balanced_split(counts, holder_slots(placement, layout) >= 0, "time", self.cost)
+
+    def _agreed_placement(self, layer: int, plan: LayerPlan, row: Dict) -> torch.Tensor:
+        """Wait for the plan's copies (the wait policy), agree with every rank which arrived, and
+        return the plan's placement with the late and failed ones emptied (their tokens stay
+        home), counted in ``row``."""
+        t0, t0_ns = time.perf_counter(), now_ns()
+        with nvtx_range("wait"):
+            state = self._agree(layer, plan)
+        row["wait_ms"] = (time.perf_counter() - t0) * 1e3
+        if self.events is not None:
+            self.events.record("wait", layer, t0_ns, now_ns())
+        placement = plan.placement.clone()
+        missing = (state > 0) & (placement >= 0)
+        placement[missing] = EMPTY_SLOT
+        row.update(copies=plan.copies, dropped=int(missing.sum()), failed=int((missing & (state == 2)).sum()),
+                   bytes=plan.bytes)
+        if self.disabled_at == (self.step, layer):
+            row["engine_disabled"] = 1
+        return placement
+
+    def _streamed_placement(self, layer: int, plan: Optional[LayerPlan], row: Dict) -> torch.Tensor:
+        """Streamed mode: the agreed placement of this layer's plan in bank ``layer % 2``."""
+        b = self.pool.bank_of(layer)
+        if plan is None or not bool((plan.placement >= 0).any()):
+            placement = empty_placement(self.layout)  # nothing planned (the same on every rank): no agreement
+        else:
+            placement = self._agreed_placement(layer, plan, row)
+            if bool((placement != plan.placement).any()):
+                # a late copy still lands later: forget what the bank holds so it is re-sent
+                self.pool.held_layer[b] = None
+        self.layers[layer].expert_bank.attach_replicas(*self.pool.block(b), placement)
+        return placement
+
+    def _resident_placement(self, layer: int, plan: Optional[LayerPlan], row: Dict) -> torch.Tensor:
+        """Resident mode, right before layer's dispatch: the placement its own rows can serve.
+        Without new copies that is what they hold (no wait, no agreement); with copies, the
+        ranks agree which arrived, and a slot whose copy is late or failed is left empty (its
+        tokens stay home) and forgotten, so the planner copies it again if it still wants it."""
+        res, bank = self.resident[layer], self.layers[layer].expert_bank
+        if self._check_natives(layer):
+            plan = None  # the natives changed after this plan's copies were read: use none of them
+        if plan is not None and plan.copies:
+            placement = self._agreed_placement(layer, plan, row)
+        elif plan is not None:
+            placement = plan.placement.clone()  # only slots already held (or emptied): nothing moved
+        else:
+            placement = res.held.clone()
+        res.held = placement.clone()
+        res.planner.placement = placement.clone()
+        bank.set_own_placement(placement)
+        return placement
 
     def _agree(self, layer: int, plan: LayerPlan) -> torch.Tensor:
         """Wait (the wait policy's deadline) for this rank's incoming copies, then agree with every
@@ -392,8 +538,13 @@ class LookaheadPipeline:
         layer = dispatcher.layer_index
         row = self.metrics.row(layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
+        if self.mode == "resident":
+            self.resident[layer].planner.observe(counts)
         row["ir_before"] = round(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)), 4)
         row["ir_after"] = round(imbalance_ratio(rank_loads(dispatcher.last_assignment)), 4)
+        static_us = float(rank_times(static_assignment(counts, self._static_layout), self.cost).max())
+        used_us = float(rank_times(dispatcher.last_assignment, self.cost).max())
+        row["time_vs_static"] = round(used_us / static_us, 4) if static_us > 0 else 1.0
         row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
         if self.forecaster is not None:
             self.forecaster.observe_true(layer, counts)
@@ -412,7 +563,9 @@ class LookaheadPipeline:
         out = self.metrics.summary()
         if not out:
             return {}
-        out.update({"replica_memory_bytes": self.pool.memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
+        memory = (self.pool.memory_bytes() if self.pool is not None
+                  else sum(m.expert_bank.replica_bytes() for m in self.layers))
+        out.update({"replica_mode": self.mode, "replica_memory_bytes": memory, "paused_s": round(self.engine.paused_seconds, 3),
                     "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
                     "engine_disabled": self.disabled, "disabled_at": self.disabled_at})
         acc = self.runtime.topk_accuracy() if self.runtime is not None else None

@@ -3,8 +3,9 @@
 A row (``LookaheadPipeline`` fills it): ``step``, ``layer``, ``copies``, ``dropped`` (planned
 copies not there at the deadline), ``failed``, ``invalid`` (plan entries naming no valid replica),
 ``fallbacks`` (dropped + invalid: planned replicas not used, tokens stayed home), ``bytes``,
-``wait_ms`` (exposed wait before the dispatch), ``ir_before`` / ``ir_after`` (static vs used
-placement), ``layer_ms``, and ``engine_disabled`` where copying was switched off. Rows go to
+``wait_ms`` (exposed wait before the dispatch), ``ir_before`` / ``ir_after`` (token IR, static vs
+used placement), ``time_vs_static`` (the slowest rank's expert time under the cost model, used
+split over static: the split never makes it exceed 1), ``layer_ms``, and ``engine_disabled`` where copying was switched off. Rows go to
 ``history``, to ``metrics_path`` as JSON lines, and to a metrics sink (``log(dict, step=)``,
 ``finish()``: the wandb logger) as :func:`step_metrics`; the event log is flushed beside them.
 """
@@ -77,7 +78,8 @@ class PipelineMetrics:
         return {"layer_steps": n, **{k: sum(r[k] for r in h) for k in COUNTED},
                 "wait_ms_total": round(sum(r["wait_ms"] for r in h), 3),
                 "ir_before": round(sum(r.get("ir_before", 1) for r in h) / n, 4),
-                "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4)}
+                "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4),
+                "time_vs_static": round(sum(r.get("time_vs_static", 1) for r in h) / n, 4)}
 
     def close(self, step: int, summary: Dict) -> None:
         """Flush the events; the sink gets the summary's numbers and is finished."""

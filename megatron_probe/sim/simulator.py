@@ -5,7 +5,7 @@ a sample of them: step time = sum of the simulated layers' times x ``moe_layers 
 
 Per layer and policy (see :mod:`megatron_probe.sim.policies` for the policies):
 
-* split-phase transfers (``probe``, ``ours``, ``ours-noplan``): the window is the previous
+* split-phase transfers (``probe``, ``ours``, ``ours-resident``, ``ours-noplan``): the window is the previous
   layer's expert phase (same policy, same step; the last layer of the previous step for layer 0;
   the estimate ``transfer_window_us`` at the very first layer) plus this layer's attention;
   ``exposed = max(0, max_r T_trans_r - window)``; ``probe``'s SM-based copy slows the expert
@@ -17,8 +17,9 @@ Per layer and policy (see :mod:`megatron_probe.sim.policies` for the policies):
 * EPLB (``eplb``, ``eplb-same``): the copies of a rebalance, per rank summed over every layer of
   the model, charged to the next ``eplb_spread_steps`` steps in equal parts.
 
-Results: per policy the step times (us), and means over steps x layers of IR (max/mean tokens
-per rank), compute max/mean, exposed transfer time and copies per layer.
+Results: per policy the step times (us), means over steps x layers of IR (max/mean tokens
+per rank), compute max/mean, exposed transfer time and copies per layer, and the replica memory
+per rank (``policies.replica_memory``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from megatron_probe.policy.cost_model import transfer_window_us
 from megatron_probe.sim.error_model import noisy_forecast
 from megatron_probe.sim.layer import attention_us, layer_time, tokens_per_rank
-from megatron_probe.sim.policies import Policies, SimConfig, budgets
+from megatron_probe.sim.policies import Policies, SimConfig, budgets, replica_memory
 
 
 def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], forecast: Optional[torch.Tensor] = None,
@@ -49,7 +50,7 @@ def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], fore
     tok_rank = max(1, int(round(float(tokens_per_rank(counts[0, 0], shape.topk).mean()))))
     w_est = transfer_window_us(cfg.hw, shape, tok_rank, cfg.context, ep)
     b_probe, b_ours = budgets(cfg, w_est)
-    pol = Policies(cfg, Ls, names, b_probe, b_ours)
+    pol = Policies(cfg, Ls, names, b_probe, b_ours, w_est)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     step_us = {n: [0.0] * steps for n in names}
     acc = {n: {"ir": 0.0, "ir_comp": 0.0, "exposed_us": 0.0, "copies": 0.0, "attn_us": 0.0, "dispatch_us": 0.0,
@@ -106,7 +107,7 @@ def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], fore
         a = acc[n]
         out["policies"][n] = {
             "step_us": step_us[n], "mean_step_us": sum(step_us[n]) / steps,
-            **{k: a[k] / n_lay for k in a}}
+            **{k: a[k] / n_lay for k in a}, "replica_memory_experts_per_rank": replica_memory(cfg, n)}
     if keep_layers:
         out["layers"] = per_layer
     return out
