@@ -52,6 +52,16 @@ class ProbeConfig:
         predictor_state: predictor state file to warm-start from (``tools/distill_predictor.py``
             writes one beside the checkpoint); ``None``: start from the frozen router copies.
         predictor_side_stream: on GPU, run the online update on a side stream.
+        predictor_drift_threshold: drift trigger of the online update: it runs only while the
+            running top-K accuracy estimate of the forecast (on the sampled tokens) is below this.
+            0.9 by default: a warm-started predictor (about 0.93 on the shift workload) stays
+            frozen and free; one that drifts below 0.9 learns again. 0: never update; above 1:
+            always update.
+        predictor_background: run the online update in a background worker on a shadow copy of
+            the predictors (a thread; its work on the side stream on GPU), swapped in at a step
+            boundary (False: inline in ``end_step``, as before).
+        predictor_metrics_period: engine steps between two steps whose forecast quality is scored
+            (top-2K recall, the metrics all-gather); 0: never. The forecast itself runs every step.
         replica_memory_cap_mib: cap on one rank's replica memory (streamed: the two banks, 2 x R
             experts; resident: layers x R experts); a configuration over it is refused (``auto``
             falls back to streamed). ``None``: no cap.
@@ -69,6 +79,15 @@ class ProbeConfig:
             hides (0: copies are free inside the slot budget, as PROBE assumes for GPUs with copy
             engines; on CPU a copy uses the cores that compute, so measure and set it). The
             pipeline then keeps only as many new copies as pay for themselves.
+        cost_gate: balance each MoE layer only while that pays (``policy.gate``): from the true
+            counts the dispatcher gathers anyway, the saving balancing would bring (the cost model,
+            copies charged) against what the layer's control path (plan, agreement, split,
+            metrics, forecast) measured; while the saving does not beat the cost by
+            ``cost_gate_margin``, the layer runs the stock path (no forecast, plan or agreement),
+            re-checked at a doubling interval up to ``cost_gate_max_interval`` steps and at once
+            when its static imbalance rises. False: every layer balances at every step.
+        cost_gate_margin: the factor the saving must beat the control cost by (> 0).
+        cost_gate_max_interval: cap (steps) of the gate's re-check interval (>= 1).
         event_log: record every transfer chunk's and every All-to-All's interval per rank (cheap;
             written as JSON lines beside the pipeline metrics), the evidence for phase locking.
         collective_timeout_s: how long the pipeline's own collectives (forecast all-gather,
@@ -95,6 +114,9 @@ class ProbeConfig:
     predictor_sample_tokens: int = 256
     predictor_state: Optional[str] = None
     predictor_side_stream: bool = True
+    predictor_drift_threshold: float = 0.9
+    predictor_background: bool = True
+    predictor_metrics_period: int = 8
     replica_memory_cap_mib: Optional[float] = None
     prefetch_deadline_ms: float = 50.0
     transfer_chunk_mib: float = 4.0
@@ -104,6 +126,9 @@ class ProbeConfig:
     pipeline_reassign: bool = True
     hardware_profile: str = "h200-sxm"
     copy_charge_us: float = 0.0
+    cost_gate: bool = True
+    cost_gate_margin: float = 1.2
+    cost_gate_max_interval: int = 16
     event_log: bool = False
     collective_timeout_s: float = 300.0
     wandb_project: Optional[str] = None
@@ -116,6 +141,14 @@ class ProbeConfig:
                 raise ValueError(f"{name}={v!r}; valid: a positive finite number")
         if not isinstance(self.copy_charge_us, (int, float)) or not 0 <= self.copy_charge_us < float("inf"):
             raise ValueError(f"copy_charge_us={self.copy_charge_us!r}; valid: a finite number >= 0")
+        if not isinstance(self.cost_gate, bool):
+            raise TypeError(f"cost_gate must be a bool, got {self.cost_gate!r}")
+        v = self.cost_gate_margin
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"cost_gate_margin={v!r}; valid: a positive finite factor")
+        v = self.cost_gate_max_interval
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"cost_gate_max_interval={v!r}; valid: an int >= 1 (steps)")
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode={self.wandb_mode!r} is not one of {WANDB_MODES}")
         if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):
@@ -133,6 +166,16 @@ class ProbeConfig:
             raise ValueError(f"predictor_period={self.predictor_period}; valid: >= 1 engine steps per update")
         if self.predictor_sample_tokens < 1:
             raise ValueError(f"predictor_sample_tokens={self.predictor_sample_tokens}; valid: >= 1")
+        v = self.predictor_drift_threshold
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"predictor_drift_threshold={v!r}; valid: a finite number >= 0 (top-K accuracy "
+                             "below which online updates run; 0: never, above 1: always)")
+        if not isinstance(self.predictor_background, bool):
+            raise TypeError(f"predictor_background must be a bool, got {self.predictor_background!r}")
+        v = self.predictor_metrics_period
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"predictor_metrics_period={v!r}; valid: an int >= 0 (engine steps between two "
+                             "scored steps; 0: never score)")
         if not (isinstance(self.predictor_lr, (int, float)) and 0 < self.predictor_lr < float("inf")):
             raise ValueError(f"predictor_lr={self.predictor_lr!r}; valid: a positive finite learning rate")
         if isinstance(self.replica_slots_per_rank, bool) or not isinstance(

@@ -248,3 +248,35 @@ def expert_grads(rank, ws):
 @pytest.mark.slow
 def test_expert_gradients():
     run_ranks(expert_grads, 2)
+
+
+# --------------------------------------------------------------------------- piggybacked counts
+def piggybacked_counts(rank, ws):
+    """Counts carried by a dispatch's own exchange (``extra_counts``) arrive as exactly the matrix
+    a separate all-gather gathers, and change nothing else: same true counts, same output."""
+    from megatron_probe.mechanism.count_exchange import gather_counts_async
+
+    init_ep(ws)
+    torch.manual_seed(3)
+    cfg = moe_config(ws)
+    layer = probe_layer(cfg, 0).eval()
+    x = torch.randn(7 + rank, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        ref, _ = layer(x)
+        ref_counts = layer.token_dispatcher.last_counts.clone()
+        extra = torch.randint(0, 1000, (2 * cfg.num_moe_experts,), generator=torch.Generator().manual_seed(9 + rank))
+        separate = gather_counts_async(extra, None if ws == 1 else layer.token_dispatcher.ep_group).wait()
+        layer.token_dispatcher.extra_counts = extra
+        out, _ = layer(x)
+        d = layer.token_dispatcher
+        assert torch.equal(out, ref), f"rank {rank}: output changed by the piggybacked counts"
+        assert torch.equal(d.last_counts, ref_counts), (d.last_counts, ref_counts)
+        assert torch.equal(d.last_extra, separate.cpu()), (d.last_extra, separate)
+        assert d.extra_counts is None  # used once
+        layer(x)
+        assert d.last_extra is None
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_piggybacked_counts_equal_a_separate_all_gather(ws):
+    run_ranks(piggybacked_counts, ws)

@@ -84,7 +84,9 @@ def pipeline_equivalence(rank, ws):
         "slow_rank": dict(prefetch_deadline_ms=SLOW_DEADLINE_MS, pipeline_phase_lock=False),
     }
     for name, kw in variants.items():
-        pcfg = ProbeConfig(replica_slots_per_rank=R, predictor_hidden=8, transfer_chunk_mib=0.001, **kw)
+        # the mechanism at every step: the cost gate (tested below) would switch it off here
+        pcfg = ProbeConfig(replica_slots_per_rank=R, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
+                           **kw)
         t_variant = time.perf_counter()
         pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
         slow = []
@@ -174,7 +176,7 @@ def pipeline_resident(rank, ws):
     scale = max(float(r.abs().max()) for r in refs)
     # forecast: last step's counts (the predictors copy the expert bias once, so they would not
     # follow the test's bias moves)
-    pcfg = ProbeConfig(replica_slots_per_rank=R, replica_mode="resident", pipeline_predict=False,
+    pcfg = ProbeConfig(replica_slots_per_rank=R, replica_mode="resident", pipeline_predict=False, cost_gate=False,
                        transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0)
     pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
     held = []
@@ -237,6 +239,60 @@ def test_replica_mode_choice_and_memory_cap():
         choose_replica_mode("x", 4, 3, mib, None)
 
 
+# --------------------------------------------------------------------------- cost gate
+def pipeline_cost_gate(rank, ws):
+    """The cost gate on a live pipeline: with a margin no saving can beat, every layer switches to
+    the stock path after the warm-up (no control work: no plan, agreement, split or metrics);
+    with a margin any saving beats, they come back. Output equal to the plain model's at every
+    step (gated, ungated and while switching). Returns each step's gate states, for the test to
+    compare ranks."""
+    import dataclasses
+
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import forward_logits
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+
+    model, _, _, _ = _skewed_gpt(rank, ws)
+    from megatron_probe.policy.cost_model import ExpertCost
+
+    gen = torch.Generator().manual_seed(5 + rank)
+    batches = [torch.randint(0, 128, (1, 20 + 3 * rank), generator=gen) for _ in range(14)]
+    with torch.no_grad():
+        refs = [forward_logits(model, b) for b in batches]
+    scale = max(float(r.abs().max()) for r in refs)
+    pcfg = ProbeConfig(replica_slots_per_rank=2, pipeline_predict=False, transfer_chunk_mib=0.001,
+                       prefetch_deadline_ms=10_000.0, cost_gate=True, cost_gate_margin=1e12, cost_gate_max_interval=2)
+    # a cost model under which balancing these skewed batches saves time (us per token)
+    pipe = LookaheadPipeline(model, pcfg, cost=ExpertCost(1000.0, 0.0))
+    states = []
+    with torch.inference_mode():
+        for step, (b, ref) in enumerate(zip(batches, refs)):
+            if step == 7:  # from now on any saving beats the cost
+                for g in pipe.gates:
+                    g.settings = dataclasses.replace(g.settings, margin=1e-9)
+            diff = float((forward_logits(model, b) - ref).abs().max())
+            assert diff <= 1e-5 * scale, (f"rank {rank} step {step}", diff, scale)
+            rows = pipe.end_step()
+            states.append([r["gate_on"] for r in rows])
+            for r in rows:
+                if not r["gate_on"]:
+                    assert r["control_us"] == 0 and r["copies"] == 0, (f"rank {rank} step {step}", r)
+    pipe.close()
+    ctx = (f"rank {rank}", states)
+    assert all(s == [1, 1, 1, 1] for s in states[:3]), ctx  # warm-up: measured while on
+    assert any(s == [0, 0, 0, 0] for s in states[3:7]), ctx  # nothing beats a margin of 1e12
+    assert states[-1] == [1, 1, 1, 1], ctx  # back on once the margin is tiny
+    assert all(g.switches >= 2 for g in pipe.gates), (ctx, [g.switches for g in pipe.gates])
+    return states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_cost_gate_switches_layers_alike_on_every_rank(ws):
+    states = run_ranks(pipeline_cost_gate, ws)
+    assert all(s == states[0] for s in states), states
+
+
 # --------------------------------------------------------------------------- event log
 def pipeline_event_log(rank, ws, wandb_project, out_dir):
     """The pipeline with the event log on, phase locking on and off: every chunk's and every
@@ -249,7 +305,7 @@ def pipeline_event_log(rank, ws, wandb_project, out_dir):
     model, batches, refs, unit_cost = _skewed_gpt(rank, ws)
     scale = max(float(r.abs().max()) for r in refs)
     for name, lock in (("locked", True), ("unlocked", False)):
-        pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001,
+        pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
                            prefetch_deadline_ms=10_000.0, pipeline_phase_lock=lock, event_log=True,
                            wandb_project=wandb_project if lock else None)
         metrics = os.path.join(out_dir, f"metrics_{name}_rank{rank}.jsonl")
@@ -320,7 +376,7 @@ def pipeline_faults(rank, ws):
     scale = max(float(r.abs().max()) for r in refs)
     E = 8
     for name in ("transfer_fails", "bad_plan"):
-        pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001,
+        pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
                            prefetch_deadline_ms=10_000.0, collective_timeout_s=2.0)
         t0 = time.perf_counter()
         pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
@@ -387,7 +443,7 @@ def _dead_peer_timeouts(rank, model, unit_cost):
     from megatron_probe.mechanism.transfer import CopyOp
     from megatron_probe.runtime.pipeline import LookaheadPipeline
 
-    pipe = LookaheadPipeline(model, ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8,
+    pipe = LookaheadPipeline(model, ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, cost_gate=False,
                                                 collective_timeout_s=1.5), cost=unit_cost)
     runtime_on_ctl_group = pipe.runtime.ep_group is pipe.ctl_group
     outcomes = {}  # rank 0: name -> (error or None, seconds)

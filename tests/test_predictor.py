@@ -191,6 +191,17 @@ def test_config_rejects_bad_predictor_options():
         ProbeConfig(predictor_lr=0)
     with pytest.raises(TypeError, match="predictor_sample_tokens must be an int"):
         ProbeConfig(predictor_sample_tokens=1.5)
+    for bad in (-0.1, float("nan"), float("inf"), "0.9", True):
+        with pytest.raises(ValueError, match=r"predictor_drift_threshold=.*valid: a finite number >= 0"):
+            ProbeConfig(predictor_drift_threshold=bad)
+    for bad in (-1, 2.0, None, False):
+        with pytest.raises(ValueError, match=r"predictor_metrics_period=.*valid: an int >= 0"):
+            ProbeConfig(predictor_metrics_period=bad)
+    with pytest.raises(TypeError, match="predictor_background must be a bool, got 1"):
+        ProbeConfig(predictor_background=1)
+    c = ProbeConfig(predictor_drift_threshold=1.01, predictor_metrics_period=0, predictor_background=False)
+    assert (c.predictor_drift_threshold, c.predictor_metrics_period) == (1.01, 0)
+    assert ProbeConfig().predictor_drift_threshold == 0.9 and ProbeConfig().predictor_metrics_period == 8
 
 
 # ----------------------------------------------------------------------------- in the model
@@ -242,14 +253,16 @@ def test_runtime_never_changes_the_output_and_learns_online():
     seqs = [torch.tensor([r.prompt_ids + r.output_ids]) for r in wl.requests[:6]]
     with torch.no_grad():
         ref = [forward_logits(model, s) for s in seqs]
-    rt = LookaheadRuntime(model, ProbeConfig(predictor_lr=5e-3))
+    # threshold above 1: the drift trigger is always on; sync(): each step's update lands before the next
+    rt = LookaheadRuntime(model, ProbeConfig(predictor_lr=5e-3, predictor_drift_threshold=1.01))
     w0 = rt.predictors[3].fc2.weight.detach().clone()
     with torch.inference_mode():
         for s, r in zip(seqs, ref):
             assert torch.equal(forward_logits(model, s), r)
             rt.end_step()
+            rt.sync()
     m = rt.metrics()
-    assert m["distill_updates"] == len(seqs)
+    assert m["distill_updates"] == len(seqs) == m["drift"]["weights_version"]
     assert not torch.equal(w0, rt.predictors[3].fc2.weight)  # it learned
     assert 0.3 < m["local"]["mean_topk_acc"] <= 1.0
     rt.close()

@@ -102,6 +102,8 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--replica-slots", type=int, default=3)
+    p.add_argument("--cost-gate", choices=("on", "off"), default="on",
+                   help="ProbeConfig.cost_gate of the probe mode (off: every layer balances at every step)")
     p.add_argument("--replica-mode", choices=("streamed", "resident", "auto"), default="streamed",
                    help="ProbeConfig.replica_mode of the probe mode (the oracle always plans from scratch)")
     p.add_argument("--trace", default=None, help="recorded trace with hidden states (default: the shipped model "
@@ -143,7 +145,7 @@ def main():
                 predictor_hidden=a.predictor_hidden, layers=a.layers, hidden=a.hidden, ffn=a.ffn,
                 replica_slots=a.replica_slots, steps=a.steps, max_tokens=a.max_tokens, deadline_ms=a.deadline_ms,
                 chunk_mib=a.chunk_mib, threads=a.threads, seed=a.seed, copy_charge=a.copy_charge,
-                replica_mode=a.replica_mode)
+                replica_mode=a.replica_mode, cost_gate=a.cost_gate == "on")
     out = a.json or os.path.join("/tmp", f"bench_moe_layer_{os.getpid()}.json")
     t0 = time.time()
     run_distributed(worker, a.ep, opts, out, backend="gloo")

@@ -239,6 +239,12 @@ def print_table(res: dict) -> None:
                 "throughput_tok_s", "processed_tok_s", "ttft_mean_s", "tpot_mean_s", "seconds"):
             line += f"{b / a:>18.3f}"
         print(line)
+    for n in names:
+        ctl = modes[n].get("control_us")
+        if ctl:
+            stages = "  ".join(f"{k} {v:g}" for k, v in ctl.items() if k != "control")
+            print(f"{'control path, us per layer':<{w}}{ctl.get('control', 0):>14g}   ({n}: {stages}; "
+                  f"gate on {modes[n].get('gate_on_fraction')} of layer steps)")
     if res.get("speedup") is not None:
         print(f"{'static/PROBE time':<{w}}{res['speedup']:>14}   static/oracle {res.get('oracle_speedup')}   "
               f"PROBE's share of the oracle's gain: {res.get('gain_fraction')}")
@@ -285,7 +291,8 @@ def run_scaled(a, opts) -> dict:
     sopts = dict(trace=trace, checkpoint=opts.checkpoint, predictor=pred if os.path.exists(pred) else None,
                  predictor_hidden=pc.predictor_hidden, layers=a.scaled_layers, hidden=a.scaled_hidden_size,
                  ffn=a.scaled_ffn_hidden_size, replica_slots=pc.replica_slots_per_rank,
-                 replica_mode=pc.replica_mode, deadline_ms=pc.prefetch_deadline_ms, chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
+                 replica_mode=pc.replica_mode, cost_gate=pc.cost_gate, deadline_ms=pc.prefetch_deadline_ms,
+                 chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
                  copy_charge="none" if a.scaled_copy_charge == "none" else "measured", seed=opts.seed,
                  max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress)
     out = os.path.join(tempfile.mkdtemp(prefix="probe_scaled_"), "rows.json")

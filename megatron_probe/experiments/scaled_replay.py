@@ -44,6 +44,13 @@ class TraceForecaster:
         self.predictors, self.routers, self.distiller, self.group = predictors, routers, distiller, group
         self._pending = {}
         self.hits = self.total = 0
+        self.inactive = set()  # layers the cost gate switched off: not forecast
+
+    def set_layer_active(self, layer: int, active: bool) -> None:
+        (self.inactive.discard if active else self.inactive.add)(layer)
+
+    def take_control_us(self):
+        return {}  # the forecasts run at the step's start, timed as a whole (step_control_ms)
 
     def forecasts(self, layer: int) -> bool:
         return layer in self.predictors
@@ -62,7 +69,7 @@ class TraceForecaster:
         with torch.no_grad():
             for L in sorted(self.predictors.layers):
                 src = hidden.get(L - 1 if L else -1)
-                if src is None:
+                if src is None or L in self.inactive:
                     continue
                 p = self.predictors[L]
                 ids = p.predict_topk(src)
@@ -174,7 +181,7 @@ class ScaledReplay:
         RouterReplay.clear_global_router_replay_instances()
         pcfg = ProbeConfig(replica_slots_per_rank=opts["replica_slots"], prefetch_deadline_ms=opts["deadline_ms"],
                            transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
-                           replica_mode=opts.get("replica_mode", "streamed"))
+                           replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True))
         spec_mlp = probe_layer_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False),
                                     pcfg).submodules.mlp
 
@@ -203,7 +210,8 @@ class ScaledReplay:
         self._truth: Dict[int, torch.Tensor] = {}
         self.oracle_blocks = stack()
         self.oracle_pipe = LookaheadPipeline(torch.nn.Sequential(*self.oracle_blocks),
-                                             pcfg.replace(replica_mode="streamed"), ep_group=self.group,
+                                             pcfg.replace(replica_mode="streamed", cost_gate=False),
+                                             ep_group=self.group,
                                              runtime=OracleForecaster(lambda L: self._truth[L]), cost=self.cost)
         self.oracle_pipe.activate(False)
         self.copy_us = measure_copy_us(self.pipe, bank, rank, self.group) if opts["copy_charge"] == "measured" else 0.0
@@ -213,7 +221,8 @@ class ScaledReplay:
 
     def run_step(self, j: int, step_index: int, rows: List[torch.Tensor], modes=MODES) -> Dict[str, Dict]:
         """One trace step in every mode (order rotated by ``j``). Per mode: ``layer_ms`` (this
-        rank's time per layer, the oracle's copy time excluded), ``wait_ms``, ``ir_before``,
+        rank's time per layer, the oracle's copy time excluded), ``step_control_ms`` (the probe
+        mode's forecasts at the step's start and its step end: distillation, metrics, the gate), ``wait_ms``, ``ir_before``,
         ``ir_after``, ``time_vs_static`` (per layer), ``copies``, ``dropped``, ``tokens`` (this rank's)."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
@@ -237,8 +246,11 @@ class ScaledReplay:
                 pipe.activate(True, wait=WaitPolicy.oracle())
             else:
                 pipe.activate(mode != "static")
+            control_ms = 0.0  # the probe mode's forecasts at the step's start and its step end
             if mode == "probe":
+                t0 = time.perf_counter()
                 self.forecaster.start_step(hidden, true_ids)
+                control_ms = (time.perf_counter() - t0) * 1e3
             pipe.free_ms.clear()
             x = x0
             times = []
@@ -251,9 +263,13 @@ class ScaledReplay:
                     t0 = time.perf_counter()
                     x = blk(x)
                     times.append((time.perf_counter() - t0) * 1e3 - pipe.free_ms.get(L, 0.0))
-            rec = {"layer_ms": times, "tokens": len(mine), "wait_ms": [], "copies": 0, "dropped": 0, "output": x}
+            rec = {"layer_ms": times, "tokens": len(mine), "wait_ms": [], "copies": 0, "dropped": 0, "output": x,
+                   "step_control_ms": control_ms}
             if mode != "static":
+                t0 = time.perf_counter()
                 layers = pipe.end_step()  # the probe mode's forecaster ends its step (distillation) here
+                if mode == "probe":  # part of the step's cost (the oracle's bookkeeping is not)
+                    rec["step_control_ms"] += (time.perf_counter() - t0) * 1e3
                 if mode == "probe":
                     rec.update(wait_ms=[r["wait_ms"] for r in layers], copies=sum(r["copies"] for r in layers),
                                dropped=sum(r["dropped"] for r in layers))
@@ -300,7 +316,7 @@ def serve_scaled_worker(rank: int, ws: int, opts: Dict, out_path: str) -> None:
             max_diff[mode] = max(max_diff[mode], diff)
         scale = max(scale, float(ref.abs().max()) if ref.numel() else 0.0)
         for mode, rec in res.items():
-            t = torch.tensor([sum(rec["layer_ms"]), rec["tokens"]], dtype=torch.float64)
+            t = torch.tensor([sum(rec["layer_ms"]) + rec["step_control_ms"], rec["tokens"]], dtype=torch.float64)
             tmax = t.clone()
             dist.all_reduce(tmax, op=dist.ReduceOp.MAX, group=rep.group)
             dist.all_reduce(t, group=rep.group)
@@ -322,6 +338,8 @@ def serve_scaled_worker(rank: int, ws: int, opts: Dict, out_path: str) -> None:
     dist.all_reduce(d, op=dist.ReduceOp.MAX, group=rep.group)
     info = {"copy_charge_us": rep.copy_us, "forecast_topk_acc": rep.forecaster.hits / max(1, rep.forecaster.total),
             "replica_mode": rep.pipe.mode, "replica_memory_mib": rep.replica_memory_mib(),
+            "control_us": rep.pipe.summary().get("control_us"),
+            "gate_on_fraction": rep.pipe.summary().get("gate_on_fraction"),
             "output_scale": float(d[2]), "max_abs_diff_vs_static": {"probe": float(d[0]), "oracle": float(d[1])},
             "expert_cost_us": {"per_token": rep.cost.per_token_us, "per_active_expert": rep.cost.per_active_expert_us}}
     rep.close()

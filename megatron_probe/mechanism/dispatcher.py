@@ -111,6 +111,11 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         # among the model's MoE layers, which the hooks use to tell layers apart
         self.hooks: Optional[DispatchHooks] = None
         self.layer_index: Optional[int] = None
+        # counts someone else needs from every rank, carried by this dispatch's own count
+        # exchange (one [ep, E + n] all-gather instead of two): set before the dispatch on every
+        # rank alike, read back as ``last_extra`` [ep, n] after it
+        self.extra_counts: Optional[torch.Tensor] = None
+        self.last_extra: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ plan inputs
     def set_placement(self, placement: torch.Tensor) -> None:
@@ -145,7 +150,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             raise ValueError(f"routing_map {tuple(routing_map.shape)} != ({hidden.shape[0]}, {E})")
 
         local_counts = routing_map.sum(dim=0).long()
-        counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
+        extra, self.extra_counts = self.extra_counts, None
+        if extra is None:
+            counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
+            self.last_extra = None
+        else:  # the piggybacked counts (e.g. the next layer's forecast) travel in the same gather
+            both = all_gather_rows(torch.cat([local_counts, extra.to(local_counts)]), self.ep_group).cpu()
+            counts, self.last_extra = both[:, :E].contiguous(), both[:, E:].contiguous()
         me = self.ep_rank
         assign = self._choose_assignment(counts)  # [ep, E, ep], CPU
         self.last_counts, self.last_assignment = counts, assign

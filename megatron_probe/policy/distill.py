@@ -3,7 +3,9 @@
 Online (:class:`OnlineDistiller`): while serving, after layer L's true router has run, a bounded
 random sample of that step's tokens is kept as ``(predictor input, true router logits)``; the
 optimiser step runs once per engine step (every ``period`` steps), off the forward's critical
-path. Offline (:meth:`OnlineDistiller.fit`): the same loss and optimiser on recorded pairs, the
+path: inline (:meth:`OnlineDistiller.step`) or, split into :meth:`~OnlineDistiller.take_batch` and
+:meth:`~OnlineDistiller.update`, in a background worker training a shadow copy
+(``runtime.lookahead``). Offline (:meth:`OnlineDistiller.fit`): the same loss and optimiser on recorded pairs, the
 warm start ``tools/distill_predictor.py`` saves.
 
 Pure tensors: no process groups. Each rank distils on its own tokens; ranks' residuals may drift
@@ -84,9 +86,10 @@ class OnlineDistiller:
         while sum(x.shape[0] for x, _ in buf) > self.sample_tokens * self.period and len(buf) > 1:
             buf.pop(0)
 
-    def step(self) -> Optional[Dict[int, torch.Tensor]]:
-        """End of an engine step: update every `period` calls. Returns the per-layer loss tensors
-        of the update (before it; not synchronised) or ``None`` when no update ran."""
+    def take_batch(self) -> Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor]]]:
+        """End of an engine step: every `period` calls, the samples kept since the last batch as
+        one ``(inputs, true_logits)`` pair per layer (fresh tensors: ``cat`` copies, so a background
+        update never shares storage with the forward), else ``None``."""
         self.calls += 1
         if self.frozen:
             self._pending.clear()
@@ -96,6 +99,21 @@ class OnlineDistiller:
         batch = {L: (torch.cat([x for x, _ in buf]), torch.cat([y for _, y in buf]))
                  for L, buf in self._pending.items()}
         self._pending.clear()
+        return batch
+
+    def discard(self) -> None:
+        """Drop the kept samples (no update wanted for them)."""
+        self._pending.clear()
+
+    def step(self) -> Optional[Dict[int, torch.Tensor]]:
+        """End of an engine step: update every `period` calls. Returns the per-layer loss tensors
+        of the update (before it; not synchronised) or ``None`` when no update ran."""
+        batch = self.take_batch()
+        return None if batch is None else self.update(batch)
+
+    def update(self, batch: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[int, torch.Tensor]:
+        """One optimiser step on ``batch`` (what :meth:`take_batch` returned); callable from a
+        worker thread as long as nothing else touches these predictors meanwhile."""
         return self._update(batch)
 
     def _update(self, batch: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> Dict[int, torch.Tensor]:

@@ -25,10 +25,14 @@ with the placement fixed (tokens move only to copies that exist; locality first 
 The plan never raises the slowest rank's time (every move lowers ``t_src`` and leaves
 ``t_dst`` below the old ``t_src``), and with a zero transfer budget and no existing replica it
 returns the static placement.
+:func:`plan_probe_host` is the host twin (plain Python integers, the same plans); given a copy
+charge it prices copies inside the same single pass (:func:`plan_with_copy_charge`; the former
+retry over budgets stays as :func:`plan_with_copy_charge_retry`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -159,82 +163,168 @@ def assign_on_truth(counts: torch.Tensor, placement: torch.Tensor, layout: Exper
     return plan_probe_host(counts, layout, cost, k_max=k_max, placement=placement)[1]
 
 
-def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
-                    budget_out: Optional[int] = None, k_max: int = 16,
-                    placement: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The same algorithm as :func:`plan_probe`, for the host: NumPy with incremental rank
-    times and early exit (tensor-op dispatch dominates the tensor version on a CPU). Produces
-    exactly the same plan (tested)."""
+@functools.lru_cache(maxsize=64)
+def _static_index(E: int, ep: int):
+    """Flat indices of ``[e, home(e)]`` in an ``[E, ep]`` plane, each expert's home rank and the
+    expert ids (cached per layout shape: a few NumPy calls fewer per plan)."""
     import numpy as np
 
-    _check_counts(counts, layout)
+    e = np.arange(E)
+    home = e // (E // ep)
+    return e * ep + home, home, e
+
+
+def _host_counts(counts: torch.Tensor, layout: ExpertLayout):
+    """``counts`` as an int64 NumPy array, with :func:`_check_counts`'s checks (and messages) but
+    its negativity test in one NumPy call instead of several tensor ops."""
+    import numpy as np
+
+    if counts.shape != (layout.ep_size, layout.num_experts) or counts.dtype.is_floating_point \
+            or counts.dtype == torch.bool:
+        _check_counts(counts, layout)
+    cnt = np.asarray(counts.detach().cpu().numpy(), dtype=np.int64)
+    if cnt.size and cnt.min() < 0:
+        _check_counts(counts, layout)
+    return cnt
+
+
+def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
+                    budget_out: Optional[int] = None, k_max: int = 16,
+                    placement: Optional[torch.Tensor] = None,
+                    copy_charge_us: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same algorithm as :func:`plan_probe`, for the host; with ``copy_charge_us = 0`` it
+    produces exactly the same plan (tested). Tensor-op dispatch dominates the tensor version on a
+    CPU, so the loop here runs on plain Python integers with incremental rank times and an early
+    exit, and the ``[ep, E, ep]`` assignment is written once at the end.
+
+    State, all exact integers in token units: ``t[r]`` rank times; ``at_home[e]`` tokens of expert
+    ``e`` on its home rank, ``rem[e]`` those from other ranks (``movable`` of the tensor version),
+    ``left[e]`` per source rank (filled when ``e`` first moves); ``away[(e, r)]`` tokens of ``e``
+    on replica holder ``r``. Only a home rank's native experts move, and only to replica holders,
+    so this is the whole assignment.
+
+    ``copy_charge_us`` (> 0) prices copies inside the same single pass (the one-pass
+    :func:`plan_with_copy_charge`): with ``ch = round(copy_charge_us / per_token_us)`` token
+    units, a rank's time is ``T[r] = t[r] + ch * (copies it sends + copies it receives)`` and the
+    greedy runs on ``T`` (slowest ``src``, fastest valid ``dst``, ``x`` as above). A move that
+    makes a new copy raises both ``T[src]`` and ``T[dst]`` by ``ch``; it is accepted only if the
+    slowest rank's charged time goes down (``x > ch``: ``T[src] - x + ch < T[src]``; ``dst`` ends
+    below the old ``T[src]`` by the choice of ``x``); otherwise the pair is invalid, as a move
+    without gain. Moves onto an existing copy carry no charge. The pass stops when no pair of the
+    slowest rank can help (or after ``k_max`` iterations). ``ch = 0`` (a charge under half a
+    token's time) is the plain algorithm. Integers only, so the same plan on every rank."""
+    import numpy as np
+
+    cnt = _host_counts(counts, layout)
     for name, b in (("budget_in", budget_in), ("budget_out", budget_out)):
         if b is not None and b < 0:
             raise ValueError(f"{name}={b} is negative")
     if k_max < 0:
         raise ValueError(f"k_max={k_max} is negative")
+    if not copy_charge_us >= 0:
+        raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
     ep, E, L, R = layout.ep_size, layout.num_experts, layout.num_local_experts, layout.replica_slots
     cap_in = min(R, R if budget_in is None else budget_in)
     cap_out = E * ep if budget_out is None else budget_out
-    o_u = int(round(cost.per_active_expert_us / cost.per_token_us)) if cost.per_token_us > 0 else 0
-    cnt = counts.detach().cpu().numpy().astype(np.int64)
-    A = np.zeros((ep, E, ep), dtype=np.int64)
-    e_ids = np.arange(E)
-    A[:, e_ids, e_ids // L] = cnt
-    on = A.sum(0)  # [E, ep]
-    t = on.sum(0) + o_u * (on > 0).sum(0)  # int64 token units
-    slots = np.full((ep, R), EMPTY_SLOT, dtype=np.int64)
-    held = np.zeros((ep, E), dtype=bool)
-    n_in = np.zeros(ep, dtype=np.int64)
+    c = cost.per_token_us
+    o_u = int(round(cost.per_active_expert_us / c)) if c > 0 else 0
+    ch = int(round(copy_charge_us / c)) if c > 0 else 0
+    flat_home, home, e_ids = _static_index(E, ep)
+    col = cnt.sum(0)  # [E] tokens per expert, all on the home rank at the start
+    at_home = col.tolist()
+    rem = (col - cnt[home, e_ids]).tolist()  # minus the home rank's own tokens: they never move
+    t = [sum(b) + o_u * (L - b.count(0)) for b in [at_home[i:i + L] for i in range(0, E, L)]]
+    held = [set() for _ in range(ep)]  # replica copies only
+    slots = [[EMPTY_SLOT] * R for _ in range(ep)]
     if placement is not None:
-        slots = placement.detach().cpu().numpy().astype(np.int64).copy()
-        for r, e in zip(*np.nonzero(slots >= 0)):
-            held[r, slots[r, e]] = True
+        slots = placement.detach().cpu().long().tolist()
+        for r, row in enumerate(slots):
+            held[r].update(e for e in row if e >= 0)
         cap_in = 0
-    n_out = np.zeros(ep, dtype=np.int64)
-    invalid = np.eye(ep, dtype=bool)
+    n_in, n_out = [0] * ep, [0] * ep
+    invalid = [1 << r for r in range(ep)]  # bit d of invalid[s]: the pair (s, d) cannot help
+    left = {}
+    away = {}
+    got = {}  # (expert, holder) -> tokens per source rank computed on that copy
     for _ in range(k_max if R > 0 else 0):
-        src = int(np.argmax(t))
-        dst_ok = ~invalid[src]
-        if not dst_ok.any():
-            break  # nothing can change any more: the tensor version idles from here on
-        dst = int(np.argmin(np.where(dst_ok, t, np.iinfo(np.int64).max)))
-        lo, hi = src * L, (src + 1) * L
-        movable = on[lo:hi, src] - A[src, lo:hi, src]
-        can_copy = n_in[dst] < cap_in and n_out[src] < cap_out
-        eligible = (movable > 0) & (held[dst, lo:hi] | can_copy)
-        score = np.where(eligible, movable, -1)
-        j = int(np.argmax(score))
-        e_star = lo + j
-        ok = score[j] > 0
-        if ok:
-            new_copy = not held[dst, e_star]
-            o_new = o_u if (new_copy or A[:, e_star, dst].sum() == 0) else 0
-            x = int(min((t[src] - t[dst] - o_new) // 2, (t[src] * ep - t.sum()) // ep, movable[j]))
-            ok = x > 0
-        if not ok:
-            invalid[src, dst] = True
+        t_src = max(t)
+        src = t.index(t_src)
+        inv = invalid[src]
+        t_dst = min(t)
+        dst = t.index(t_dst)
+        if inv >> dst & 1:  # the fastest rank is ruled out: the fastest valid one, ties to the lower
+            dst = -1
+            for r in range(ep):
+                if not inv >> r & 1 and (dst < 0 or t[r] < t_dst):
+                    dst, t_dst = r, t[r]
+            if dst < 0:
+                break  # nothing can change any more: the tensor version idles from here on
+        lo = src * L
+        hd = held[dst]
+        e_star, best = -1, 0
+        if n_in[dst] < cap_in and n_out[src] < cap_out:  # any native may be copied
+            block = rem[lo:lo + L]
+            best = max(block)
+            if best > 0:
+                e_star = lo + block.index(best)
+        else:  # only the natives dst already holds
+            for e in hd:
+                if lo <= e < lo + L and (rem[e] > best or (rem[e] == best and best > 0 and e < e_star)):
+                    e_star, best = e, rem[e]
+        if e_star < 0:
+            invalid[src] |= 1 << dst
             continue
-        order = np.concatenate([[dst], [r for r in range(ep) if r != dst]])
-        avail = A[order, e_star, src] * (order != src)
-        before = np.cumsum(avail) - avail
-        take_o = np.minimum(avail, np.maximum(x - before, 0))
-        take = np.zeros(ep, dtype=np.int64)
-        take[order] = take_o
-        moved = int(take.sum())
-        A[:, e_star, src] -= take
-        A[:, e_star, dst] += take
-        on[e_star, src] -= moved
-        on[e_star, dst] += moved
-        t[src] = on[:, src].sum() + o_u * (on[:, src] > 0).sum()
-        t[dst] = on[:, dst].sum() + o_u * (on[:, dst] > 0).sum()
+        new_copy = e_star not in hd
+        on_dst = away.get((e_star, dst), 0)
+        o_new = o_u if (new_copy or on_dst == 0) else 0
+        x = min((t_src - t_dst - o_new) // 2, (t_src * ep - sum(t)) // ep, best)
+        if x <= (ch if new_copy else 0):
+            invalid[src] |= 1 << dst
+            continue
+        # locality first: dst's own tokens, then the other ranks' in rank order (never src's)
+        lst = left.get(e_star)
+        if lst is None:
+            lst = left[e_star] = cnt[:, e_star].tolist()
+        g = got.get((e_star, dst))
+        if g is None:
+            g = got[(e_star, dst)] = [0] * ep
+        need = x
+        for r in (dst, *range(ep)):  # dst again in the range: it is emptied or the loop has ended
+            a = lst[r]
+            if a <= 0 or r == src:
+                continue
+            k = a if a < need else need
+            lst[r] = a - k
+            g[r] += k
+            need -= k
+            if need == 0:
+                break
+        moved = x - need
+        rem[e_star] -= moved
+        away[(e_star, dst)] = on_dst + moved
+        at_home[e_star] -= moved
+        t[src] -= moved + (o_u if at_home[e_star] == 0 else 0)
+        t[dst] += moved + (o_u if on_dst == 0 and moved > 0 else 0)
         if new_copy:
-            free = np.nonzero(slots[dst] == EMPTY_SLOT)[0][0]
-            slots[dst, free] = e_star
-            held[dst, e_star] = True
+            slots[dst][slots[dst].index(EMPTY_SLOT)] = e_star
+            hd.add(e_star)
             n_in[dst] += 1
             n_out[src] += 1
-    return torch.from_numpy(slots), torch.from_numpy(A)
+            t[src] += ch
+            t[dst] += ch
+    A = np.zeros((ep, E * ep), dtype=np.int64)
+    A[:, flat_home] = cnt
+    if left:  # one scatter: tokens left at home for every moved expert, tokens on copies
+        idx, val = [], []
+        for (e, d), g in got.items():
+            idx.extend(range(e * ep + d, E * ep * ep, E * ep))
+            val.extend(g)
+        for e, lst in left.items():
+            idx.extend(range(e * ep + home[e], E * ep * ep, E * ep))
+            val.extend(lst)
+        A.reshape(-1)[idx] = val
+    A = A.reshape(ep, E, ep)
+    return torch.from_numpy(np.array(slots, dtype=np.int64).reshape(ep, R)), torch.from_numpy(A)
 
 
 def split_as_predicted(true: torch.Tensor, pred: torch.Tensor, pred_assign: torch.Tensor, placement: torch.Tensor,
@@ -259,27 +349,46 @@ def split_as_predicted(true: torch.Tensor, pred: torch.Tensor, pred_assign: torc
 def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int],
                           copy_charge_us: float) -> torch.Tensor:
     """Placement of the PROBE plan when every new copy costs its sender and its receiver
-    ``copy_charge_us`` (the part of a transfer that overlap does not hide): among the plans with
-    copy budgets ``budget_in`` down to 0, the one whose slowest rank (expert time plus copies
-    sent and received) finishes first; ties go to fewer copies. ``copy_charge_us = 0`` is the
+    ``copy_charge_us`` (the part of a transfer that overlap does not hide): one planner pass with
+    the charge priced inside the greedy (:func:`plan_probe_host` with ``copy_charge_us``; a copy
+    is made only when it lowers the slowest rank's charged time). ``copy_charge_us = 0`` is the
     plain PROBE plan."""
+    if copy_charge_us < 0:
+        raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
+    budget = layout.replica_slots if budget_in is None else budget_in
+    return plan_probe_host(counts, layout, cost, budget_in=budget, copy_charge_us=copy_charge_us)[0]
+
+
+def charged_times(assign: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost,
+                  copy_charge_us: float) -> torch.Tensor:
+    """``[ep]`` rank times (us) of a plan with every copy charged to its sender and its receiver:
+    the score :func:`plan_with_copy_charge_retry` minimises (its slowest rank)."""
+    busy = rank_times(assign, cost).double()
+    r, s = torch.nonzero(placement >= 0, as_tuple=True)
+    ones = torch.full((len(r),), float(copy_charge_us), dtype=torch.float64)
+    busy.index_add_(0, r, ones)
+    busy.index_add_(0, placement[r, s] // layout.num_local_experts, ones)
+    return busy
+
+
+def plan_with_copy_charge_retry(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost,
+                                budget_in: Optional[int], copy_charge_us: float) -> torch.Tensor:
+    """The former :func:`plan_with_copy_charge`, kept for comparison and benchmarks: among the
+    plain plans with copy budgets ``budget_in`` down to 0 (one planner call each), the one whose
+    slowest rank (expert time plus copies sent and received) finishes first; ties go to fewer
+    copies."""
     if copy_charge_us < 0:
         raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
     budget = layout.replica_slots if budget_in is None else budget_in
     placement, assign = plan_probe_host(counts, layout, cost, budget_in=budget)
     if copy_charge_us == 0 or not bool((placement >= 0).any()):
         return placement
-    L = layout.num_local_experts
     best, best_t = None, None
     for b in range(budget, -1, -1):
         pl, A = (placement, assign) if b == budget else plan_probe_host(counts, layout, cost, budget_in=b)
         if b < budget and int((pl >= 0).sum()) == int((best >= 0).sum()) and torch.equal(pl, best):
             continue  # the same plan as a larger budget: already scored
-        busy = rank_times(A, cost).double()
-        for r, s in zip(*torch.nonzero(pl >= 0, as_tuple=True)):
-            busy[int(r)] += copy_charge_us
-            busy[int(pl[r, s]) // L] += copy_charge_us
-        t = float(busy.max())
+        t = float(charged_times(A, pl, layout, cost, copy_charge_us).max())
         if best_t is None or t <= best_t:
             best, best_t = pl, t
     return best

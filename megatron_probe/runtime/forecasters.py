@@ -40,6 +40,14 @@ class Forecaster(Protocol):
     def end_step(self) -> None:
         """After each engine step."""
 
+    def set_layer_active(self, layer: int, active: bool) -> None:
+        """Whether ``layer`` is forecast from the next step on (the cost gate switches layers off:
+        no forecast work and no count exchange for them). Called on every rank alike."""
+
+    def take_control_us(self) -> Dict[int, float]:
+        """Per layer, this rank's forecast work of the step (us), then cleared: part of the
+        layer's control path (``{}`` when nothing is computed per layer)."""
+
     def close(self) -> None:
         """Remove hooks, finish outstanding collectives."""
 
@@ -66,6 +74,13 @@ class PreviousStepForecaster:
 
     def end_step(self) -> None:
         pass
+
+    def set_layer_active(self, layer: int, active: bool) -> None:
+        if not active:
+            self._prev.pop(layer, None)  # stale by the time the layer comes back
+
+    def take_control_us(self) -> Dict[int, float]:
+        return {}
 
     def close(self) -> None:
         self._prev.clear()
@@ -94,6 +109,12 @@ class OracleForecaster:
 
     def end_step(self) -> None:
         pass
+
+    def set_layer_active(self, layer: int, active: bool) -> None:
+        pass  # nothing is computed ahead
+
+    def take_control_us(self) -> Dict[int, float]:
+        return {}
 
     def close(self) -> None:
         pass

@@ -81,6 +81,7 @@ from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import (EMPTY_SLOT, ExpertLayout, empty_placement, holder_slots, imbalance_ratio,
                                               rank_loads, static_rank_loads)
+from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us
 from megatron_probe.policy.planner import plan_with_copy_charge, rank_times, static_assignment
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import balanced_split
@@ -245,6 +246,16 @@ class LookaheadPipeline:
                 for m in self.layers]
         self.budget_in = budget_in  # replicas a rank may receive per layer (default: R)
         self.copy_charge_us = cfg.copy_charge_us  # what an unhidden copy costs the planner (set_copy_charge)
+        # the cost gate: a layer balances only while that saves more than its control path costs
+        self.gates: Optional[List[LayerGate]] = None
+        if cfg.cost_gate:
+            gs = GateSettings(margin=cfg.cost_gate_margin, max_interval=cfg.cost_gate_max_interval)
+            self.gates = [LayerGate(gs) for _ in self.layers]
+        self._control_us: Dict[int, float] = {}  # per layer, this step: control path time measured here
+        self._stage_us: Dict[int, Dict[str, float]] = {}  # the same per stage (plan, agree, split, metrics)
+        self._cost_ema: List[Optional[float]] = [None] * len(self.layers)
+        self._last_counts: Dict[int, torch.Tensor] = {}
+        self._split_layer = 0
         self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
         self.default_wait = WaitPolicy(cfg.prefetch_deadline_ms)
         self.forecaster, self.wait_policy = self.runtime, self.default_wait
@@ -299,8 +310,26 @@ class LookaheadPipeline:
     def _prefetch(self, layer: int, phase: str) -> None:
         """Plan ``layer`` and queue its copies into bank ``layer % 2``."""
         if (layer >= len(self.layers) or layer in self._plans or self.disabled is not None
-                or not self.cfg.pipeline_plan or self.forecaster is None):
+                or not self.cfg.pipeline_plan or self.forecaster is None or not self.gate_on(layer)):
             return
+        t0 = time.perf_counter()
+        try:
+            self._prefetch_planned(layer, phase)
+        finally:
+            self._charge(layer, "plan_us", t0)
+
+    def gate_on(self, layer: int) -> bool:
+        """Whether ``layer`` balances at this step (always, without the cost gate)."""
+        return self.gates is None or self.gates[layer].on
+
+    def _charge(self, layer: int, stage: str, t0: float) -> None:
+        """Add the time since ``t0`` to ``layer``'s control path of this step (stage ``stage``)."""
+        us = (time.perf_counter() - t0) * 1e6
+        self._control_us[layer] = self._control_us.get(layer, 0.0) + us
+        stages = self._stage_us.setdefault(layer, {})
+        stages[stage] = stages.get(stage, 0.0) + us
+
+    def _prefetch_planned(self, layer: int, phase: str) -> None:
         counts = self.forecaster.predicted_counts(layer)
         if counts is None:
             return
@@ -403,6 +432,11 @@ class LookaheadPipeline:
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         self._layer_t0[layer] = time.perf_counter()
+        if not self.gate_on(layer):  # the stock path: no plan, no wait, no agreement, the default split
+            self.metrics.new_row(self.step, layer, 0)["fallbacks"] = 0
+            dispatcher.set_placement(empty_placement(self.layout))
+            dispatcher.assignment_fn = None
+            return
         if self.forecaster is not None and not self.forecaster.lookahead:
             t0 = time.perf_counter()
             self._prefetch(layer, "at_dispatch")
@@ -413,13 +447,16 @@ class LookaheadPipeline:
                 self.free_ms[layer] = (time.perf_counter() - t0) * 1e3
         plan = self._plans.pop(layer, None)
         row = self.metrics.new_row(self.step, layer, 0 if plan is None else plan.invalid)
+        t0 = time.perf_counter()
         if self.mode == "resident":
             placement = self._resident_placement(layer, plan, row)
         else:
             placement = self._streamed_placement(layer, plan, row)
+        self._charge(layer, "agree_us", t0)
         row["fallbacks"] = row["dropped"] + row["invalid"]  # planned replicas not used: tokens stayed home
         dispatcher.set_placement(placement)
         if self.cfg.pipeline_reassign and bool((placement >= 0).any()):
+            self._split_layer = layer
             dispatcher.assignment_fn = self._split
         else:
             dispatcher.assignment_fn = None
@@ -427,7 +464,11 @@ class LookaheadPipeline:
     def _split(self, counts: torch.Tensor, placement: torch.Tensor, layout) -> torch.Tensor:
         """The dispatch split on the true counts over the copies that exist: the balanced split
         (``policy.split``, time objective of the cost model), the same on every rank."""
-        return balanced_split(counts, holder_slots(placement, layout) >= 0, "time", self.cost)
+        t0 = time.perf_counter()
+        try:
+            return balanced_split(counts, holder_slots(placement, layout) >= 0, "time", self.cost)
+        finally:
+            self._charge(self._split_layer, "split_us", t0)
 
     def _agreed_placement(self, layer: int, plan: LayerPlan, row: Dict) -> torch.Tensor:
         """Wait for the plan's copies (the wait policy), agree with every rank which arrived, and
@@ -538,16 +579,23 @@ class LookaheadPipeline:
         layer = dispatcher.layer_index
         row = self.metrics.row(layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
+        self._last_counts[layer] = counts
+        row["ir_before"] = round(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)), 4)
+        if not self.gate_on(layer):  # the stock path: only what the gate's skew check reads
+            row.update(ir_after=row["ir_before"], time_vs_static=1.0)
+            row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
+            return
+        t0 = time.perf_counter()
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
-        row["ir_before"] = round(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)), 4)
         row["ir_after"] = round(imbalance_ratio(rank_loads(dispatcher.last_assignment)), 4)
         static_us = float(rank_times(static_assignment(counts, self._static_layout), self.cost).max())
         used_us = float(rank_times(dispatcher.last_assignment, self.cost).max())
         row["time_vs_static"] = round(used_us / static_us, 4) if static_us > 0 else 1.0
-        row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
         if self.forecaster is not None:
             self.forecaster.observe_true(layer, counts)
+        self._charge(layer, "metrics_us", t0)
+        row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
 
     # ------------------------------------------------------------------ steps
     def end_step(self) -> List[Dict]:
@@ -555,9 +603,47 @@ class LookaheadPipeline:
         if self.forecaster is not None:
             self.forecaster.end_step()
         self._plans.clear()  # planned but never dispatched (e.g. a shorter forward)
+        if self.forecaster is not None:
+            for layer, us in self.forecaster.take_control_us().items():
+                self._control_us[layer] = self._control_us.get(layer, 0.0) + us
+                stages = self._stage_us.setdefault(layer, {})
+                stages["forecast_us"] = stages.get("forecast_us", 0.0) + us
+        for row in self.metrics.current_rows():
+            layer = row["layer"]
+            row.update({k: round(v, 1) for k, v in self._stage_us.get(layer, {}).items()})
+            row["control_us"] = round(self._control_us.get(layer, 0.0), 1)
+            row["gate_on"] = int(self.gate_on(layer))
+        if self.gates is not None:
+            self._gate_step()
+        self._control_us.clear()
+        self._stage_us.clear()
         rows = self.metrics.end_step(self.step)
         self.step += 1
         return rows
+
+    def _gate_step(self) -> None:
+        """The cost gate at the end of a step: each layer's measured control cost averaged; the
+        layers whose check is due decide on this step's true counts (the same on every rank) and
+        the slowest rank's cost (one small all-reduce, only at steps with a check)."""
+        for layer in range(len(self.layers)):
+            if self.gate_on(layer) and layer in self._control_us:
+                us, ema = self._control_us[layer], self._cost_ema[layer]
+                self._cost_ema[layer] = us if ema is None else 0.7 * ema + 0.3 * us
+        irs = {layer: float(imbalance_ratio(static_rank_loads(c.sum(0), self.ep)))
+               for layer, c in self._last_counts.items()}
+        due = [layer for layer, ir in irs.items() if self.gates[layer].due(self.step, ir)]
+        if not due:
+            return
+        cost = torch.tensor([c if c is not None else 0.0 for c in self._cost_ema], dtype=torch.float64)
+        if self.ep > 1:
+            dist.all_reduce(cost, op=dist.ReduceOp.MAX, group=self.ctl_group)
+        charge = self.copy_charge_us if self.mode == "streamed" else 0.0  # resident copies amortise
+        for layer in due:
+            saving = balancing_saving_us(self._last_counts[layer], self.layout, self.cost, charge, self.budget_in)
+            if self.gates[layer].decide(self.step, saving, float(cost[layer]), irs[layer]):
+                self._plans.pop(layer, None)
+                if self.forecaster is not None:
+                    self.forecaster.set_layer_active(layer, self.gates[layer].on)
 
     def summary(self) -> Dict:
         out = self.metrics.summary()

@@ -5,7 +5,9 @@ copies not there at the deadline), ``failed``, ``invalid`` (plan entries naming 
 ``fallbacks`` (dropped + invalid: planned replicas not used, tokens stayed home), ``bytes``,
 ``wait_ms`` (exposed wait before the dispatch), ``ir_before`` / ``ir_after`` (token IR, static vs
 used placement), ``time_vs_static`` (the slowest rank's expert time under the cost model, used
-split over static: the split never makes it exceed 1), ``layer_ms``, and ``engine_disabled`` where copying was switched off. Rows go to
+split over static: the split never makes it exceed 1), ``gate_on`` (the cost gate let the layer
+balance), ``control_us`` and ``<stage>_us`` for the stages of ``CONTROL_STAGES`` (its control path's
+time at this step), ``layer_ms``, and ``engine_disabled`` where copying was switched off. Rows go to
 ``history``, to ``metrics_path`` as JSON lines, and to a metrics sink (``log(dict, step=)``,
 ``finish()``: the wandb logger) as :func:`step_metrics`; the event log is flushed beside them.
 """
@@ -18,6 +20,10 @@ from typing import Dict, List, Optional
 from megatron_probe.mechanism.event_log import EventLog, write_jsonl
 
 COUNTED = ("copies", "dropped", "failed", "invalid", "fallbacks", "bytes")
+# the control path's stages timed per layer and step (``<stage>_us`` in a row; ``control_us`` their sum
+# plus anything the forecaster reports): forecast, plan (and queueing the copies), agree (waiting
+# for copies and the agreement), split (at dispatch), metrics (bookkeeping after the combine)
+CONTROL_STAGES = ("forecast", "plan", "agree", "split", "metrics")
 
 
 def step_metrics(rows: List[Dict]) -> Dict[str, float]:
@@ -49,6 +55,10 @@ class PipelineMetrics:
         self._rows.append(row)
         return row
 
+    def current_rows(self) -> List[Dict]:
+        """This step's rows so far."""
+        return list(self._rows)
+
     def row(self, layer: int) -> Dict:
         """This step's row of ``layer`` (the latest one)."""
         return next(r for r in reversed(self._rows) if r["layer"] == layer)
@@ -79,7 +89,10 @@ class PipelineMetrics:
                 "wait_ms_total": round(sum(r["wait_ms"] for r in h), 3),
                 "ir_before": round(sum(r.get("ir_before", 1) for r in h) / n, 4),
                 "ir_after": round(sum(r.get("ir_after", 1) for r in h) / n, 4),
-                "time_vs_static": round(sum(r.get("time_vs_static", 1) for r in h) / n, 4)}
+                "time_vs_static": round(sum(r.get("time_vs_static", 1) for r in h) / n, 4),
+                "gate_on_fraction": round(sum(r.get("gate_on", 1) for r in h) / n, 4),
+                "control_us": {stage: round(sum(r.get(stage + "_us", 0.0) for r in h) / n, 1)
+                               for stage in CONTROL_STAGES + ("control",)}}
 
     def close(self, step: int, summary: Dict) -> None:
         """Flush the events; the sink gets the summary's numbers and is finished."""

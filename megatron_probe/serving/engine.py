@@ -220,9 +220,11 @@ class ContinuousBatchingEngine:
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
-    def step(self, before_forward=None) -> Optional[StepRecord]:
+    def step(self, before_forward=None, after_forward=None) -> Optional[StepRecord]:
         """Admit, run one forward over every active request's tokens, sample greedily, retire.
-        Returns None once every rank is done (a collective: call it on every rank)."""
+        Returns None once every rank is done (a collective: call it on every rank).
+        ``after_forward`` (e.g. the pipeline's ``end_step``) runs inside the step's timed region:
+        whatever the serving stack does for a step is counted in its time."""
         self._admit()
         ids, pos = self._plan()
         total, remaining = self._global(len(ids))
@@ -241,8 +243,10 @@ class ContinuousBatchingEngine:
             ends = torch.tensor([s.start + s.length - 1 for s in self.segments], dtype=torch.long,
                                 device=self.device)
             nxt = logits[0, ends].argmax(-1).tolist() if self.segments else []
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+        if after_forward is not None:
+            after_forward()
+        if total and self.device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         self.clock += dt
         if total:

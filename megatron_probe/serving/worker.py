@@ -186,12 +186,16 @@ def _serve_steps(modes: Dict[str, ServingMode], opts: ServeOptions, wl, rank: in
     while live and (opts.max_steps is None or step < opts.max_steps):
         order = live[step % len(live):] + live[: step % len(live)]  # no mode always runs first
         for mode in order:
+            pipe, layers = modes[mode].pipe, []
+            # the pipeline's step end (distillation, metrics, their collectives) is part of the
+            # step: timed inside it
+            end_step = None if pipe is None else (lambda p=pipe: layers.extend(p.end_step()))
             with nvtx_range(f"serve.{mode}.step{step}"):
-                rec = modes[mode].engine.step()
+                rec = modes[mode].engine.step(after_forward=end_step)
             if rec is None:
                 live.remove(mode)
                 continue
-            rows.append(_step_row(rec, mode, modes[mode].pipe))
+            rows.append(_step_row(rec, mode, layers))
         if opts.progress and rank == 0 and (step % 10 == 0 or not live):
             engine = modes[opts.modes[-1]].engine
             done = sum(r.finished for r in engine.requests.values())
@@ -205,12 +209,11 @@ def _serve_steps(modes: Dict[str, ServingMode], opts: ServeOptions, wl, rank: in
     return rows
 
 
-def _step_row(rec, mode: str, pipe) -> Dict:
-    """One engine step's row; with a pipeline, its step end and per-layer figures."""
+def _step_row(rec, mode: str, layers: List[Dict]) -> Dict:
+    """One engine step's row; with a pipeline, its per-layer figures of the step."""
     row = {"step": rec.step, "mode": mode, "tokens": rec.tokens, "prefill_tokens": rec.prefill_tokens,
            "decode_tokens": rec.decode_tokens, "active": rec.active, "queued": rec.queued,
            "seconds": rec.seconds, "emitted": rec.emitted}
-    layers = pipe.end_step() if pipe is not None else None
     if layers:
         n = len(layers)
         row.update(ir_before=sum(r.get("ir_before", 1.0) for r in layers) / n,
@@ -321,6 +324,11 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
             out["exposed_wait_s"] = round(wait_s, 4)
             out["exposed_wait_fraction"] = round(wait_s / secs, 4) if secs else None
             out["replica_memory_mib"] = round(pipe[0]["replica_memory_bytes"] / 2 ** 20, 3)
+            out["replica_mode"] = pipe[0].get("replica_mode")
+            if "control_us" in pipe[0]:
+                # the control path per layer and step (us), mean over ranks, per stage
+                out["control_us"] = {k: round(_mean(p["control_us"][k] for p in pipe), 1) for k in pipe[0]["control_us"]}
+                out["gate_on_fraction"] = round(_mean(p["gate_on_fraction"] for p in pipe), 4)
         pred = [g["prediction"].get(m) for g in gathered if g["prediction"].get(m)]
         if pred and pred[0].get("local"):
             out["prediction_topk_acc"] = _round(_mean(p["local"].get("mean_topk_acc") for p in pred))
@@ -444,6 +452,10 @@ def summarise_scaled(raw: Dict, wl, ws: int, prefill_chunk: int, max_active: int
             out.update(copies=sum(r.get("copies", 0) for r in mine), dropped=sum(r.get("dropped", 0) for r in mine),
                        exposed_wait_s=round(wait, 4), exposed_wait_fraction=round(wait / total, 4) if total else None,
                        prediction_topk_acc=round(raw["info"]["forecast_topk_acc"], 4))
+            info = raw["info"]
+            if info.get("control_us"):
+                out.update(control_us=info["control_us"], gate_on_fraction=info.get("gate_on_fraction"),
+                           replica_mode=info.get("replica_mode"))
         modes[m] = out
     _baseline_ir(modes["static"], modes["probe"])
     st, pr, orc = (modes[m]["seconds"] for m in SCALED_MODES)
