@@ -131,6 +131,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         expert held by each of this rank's slots."""
         self._holder_slots = holder_slots(self.placement, self.layout)
         self._my_slot_experts = slot_experts(self.placement, self.layout)[self.ep_rank]
+        self._replicated = bool((self.placement >= 0).any())
 
     def set_next_assignment(self, assignment: Optional[torch.Tensor]) -> None:
         """Use this ``[ep, E, ep]`` assignment for the next dispatch only (checked against the
@@ -195,6 +196,14 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         if self._pending_assignment is not None:
             assign, self._pending_assignment = self._pending_assignment, None
             validate_assignment(assign, counts, self.placement, self.layout)
+            return assign
+        if self.assignment_fn is None and not self._replicated:
+            # no replica: every token goes to its expert's home rank (what any policy gives), built
+            # directly; the common case of a gated-off or plain layer
+            E = self.num_experts
+            assign = torch.zeros(self.ep_size, E, self.ep_size, dtype=torch.long)
+            experts = torch.arange(E)
+            assign[:, experts, experts // self.layout.num_local_experts] = counts
             return assign
         if self.assignment_fn is not None:
             assign = self.assignment_fn(counts, self.placement, self.layout).cpu().long()

@@ -79,10 +79,10 @@ from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
-from megatron_probe.policy.placement import (EMPTY_SLOT, ExpertLayout, empty_placement, holder_slots, imbalance_ratio,
-                                              rank_loads, static_rank_loads)
+from megatron_probe.policy.placement import (EMPTY_SLOT, empty_placement, holder_slots, imbalance_ratio,
+                                              static_rank_loads)
 from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us
-from megatron_probe.policy.planner import plan_with_copy_charge, rank_times, static_assignment
+from megatron_probe.policy.planner import plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import balanced_split
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
@@ -205,7 +205,6 @@ class LookaheadPipeline:
             raise TypeError("the lookahead pipeline drives ProbeMoELayer layers (build the model with probe_layer_spec)")
         self.cfg = cfg = probe_config if probe_config is not None else self.layers[0].probe_config
         self.layout = self.layers[0].layout
-        self._static_layout = ExpertLayout(self.layout.num_experts, self.layout.ep_size, 0)
         if self.layout.replica_slots < 1:
             raise ValueError("the lookahead pipeline needs replica_slots_per_rank >= 1 in the layers' ProbeConfig")
         for m in self.layers:
@@ -357,7 +356,8 @@ class LookaheadPipeline:
         """Resident mode: the layer's planner decides which slots change (usually none); only
         those are copied, into the layer's own rows."""
         res, bank = self.resident[layer], self.layers[layer].expert_bank
-        self._check_natives(layer)
+        # (the natives are checked once, at use: a change before this plan's copies read them
+        # makes the check at the dispatch forget every slot of the layer, these copies included)
         charge = 0.0 if self.wait_policy.copies_free else self.copy_charge_us
         if res.planner.settings.copy_cost_us != charge:
             res.planner.settings = dataclasses.replace(res.planner.settings, copy_cost_us=charge)
@@ -494,6 +494,8 @@ class LookaheadPipeline:
         b = self.pool.bank_of(layer)
         if plan is None or not bool((plan.placement >= 0).any()):
             placement = empty_placement(self.layout)  # nothing planned (the same on every rank): no agreement
+        elif not plan.copies:
+            placement = plan.placement.clone()  # every slot already holds its expert: nothing to agree on
         else:
             placement = self._agreed_placement(layer, plan, row)
             if bool((placement != plan.placement).any()):
@@ -588,9 +590,12 @@ class LookaheadPipeline:
         t0 = time.perf_counter()
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
-        row["ir_after"] = round(imbalance_ratio(rank_loads(dispatcher.last_assignment)), 4)
-        static_us = float(rank_times(static_assignment(counts, self._static_layout), self.cost).max())
-        used_us = float(rank_times(dispatcher.last_assignment, self.cost).max())
+        on = dispatcher.last_assignment.sum(0)  # [E, ep]: what each rank computed of each expert
+        row["ir_after"] = round(imbalance_ratio(on.sum(0)), 4)
+        total = counts.sum(0).view(self.ep, -1)  # static: each rank its own experts
+        c, o = self.cost.per_token_us, self.cost.per_active_expert_us
+        static_us = float((c * total.sum(1).double() + o * (total > 0).sum(1).double()).max())
+        used_us = float((c * on.sum(0).double() + o * (on > 0).sum(0).double()).max())
         row["time_vs_static"] = round(used_us / static_us, 4) if static_us > 0 else 1.0
         if self.forecaster is not None:
             self.forecaster.observe_true(layer, counts)
