@@ -349,3 +349,27 @@ def test_bad_policy_names_raise():
         simulate(_skewed_counts(steps=1, layers=1), _cfg(), ("ours", "ours_resident"))
     with pytest.raises(ValueError, match="unknown policy"):
         Policies(_cfg(), 1, ("nope",), 3, 3)
+
+
+def test_control_path_charge_slows_planners_only():
+    counts = _skewed_counts(steps=3, layers=2)
+    names = ("static", "eplb", "probe", "ours", "ours-resident", "oracle")
+    free = simulate(counts, _cfg(), names)["policies"]
+    host = simulate(counts, _cfg(control="host"), names)["policies"]
+    for n in ("static", "oracle", "eplb"):
+        assert host[n]["mean_step_us"] <= free[n]["mean_step_us"] + 1e-9
+    for n in ("probe", "ours", "ours-resident"):
+        assert host[n]["mean_step_us"] > free[n]["mean_step_us"]
+        assert host[n]["step_us_nocontrol"] == pytest.approx(free[n]["step_us"])  # additive: same run beneath
+    assert host["ours"]["control_us_per_layer"] > host["probe"]["control_us_per_layer"]  # ours also splits
+
+
+def test_control_bad_values_and_unmeasured_gpu_pieces_raise():
+    with pytest.raises(ValueError, match=r"unknown control 'cpu'; valid: \('none', 'host', 'gpu'\)"):
+        _cfg(control="cpu")
+    counts = _skewed_counts(steps=1, layers=1)
+    with pytest.raises(ValueError, match="ours-resident"):
+        simulate(counts, _cfg(control="gpu"), ("ours", "ours-resident"))
+    gpu = simulate(counts, _cfg(control="gpu"), ("probe",))["policies"]["probe"]
+    host = simulate(counts, _cfg(control="host"), ("probe",))["policies"]["probe"]
+    assert gpu["control_us_per_layer"] > host["control_us_per_layer"]  # the measured graph replay is slower

@@ -84,6 +84,9 @@ def build_parser():
     p.add_argument("--eplb-period", type=int, default=300, help="steps between EPLB rebalances (vLLM's 3000 / 10)")
     p.add_argument("--eplb-split", choices=("even", "local_first"), default="even",
                    help="EPLB's runtime split: even (vLLM) or local_first (SGLang static dispatch)")
+    p.add_argument("--control", choices=("none", "host", "gpu", "both"), default="none",
+                   help="charge the control path (planner + split + count exchange + forecast, sim/control.py) in "
+                        "the decode table: host / gpu planner prices; both: host-charged beside uncharged")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--out-dir", default=None, help="write simulate.json, simulate.txt and switch.png here")
@@ -103,6 +106,9 @@ def check_args(p, a, shape, topo):
     """The checks argparse cannot make (p.error exits 2 with the message); returns EPLB's rebalance steps."""
     if shape.num_experts % topo.ep:
         p.error(f"{shape.num_experts} experts are not divisible by ep={topo.ep}")
+    if a.control == "gpu" and "decode" not in a.skip.split(","):
+        p.error("--control gpu: the decode table has ours-resident, whose planner was not measured on GPU "
+                "(results/gpu_planner_2026-11-28_h200 has only the PROBE planner); use --control host or both")
     rebalances = eplb_rebalance_steps(a.decode_steps, a.eplb_window, a.eplb_period)
     if a.switch_step in rebalances:
         p.error(f"--switch-step {a.switch_step} falls on an EPLB rebalance step {rebalances}; place it between them")
@@ -150,7 +156,7 @@ class Run:
 def policy_summary(r, names):
     """The simulator's per-policy summary without the per-step times, floats rounded."""
     return {n: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r["policies"][n].items()
-                if k != "step_us"} for n in names}
+                if k not in ("step_us", "step_us_nocontrol")} for n in names}
 
 
 def speedups(base_us, r, names):
@@ -342,12 +348,22 @@ def phase_steps(phases, steps, ph):
 def decode_batch(run, B, phases):
     a, names, ep = run.a, DECODE_NAMES, run.ep
     c = run.counts_for(B, a.decode_steps, 64.0, shift=a.switch_step, seed_off=B)
-    r = simulate(c, run.cfg_for(context=a.decode_context), names, summary_from=a.eplb_window)
+    ctl = {"both": "host"}.get(a.control, a.control)
+    r = simulate(c, run.cfg_for(context=a.decode_context, control=ctl), names, summary_from=a.eplb_window)
+    charged = None
+    if a.control == "both":  # the charge is additive: the uncharged run is the same run without it
+        charged = mean_throughput(r, names, phase_steps(phases, a.decode_steps, "headline"), ep * B)
+        for n in names:
+            r["policies"][n]["step_us"] = r["policies"][n]["step_us_nocontrol"]
+            r["policies"][n]["mean_step_us"] = sum(r["policies"][n]["step_us"]) / a.decode_steps
     per_phase = {ph: mean_throughput(r, names, phase_steps(phases, a.decode_steps, ph), ep * B)
                  for ph in phases.names() + ["all", "headline"]}
     thr = per_phase["headline"]
     log_decode_batch(run, B, per_phase, phases.names() + ["all"], r)
-    return {"throughput_tok_s": {n: round(v, 1) for n, v in thr.items()},
+    extra = {}
+    if charged is not None:
+        extra = log_control(run, r, thr, charged)
+    return {**extra, "throughput_tok_s": {n: round(v, 1) for n, v in thr.items()},
             "throughput_by_phase": {ph: {n: round(v, 1) for n, v in t.items()} for ph, t in per_phase.items()},
             "tpot_ms": {n: round(r["policies"][n]["mean_step_us"] / 1e3, 4) for n in names},
             "probe_vs_eplb": ratio(thr["probe"], thr["eplb"]), "ours_vs_eplb": ratio(thr["ours"], thr["eplb"]),
@@ -381,6 +397,24 @@ def log_decode_batch(run, B, per_phase, phase_names, r):
                 f"{ratio(t['ours-resident'], t['eplb-same']):.3f}; probe/eplb {ratio(t['probe'], t['eplb']):.3f}, "
                 f"ours/eplb {ratio(t['ours'], t['eplb']):.3f}, ours-resident/probe "
                 f"{ratio(t['ours-resident'], t['probe']):.3f}, eplb/static {ratio(t['eplb'], t['static']):.3f}")
+
+
+def log_control(run, r, thr, charged):
+    """The headline row again with the host control path charged (``--control both``)."""
+    run.log(f"{'':>6} +control (host) {charged['static']:>8.0f} {charged['eplb']:>8.0f} {charged['oracle']:>8.0f} | "
+            f"probe {charged['probe']:.0f} ours {charged['ours']:.0f} ratio {ratio(charged['ours'], charged['probe']):.3f}"
+            f" | eplb-same {charged['eplb-same']:.0f} ours-resident {charged['ours-resident']:.0f} ratio "
+            f"{ratio(charged['ours-resident'], charged['eplb-same']):.3f} | probe/eplb "
+            f"{ratio(charged['probe'], charged['eplb']):.3f}, ours/static {ratio(charged['ours'], charged['static']):.3f}"
+            f"; per layer (us): " + ", ".join(f"{n} {r['policies'][n]['control_us_per_layer']:.0f}"
+                                               for n in ("probe", "ours", "ours-resident")))
+    return {"control": "host", "control_pieces_us": r["control_pieces_us"],
+            "control_us_per_layer": {n: round(r["policies"][n]["control_us_per_layer"], 2) for n in thr},
+            "throughput_tok_s_control_host": {n: round(v, 1) for n, v in charged.items()},
+            "probe_vs_eplb_control_host": ratio(charged["probe"], charged["eplb"]),
+            "ours_vs_probe_control_host": ratio(charged["ours"], charged["probe"]),
+            "ours_resident_vs_eplb_same_control_host": ratio(charged["ours-resident"], charged["eplb-same"]),
+            "ours_vs_static_control_host": ratio(charged["ours"], charged["static"])}
 
 
 def summarise_decode(run):

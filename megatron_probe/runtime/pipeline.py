@@ -307,7 +307,8 @@ class LookaheadPipeline:
 
     # ------------------------------------------------------------------ planning and copies
     def _prefetch(self, layer: int, phase: str) -> None:
-        """Plan ``layer`` and queue its copies into bank ``layer % 2``."""
+        """Plan ``layer`` (when the cost gate lets it balance) and queue its copies, timed as the
+        layer's ``plan`` stage."""
         if (layer >= len(self.layers) or layer in self._plans or self.disabled is not None
                 or not self.cfg.pipeline_plan or self.forecaster is None or not self.gate_on(layer)):
             return
@@ -329,6 +330,7 @@ class LookaheadPipeline:
         stages[stage] = stages.get(stage, 0.0) + us
 
     def _prefetch_planned(self, layer: int, phase: str) -> None:
+        """Streamed: the plan's copies into bank ``layer % 2``; resident: see _prefetch_resident."""
         counts = self.forecaster.predicted_counts(layer)
         if counts is None:
             return

@@ -99,6 +99,11 @@ class SimConfig:
     copy_sm_fraction: float = 0.06  # PROBE's remote-put kernel: share of SMs it takes while copying
     transfer_link: str = "auto"  # auto | nvlink | ib
     seed: int = 0
+    control: str = "none"  # none | host | gpu: charge the control path (sim.control)
+
+    def __post_init__(self):
+        from megatron_probe.sim.control import check_control  # control imports nothing of ours: no cycle
+        check_control(self.control)
 
 
 def drop_late(placement: torch.Tensor, layout: ExpertLayout, cfg: SimConfig, window_us: float) -> torch.Tensor:

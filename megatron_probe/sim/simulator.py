@@ -17,6 +17,11 @@ Per layer and policy (see :mod:`megatron_probe.sim.policies` for the policies):
 * EPLB (``eplb``, ``eplb-same``): the copies of a rebalance, per rank summed over every layer of
   the model, charged to the next ``eplb_spread_steps`` steps in equal parts.
 
+Control path (``cfg.control`` ``host`` | ``gpu``, :mod:`megatron_probe.sim.control`): each
+layer of a policy that plans every step adds its planner + split + count exchange + forecast
+time on the critical path, after the transfer window (the copies start once the plan exists, so
+the window does not grow). ``step_us`` then includes it and ``step_us_nocontrol`` does not.
+
 Results: per policy the step times (us), means over steps x layers of IR (max/mean tokens
 per rank), compute max/mean, exposed transfer time and copies per layer, and the replica memory
 per rank (``policies.replica_memory``).
@@ -29,6 +34,7 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from megatron_probe.policy.cost_model import transfer_window_us
+from megatron_probe.sim.control import control_pieces, control_prices
 from megatron_probe.sim.error_model import noisy_forecast
 from megatron_probe.sim.layer import attention_us, layer_time, tokens_per_rank
 from megatron_probe.sim.policies import Policies, SimConfig, budgets, replica_memory
@@ -51,6 +57,12 @@ def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], fore
     w_est = transfer_window_us(cfg.hw, shape, tok_rank, cfg.context, ep)
     b_probe, b_ours = budgets(cfg, w_est)
     pol = Policies(cfg, Ls, names, b_probe, b_ours, w_est)
+    ctl = control_prices(cfg, tok_rank)
+    bad = [n for n in names if ctl[n] != ctl[n]]
+    if bad:
+        raise ValueError(f"control={cfg.control!r}: no measurement prices {bad} (the resident planner was not "
+                         f"measured on GPU); use control='host' or leave these policies out")
+    ctl_step = {n: ctl[n] * Ls * scale for n in names}  # per step: every MoE layer of the model
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     step_us = {n: [0.0] * steps for n in names}
     acc = {n: {"ir": 0.0, "ir_comp": 0.0, "exposed_us": 0.0, "copies": 0.0, "attn_us": 0.0, "dispatch_us": 0.0,
@@ -100,13 +112,19 @@ def simulate(counts: torch.Tensor, cfg: SimConfig, policies: Iterable[str], fore
                 charge = float(t.max()) * scale / cfg.eplb_spread_steps
                 for j in range(s + 1, min(steps, s + 1 + cfg.eplb_spread_steps)):
                     step_us[n][j] += charge
+    nocontrol = {n: list(step_us[n]) for n in names}
+    for n in names:
+        step_us[n] = [t + ctl_step[n] for t in step_us[n]]
     n_lay = (steps - summary_from) * Ls
     out = {"policies": {}, "budget_probe": b_probe, "budget_ours": b_ours, "window_est_us": round(w_est, 1),
-           "tokens_per_rank": tok_rank, "layer_scale": scale}
+           "tokens_per_rank": tok_rank, "layer_scale": scale, "control": cfg.control}
+    if cfg.control != "none":
+        out["control_pieces_us"] = {k: round(v, 2) for k, v in control_pieces(cfg, tok_rank).items()}
     for n in names:
         a = acc[n]
         out["policies"][n] = {
             "step_us": step_us[n], "mean_step_us": sum(step_us[n]) / steps,
+            "step_us_nocontrol": nocontrol[n], "control_us_per_layer": ctl[n],
             **{k: a[k] / n_lay for k in a}, "replica_memory_experts_per_rank": replica_memory(cfg, n)}
     if keep_layers:
         out["layers"] = per_layer
