@@ -285,9 +285,7 @@ class ScaledReplay:
     def replica_memory_mib(self) -> float:
         """Replica memory per rank of the probe mode (streamed: the two banks; resident: every
         layer's own slots)."""
-        pool = self.pipe.pool
-        nbytes = pool.memory_bytes() if pool is not None else sum(b.mlp.expert_bank.replica_bytes() for b in self.blocks)
-        return nbytes / 2 ** 20
+        return self.pipe.replica_memory_bytes() / 2 ** 20
 
     def close(self):
         self.pipe.close()

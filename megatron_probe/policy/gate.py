@@ -30,8 +30,8 @@ import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
 from megatron_probe.policy.placement import ExpertLayout, holder_slots
-from megatron_probe.policy.planner import plan_with_copy_charge, rank_times, static_assignment
-from megatron_probe.policy.split import balanced_split_times
+from megatron_probe.policy.planner import charged_times, plan_with_copy_charge, rank_times, static_assignment
+from megatron_probe.policy.split import balanced_split
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,8 @@ def balancing_saving_us(counts: torch.Tensor, layout: ExpertLayout, cost: Expert
     placement = plan_with_copy_charge(counts, layout, cost, budget_in, copy_charge_us)
     if not bool((placement >= 0).any()):
         return 0.0
-    times = torch.from_numpy(balanced_split_times(counts, holder_slots(placement, layout) >= 0, cost)).double()
-    L = layout.num_local_experts
-    for r, s in zip(*torch.nonzero(placement >= 0, as_tuple=True)):
-        times[int(r)] += copy_charge_us
-        times[int(placement[r, s]) // L] += copy_charge_us
-    return max(0.0, static - float(times.max()))
+    split = balanced_split(counts, holder_slots(placement, layout) >= 0, "time", cost)
+    return max(0.0, static - float(charged_times(split, placement, layout, cost, copy_charge_us).max()))
 
 
 class LayerGate:

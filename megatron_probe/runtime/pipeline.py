@@ -254,6 +254,7 @@ class LookaheadPipeline:
         self._stage_us: Dict[int, Dict[str, float]] = {}  # the same per stage (plan, agree, split, metrics)
         self._cost_ema: List[Optional[float]] = [None] * len(self.layers)
         self._last_counts: Dict[int, torch.Tensor] = {}
+        self._static_ir: Dict[int, float] = {}  # per layer, the last dispatch's static imbalance
         self._split_layer = 0
         self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
         self.default_wait = WaitPolicy(cfg.prefetch_deadline_ms)
@@ -584,7 +585,8 @@ class LookaheadPipeline:
         row = self.metrics.row(layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
         self._last_counts[layer] = counts
-        row["ir_before"] = round(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)), 4)
+        self._static_ir[layer] = float(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)))
+        row["ir_before"] = round(self._static_ir[layer], 4)
         if not self.gate_on(layer):  # the stock path: only what the gate's skew check reads
             row.update(ir_after=row["ir_before"], time_vs_static=1.0)
             row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
@@ -636,8 +638,7 @@ class LookaheadPipeline:
             if self.gate_on(layer) and layer in self._control_us:
                 us, ema = self._control_us[layer], self._cost_ema[layer]
                 self._cost_ema[layer] = us if ema is None else 0.7 * ema + 0.3 * us
-        irs = {layer: float(imbalance_ratio(static_rank_loads(c.sum(0), self.ep)))
-               for layer, c in self._last_counts.items()}
+        irs = self._static_ir
         due = [layer for layer, ir in irs.items() if self.gates[layer].due(self.step, ir)]
         if not due:
             return
@@ -652,13 +653,18 @@ class LookaheadPipeline:
                 if self.forecaster is not None:
                     self.forecaster.set_layer_active(layer, self.gates[layer].on)
 
+    def replica_memory_bytes(self) -> int:
+        """Replica memory of this rank: the two shared banks (streamed) or every layer's own slots
+        (resident)."""
+        if self.pool is not None:
+            return self.pool.memory_bytes()
+        return sum(m.expert_bank.replica_bytes() for m in self.layers)
+
     def summary(self) -> Dict:
         out = self.metrics.summary()
         if not out:
             return {}
-        memory = (self.pool.memory_bytes() if self.pool is not None
-                  else sum(m.expert_bank.replica_bytes() for m in self.layers))
-        out.update({"replica_mode": self.mode, "replica_memory_bytes": memory, "paused_s": round(self.engine.paused_seconds, 3),
+        out.update({"replica_mode": self.mode, "replica_memory_bytes": self.replica_memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
                     "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
                     "engine_disabled": self.disabled, "disabled_at": self.disabled_at})
         acc = self.runtime.topk_accuracy() if self.runtime is not None else None
