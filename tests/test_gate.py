@@ -68,3 +68,28 @@ def test_probe_config_gate_fields_are_checked():
                     (dict(cost_gate_max_interval=2.5), "cost_gate_max_interval=2.5")):
         with pytest.raises((TypeError, ValueError), match=msg):
             ProbeConfig(**kw)
+
+
+def test_saving_upper_bound_is_never_below_the_saving():
+    """The gate skips the planner when the bound cannot beat the cost: the bound must hold for any
+    counts, skew, layout and copy charge, or a layer would stay off when balancing pays."""
+    from megatron_probe.policy.gate import saving_upper_bound_us
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(200):
+        ep = (2, 4, 8)[trial % 3]
+        E = ep * (1, 2, 4)[trial // 3 % 3]
+        lay = ExpertLayout(E, ep, 1 + trial % 3)
+        counts = torch.randint(0, 40, (ep, E), generator=g)
+        hot = torch.randint(0, E, (1 + trial % 3,), generator=g)
+        counts[:, hot] *= int(torch.randint(1, 30, (1,), generator=g))  # adversarial skew
+        if trial % 7 == 0:
+            counts[:, torch.randint(0, E, (E // 2,), generator=g)] = 0  # idle experts
+        cost = ExpertCost(per_token_us=float(torch.rand(1, generator=g)) * 3 + 0.1,
+                          per_active_expert_us=float(torch.rand(1, generator=g)) * 200)
+        charge = (0.0, 50.0, 500.0)[trial % 3]
+        exact = balancing_saving_us(counts, lay, cost, copy_charge_us=charge)
+        bound = saving_upper_bound_us(counts, lay, cost)
+        assert bound >= exact - 1e-6, (trial, bound, exact)
+    even = torch.full((2, 8), 50, dtype=torch.long)
+    assert saving_upper_bound_us(even, ExpertLayout(8, 2, 2), COST) == 0.0

@@ -163,7 +163,7 @@ def _bad_workload(tmp_path):
     (["--regime", "fast"], "invalid choice: 'fast'"),
     (["--num-experts", "16"], "--num-experts 16 (checkpoint: 32)"),
     (["--expert-model-parallel-size", "3"], "not divisible by expert-parallel size 3"),
-    (["--workload", "nosuch"], "valid names: ['bursty', 'prefill', 'repeat', 'shift', 'steady']"),
+    (["--workload", "nosuch"], "valid names: ['bursty', 'onset', 'prefill', 'repeat', 'shift', 'steady']"),
     (["--probe-replica-slots-per-rank", "40"], "replica_slots_per_rank=40 exceeds"),
     (["--probe-pipeline-plan", "maybe"], "'maybe' is not a boolean"),
     (["--micro-batch-size", "0"], "--micro-batch-size 0 must be >= 1"),

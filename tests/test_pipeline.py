@@ -293,6 +293,67 @@ def test_cost_gate_switches_layers_alike_on_every_rank(ws):
     assert all(s == states[0] for s in states), states
 
 
+def pipeline_gate_skew_onset(rank, ws):
+    """Skew that appears mid-run switches a gated-off layer back on at once: balanced routing (no
+    expert bias) while nothing can beat the margin, then the normal margin and an expert bias that
+    makes one expert every token's first choice. The skew trigger (the static imbalance jumped)
+    must bring every layer back on the step after the onset, long before the doubling interval's
+    next scheduled check; outputs equal the plain model's throughout. Returns the gate states."""
+    import dataclasses
+
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import forward_logits
+    from megatron_probe.policy.cost_model import ExpertCost
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+
+    model, _, _, _ = _skewed_gpt(rank, ws)
+    routers = [m.router for m in moe_layers(model)]
+    skew_bias = [r.expert_bias.clone() for r in routers]
+
+    def set_skew(on):
+        for r, b in zip(routers, skew_bias):
+            r.expert_bias.copy_(b if on else torch.zeros_like(b))
+
+    onset, steps = 10, 13
+    gen = torch.Generator().manual_seed(11 + rank)
+    batches = [torch.randint(0, 128, (1, 48), generator=gen) for _ in range(steps)]
+    refs = []
+    with torch.no_grad():
+        for step, b in enumerate(batches):
+            set_skew(step >= onset)
+            refs.append(forward_logits(model, b))
+    set_skew(False)
+    scale = max(float(r.abs().max()) for r in refs)
+    pcfg = ProbeConfig(replica_slots_per_rank=2, pipeline_predict=False, transfer_chunk_mib=0.001,
+                       prefetch_deadline_ms=10_000.0, cost_gate=True, cost_gate_margin=1e12, cost_gate_max_interval=16)
+    pipe = LookaheadPipeline(model, pcfg, cost=ExpertCost(1000.0, 0.0))
+    states, checks_before = [], None
+    with torch.inference_mode():
+        for step, (b, ref) in enumerate(zip(batches, refs)):
+            if step == onset:  # the skew appears; the margin is the default again
+                set_skew(True)
+                checks_before = [g.next_check for g in pipe.gates]
+                for g in pipe.gates:
+                    g.settings = dataclasses.replace(g.settings, margin=1.2)
+            diff = float((forward_logits(model, b) - ref).abs().max())
+            assert diff <= 1e-5 * scale, (f"rank {rank} step {step}", diff, scale)
+            states.append([r["gate_on"] for r in pipe.end_step()])
+    pipe.close()
+    ctx = (f"rank {rank}", states, checks_before)
+    assert all(s == [0, 0, 0, 0] for s in states[3:onset + 1]), ctx  # off before the onset and at it
+    assert all(c > onset + 1 for c in checks_before), ctx  # no scheduled check would have come in time
+    assert states[onset + 1] == [1, 1, 1, 1], ctx  # on at the step after the onset: the skew trigger
+    return states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_cost_gate_comes_back_on_when_skew_appears(ws):
+    states = run_ranks(pipeline_gate_skew_onset, ws)
+    assert all(s == states[0] for s in states), states
+
+
 # --------------------------------------------------------------------------- event log
 def pipeline_event_log(rank, ws, wandb_project, out_dir):
     """The pipeline with the event log on, phase locking on and off: every chunk's and every

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the serving workloads (steady, shift, repeat, bursty, prefill) from the held-out corpus split.
+"""Write the serving workloads (steady, shift, repeat, bursty, prefill, onset) from the held-out corpus split.
 
   python tools/make_workloads.py --out workloads
   python tools/make_workloads.py --scenarios prefill          # only workloads/prefill.json
@@ -13,6 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REQUESTS, DEFAULT_STEPS = 160, 400
 # prefill: ~13 long prompts arriving a step keep > 2 x 1024 tokens a step in the EP 2 scaled regime
 PREFILL_REQUESTS, PREFILL_STEPS = 640, 64
+# onset: 32 light requests over the first 24 steps, then ~14 long prompts a step until step 48
+ONSET_REQUESTS, ONSET_STEPS, ONSET_STEP = 384, 64, 24
 
 
 def main():
@@ -29,6 +31,7 @@ def main():
     p.add_argument("--steps", type=int, default=None,
                    help=f"arrivals spread over the first 3/4 of this; default {DEFAULT_STEPS}, prefill {PREFILL_STEPS}")
     p.add_argument("--shift-step", type=int, default=200, help="shift only (prefill switches at its middle request)")
+    p.add_argument("--onset-step", type=int, default=ONSET_STEP, help="onset only: first step of the burst")
     p.add_argument("--prefill-from", default="english", help="prefill: dominant domain of the first half")
     p.add_argument("--prefill-to", default="de_fr", help="prefill: dominant domain of the second half")
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000, help="as in training (same split)")
@@ -46,15 +49,15 @@ def main():
     corpus = build_corpus(a.max_bytes_per_domain)
     docs = {d: (dc.heldout if a.split == "heldout" else dc.train) for d, dc in corpus.items()}
     for sc in a.scenarios:
-        prefill = sc == "prefill"
         prompt_range, output_range = length_ranges(sc, cfg.seq_length)
-        requests = a.requests or (PREFILL_REQUESTS if prefill else DEFAULT_REQUESTS)
-        steps = a.steps or (PREFILL_STEPS if prefill else DEFAULT_STEPS)
-        shift = dict(shift_from=a.prefill_from, shift_to=a.prefill_to) if prefill else {}
+        requests = a.requests or {"prefill": PREFILL_REQUESTS, "onset": ONSET_REQUESTS}.get(sc, DEFAULT_REQUESTS)
+        steps = a.steps or {"prefill": PREFILL_STEPS, "onset": ONSET_STEPS}.get(sc, DEFAULT_STEPS)
+        shift = dict(shift_from=a.prefill_from, shift_to=a.prefill_to) if sc in ("prefill", "onset") else {}
+        shift_step = a.onset_step if sc == "onset" else a.shift_step
         # seed by the scenario's place in SCENARIOS: one scenario alone gets the seed of a full run
         wl = build_workload(sc, docs, tok, seed=a.seed + SCENARIOS.index(sc), num_requests=requests, steps=steps,
                             max_len=cfg.seq_length, prompt_range=prompt_range, output_range=output_range,
-                            shift_step=a.shift_step, split=a.split, **shift,
+                            shift_step=shift_step, split=a.split, **shift,
                             tokenizer_name=os.path.relpath(os.path.join(a.checkpoint, "tokenizer.json"), ROOT))
         path = os.path.join(a.out, f"{sc}.json")
         wl.save(path)

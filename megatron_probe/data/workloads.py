@@ -12,7 +12,9 @@ Scenarios: ``steady`` (mixed domains, even arrivals), ``shift`` (one domain, the
 switch to another domain at a given step, the paper's Code -> Chinese test), ``repeat`` (a few
 prompts duplicated: extreme skew), ``bursty`` (Poisson bursts of a single domain), ``prefill``
 (prefill-heavy: long prompts, short outputs, many arrivals a step so that many prompts prefill at
-once; the dominant domain switches half way, so the hot experts move).
+once; the dominant domain switches half way, so the hot experts move), ``onset`` (light
+mixed-domain traffic, then from a given step a burst of long prompts mostly from one domain: the
+load, and with it the skew's cost, appears mid-run).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from megatron_probe.fileformat import check_format
 
 WORKLOAD_FORMAT = "megatron_probe.workload"
 WORKLOAD_VERSION = 1
-SCENARIOS = ("steady", "shift", "repeat", "bursty", "prefill")
+SCENARIOS = ("steady", "shift", "repeat", "bursty", "prefill", "onset")
 # prefill: share of a phase's requests from its dominant domain (the rest: any domain)
 PREFILL_DOMINANT_SHARE = 0.75
 
@@ -118,19 +120,20 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
         raise ValueError(f"split={split!r}; valid: 'heldout', 'train'")
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid: {SCENARIOS}")
-    if scenario in ("shift", "prefill"):
-        for d in (shift_from, shift_to):
+    if scenario in ("shift", "prefill", "onset"):
+        for d in ((shift_to,) if scenario == "onset" else (shift_from, shift_to)):
             if d not in heldout:
                 raise ValueError(f"domain {d!r} of the {scenario} scenario is not in the corpus; valid: {sorted(heldout)}")
     gen = torch.Generator().manual_seed(seed)
     domains = sorted(heldout)
     reqs: List[Request] = []
 
-    def add(domain, arrival, fixed=None):
+    def add(domain, arrival, fixed=None, ranges=None):
+        pr, orr = ranges or (prompt_range, output_range)
         for _ in range(50):
             docs = heldout[domain]
             doc = docs[int(torch.randint(len(docs), (), generator=gen))]
-            cut = fixed or _cut_request(tok, doc, gen, prompt_range, output_range, max_len)
+            cut = fixed or _cut_request(tok, doc, gen, pr, orr, max_len)
             if cut is None:
                 continue
             prompt, out, pids, oids = cut
@@ -166,6 +169,20 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
             t += rate_gap * size * float(torch.empty(()).exponential_(1.0, generator=gen))
             i += 1
         desc = "Poisson bursts, each burst from a single domain"
+    elif scenario == "onset":
+        if not 0 < shift_step < steps * 0.75:
+            raise ValueError(f"onset: shift_step={shift_step} must lie inside the arrival window (0, {steps * 0.75:g})")
+        light = max(1, num_requests // 12)
+        for i, t in enumerate(torch.linspace(0, shift_step - 1, light).round().long().tolist()):
+            add(domains[i % len(domains)], t)
+        burst = length_ranges("prefill", max_len)
+        for t in torch.linspace(shift_step, steps * 0.75, num_requests - light).round().long().tolist():
+            dom = shift_to
+            if float(torch.rand((), generator=gen)) >= PREFILL_DOMINANT_SHARE:
+                dom = domains[int(torch.randint(len(domains), (), generator=gen))]
+            add(dom, t, ranges=burst)
+        desc = (f"onset: {light} mixed-domain requests over steps 0-{shift_step - 1}, then {num_requests - light} "
+                f"long prompts ({PREFILL_DOMINANT_SHARE:.0%} {shift_to}) arriving from step {shift_step}")
     else:  # prefill
         # the arrival rate (num_requests over 3/4 of steps) sets how many prompts prefill at once
         half = num_requests // 2
@@ -180,7 +197,7 @@ def build_workload(scenario: str, heldout: Dict[str, list], tok, seed: int = 0, 
                 f"from step {shift_step}")
     label = "held-out split" if split == "heldout" else "training split"
     return Workload(scenario, desc, f"{label} of megatron_probe.data.corpus", tokenizer_name, reqs,
-                    {"seed": seed, "shift_step": shift_step if scenario in ("shift", "prefill") else None,
+                    {"seed": seed, "shift_step": shift_step if scenario in ("shift", "prefill", "onset") else None,
                      "split": split})
 
 

@@ -272,7 +272,7 @@ class ScaledReplay:
                     rec["step_control_ms"] += (time.perf_counter() - t0) * 1e3
                 if mode == "probe":
                     rec.update(wait_ms=[r["wait_ms"] for r in layers], copies=sum(r["copies"] for r in layers),
-                               dropped=sum(r["dropped"] for r in layers))
+                               dropped=sum(r["dropped"] for r in layers), gate_on=[r.get("gate_on", 1) for r in layers])
                     self.copies += rec["copies"]
                     self.dropped += rec["dropped"]
                 rec["ir_before"] = [r.get("ir_before", 1.0) for r in layers]
@@ -326,7 +326,7 @@ def serve_scaled_worker(rank: int, ws: int, opts: Dict, out_path: str) -> None:
             if mode == "probe":
                 w = torch.tensor([sum(rec["wait_ms"])], dtype=torch.float64)
                 dist.all_reduce(w, op=dist.ReduceOp.MAX, group=rep.group)
-                row.update(wait_ms=float(w[0]), copies=rec["copies"], dropped=rec["dropped"])
+                row.update(wait_ms=float(w[0]), copies=rec["copies"], dropped=rec["dropped"], gate_on=rec["gate_on"])
             rows.append(row)
         if opts.get("progress") and rank == 0 and j % 5 == 0:
             print(f"\rscaled replay: step {j + 1}/{n}", end="", flush=True)

@@ -100,11 +100,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self._refresh_tables()
         self._pending_assignment: Optional[torch.Tensor] = None
         self.assignment_fn: Optional[AssignmentFn] = None
-        S, ep = self.layout.slots_per_rank, self.ep_size
-        # chunk orders: received [src][slot] -> experts want [slot][src], and back
-        idx = torch.arange(ep * S)
-        self._sort_to_slot_major = idx.view(ep, S).T.ravel()
-        self._sort_to_src_major = idx.view(S, ep).T.ravel()
+        # chunk orders: received [src][slot] -> experts want [slot][src], and back; for the S
+        # slots, and for the L native slots alone (a dispatch with no replica anywhere uses only
+        # those: exactly the stock layer's layout and work)
+        self._sort_orders = {n: (torch.arange(self.ep_size * n).view(self.ep_size, n).T.ravel(),
+                                 torch.arange(self.ep_size * n).view(n, self.ep_size).T.ravel())
+                             for n in {self.layout.slots_per_rank, num_local_experts}}
+        self.slots_in_use = self.layout.slots_per_rank  # of the current dispatch: S, or L with no replica
         self.last_counts: Optional[torch.Tensor] = None
         self.last_assignment: Optional[torch.Tensor] = None
         # installed by the live pipeline (None: a plain PROBE dispatcher), and this layer's index
@@ -132,6 +134,16 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self._holder_slots = holder_slots(self.placement, self.layout)
         self._my_slot_experts = slot_experts(self.placement, self.layout)[self.ep_rank]
         self._replicated = bool((self.placement >= 0).any())
+
+    def carry(self, values: torch.Tensor) -> slice:
+        """Add ``values`` (integers, ``[n]``, the same length on every rank) to what the next
+        dispatch's count exchange carries; returns the columns of ``last_extra`` that will hold
+        every rank's values. Several callers may carry on the same dispatch."""
+        v = values.reshape(-1).long()
+        start = 0 if self.extra_counts is None else self.extra_counts.numel()
+        self.extra_counts = v if self.extra_counts is None else torch.cat([self.extra_counts.long(),
+                                                                           v.to(self.extra_counts.device)])
+        return slice(start, start + v.numel())
 
     def set_next_assignment(self, assignment: Optional[torch.Tensor]) -> None:
         """Use this ``[ep, E, ep]`` assignment for the next dispatch only (checked against the
@@ -161,6 +173,9 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         me = self.ep_rank
         assign = self._choose_assignment(counts)  # [ep, E, ep], CPU
         self.last_counts, self.last_assignment = counts, assign
+        # no replica anywhere (the assignment then sends every token home): the native slots only
+        S = S if self._replicated else self.layout.num_local_experts
+        self.slots_in_use = S
 
         num_pairs = int(counts[me].sum())
         permuted, permuted_probs, self.reversed_mapping = permute(
@@ -180,7 +195,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self.input_splits = send_counts.sum(1).tolist()
 
         # what each source sends to each of my slots, derived from the shared assignment
-        held = self._my_slot_experts  # [S]
+        held = self._my_slot_experts[:S]  # [S]
         recv = torch.zeros(ep, S, dtype=torch.long)
         valid = held >= 0
         recv[:, valid] = assign[:, held[valid], me]
@@ -225,9 +240,9 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         return tokens, probs
 
     def dispatch_postprocess(self, hidden_states, probs):
-        if self.ep_size > 1 and self.layout.slots_per_rank > 1:
+        if self.ep_size > 1 and self.slots_in_use > 1:
             hidden_states, probs = sort_chunks_by_idxs(
-                hidden_states, self.recv_counts.ravel(), self._sort_to_slot_major,
+                hidden_states, self.recv_counts.ravel(), self._sort_orders[self.slots_in_use][0],
                 probs=probs, fused=False,
             )
         if self.hooks is not None:
@@ -236,9 +251,9 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
     # ------------------------------------------------------------------ combine
     def combine_preprocess(self, hidden_states):
-        if self.ep_size > 1 and self.layout.slots_per_rank > 1:
+        if self.ep_size > 1 and self.slots_in_use > 1:
             hidden_states, _ = sort_chunks_by_idxs(
-                hidden_states, self.recv_counts.T.ravel(), self._sort_to_src_major, fused=False
+                hidden_states, self.recv_counts.T.ravel(), self._sort_orders[self.slots_in_use][1], fused=False
             )
         return hidden_states
 

@@ -99,7 +99,9 @@ class SlotExpertCompute:
         per_block = [int(c) for c in torch.stack([t.sum() for t in tokens_per_slot.split(sizes)]).tolist()]
         outs = []
         if not hasattr(self, "_block_computes"):
-            self._block_computes = [SlotExpertCompute(self.config, self.requested_backend) for _ in sizes]
+            self._block_computes = []
+        while len(self._block_computes) < len(sizes):  # one per block position: natives, replicas
+            self._block_computes.append(SlotExpertCompute(self.config, self.requested_backend))
         for i, (xs, ps, tps, w1, w2) in enumerate(zip(x.split(per_block), probs.split(per_block),
                                                       tokens_per_slot.split(sizes), fc1_blocks, fc2_blocks)):
             if xs.shape[0] == 0:

@@ -246,6 +246,7 @@ class TransferEngine:
         self._busy = False  # the worker is committing to, or moving, a chunk
         self._idle = threading.Event()
         self._idle.set()
+        self._outstanding = 0  # batches submitted and not yet finished (changed under _cv)
         self._closed = False
         self._seq = 0
         self._stream = torch.cuda.Stream(device=device) if device is not None and device.type == "cuda" else None
@@ -280,6 +281,11 @@ class TransferEngine:
         with self._cv:
             self._pause_req = False
             self._cv.notify_all()
+
+    @property
+    def outstanding(self) -> int:
+        """Batches submitted and not yet finished (0: the worker is parked on an empty queue)."""
+        return self._outstanding
 
     @property
     def paused(self) -> bool:
@@ -330,7 +336,9 @@ class TransferEngine:
         if self.broken is not None:
             batch._fail(RuntimeError(f"transfer engine is broken: {self.broken}"))
         elif work:
-            self._idle.clear()
+            with self._cv:
+                self._outstanding += 1
+                self._idle.clear()
             self._queue.put((batch, work))
         return batch
 
@@ -365,8 +373,10 @@ class TransferEngine:
                     self._break(f"rank {self.rank}: {type(e).__name__}: {e}")
                     batch._fail(e)
             batch.finished_at = time.monotonic()
-            if self._queue.empty():
-                self._idle.set()
+            with self._cv:  # idle only once every submitted batch is done (a submit may race this)
+                self._outstanding -= 1
+                if self._outstanding == 0:
+                    self._idle.set()
 
     def _set_busy(self, busy: bool) -> None:
         with self._cv:

@@ -10,7 +10,11 @@ save time when the load is skewed enough. Each MoE layer keeps a :class:`LayerGa
   balanced split, every new copy charged ``copy_charge_us`` to its two ranks, as the pipeline
   prices copies);
 * **cost** (us per step): what the layer's control path measured while it ran, agreed over the
-  ranks (the slowest rank's; the caller all-reduces it, so every rank decides the same).
+  ranks (the slowest rank's; the caller gathers it, so every rank decides the same).
+
+The saving is priced with the planner only when its cheap upper bound
+(:func:`saving_upper_bound_us`) could beat the cost; otherwise the bound is the recorded saving
+(the decision is the same: off).
 
 The gate is on while ``saving > margin x cost``. It re-checks at an interval that doubles while
 the decision stays the same (from ``min_interval`` up to ``max_interval`` steps) and drops back
@@ -52,6 +56,16 @@ class GateSettings:
                              "1 <= min_interval <= max_interval")
         if not self.skew_jump > 0:
             raise ValueError(f"skew_jump={self.skew_jump}; valid: > 0")
+
+
+def saving_upper_bound_us(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost) -> float:
+    """An upper bound of :func:`balancing_saving_us` in a few tensor operations: the static
+    slowest rank's time minus the static mean. Any plan computes every token once and keeps every
+    expert active somewhere (replicas only add active experts and charges), so its slowest rank
+    needs at least the static mean."""
+    loads = counts.sum(0).view(layout.ep_size, -1)
+    times = (cost.per_token_us * loads.sum(1).double() + cost.per_active_expert_us * (loads > 0).sum(1).double())
+    return max(0.0, float(times.max() - times.mean()))
 
 
 def balancing_saving_us(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost,

@@ -174,14 +174,14 @@ class PiggybackedCounts:
     """Forecast counts carried by a dispatcher's own count exchange (``extra_counts``); ready once
     that dispatch has run (the pipeline asks for layer L's counts after layer L-1's dispatch)."""
 
-    def __init__(self, dispatcher):
-        self.dispatcher = dispatcher
+    def __init__(self, dispatcher, columns: slice):
+        self.dispatcher, self.columns = dispatcher, columns
 
     def wait(self) -> torch.Tensor:
         out = self.dispatcher.last_extra
         if out is None:
             raise RuntimeError("forecast counts asked for before the dispatch that carries them ran")
-        return out
+        return out[:, self.columns]
 
 
 class LookaheadRuntime:
@@ -244,7 +244,7 @@ class LookaheadRuntime:
         # carry it (the PROBE dispatcher): one all-gather per layer instead of two
         self._carriers: Dict[int, object] = {
             i + 1: layer.token_dispatcher for i, layer in enumerate(self.layers)
-            if i + 1 in self.predictors and hasattr(layer.token_dispatcher, "extra_counts")}
+            if i + 1 in self.predictors and hasattr(layer.token_dispatcher, "carry")}
         self._sample: Dict[int, tuple] = {}  # layer -> (sample index | None, sampled inputs)
         self._pred_ids: Dict[int, tuple] = {}  # layer -> (ids, scored step)
         self._step_records: List[Dict] = []
@@ -266,6 +266,8 @@ class LookaheadRuntime:
     # ------------------------------------------------------------------ hooks
     def _moe_input_hook(self, target: int):
         def hook(module, args, kwargs):
+            if target in self._inactive:
+                return  # switched off by the cost gate (checked again in forecast)
             h = args[0] if args else kwargs["hidden_states"]
             self.forecast(target, h.reshape(-1, h.shape[-1]))
         return hook
@@ -309,8 +311,8 @@ class LookaheadRuntime:
             stale.wait()  # a forecast nobody consumed: finish its collective before issuing the next
         carrier = self._carriers.get(layer)
         if carrier is not None:
-            carrier.extra_counts = counts  # gathered by layer - 1's dispatch, about to run
-            self._pending[layer] = PiggybackedCounts(carrier)
+            # gathered by layer - 1's dispatch, about to run
+            self._pending[layer] = PiggybackedCounts(carrier, carrier.carry(counts))
         else:  # layer 0 (forecast before any dispatch of the step) or a stock dispatcher
             self._pending[layer] = gather_counts_async(counts, self.ep_group)
         self._pred_ids[layer] = (ids, scored)

@@ -79,9 +79,8 @@ from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
-from megatron_probe.policy.placement import (EMPTY_SLOT, empty_placement, holder_slots, imbalance_ratio,
-                                              static_rank_loads)
-from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us
+from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, holder_slots, imbalance_ratio
+from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us, saving_upper_bound_us
 from megatron_probe.policy.planner import plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import balanced_split
@@ -253,6 +252,10 @@ class LookaheadPipeline:
         self._control_us: Dict[int, float] = {}  # per layer, this step: control path time measured here
         self._stage_us: Dict[int, Dict[str, float]] = {}  # the same per stage (plan, agree, split, metrics)
         self._cost_ema: List[Optional[float]] = [None] * len(self.layers)
+        # per layer: the slowest rank's cost estimate, carried by the layer's own count exchange
+        self._peer_cost: Dict[int, float] = {}
+        self._cost_columns: Dict[int, slice] = {}
+        self._empty = empty_placement(self.layout)
         self._last_counts: Dict[int, torch.Tensor] = {}
         self._static_ir: Dict[int, float] = {}  # per layer, the last dispatch's static imbalance
         self._split_layer = 0
@@ -435,9 +438,15 @@ class LookaheadPipeline:
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         self._layer_t0[layer] = time.perf_counter()
+        if self.gates is not None and self.gates[layer].on:
+            # this rank's control cost of the layer rides on the layer's own count exchange: the
+            # gate reads every rank's without a collective of its own (only while on: off, the
+            # cost is not measured, so the last gathered figure still holds)
+            ema = self._cost_ema[layer]
+            self._cost_columns[layer] = dispatcher.carry(torch.tensor([0 if ema is None else round(ema)]))
         if not self.gate_on(layer):  # the stock path: no plan, no wait, no agreement, the default split
             self.metrics.new_row(self.step, layer, 0)["fallbacks"] = 0
-            dispatcher.set_placement(empty_placement(self.layout))
+            dispatcher.set_placement(self._empty)
             dispatcher.assignment_fn = None
             return
         if self.forecaster is not None and not self.forecaster.lookahead:
@@ -564,7 +573,9 @@ class LookaheadPipeline:
     @contextlib.contextmanager
     def all_to_all(self, dispatcher, kind: str):
         """Phase locking: no byte of a weight copy moves on this rank while an All-to-All runs."""
-        lock = self.cfg.pipeline_phase_lock
+        # nothing queued or moving: nothing can start either (only this thread submits copies, and
+        # it is inside the All-to-All), so the pause is skipped
+        lock = self.cfg.pipeline_phase_lock and self.engine.outstanding > 0
         if lock:
             self.engine.pause()  # returns once no chunk is moving on this rank
         t0 = now_ns()
@@ -585,7 +596,12 @@ class LookaheadPipeline:
         row = self.metrics.row(layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
         self._last_counts[layer] = counts
-        self._static_ir[layer] = float(imbalance_ratio(static_rank_loads(counts.sum(0), self.ep)))
+        if layer in self._cost_columns:
+            self._peer_cost[layer] = float(dispatcher.last_extra[:, self._cost_columns.pop(layer)].max())
+        # imbalance_ratio(static_rank_loads(...)) on host numbers: this runs at every layer and step
+        loads = counts.view(self.ep, self.ep, -1).sum((0, 2)).tolist()
+        mean = sum(loads) / self.ep
+        self._static_ir[layer] = max(loads) / mean if mean > 0 else 1.0
         row["ir_before"] = round(self._static_ir[layer], 4)
         if not self.gate_on(layer):  # the stock path: only what the gate's skew check reads
             row.update(ir_after=row["ir_before"], time_vs_static=1.0)
@@ -632,8 +648,9 @@ class LookaheadPipeline:
 
     def _gate_step(self) -> None:
         """The cost gate at the end of a step: each layer's measured control cost averaged; the
-        layers whose check is due decide on this step's true counts (the same on every rank) and
-        the slowest rank's cost (one small all-reduce, only at steps with a check)."""
+        layers whose check is due decide on this step's true counts and the slowest rank's cost
+        estimate as of the step's start (both from the layer's own count exchange, so the same on
+        every rank, with no collective of the gate's own)."""
         for layer in range(len(self.layers)):
             if self.gate_on(layer) and layer in self._control_us:
                 us, ema = self._control_us[layer], self._cost_ema[layer]
@@ -642,13 +659,14 @@ class LookaheadPipeline:
         due = [layer for layer, ir in irs.items() if self.gates[layer].due(self.step, ir)]
         if not due:
             return
-        cost = torch.tensor([c if c is not None else 0.0 for c in self._cost_ema], dtype=torch.float64)
-        if self.ep > 1:
-            dist.all_reduce(cost, op=dist.ReduceOp.MAX, group=self.ctl_group)
         charge = self.copy_charge_us if self.mode == "streamed" else 0.0  # resident copies amortise
         for layer in due:
-            saving = balancing_saving_us(self._last_counts[layer], self.layout, self.cost, charge, self.budget_in)
-            if self.gates[layer].decide(self.step, saving, float(cost[layer]), irs[layer]):
+            counts, cost = self._last_counts[layer], self._peer_cost.get(layer, 0.0)
+            # the cheap bound first: when even it cannot beat the cost, the plan cannot either
+            saving = saving_upper_bound_us(counts, self.layout, self.cost)
+            if saving > self.gates[layer].settings.margin * cost:
+                saving = balancing_saving_us(counts, self.layout, self.cost, charge, self.budget_in)
+            if self.gates[layer].decide(self.step, saving, cost, irs[layer]):
                 self._plans.pop(layer, None)
                 if self.forecaster is not None:
                     self.forecaster.set_layer_active(layer, self.gates[layer].on)

@@ -221,7 +221,8 @@ def _step_row(rec, mode: str, layers: List[Dict]) -> Dict:
                    ir_layers_before=[r.get("ir_before", 1.0) for r in layers],
                    ir_layers_after=[r.get("ir_after", 1.0) for r in layers],
                    copies=sum(r["copies"] for r in layers), dropped=sum(r["dropped"] for r in layers),
-                   bytes=sum(r["bytes"] for r in layers), wait_ms=sum(r["wait_ms"] for r in layers))
+                   bytes=sum(r["bytes"] for r in layers), wait_ms=sum(r["wait_ms"] for r in layers),
+                   gate_on=[r.get("gate_on", 1) for r in layers])
     return row
 
 
