@@ -33,7 +33,7 @@ def main():
     p.add_argument("--shift-step", type=int, default=200, help="shift only (prefill switches at its middle request)")
     p.add_argument("--onset-step", type=int, default=ONSET_STEP, help="onset only: first step of the burst")
     p.add_argument("--prefill-from", default="english", help="prefill: dominant domain of the first half")
-    p.add_argument("--prefill-to", default="de_fr", help="prefill: dominant domain of the second half")
+    p.add_argument("--prefill-to", default="de_fr", help="prefill: dominant domain of the second half; onset: of the burst")
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000, help="as in training (same split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("heldout", "train"), default="heldout",

@@ -109,6 +109,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self.slots_in_use = self.layout.slots_per_rank  # of the current dispatch: S, or L with no replica
         self.last_counts: Optional[torch.Tensor] = None
         self.last_assignment: Optional[torch.Tensor] = None
+        self.dispatches = 0  # count exchanges so far (tells a reader whether last_counts is new)
         # installed by the live pipeline (None: a plain PROBE dispatcher), and this layer's index
         # among the model's MoE layers, which the hooks use to tell layers apart
         self.hooks: Optional[DispatchHooks] = None
@@ -173,6 +174,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         me = self.ep_rank
         assign = self._choose_assignment(counts)  # [ep, E, ep], CPU
         self.last_counts, self.last_assignment = counts, assign
+        self.dispatches += 1
         # no replica anywhere (the assignment then sends every token home): the native slots only
         S = S if self._replicated else self.layout.num_local_experts
         self.slots_in_use = S

@@ -249,21 +249,37 @@ class LookaheadRuntime:
         self._pred_ids: Dict[int, tuple] = {}  # layer -> (ids, scored step)
         self._step_records: List[Dict] = []
         self._stats: Optional[Dict[str, PredictionStats]] = None
-        self._handles = []
         self._observed: List = []
+        # per predicted layer: the module whose forward pre-hook forecasts it (layer L-1's MoE
+        # layer; for layer 0 the transformer layer holding it) and the hook's handle, removed
+        # while the layer is switched off so an idle hook costs nothing
+        self._hook_module: Dict[int, torch.nn.Module] = {}
+        self._hook_handle: Dict[int, object] = {}
         for i, layer in enumerate(self.layers):
             if i + 1 in self.predictors:
-                self._handles.append(layer.register_forward_pre_hook(self._moe_input_hook(i + 1), with_kwargs=True))
+                self._hook_module[i + 1] = layer
             if not hasattr(layer.router, "logits_observer"):
                 raise TypeError(f"MoE layer {i}'s router ({type(layer.router).__name__}) cannot report its logits; "
                                 "build the model with ProbeRouter (probe_layer_spec does)")
             layer.router.logits_observer = self._logits_hook(i)
             self._observed.append(layer.router)
         if 0 in self.predictors:
-            holder = layer_holding(model, self.layers[0])
-            self._handles.append(holder.register_forward_pre_hook(self._moe_input_hook(0), with_kwargs=True))
+            self._hook_module[0] = layer_holding(model, self.layers[0])
+        for target in sorted(self._hook_module):
+            self._hook(target, True)
 
     # ------------------------------------------------------------------ hooks
+    def _hook(self, target: int, on: bool) -> None:
+        """Install or remove the forecasting pre-hook of ``target``. Installed first among the
+        module's pre-hooks (``prepend``): others, like the pipeline's layer-0 hook, read the
+        forecast it makes."""
+        handle = self._hook_handle.pop(target, None)
+        if handle is not None:
+            handle.remove()
+        if on:
+            self._hook_handle[target] = self._hook_module[target].register_forward_pre_hook(
+                self._moe_input_hook(target), with_kwargs=True, prepend=True)
+
     def _moe_input_hook(self, target: int):
         def hook(module, args, kwargs):
             if target in self._inactive:
@@ -326,6 +342,10 @@ class LookaheadRuntime:
         """From the next forward on, forecast ``layer`` or not (every rank alike: the count
         exchange is collective)."""
         (self._inactive.discard if active else self._inactive.add)(layer)
+        if layer in self._hook_module and active != (layer in self._hook_handle):
+            self._hook(layer, active)
+        router = self.layers[layer].router  # its logits only matter while the layer is forecast
+        router.logits_observer = self._logits_hook(layer) if active else None
 
     def observe_true(self, layer: int, counts: torch.Tensor) -> None:
         pass  # the predictors learn from the router's logits (observe_router), not from counts
@@ -482,9 +502,8 @@ class LookaheadRuntime:
         self.predictors.save(path, extra)
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for target in list(self._hook_handle):
+            self._hook(target, False)
         for r in self._observed:
             r.logits_observer = None
         self._observed.clear()

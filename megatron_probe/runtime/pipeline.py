@@ -143,6 +143,34 @@ class ResidentLayer:
     native_version: tuple
 
 
+class GatedOffHooks:
+    """The dispatcher hooks of a layer the cost gate switched off: the stock path with none of the
+    control path's per-layer work. Only two duties stay: the phase lock while copies of other
+    layers are queued or moving (and always when the event log is on, so it sees every
+    All-to-All), and the next layer's phase-1 prefetch when that layer balances. The layer's row
+    and what the gate reads (its true counts) are taken from the dispatcher at the step's end."""
+
+    _NULL = contextlib.nullcontext()
+
+    def __init__(self, pipe: "LookaheadPipeline"):
+        self.pipe = pipe
+
+    def before_dispatch(self, dispatcher) -> None:
+        pass  # switched off with the static placement and the default split already set
+
+    def all_to_all(self, dispatcher, kind: str):
+        p = self.pipe
+        if p.events is not None or p.engine.outstanding > 0:
+            return p.all_to_all(dispatcher, kind)
+        return self._NULL
+
+    def before_experts(self, dispatcher) -> None:
+        self.pipe.before_experts(dispatcher)
+
+    def after_combine(self, dispatcher) -> None:
+        pass
+
+
 def choose_replica_mode(mode: str, layers: int, slots: int, expert_bytes: int, cap_bytes: Optional[int]) -> str:
     """``streamed`` or ``resident`` for ``ProbeConfig.replica_mode`` (``auto``: resident when its
     ``layers x slots`` experts per rank fit the cap). Refuses resident over the cap."""
@@ -256,6 +284,8 @@ class LookaheadPipeline:
         self._peer_cost: Dict[int, float] = {}
         self._cost_columns: Dict[int, slice] = {}
         self._empty = empty_placement(self.layout)
+        self._off_hooks = GatedOffHooks(self)
+        self._dispatches_seen: Dict[int, int] = {}  # per gated-off layer: its dispatcher's count at the last step end
         self._last_counts: Dict[int, torch.Tensor] = {}
         self._static_ir: Dict[int, float] = {}  # per layer, the last dispatch's static imbalance
         self._split_layer = 0
@@ -303,11 +333,24 @@ class LookaheadPipeline:
         self.active = on
         self.forecaster = (forecaster or self.runtime) if on else self.runtime
         self.wait_policy = (wait or self.default_wait) if on else self.default_wait
-        for m in self.layers:
-            m.token_dispatcher.hooks = self if on else None
-            if not on:
+        for layer, m in enumerate(self.layers):
+            if on:
+                self._install_hooks(layer)
+            else:
+                m.token_dispatcher.hooks = None
                 m.token_dispatcher.assignment_fn = None
-                m.token_dispatcher.set_placement(empty_placement(self.layout))
+                m.token_dispatcher.set_placement(self._empty)
+
+    def _install_hooks(self, layer: int) -> None:
+        """The pipeline's hooks on ``layer``'s dispatcher, or the stock path's when its gate is off
+        (then with the static placement and the default split)."""
+        d = self.layers[layer].token_dispatcher
+        if self.gate_on(layer):
+            d.hooks = self
+            return
+        d.hooks = self._off_hooks
+        d.assignment_fn = None
+        d.set_placement(self._empty)
 
     # ------------------------------------------------------------------ planning and copies
     def _prefetch(self, layer: int, phase: str) -> None:
@@ -598,10 +641,7 @@ class LookaheadPipeline:
         self._last_counts[layer] = counts
         if layer in self._cost_columns:
             self._peer_cost[layer] = float(dispatcher.last_extra[:, self._cost_columns.pop(layer)].max())
-        # imbalance_ratio(static_rank_loads(...)) on host numbers: this runs at every layer and step
-        loads = counts.view(self.ep, self.ep, -1).sum((0, 2)).tolist()
-        mean = sum(loads) / self.ep
-        self._static_ir[layer] = max(loads) / mean if mean > 0 else 1.0
+        self._static_ir[layer] = self._static_imbalance(counts)
         row["ir_before"] = round(self._static_ir[layer], 4)
         if not self.gate_on(layer):  # the stock path: only what the gate's skew check reads
             row.update(ir_after=row["ir_before"], time_vs_static=1.0)
@@ -628,6 +668,8 @@ class LookaheadPipeline:
         if self.forecaster is not None:
             self.forecaster.end_step()
         self._plans.clear()  # planned but never dispatched (e.g. a shorter forward)
+        if self.gates is not None:
+            self._rows_of_gated_off_layers()
         if self.forecaster is not None:
             for layer, us in self.forecaster.take_control_us().items():
                 self._control_us[layer] = self._control_us.get(layer, 0.0) + us
@@ -645,6 +687,27 @@ class LookaheadPipeline:
         rows = self.metrics.end_step(self.step)
         self.step += 1
         return rows
+
+    def _rows_of_gated_off_layers(self) -> None:
+        """Gated-off layers ran with no hook work: their rows and the gate's inputs (true counts,
+        static imbalance) come from their dispatchers, for each layer that dispatched this step."""
+        for layer, m in enumerate(self.layers):
+            d = m.token_dispatcher
+            if d.hooks is not self._off_hooks or d.dispatches == self._dispatches_seen.get(layer):
+                continue
+            self._dispatches_seen[layer] = d.dispatches
+            counts = d.last_counts
+            self._last_counts[layer] = counts
+            self._static_ir[layer] = self._static_imbalance(counts)
+            row = self.metrics.new_row(self.step, layer, 0)
+            ir = round(self._static_ir[layer], 4)
+            row.update(fallbacks=0, ir_before=ir, ir_after=ir, time_vs_static=1.0)
+
+    def _static_imbalance(self, counts: torch.Tensor) -> float:
+        """imbalance_ratio(static_rank_loads(...)) on host numbers: this runs at every layer and step."""
+        loads = counts.view(self.ep, self.ep, -1).sum((0, 2)).tolist()
+        mean = sum(loads) / self.ep
+        return max(loads) / mean if mean > 0 else 1.0
 
     def _gate_step(self) -> None:
         """The cost gate at the end of a step: each layer's measured control cost averaged; the
@@ -670,6 +733,9 @@ class LookaheadPipeline:
                 self._plans.pop(layer, None)
                 if self.forecaster is not None:
                     self.forecaster.set_layer_active(layer, self.gates[layer].on)
+                if self.active:
+                    self._install_hooks(layer)
+                    self._dispatches_seen[layer] = self.layers[layer].token_dispatcher.dispatches
 
     def replica_memory_bytes(self) -> int:
         """Replica memory of this rank: the two shared banks (streamed) or every layer's own slots

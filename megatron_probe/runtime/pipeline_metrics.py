@@ -65,6 +65,7 @@ class PipelineMetrics:
 
     def end_step(self, step: int) -> List[Dict]:
         rows, self._rows = self._rows, []
+        rows.sort(key=lambda r: r["layer"])  # gated-off layers' rows are added at the step's end
         self.history.extend(rows)
         if self.metrics_path and rows:
             with open(self.metrics_path, "a") as f:
