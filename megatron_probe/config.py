@@ -15,6 +15,7 @@ from typing import Optional
 EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop")
 ASSIGNMENT_POLICIES = ("locality_even",)
 REPLICA_MODES = ("streamed", "resident", "auto")
+LAYER0_COUNTS = ("previous", "predict")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -44,7 +45,11 @@ class ProbeConfig:
             dispatch (cheap; turn off only when a trusted planner produces it).
         predictor_hidden: width of each lookahead predictor's residual MLP (``W2 SiLU(W1 h)``
             added to the frozen router copy); 0 keeps the frozen copy alone.
-        predictor_layer0: also predict MoE layer 0, from its own pre-attention input.
+        predictor_layer0: also plan MoE layer 0 (no layer before it carries its forecast).
+        layer0_counts: where layer 0's counts come from when ``predictor_layer0`` is on:
+            ``previous`` (default: the true counts of layer 0 at the previous step, which every
+            rank already holds: no collective, no forecast compute) or ``predict`` (its own
+            predictor on its pre-attention input, gathered by a separate all-gather each step).
         predictor_online: distil the predictors online against the true routers (False: frozen).
         predictor_lr: learning rate of the online distillation (AdamW).
         predictor_period: engine steps between two online updates (their samples accumulate).
@@ -108,6 +113,7 @@ class ProbeConfig:
     validate_assignment: bool = True
     predictor_hidden: int = 256
     predictor_layer0: bool = True
+    layer0_counts: str = "previous"
     predictor_online: bool = True
     predictor_lr: float = 3e-4
     predictor_period: int = 1
@@ -189,6 +195,8 @@ class ProbeConfig:
                 f"replica_slots_per_rank={self.replica_slots_per_rank} is negative; "
                 "valid values are 0 (no replication) or a positive slot count"
             )
+        if self.layer0_counts not in LAYER0_COUNTS:
+            raise ValueError(f"layer0_counts={self.layer0_counts!r} is not one of {LAYER0_COUNTS}")
         if self.replica_mode not in REPLICA_MODES:
             raise ValueError(f"replica_mode={self.replica_mode!r} is not one of {REPLICA_MODES}")
         if self.expert_backend not in EXPERT_BACKENDS:

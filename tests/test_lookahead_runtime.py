@@ -29,7 +29,8 @@ def lookahead_counts(rank, ws):
     with torch.no_grad():
         refs = [forward_logits(model, b) for b in batches]
     rt = LookaheadRuntime(model, ProbeConfig(replica_slots_per_rank=1, predictor_hidden=8, predictor_lr=1e-2,
-                                             predictor_drift_threshold=1.01))  # always update
+                                             predictor_drift_threshold=1.01,  # always update
+                                             layer0_counts="predict"))  # layer 0 forecast too, not last step's
     checked = 0
     for step, (b, ref) in enumerate(zip(batches, refs)):
         tokens_all_ranks = sum(17 + 7 * r + 3 * step for r in range(ws))
@@ -54,6 +55,25 @@ def lookahead_counts(rank, ws):
     assert checked == 3 * 3 and rt.distiller.updates == 3, (checked, rt.distiller.updates)
     topk_acc = rt.metrics()["local"]["mean_topk_acc"]
     assert 0 < topk_acc <= 1, topk_acc
+    rt.close()
+
+    # the default for layer 0: the previous step's true counts, the same matrix on every rank, no
+    # forecast and no exchange of its own
+    from megatron_probe.runtime.model_walk import moe_layers
+
+    rt = LookaheadRuntime(model, ProbeConfig(replica_slots_per_rank=1, predictor_hidden=8))
+    previous = moe_layers(model)[0].token_dispatcher.last_counts.clone()  # of the forwards above
+    for step, b in enumerate(batches):
+        assert torch.equal(rt.predicted_counts(0), previous), f"step {step}: not last step's counts of layer 0"
+        with torch.inference_mode(), RoutingRecorder(model) as rec:
+            forward_logits(model, b)
+            true_local = torch.bincount(rec.pop()[0][1].flatten(), minlength=cfg.num_experts)
+        parts = [None] * ws
+        dist.all_gather_object(parts, true_local.tolist())
+        previous = moe_layers(model)[0].token_dispatcher.last_counts.clone()
+        assert previous.tolist() == parts, (f"step {step}: layer 0's true counts", previous.tolist(), parts)
+        assert 0 not in rt._pending, "layer 0 must not be forecast or exchanged"
+        rt.end_step()
     rt.close()
 
 
@@ -149,10 +169,10 @@ def background_no_race(rank, ws):
         assert not all(torch.equal(a, b) for a, b in zip(snapshots[v - 1], snapshots[v])), f"version {v}"
     n_pred = len(rt.predictors.layers)
     assert all(k == (4 if s % 2 == 0 else None) for s, k in ks), ("top-2K outside the scored steps", ks)
-    # one separate count gather per step for layer 0 (the others ride on the previous layer's own
-    # exchange), plus the metrics gather on scored steps
-    separate = int(0 in rt.predictors.layers)
-    assert n_pred > separate, n_pred  # some forecasts were carried
+    # no separate count gather (layer 0 takes last step's counts, the others ride on the previous
+    # layer's own exchange), only the metrics gather on scored steps
+    separate = 0
+    assert 0 in rt.predictors.layers and n_pred > 1, n_pred  # forecasts were carried
     assert per_step_gathers == [separate + (s % 2 == 0) for s in range(len(batches))], per_step_gathers
     m = rt.metrics()
     assert m["scored_steps"] == len(batches) // 2 and m["metrics_period"] == 2, m
@@ -274,4 +294,4 @@ def test_inactive_layer_is_not_forecast(single):
                 forward_logits(model, batches[0])
             assert (rt.predicted_counts(2) is not None) == active and rt.predicted_counts(1) is not None
             layers = [row["layer"] for row in (rt.end_step(), rt.metrics())[1]["local"]["layers"]]
-            assert layers == [0, 1], layers  # step 0 scored without layer 2; step 1 not scored
+            assert layers == [1], layers  # step 0 scored without layer 2 (layer 0: last step's counts, not a forecast)

@@ -40,8 +40,11 @@ class TraceForecaster:
 
     lookahead = True
 
-    def __init__(self, predictors, routers, distiller, group):
+    def __init__(self, predictors, routers, distiller, group, layer0_previous: bool = False):
         self.predictors, self.routers, self.distiller, self.group = predictors, routers, distiller, group
+        # layer 0 from the previous step's true counts (ProbeConfig.layer0_counts="previous")
+        self.layer0_previous = layer0_previous and 0 in predictors.layers
+        self.previous0: Optional[torch.Tensor] = None  # set by the replay after each step
         self._pending = {}
         self.hits = self.total = 0
         self.inactive = set()  # layers the cost gate switched off: not forecast
@@ -69,7 +72,7 @@ class TraceForecaster:
         with torch.no_grad():
             for L in sorted(self.predictors.layers):
                 src = hidden.get(L - 1 if L else -1)
-                if src is None or L in self.inactive:
+                if src is None or L in self.inactive or (L == 0 and self.layer0_previous):
                     continue
                 p = self.predictors[L]
                 ids = p.predict_topk(src)
@@ -82,6 +85,8 @@ class TraceForecaster:
                 self.distiller.observe(L, src if idx is None else src[idx], y if idx is None else y[idx])
 
     def predicted_counts(self, layer):
+        if layer == 0 and self.layer0_previous:
+            return None if 0 in self.inactive else self.previous0
         p = self._pending.get(layer)
         return None if p is None else p.wait()
 
@@ -167,7 +172,8 @@ class ScaledReplay:
             for L in preds.layers:
                 preds[L].load_state_dict(whole[L].state_dict())
         routers = [lambda h, w=w: F.linear(h, w) for w in rw]
-        self.forecaster = TraceForecaster(preds, routers, OnlineDistiller(preds, lr=3e-4), self.group)
+        self.forecaster = TraceForecaster(preds, routers, OnlineDistiller(preds, lr=3e-4), self.group,
+                                          layer0_previous=opts.get("layer0_counts", "previous") == "previous")
 
         H, Fh = opts["hidden"], opts["ffn"]
         self.H = H
@@ -181,7 +187,8 @@ class ScaledReplay:
         RouterReplay.clear_global_router_replay_instances()
         pcfg = ProbeConfig(replica_slots_per_rank=opts["replica_slots"], prefetch_deadline_ms=opts["deadline_ms"],
                            transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
-                           replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True))
+                           replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True),
+                           layer0_counts=opts.get("layer0_counts", "previous"))
         spec_mlp = probe_layer_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False),
                                     pcfg).submodules.mlp
 
@@ -208,6 +215,7 @@ class ScaledReplay:
         # the probe mode keeps: its own copy of the stack (same weights), so it never disturbs
         # resident replicas of the probe mode
         self._truth: Dict[int, torch.Tensor] = {}
+        self._previous0: Optional[torch.Tensor] = None  # layer 0's true counts at the previous step
         self.oracle_blocks = stack()
         self.oracle_pipe = LookaheadPipeline(torch.nn.Sequential(*self.oracle_blocks),
                                              pcfg.replace(replica_mode="streamed", cost_gate=False),
@@ -237,6 +245,8 @@ class ScaledReplay:
         truth = {L: torch.stack([torch.bincount(ids_all[L][rows[r]].flatten(), minlength=self.E)
                                  for r in range(self.ws)]) for L in range(self.n_layers)}
         self._truth = truth
+        previous0 = self._previous0
+        self._previous0 = truth[0]
         k = j % len(modes)
         out = {}
         for mode in tuple(modes[k:]) + tuple(modes[:k]):
@@ -249,6 +259,7 @@ class ScaledReplay:
             control_ms = 0.0  # the probe mode's forecasts at the step's start and its step end
             if mode == "probe":
                 t0 = time.perf_counter()
+                self.forecaster.previous0 = previous0
                 self.forecaster.start_step(hidden, true_ids)
                 control_ms = (time.perf_counter() - t0) * 1e3
             pipe.free_ms.clear()

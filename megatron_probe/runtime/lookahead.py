@@ -263,7 +263,11 @@ class LookaheadRuntime:
                                 "build the model with ProbeRouter (probe_layer_spec does)")
             layer.router.logits_observer = self._logits_hook(i)
             self._observed.append(layer.router)
-        if 0 in self.predictors:
+        # layer 0 from the previous step's true counts (every rank holds them: no exchange, no
+        # forecast) where its dispatcher keeps them, else from its own predictor
+        self._layer0_previous = (0 in self.predictors and self.cfg.layer0_counts == "previous"
+                                 and hasattr(self.layers[0].token_dispatcher, "last_counts"))
+        if 0 in self.predictors and not self._layer0_previous:
             self._hook_module[0] = layer_holding(model, self.layers[0])
         for target in sorted(self._hook_module):
             self._hook(target, True)
@@ -358,6 +362,8 @@ class LookaheadRuntime:
     def predicted_counts(self, layer: int) -> Optional[torch.Tensor]:
         """``[ep, E]`` forecast expert counts of ``layer`` for every rank's tokens of the current
         forward (waits for the gather), or ``None`` when ``layer`` is not predicted."""
+        if layer == 0 and self._layer0_previous:
+            return self.layers[0].token_dispatcher.last_counts  # None before the first dispatch
         p = self._pending.get(layer)
         return None if p is None else p.wait()
 

@@ -79,7 +79,7 @@ from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
-from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, holder_slots, imbalance_ratio
+from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, holder_slots
 from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us, saving_upper_bound_us
 from megatron_probe.policy.planner import plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
@@ -447,23 +447,24 @@ class LookaheadPipeline:
         emptied and counted (an expert id out of range or owned by that rank, an expert twice on
         one rank, a slot beyond R, a plan of the wrong shape). The same on every rank."""
         R, E, L = self.layout.replica_slots, self.layout.num_experts, self.layout.num_local_experts
-        placement = empty_placement(self.layout)
         raw = torch.as_tensor(raw).detach().cpu().long()
         if raw.dim() != 2 or raw.shape[0] != self.ep:
-            return placement, int((raw != EMPTY_SLOT).sum())
-        invalid = int((raw[:, R:] != EMPTY_SLOT).sum())
-        for r in range(self.ep):
+            return empty_placement(self.layout), int((raw != EMPTY_SLOT).sum())
+        rows = raw.tolist()  # host integers: a few dozen entries, checked one by one
+        out = [[EMPTY_SLOT] * R for _ in range(self.ep)]
+        invalid = 0
+        for r, row in enumerate(rows):
+            invalid += sum(1 for e in row[R:] if e != EMPTY_SLOT)
             seen = set()
-            for s in range(min(R, raw.shape[1])):
-                e = int(raw[r, s])
+            for s, e in enumerate(row[:R]):
                 if e == EMPTY_SLOT:
                     continue
                 if not 0 <= e < E or e // L == r or e in seen:
                     invalid += 1
                     continue
                 seen.add(e)
-                placement[r, s] = e
-        return placement, invalid
+                out[r][s] = e
+        return torch.tensor(out, dtype=torch.long).view(self.ep, R), invalid
 
     def set_copy_charge(self, us: float) -> None:
         """The planner's price of one copy from now on (e.g. measured over this pipeline's engine:
@@ -650,12 +651,14 @@ class LookaheadPipeline:
         t0 = time.perf_counter()
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
-        on = dispatcher.last_assignment.sum(0)  # [E, ep]: what each rank computed of each expert
-        row["ir_after"] = round(imbalance_ratio(on.sum(0)), 4)
-        total = counts.sum(0).view(self.ep, -1)  # static: each rank its own experts
+        # NumPy on the host tensors (views, no copy): a few microseconds where torch takes tens
+        on = dispatcher.last_assignment.numpy().sum(0)  # [E, ep]: what each rank computed of each expert
+        used = on.sum(0)
+        row["ir_after"] = round(float(used.max() / used.mean()), 4) if used.sum() > 0 else 1.0
+        total = counts.numpy().sum(0).reshape(self.ep, -1)  # static: each rank its own experts
         c, o = self.cost.per_token_us, self.cost.per_active_expert_us
-        static_us = float((c * total.sum(1).double() + o * (total > 0).sum(1).double()).max())
-        used_us = float((c * on.sum(0).double() + o * (on > 0).sum(0).double()).max())
+        static_us = float((c * total.sum(1) + o * (total > 0).sum(1)).max())
+        used_us = float((c * used + o * (on > 0).sum(0)).max())
         row["time_vs_static"] = round(used_us / static_us, 4) if static_us > 0 else 1.0
         if self.forecaster is not None:
             self.forecaster.observe_true(layer, counts)
