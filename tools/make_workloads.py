@@ -14,7 +14,7 @@ DEFAULT_REQUESTS, DEFAULT_STEPS = 160, 400
 # prefill: ~13 long prompts arriving a step keep > 2 x 1024 tokens a step in the EP 2 scaled regime
 PREFILL_REQUESTS, PREFILL_STEPS = 640, 64
 # onset: 32 light requests over the first 24 steps, then ~14 long prompts a step until step 48
-ONSET_REQUESTS, ONSET_STEPS, ONSET_STEP = 384, 64, 24
+ONSET_REQUESTS, ONSET_STEPS = 384, 64
 
 
 def main():
@@ -31,7 +31,8 @@ def main():
     p.add_argument("--steps", type=int, default=None,
                    help=f"arrivals spread over the first 3/4 of this; default {DEFAULT_STEPS}, prefill {PREFILL_STEPS}")
     p.add_argument("--shift-step", type=int, default=200, help="shift only (prefill switches at its middle request)")
-    p.add_argument("--onset-step", type=int, default=ONSET_STEP, help="onset only: first step of the burst")
+    p.add_argument("--onset-step", type=int, default=None,
+                   help="onset only: first step of the burst (default: half the arrival window, 3/8 of --steps)")
     p.add_argument("--prefill-from", default="english", help="prefill: dominant domain of the first half")
     p.add_argument("--prefill-to", default="de_fr", help="prefill: dominant domain of the second half; onset: of the burst")
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000, help="as in training (same split)")
@@ -53,7 +54,8 @@ def main():
         requests = a.requests or {"prefill": PREFILL_REQUESTS, "onset": ONSET_REQUESTS}.get(sc, DEFAULT_REQUESTS)
         steps = a.steps or {"prefill": PREFILL_STEPS, "onset": ONSET_STEPS}.get(sc, DEFAULT_STEPS)
         shift = dict(shift_from=a.prefill_from, shift_to=a.prefill_to) if sc in ("prefill", "onset") else {}
-        shift_step = a.onset_step if sc == "onset" else a.shift_step
+        shift_step = ((steps * 3 // 8 if a.onset_step is None else a.onset_step) if sc == "onset"
+                      else a.shift_step)
         # seed by the scenario's place in SCENARIOS: one scenario alone gets the seed of a full run
         wl = build_workload(sc, docs, tok, seed=a.seed + SCENARIOS.index(sc), num_requests=requests, steps=steps,
                             max_len=cfg.seq_length, prompt_range=prompt_range, output_range=output_range,
