@@ -101,7 +101,10 @@ def test_inference_script_compare_at_ep2(tmp_path):
     want = {q.id: (q.prompt_ids, min(6, q.output_tokens)) for q in wl.requests if q.id < 6}
     ref = _reference(want)
     assert {int(k): v for k, v in res["tokens"]["stock"].items()} == ref
-    assert len(res["plots"]) == 3 and all(os.path.getsize(p) > 1000 for p in res["plots"])
+    assert len(res["plots"]) == 4 and all(os.path.getsize(p) > 1000 for p in res["plots"])
+    assert any(p.endswith("_gate_per_layer.png") for p in res["plots"]), res["plots"]
+    gates = [r["gate_on"] for r in res["per_step"]["probe"] if "gate_on" in r]
+    assert gates and all(len(g) == 6 and set(g) <= {0, 1} for g in gates), gates  # per MoE layer
     rows = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert {x["rank"] for x in rows} == {0, 1} and {x["mode"] for x in rows} == {"stock", "probe"}
     assert max(x["active"] for x in rows) <= 2  # 2 KV slots per rank: the rest queued

@@ -24,7 +24,8 @@ def _rolling(xs: List[float], n: int) -> List[float]:
 
 def write_plots(res: Dict, out_dir: str) -> List[str]:
     """IR per step (stock vs PROBE), throughput per step (around the shift, if any), IR per
-    layer. Returns the PNG paths."""
+    layer, and the cost gate's state per layer and step (when the rows carry it). Returns the PNG
+    paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,6 +68,25 @@ def write_plots(res: Dict, out_dir: str) -> List[str]:
         ax.set_title(f"IR per layer ({tag})", fontsize=9)
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir, f"{stem}_ir_per_layer.png"))
+    gate_rows = [r for r in per_step.get("probe", []) if r.get("gate_on")]
+    if gate_rows:
+        import numpy as np
+
+        layers = max(len(r["gate_on"]) for r in gate_rows)
+        grid = np.full((layers, len(gate_rows)), np.nan)
+        for j, r in enumerate(gate_rows):
+            grid[: len(r["gate_on"]), j] = r["gate_on"]
+        steps = [r["step"] for r in gate_rows]
+        fig, ax = plt.subplots(figsize=(8, 0.4 * layers + 1.6))
+        ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Greens", vmin=0, vmax=1,
+                  extent=(steps[0] - 0.5, steps[-1] + 0.5, layers - 0.5, -0.5))
+        if res.get("shift_step") is not None:
+            ax.axvline(res["shift_step"], color="tab:red", ls="--", lw=0.8)
+        ax.set_xlabel("engine step")
+        ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(layers))
+        ax.set_title(f"cost gate per layer (green: balancing, white: stock path) ({tag})", fontsize=9)
+        paths.append(_save(fig, out_dir, f"{stem}_gate_per_layer.png"))
     return paths
 
 

@@ -346,7 +346,9 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
     res["per_step"] = {m: [{"step": k, **{kk: vv for kk, vv in v.items() if kk != "ir"},
                             **({"ir_before": _mean(x["ir_before"] for x in v["ir"]),
                                 "ir_after": _mean(x["ir_after"] for x in v["ir"])}
-                               if v["ir"] else {})}
+                               if v["ir"] else {}),
+                            # the gate's state per layer (the same on every rank)
+                            **({"gate_on": v["ir"][0]["gate_on"]} if v["ir"] and "gate_on" in v["ir"][0] else {})}
                            for k, v in sorted(per_step[m].items())] for m in opts.modes}
     if len(opts.modes) == 2:
         a = {r["id"]: r["tokens"] for g in gathered for r in g["requests"]["stock"]}
