@@ -243,8 +243,10 @@ def print_table(res: dict) -> None:
         ctl = modes[n].get("control_us")
         if ctl:
             stages = "  ".join(f"{k} {v:g}" for k, v in ctl.items() if k != "control")
+            end = modes[n].get("step_end_us")
             print(f"{'control path, us per layer':<{w}}{ctl.get('control', 0):>14g}   ({n}: {stages}; "
-                  f"gate on {modes[n].get('gate_on_fraction')} of layer steps)")
+                  f"gate on {modes[n].get('gate_on_fraction')} of layer steps"
+                  + (f"; step end {end:g} us per step)" if end is not None else ")"))
     if res.get("speedup") is not None:
         print(f"{'static/PROBE time':<{w}}{res['speedup']:>14}   static/oracle {res.get('oracle_speedup')}   "
               f"PROBE's share of the oracle's gain: {res.get('gain_fraction')}")

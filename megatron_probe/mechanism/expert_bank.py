@@ -195,6 +195,14 @@ class ExpertBank(torch.nn.Module):
         self.placement = placement.detach().cpu().long().clone()
         self.replica_version += 1
 
+    def detach_replicas(self) -> None:
+        """No replica in use: forget the attached shared rows (a no-op when none are attached)."""
+        if self._attached is None:
+            return
+        self._attached = None
+        self.placement.fill_(EMPTY_SLOT)
+        self.replica_version += 1
+
     def own_slot_rows(self, slot: int) -> List[torch.Tensor]:
         """``[fc1, fc2]`` of one own replica slot (the live pipeline's resident copies land here)."""
         if self.shared:

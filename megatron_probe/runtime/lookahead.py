@@ -369,9 +369,18 @@ class LookaheadRuntime:
 
     @torch.no_grad()
     def observe_router(self, layer: int, logits: torch.Tensor) -> None:
+        """Layer ``layer``'s true router logits: keep the distillation sample, add to the drift
+        estimate, record a scored step; timed as part of the layer's forecast stage."""
         sample = self._sample.pop(layer, None)
         if sample is None:
             return  # layer not predicted (or predicted layer 0 disabled)
+        t0 = time.perf_counter()
+        try:
+            self._observe(layer, sample, logits)
+        finally:
+            self._control_us[layer] = self._control_us.get(layer, 0.0) + (time.perf_counter() - t0) * 1e6
+
+    def _observe(self, layer: int, sample, logits: torch.Tensor) -> None:
         idx, inputs = sample
         pred_ids, scored = self._pred_ids.pop(layer)
         logits = logits.reshape(-1, logits.shape[-1])  # gating may see [s, b, H]

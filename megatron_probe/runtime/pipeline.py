@@ -289,6 +289,7 @@ class LookaheadPipeline:
         self._last_counts: Dict[int, torch.Tensor] = {}
         self._static_ir: Dict[int, float] = {}  # per layer, the last dispatch's static imbalance
         self._split_layer = 0
+        self._end_us_total = 0.0  # time spent in end_step, all steps
         self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
         self.default_wait = WaitPolicy(cfg.prefetch_deadline_ms)
         self.forecaster, self.wait_policy = self.runtime, self.default_wait
@@ -549,8 +550,10 @@ class LookaheadPipeline:
         """Streamed mode: the agreed placement of this layer's plan in bank ``layer % 2``."""
         b = self.pool.bank_of(layer)
         if plan is None or not bool((plan.placement >= 0).any()):
-            placement = empty_placement(self.layout)  # nothing planned (the same on every rank): no agreement
-        elif not plan.copies:
+            # nothing planned (the same on every rank): no agreement, no replica rows to attach
+            self.layers[layer].expert_bank.detach_replicas()
+            return self._empty
+        if not plan.copies:
             placement = plan.placement.clone()  # every slot already holds its expert: nothing to agree on
         else:
             placement = self._agreed_placement(layer, plan, row)
@@ -651,6 +654,13 @@ class LookaheadPipeline:
         t0 = time.perf_counter()
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
+        if self.forecaster is not None:
+            self.forecaster.observe_true(layer, counts)
+        if dispatcher.slots_in_use == self.layout.num_local_experts:  # no replica: the static split
+            row.update(ir_after=row["ir_before"], time_vs_static=1.0)
+            self._charge(layer, "metrics_us", t0)
+            row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
+            return
         # NumPy on the host tensors (views, no copy): a few microseconds where torch takes tens
         on = dispatcher.last_assignment.numpy().sum(0)  # [E, ep]: what each rank computed of each expert
         used = on.sum(0)
@@ -660,14 +670,19 @@ class LookaheadPipeline:
         static_us = float((c * total.sum(1) + o * (total > 0).sum(1)).max())
         used_us = float((c * used + o * (on > 0).sum(0)).max())
         row["time_vs_static"] = round(used_us / static_us, 4) if static_us > 0 else 1.0
-        if self.forecaster is not None:
-            self.forecaster.observe_true(layer, counts)
         self._charge(layer, "metrics_us", t0)
         row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
 
     # ------------------------------------------------------------------ steps
     def end_step(self) -> List[Dict]:
         """After each engine step: the forecaster's step end (deferred predictor update), metrics."""
+        t_end = time.perf_counter()
+        try:
+            return self._end_step()
+        finally:  # the step end's own time (per step, not per layer): in the summary
+            self._end_us_total += (time.perf_counter() - t_end) * 1e6
+
+    def _end_step(self) -> List[Dict]:
         if self.forecaster is not None:
             self.forecaster.end_step()
         self._plans.clear()  # planned but never dispatched (e.g. a shorter forward)
@@ -751,7 +766,8 @@ class LookaheadPipeline:
         out = self.metrics.summary()
         if not out:
             return {}
-        out.update({"replica_mode": self.mode, "replica_memory_bytes": self.replica_memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
+        out.update({"step_end_us": round(self._end_us_total / max(1, self.step), 1),
+                    "replica_mode": self.mode, "replica_memory_bytes": self.replica_memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
                     "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
                     "engine_disabled": self.disabled, "disabled_at": self.disabled_at})
         acc = self.runtime.topk_accuracy() if self.runtime is not None else None

@@ -21,7 +21,8 @@ from megatron_probe.mechanism.event_log import EventLog, write_jsonl
 
 COUNTED = ("copies", "dropped", "failed", "invalid", "fallbacks", "bytes")
 # the control path's stages timed per layer and step (``<stage>_us`` in a row; ``control_us`` their sum
-# plus anything the forecaster reports): forecast, plan (and queueing the copies), agree (waiting
+# plus anything the forecaster reports): forecast (the forecaster's work for the layer: the forecast,
+# and its sample and drift estimate against the true router), plan (and queueing the copies), agree (waiting
 # for copies and the agreement), split (at dispatch), metrics (bookkeeping after the combine)
 CONTROL_STAGES = ("forecast", "plan", "agree", "split", "metrics")
 

@@ -330,6 +330,8 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                 # the control path per layer and step (us), mean over ranks, per stage
                 out["control_us"] = {k: round(_mean(p["control_us"][k] for p in pipe), 1) for k in pipe[0]["control_us"]}
                 out["gate_on_fraction"] = round(_mean(p["gate_on_fraction"] for p in pipe), 4)
+            if "step_end_us" in pipe[0]:  # the pipeline's step end (forecaster, gate, metrics), per step
+                out["step_end_us"] = round(_mean(p["step_end_us"] for p in pipe), 1)
         pred = [g["prediction"].get(m) for g in gathered if g["prediction"].get(m)]
         if pred and pred[0].get("local"):
             out["prediction_topk_acc"] = _round(_mean(p["local"].get("mean_topk_acc") for p in pred))
