@@ -44,7 +44,7 @@ class TraceForecaster:
         self.predictors, self.routers, self.distiller, self.group = predictors, routers, distiller, group
         # layer 0 from the previous step's true counts (ProbeConfig.layer0_counts="previous")
         self.layer0_previous = layer0_previous and 0 in predictors.layers
-        self.previous0: Optional[torch.Tensor] = None  # set by the replay after each step
+        self.previous0: Optional[torch.Tensor] = None  # layer 0's true counts at the previous step
         self._pending = {}
         self.hits = self.total = 0
         self.inactive = set()  # layers the cost gate switched off: not forecast
@@ -64,11 +64,14 @@ class TraceForecaster:
     def topk_accuracy(self):
         return None  # the replay reports hits / total itself
 
-    def start_step(self, hidden, true_ids):
+    def start_step(self, hidden, true_ids, previous0: Optional[torch.Tensor] = None):
+        """Forecast this step from the trace's hidden states; ``previous0``: layer 0's global true
+        counts at the previous step (used with ``layer0_previous``)."""
         from megatron_probe.mechanism.count_exchange import gather_counts_async
         from megatron_probe.policy.predictor import expert_counts
 
         self._pending.clear()
+        self.previous0 = previous0
         with torch.no_grad():
             for L in sorted(self.predictors.layers):
                 src = hidden.get(L - 1 if L else -1)
@@ -259,8 +262,7 @@ class ScaledReplay:
             control_ms = 0.0  # the probe mode's forecasts at the step's start and its step end
             if mode == "probe":
                 t0 = time.perf_counter()
-                self.forecaster.previous0 = previous0
-                self.forecaster.start_step(hidden, true_ids)
+                self.forecaster.start_step(hidden, true_ids, previous0)
                 control_ms = (time.perf_counter() - t0) * 1e3
             pipe.free_ms.clear()
             x = x0

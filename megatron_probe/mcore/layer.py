@@ -127,9 +127,8 @@ class ProbeMoELayer(MoELayer):
                 "(clear_replicas()) or run under torch.no_grad()/inference_mode()"
             )
         bank = self.expert_bank
-        fc1, fc2 = bank.weights(differentiable)
-        if tokens_per_slot.numel() == self.layout.num_local_experts:  # no replica: the natives alone
-            fc1, fc2 = fc1[:1], fc2[:1]
+        # a dispatch with no replica hands the experts the native slots alone
+        fc1, fc2 = bank.weights(differentiable, replicas=tokens_per_slot.numel() != self.layout.num_local_experts)
         with nvtx_range("experts"):
             output = self.expert_compute(dispatched, tokens_per_slot, permuted_probs, fc1, fc2,
                                          bank.weights_version())

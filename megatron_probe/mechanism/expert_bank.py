@@ -133,16 +133,20 @@ class ExpertBank(torch.nn.Module):
         return tuple(b.new_zeros((1,) + tuple(b.shape[1:])).expand((R,) + tuple(b.shape[1:]))
                      for b in (self.fc1, self.fc2))
 
-    def weights(self, differentiable: bool):
+    def weights(self, differentiable: bool, replicas: bool = True):
         """``([fc1 natives, fc1 replicas], [fc2 natives, fc2 replicas])``: the ``S`` slots in two
-        blocks per projection. ``differentiable=True`` stacks the native parameters so gradients
-        reach them (training; replicas then carry no gradient); otherwise no copy is made."""
+        blocks per projection (``replicas=False``: the natives' block alone, for a dispatch with
+        no replica). ``differentiable=True`` stacks the native parameters so gradients reach them
+        (training; replicas then carry no gradient); otherwise no copy is made."""
         self.ensure_current()
+        if differentiable:
+            n1, n2 = (torch.stack(p) for p in self.native_params())
+        else:
+            n1, n2 = self.fc1, self.fc2
+        if not replicas:
+            return [n1], [n2]
         r1, r2 = self.replica_rows()
-        if not differentiable:
-            return [self.fc1, r1], [self.fc2, r2]
-        n1, n2 = self.native_params()
-        return [torch.stack(n1), r1.detach()], [torch.stack(n2), r2.detach()]
+        return [n1, r1.detach()], [n2, r2.detach()]
 
     def weights_version(self) -> Tuple[int, int]:
         """Changes whenever the tensors :meth:`weights` returns change identity (TE caches them)."""

@@ -285,9 +285,7 @@ class LookaheadRuntime:
                 self._moe_input_hook(target), with_kwargs=True, prepend=True)
 
     def _moe_input_hook(self, target: int):
-        def hook(module, args, kwargs):
-            if target in self._inactive:
-                return  # switched off by the cost gate (checked again in forecast)
+        def hook(module, args, kwargs):  # removed while the layer is inactive (set_layer_active)
             h = args[0] if args else kwargs["hidden_states"]
             self.forecast(target, h.reshape(-1, h.shape[-1]))
         return hook
@@ -311,7 +309,11 @@ class LookaheadRuntime:
         try:
             self._forecast(layer, h)
         finally:
-            self._control_us[layer] = self._control_us.get(layer, 0.0) + (time.perf_counter() - t0) * 1e6
+            self._charge(layer, t0)
+
+    def _charge(self, layer: int, t0: float) -> None:
+        """Add the time since ``t0`` to ``layer``'s forecast work of this step."""
+        self._control_us[layer] = self._control_us.get(layer, 0.0) + (time.perf_counter() - t0) * 1e6
 
     def take_control_us(self) -> Dict[int, float]:
         """Per layer, the forecast work of this step on this rank (us); cleared."""
@@ -378,7 +380,7 @@ class LookaheadRuntime:
         try:
             self._observe(layer, sample, logits)
         finally:
-            self._control_us[layer] = self._control_us.get(layer, 0.0) + (time.perf_counter() - t0) * 1e6
+            self._charge(layer, t0)
 
     def _observe(self, layer: int, sample, logits: torch.Tensor) -> None:
         idx, inputs = sample

@@ -344,7 +344,8 @@ class LookaheadPipeline:
 
     def _install_hooks(self, layer: int) -> None:
         """The pipeline's hooks on ``layer``'s dispatcher, or the stock path's when its gate is off
-        (then with the static placement and the default split)."""
+        (then with the static placement and the default split). The pipeline's own hooks are
+        installed only while the layer's gate is on: they never check it."""
         d = self.layers[layer].token_dispatcher
         if self.gate_on(layer):
             d.hooks = self
@@ -483,17 +484,12 @@ class LookaheadPipeline:
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         self._layer_t0[layer] = time.perf_counter()
-        if self.gates is not None and self.gates[layer].on:
+        if self.gates is not None:
             # this rank's control cost of the layer rides on the layer's own count exchange: the
-            # gate reads every rank's without a collective of its own (only while on: off, the
-            # cost is not measured, so the last gathered figure still holds)
+            # gate reads every rank's without a collective of its own (only while on, i.e. while
+            # these hooks are installed: off, the cost is not measured, so the last figure holds)
             ema = self._cost_ema[layer]
             self._cost_columns[layer] = dispatcher.carry(torch.tensor([0 if ema is None else round(ema)]))
-        if not self.gate_on(layer):  # the stock path: no plan, no wait, no agreement, the default split
-            self.metrics.new_row(self.step, layer, 0)["fallbacks"] = 0
-            dispatcher.set_placement(self._empty)
-            dispatcher.assignment_fn = None
-            return
         if self.forecaster is not None and not self.forecaster.lookahead:
             t0 = time.perf_counter()
             self._prefetch(layer, "at_dispatch")
@@ -647,10 +643,6 @@ class LookaheadPipeline:
             self._peer_cost[layer] = float(dispatcher.last_extra[:, self._cost_columns.pop(layer)].max())
         self._static_ir[layer] = self._static_imbalance(counts)
         row["ir_before"] = round(self._static_ir[layer], 4)
-        if not self.gate_on(layer):  # the stock path: only what the gate's skew check reads
-            row.update(ir_after=row["ir_before"], time_vs_static=1.0)
-            row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
-            return
         t0 = time.perf_counter()
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
