@@ -62,6 +62,10 @@ class ProbeConfig:
             0.9 by default: a warm-started predictor (about 0.93 on the shift workload) stays
             frozen and free; one that drifts below 0.9 learns again. 0: never update; above 1:
             always update.
+        predictor_drift_period: engine steps between two steps whose forecast is compared with
+            the true router for the drift trigger's estimate (on the kept samples; >= 1). The
+            estimate moves a step in ``predictor_drift_period``; the samples for an update are
+            kept every step.
         predictor_background: run the online update in a background worker on a shadow copy of
             the predictors (a thread; its work on the side stream on GPU), swapped in at a step
             boundary (False: inline in ``end_step``, as before).
@@ -121,6 +125,7 @@ class ProbeConfig:
     predictor_state: Optional[str] = None
     predictor_side_stream: bool = True
     predictor_drift_threshold: float = 0.9
+    predictor_drift_period: int = 4
     predictor_background: bool = True
     predictor_metrics_period: int = 8
     replica_memory_cap_mib: Optional[float] = None
@@ -178,6 +183,10 @@ class ProbeConfig:
                              "below which online updates run; 0: never, above 1: always)")
         if not isinstance(self.predictor_background, bool):
             raise TypeError(f"predictor_background must be a bool, got {self.predictor_background!r}")
+        v = self.predictor_drift_period
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"predictor_drift_period={v!r}; valid: an int >= 1 (engine steps between two "
+                             "drift estimates)")
         v = self.predictor_metrics_period
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"predictor_metrics_period={v!r}; valid: an int >= 0 (engine steps between two "

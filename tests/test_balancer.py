@@ -20,7 +20,8 @@ from megatron_probe.policy.placement import (
 from megatron_probe.policy.planner import assign_on_truth, plan_probe_host, rank_times
 from megatron_probe.policy import resident as resident_mod
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings, slowest_time, time_lower_bound
-from megatron_probe.policy.split import balanced_split, balanced_split_times, locality_first, time_split_bounded
+from megatron_probe.policy.split import (balanced_split, balanced_split_times, locality_first, placement_split,
+                                         time_split_bounded)
 
 COST = ExpertCost(per_token_us=0.1, per_active_expert_us=6.4)
 
@@ -157,6 +158,38 @@ def test_locality_first_matches_the_loop(case):
     counts, holds = case
     y = exact_split(counts, holds).assign.sum(0)  # any valid per-rank totals
     assert torch.equal(torch.from_numpy(locality_first(counts.numpy(), y.numpy())), _locality_reference(counts, y))
+
+
+@settings(max_examples=200, deadline=None)
+@given(split_cases(), st.sampled_from(["tokens", "time"]),
+       st.sampled_from([COST, ExpertCost(per_token_us=0.1, per_active_expert_us=0.0), ExpertCost(1.0, 40.0)]))
+def test_placement_split_equals_the_holder_table_split(case, objective, cost):
+    """The dispatch's entry (placement in, no ``[ep, E]`` table) gives the same split as
+    ``balanced_split`` on the holder table, cached or not, both objectives."""
+    lay, counts, pl = case
+    want = balanced_split(counts, holder_slots(pl, lay) >= 0, objective, cost)
+    for _ in range(2):  # the second call finds the placement's tables cached
+        assert torch.equal(placement_split(counts, pl, lay, objective, cost), want)
+
+
+def test_placement_split_refuses_bad_input():
+    lay = ExpertLayout(4, 2, 1)
+    counts = torch.tensor([[6, 0, 1, 1], [4, 2, 0, 3]])
+    for bad, msg in ((torch.tensor([[0], [-1]]), "which rank 0 already owns"),
+                     (torch.tensor([[4], [-1]]), "names no expert"),
+                     (torch.tensor([[2, 3], [-1, -1]]), "expected \\(2, 1\\)"),
+                     (torch.tensor([[2.0], [-1.0]]), "integer expert ids")):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            placement_split(counts, bad, lay, "time", COST)
+    lay2 = ExpertLayout(4, 2, 2)
+    with pytest.raises(ValueError, match="more than one replica slot"):
+        placement_split(counts, torch.tensor([[2, 2], [-1, -1]]), lay2, "time", COST)
+    with pytest.raises(ValueError, match="counts\\[1, 3\\] = -3 is negative"):
+        placement_split(torch.tensor([[6, 0, 1, 1], [4, 2, 0, -3]]), torch.tensor([[2], [-1]]), lay, "time", COST)
+    with pytest.raises(ValueError, match="counts has shape"):
+        placement_split(counts[:, :3], torch.tensor([[2], [-1]]), lay, "time", COST)
+    with pytest.raises(ValueError, match="needs an ExpertCost"):
+        placement_split(counts, torch.tensor([[2], [-1]]), lay, "time")
 
 
 def test_split_by_hand_and_bad_input():

@@ -195,6 +195,36 @@ def test_one_pass_copy_charge_only_keeps_copies_that_pay(case, charge_units):
         assert t == pytest.approx(static)
 
 
+def test_no_copy_can_pay_shortcut_is_exact():
+    """The shortcut that skips the greedy when the slowest rank's excess cannot pay one copy
+    (``no_copy_can_pay``, and the planner's own early exit) only fires where the full greedy
+    ends with the static plan; seeded
+    random cases, skewed and flat, with charges around the excess, so it fires on some and not
+    on others (both are asserted to occur)."""
+    from megatron_probe.policy.planner import no_copy_can_pay, plan_probe_host, plan_with_copy_charge
+
+    g = torch.Generator().manual_seed(11)
+    fired = kept = 0
+    for i in range(300):
+        ep = [2, 4, 8][i % 3]
+        L = 1 + i % 4
+        lay = ExpertLayout(ep * L, ep, min(1 + i % 3, ep * L - L))
+        skew = torch.rand(ep * L, generator=g) ** (1 + i % 5)
+        counts = (torch.rand(ep, ep * L, generator=g) * skew * 60).long()
+        cost = [COST, ExpertCost(1.0, 0.0), ExpertCost(0.03, 6.4)][i % 3]
+        charge = float(torch.randint(0, 40, (1,), generator=g)) * cost.per_token_us
+        full = plan_probe_host(counts, lay, cost, copy_charge_us=charge, early_exit=False)
+        if no_copy_can_pay(counts, lay, cost, charge):
+            fired += 1
+            assert not bool((full[0] >= 0).any()), (i, counts, charge)
+        elif bool((full[0] >= 0).any()):
+            kept += 1
+        fast = plan_probe_host(counts, lay, cost, copy_charge_us=charge)  # with the early exit
+        assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+        assert torch.equal(plan_with_copy_charge(counts, lay, cost, None, charge), full[0])
+    assert fired > 20 and kept > 20, (fired, kept)
+
+
 def test_one_pass_against_retry_on_random_cases():
     """The one pass against the former retried budgets on seeded random cases (their own splits,
     charged): never slower than static, on average no slower than the retry, and rarely and

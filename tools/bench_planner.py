@@ -10,8 +10,11 @@ counts, versions interleaved per case:
 * ``copy_charge_retry``: ``plan_with_copy_charge_retry`` (one plain plan per budget R..0, the
   plan with the least charged slowest rank), charge ``--charge-us``;
 * ``copy_charge_one_pass``: ``plan_with_copy_charge`` (the charge priced inside one pass);
-* ``split_time``: ``split.balanced_split`` (time objective) of the counts over the one-pass
-  placement;
+* ``split_time``: ``split.placement_split`` (time objective) of the counts over the one-pass
+  placement, the dispatch's entry (the placement in; its tables cached for the last 64
+  placements, so with more cases than that every call builds them: the streamed case);
+* ``split_time_holds``: the same split by ``split.balanced_split`` from a prebuilt ``[ep, E]``
+  holder table (the entry for any holder sets);
 * with ``--baseline-rev REV``: ``plan_probe_host`` and ``plan_with_copy_charge`` of
   ``megatron_probe/policy/planner.py`` at git revision REV (``..._at_REV``), for before/after.
 
@@ -62,7 +65,7 @@ from megatron_probe.policy.planner import (  # noqa: E402
     rank_times,
     static_assignment,
 )
-from megatron_probe.policy.split import balanced_split, balanced_split_times  # noqa: E402
+from megatron_probe.policy.split import balanced_split, balanced_split_times, placement_split  # noqa: E402
 
 TOPK = 8
 GPT_OSS = dict(hidden=2880, expert_hidden=2880, kv_dim=512)  # eval_planner.py's priced shape
@@ -145,10 +148,14 @@ def time_config(cases, lay, cost, args, old):
         fns[f"plan_probe_host_at_{sha}"] = lambda c: mod.plan_probe_host(c, lay, cost, k_max=args.k_max)
         fns[f"plan_with_copy_charge_at_{sha}"] = lambda c: mod.plan_with_copy_charge(c, lay, cost, None,
                                                                                       args.charge_us)
-    holds = [holder_slots(plan_with_copy_charge(c, lay, cost, None, args.charge_us), lay) >= 0 for c in cases]
-    fns["split_time"] = lambda i: balanced_split(cases[i], holds[i], "time", cost)
+    placements = [plan_with_copy_charge(c, lay, cost, None, args.charge_us) for c in cases]
+    holds = [holder_slots(pl, lay) >= 0 for pl in placements]
+    # the dispatch's entry (the placement in, what the pipeline calls every layer), and the same
+    # split from a prebuilt [ep, E] holder table (the entry for any holder sets)
+    fns["split_time"] = lambda i: placement_split(cases[i], placements[i], lay, "time", cost)
+    fns["split_time_holds"] = lambda i: balanced_split(cases[i], holds[i], "time", cost)
     reps = lambda k: args.tensor_reps if k == "plan_probe" else args.reps  # noqa: E731
-    arg = lambda k, i: i if k == "split_time" else cases[i]  # noqa: E731
+    arg = lambda k, i: i if k.startswith("split_time") else cases[i]  # noqa: E731
     block = {}
     for k, f in fns.items():
         f(arg(k, 0))

@@ -191,7 +191,7 @@ def _host_counts(counts: torch.Tensor, layout: ExpertLayout):
 def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
                     budget_out: Optional[int] = None, k_max: int = 16,
                     placement: Optional[torch.Tensor] = None,
-                    copy_charge_us: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+                    copy_charge_us: float = 0.0, early_exit: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same algorithm as :func:`plan_probe`, for the host; with ``copy_charge_us = 0`` it
     produces exactly the same plan (tested). Tensor-op dispatch dominates the tensor version on a
     CPU, so the loop here runs on plain Python integers with incremental rank times and an early
@@ -212,7 +212,11 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     below the old ``T[src]`` by the choice of ``x``); otherwise the pair is invalid, as a move
     without gain. Moves onto an existing copy carry no charge. The pass stops when no pair of the
     slowest rank can help (or after ``k_max`` iterations). ``ch = 0`` (a charge under half a
-    token's time) is the plain algorithm. Integers only, so the same plan on every rank."""
+    token's time) is the plain algorithm. Integers only, so the same plan on every rank.
+
+    ``early_exit``: skip the loop when the slowest rank's excess over the mean cannot pay one
+    copy (:func:`no_copy_can_pay`; the loop would rule out every pair); ``False`` runs it anyway
+    (the shortcut's yardstick in the tests)."""
     import numpy as np
 
     cnt = _host_counts(counts, layout)
@@ -243,10 +247,12 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
         cap_in = 0
     n_in, n_out = [0] * ep, [0] * ep
     invalid = [1 << r for r in range(ep)]  # bit d of invalid[s]: the pair (s, d) cannot help
+    # the first move would make a copy that cannot pay (no_copy_can_pay): the static plan
+    hopeless = early_exit and placement is None and ch > 0 and (max(t) * ep - sum(t)) // ep <= ch
     left = {}
     away = {}
     got = {}  # (expert, holder) -> tokens per source rank computed on that copy
-    for _ in range(k_max if R > 0 else 0):
+    for _ in range(k_max if R > 0 and not hopeless else 0):
         t_src = max(t)
         src = t.index(t_src)
         inv = invalid[src]
@@ -346,6 +352,34 @@ def split_as_predicted(true: torch.Tensor, pred: torch.Tensor, pred_assign: torc
     return A
 
 
+def no_copy_can_pay(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, copy_charge_us: float) -> bool:
+    """Whether :func:`plan_probe_host` with ``copy_charge_us`` and no existing replica surely
+    returns the static plan, from the static rank times alone: its first move must make a new
+    copy, which it accepts only when ``x > ch`` token units, and ``x`` is at most the slowest
+    rank's excess over the mean, ``(t_max * ep - sum(t)) // ep``. When that excess is ``<= ch``
+    every pair of the slowest rank is ruled out, nothing moves, and the loop ends with no copy
+    (the exact test the greedy makes, so the shortcut changes no plan: property-tested).
+
+    Plain Python on one ``tolist``: it runs once per layer between large kernels, with cold
+    caches, where every tensor or NumPy call costs tens of microseconds."""
+    ep, E, L = layout.ep_size, layout.num_experts, layout.num_local_experts
+    if counts.shape != (ep, E) or counts.dtype.is_floating_point or counts.dtype == torch.bool:
+        _check_counts(counts, layout)  # raises with the planner's message
+    rows = counts.tolist()
+    col = [sum(c) for c in zip(*rows)]
+    if min(min(r) for r in rows) < 0:
+        _check_counts(counts, layout)
+    if layout.replica_slots == 0:
+        return True
+    c = cost.per_token_us
+    ch = int(round(copy_charge_us / c)) if c > 0 else 0
+    if ch <= 0:
+        return False
+    o_u = int(round(cost.per_active_expert_us / c))
+    t = [sum(b) + o_u * (L - b.count(0)) for b in (col[i:i + L] for i in range(0, E, L))]
+    return (max(t) * ep - sum(t)) // ep <= ch
+
+
 def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int],
                           copy_charge_us: float) -> torch.Tensor:
     """Placement of the PROBE plan when every new copy costs its sender and its receiver
@@ -356,6 +390,8 @@ def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: Expe
     if copy_charge_us < 0:
         raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
     budget = layout.replica_slots if budget_in is None else budget_in
+    if budget < 0:
+        raise ValueError(f"budget_in={budget} is negative")
     return plan_probe_host(counts, layout, cost, budget_in=budget, copy_charge_us=copy_charge_us)[0]
 
 

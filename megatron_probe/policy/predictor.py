@@ -95,6 +95,8 @@ def select_topk(logits: torch.Tensor, spec: RouterSpec, expert_bias: Optional[to
 def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[E]`` int64 tokens per expert from ``[N, K]`` ids (index_add: no host sync on GPU)."""
     flat = ids.reshape(-1)
+    if flat.device.type == "cpu":  # one call (bincount's output size would need a sync on GPU)
+        return torch.bincount(flat, minlength=num_experts)
     return torch.zeros(num_experts, dtype=torch.long, device=ids.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.long))
 
@@ -149,7 +151,9 @@ class LookaheadPredictor(nn.Module):
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         logits = F.linear(x, self.gate_weight, self.gate_bias)
         if self.fc1 is not None:
-            logits = logits + self.fc2(F.silu(self.fc1(x)))
+            # the weights directly, not the modules' calls: the same arithmetic without their
+            # hook machinery (this runs once per layer on the serving path)
+            logits = logits + F.linear(F.silu(F.linear(x, self.fc1.weight)), self.fc2.weight)
         return logits
 
     def predict_topk(self, h: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:

@@ -82,6 +82,8 @@ class _Holds:
     step after step): the experts with one copy and their rank, the replicated ones, their
     holders and, per rank, the replicated experts it holds."""
 
+    native_home = False  # set when built from a placement: expert e's only copy is on e // L
+
     def __init__(self, hold: np.ndarray):
         ep, E = hold.shape
         self.ep, self.E = ep, E
@@ -100,18 +102,62 @@ class _Holds:
             self.on_rank[r].append(i)
 
 
+    @classmethod
+    def from_placement(cls, rows: List[List[int]], E: int) -> "_Holds":
+        """The same tables from a checked placement (``[ep][R]`` expert ids, -1 empty) over the
+        contiguous natives (expert ``e`` on rank ``e // L``), without the ``[ep, E]`` table:
+        plain Python over the few filled slots."""
+        h = cls.__new__(cls)
+        ep = len(rows)
+        L = E // ep
+        h.ep, h.E, h.native_home = ep, E, True
+        copies: dict = {}
+        for r, row in enumerate(rows):
+            for e in row:
+                if e >= 0:
+                    copies.setdefault(e, {e // L}).add(r)
+        multi = sorted(copies)
+        h.multi = np.array(multi, dtype=np.int64)
+        h.holders = [sorted(copies[e]) for e in multi]
+        h.on_rank = [[] for _ in range(ep)]
+        pr, pe = [], []
+        for i, (e, hs) in enumerate(zip(multi, h.holders)):
+            for r in hs:
+                h.on_rank[r].append(i)
+                pr.append(r)
+                pe.append(e)
+        h.pair_rank, h.pair_expert = np.array(pr, dtype=np.int64), np.array(pe, dtype=np.int64)
+        h.multi_home = [e // L for e in multi]
+        h.flat_home = _flat_home(E, ep)
+        return h
+
+
+_FLAT_HOME: "dict[tuple, np.ndarray]" = {}
+
+
+def _flat_home(E: int, ep: int) -> np.ndarray:
+    """Column ``e * ep + e // L`` of a ``[src, E * ep]`` assignment: expert ``e`` on its home."""
+    key = (E, ep)
+    if key not in _FLAT_HOME:
+        _FLAT_HOME[key] = np.arange(E) * ep + np.arange(E) // (E // ep)
+    return _FLAT_HOME[key]
+
+
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
 
-def _holds(hold: np.ndarray) -> _Holds:
-    key = (hold.shape, hold.tobytes())
+def _cached(key, build) -> _Holds:
     h = _HOLDS_CACHE.pop(key, None)
     if h is None:
         if len(_HOLDS_CACHE) >= 64:  # least recently used out: placements in use stay
             _HOLDS_CACHE.pop(next(iter(_HOLDS_CACHE)))
-        h = _Holds(hold)
+        h = build()
     _HOLDS_CACHE[key] = h  # (re)inserted last: dicts keep insertion order
     return h
+
+
+def _holds(hold: np.ndarray) -> _Holds:
+    return _cached((hold.shape, hold.tobytes()), lambda: _Holds(hold))
 
 
 class _Core:
@@ -119,22 +165,30 @@ class _Core:
     one copy), and the replicated experts' per-rank totals as plain Python lists (small, hot
     loops: faster than NumPy scalar indexing)."""
 
-    def __init__(self, cnt: np.ndarray, hold: np.ndarray, total: np.ndarray):
-        h = _holds(hold)
+    def __init__(self, cnt: np.ndarray, h: _Holds, total: np.ndarray):
         ep = h.ep
         self.h, self.ep, self.total_e = h, ep, total
         self.holders, self.on_rank, self.multi = h.holders, h.on_rank, h.multi
-        self.fixed = (h.one @ total).tolist()
-        self.fixed_active = (h.one @ (total > 0)).tolist()
-        self.total = int(total.sum())
-        self.n_active_min = int(np.count_nonzero(total))  # every expert with tokens is active somewhere
+        rest = total[self.multi].tolist()  # the replicated experts' totals
+        if h.native_home:  # each rank's natives, less its replicated ones (no [ep, E] table)
+            blk = total.reshape(ep, -1)
+            self.fixed = blk.sum(1).tolist()
+            self.fixed_active = np.count_nonzero(blk, axis=1).tolist()
+            for n, home in zip(rest, h.multi_home):
+                self.fixed[home] -= n
+                self.fixed_active[home] -= n > 0
+        else:
+            self.fixed = (h.one @ total).tolist()
+            self.fixed_active = (h.one @ (total > 0)).tolist()
+        self.total = sum(self.fixed) + sum(rest)
+        # every expert with tokens is active somewhere
+        self.n_active_min = sum(self.fixed_active) + sum(1 for n in rest if n > 0)
         # the start: local tokens stay, the rest on the least-loaded holder, experts with the most
         # such tokens first
         m = len(self.multi)
         local = cnt[h.pair_rank, h.pair_expert].tolist()
         y = [[0] * ep for _ in range(m)]
         load = self.fixed[:]
-        rest = total[self.multi].tolist()
         k = 0
         for i, hs in enumerate(self.holders):
             row = y[i]
@@ -181,21 +235,15 @@ class _Core:
                     act[r] += 1
         return [load[r] + o_u * act[r] for r in range(self.ep)]
 
-    def y_full(self, y) -> np.ndarray:
-        """``y [E, ep]`` with the fixed experts and the replicated ones' ``y``."""
-        h = self.h
-        out = np.zeros((h.E, self.ep), dtype=np.int64)
-        out[h.single, h.owner] = self.total_e[h.single]
-        if len(self.multi):
-            out[self.multi] = y
-        return out
-
     def assignment(self, cnt: np.ndarray, y) -> np.ndarray:
         """:func:`locality_first` of ``y``: the fixed experts all to their copy, the replicated
         ones by the north-west corner rule."""
-        h = self.h
-        out = np.zeros((self.ep, h.E, self.ep), dtype=np.int64)
-        out[:, h.single, h.owner] = cnt[:, h.single]  # an expert with one copy: all of it there
+        h, ep = self.h, self.ep
+        out = np.zeros((ep, h.E, ep), dtype=np.int64)
+        if h.native_home:  # every expert on its home (one scatter); the replicated rewritten below
+            out.reshape(ep, -1)[:, h.flat_home] = cnt
+        else:
+            out[:, h.single, h.owner] = cnt[:, h.single]  # an expert with one copy: all of it there
         if len(self.multi):
             out[:, self.multi, :] = _north_west(cnt[:, self.multi], np.asarray(y, dtype=np.int64))
         return out
@@ -372,10 +420,10 @@ def _time_refine(core: _Core, y, load, o_u: int, cost: Optional[ExpertCost] = No
     return best_y
 
 
-def _split_y(cnt: np.ndarray, hold: np.ndarray, total: np.ndarray, objective: str,
+def _split_y(cnt: np.ndarray, h: _Holds, total: np.ndarray, objective: str,
              cost: Optional[ExpertCost]):
     """``(core, y)``: the replicated experts' per-rank totals of :func:`balanced_split`."""
-    core = _Core(cnt, hold, total)
+    core = _Core(cnt, h, total)
     if not len(core.multi):
         return core, []
     y, load = _exact_tokens(core)
@@ -407,7 +455,7 @@ def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCo
     :func:`balanced_split_times`). For callers that only need the split when the bound is not
     good enough."""
     cnt, hold, total = split_inputs(counts, holds, "time", cost)
-    core = _Core(cnt, hold, total)
+    core = _Core(cnt, _holds(hold), total)
     o_u = _o_units(cost)
     if not len(core.multi) or o_u <= 0:  # the time split is the token split
         t = _times_us(core, _exact_tokens(core)[0] if len(core.multi) else [], cost)
@@ -426,7 +474,7 @@ def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "
     ``holds [ep, E]`` (bool; natives included) that minimises the slowest rank: exactly in tokens,
     or by local search in time (``cost`` needed; module docstring)."""
     cnt, hold, total = split_inputs(counts, holds, objective, cost)
-    core, y = _split_y(cnt, hold, total, objective, cost)
+    core, y = _split_y(cnt, _holds(hold), total, objective, cost)
     return torch.from_numpy(core.assignment(cnt, y))
 
 
@@ -436,5 +484,44 @@ def balanced_split_times(counts: torch.Tensor, holds: torch.Tensor, cost: Expert
     ``[ep, E, ep]`` assignment: equal to ``planner.rank_times(balanced_split(...), cost)``, bit
     for bit."""
     cnt, hold, total = split_inputs(counts, holds, objective, cost)
-    core, y = _split_y(cnt, hold, total, objective, cost)
+    core, y = _split_y(cnt, _holds(hold), total, objective, cost)
     return _times_us(core, y, cost)
+
+
+def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str = "time",
+                    cost: Optional[ExpertCost] = None) -> torch.Tensor:
+    """:func:`balanced_split` over the copies of ``placement [ep, R]`` (the natives of the
+    contiguous ``layout`` plus the replicas): the same split, equal to ``balanced_split(counts,
+    holder_slots(placement, layout) >= 0, objective, cost)`` (tested), without building the
+    ``[ep, E]`` holder table. The dispatch's path: it runs every layer."""
+    from megatron_probe.policy.placement import validate_placement
+
+    if objective not in ("tokens", "time"):
+        raise ValueError(f"unknown objective {objective!r}; valid: ('tokens', 'time')")
+    if objective == "time" and cost is None:
+        raise ValueError("objective='time' needs an ExpertCost")
+    ep, E, R = layout.ep_size, layout.num_experts, layout.replica_slots
+    if tuple(counts.shape) != (ep, E):
+        raise ValueError(f"counts has shape {tuple(counts.shape)}, expected ({ep}, {E}) ([ep, experts])")
+    if not _plain(placement, torch.long) or tuple(placement.shape) != (ep, R):
+        validate_placement(placement, layout)  # raises on a wrong type or shape, naming it
+        placement = placement.detach().cpu().long()
+    cnt = counts.numpy() if _plain(counts, torch.long) else counts.detach().cpu().long().numpy()
+    if cnt.min(initial=0) < 0:
+        s, e = np.argwhere(cnt < 0)[0]
+        raise ValueError(f"counts[{s}, {e}] = {int(cnt[s, e])} is negative")
+    key = ("placement", ep, E, placement.numpy().tobytes())
+    h = _HOLDS_CACHE.get(key)
+    if h is None:  # a placement not seen lately: checked once, then its tables are kept
+        rows = placement.tolist()
+        L = E // ep
+        for r, row in enumerate(rows):
+            seen = set()
+            for e in row:
+                if e != -1 and (not 0 <= e < E or r * L <= e < r * L + L or e in seen):
+                    validate_placement(placement, layout)  # raises, naming the bad entry
+                seen.add(e)
+        h = _cached(key, lambda: _Holds.from_placement(rows, E))
+    total = cnt.sum(0)
+    core, y = _split_y(cnt, h, total, objective, cost)
+    return torch.from_numpy(core.assignment(cnt, y))

@@ -224,6 +224,7 @@ class LookaheadRuntime:
         # scored step: on by default on CPU, off by default on GPU (serving)
         self.collect_metrics = device.type != "cuda" if collect_metrics is None else collect_metrics
         self.metrics_period = self.cfg.predictor_metrics_period
+        self.drift_period = self.cfg.predictor_drift_period
         self.drift_threshold = float(self.cfg.predictor_drift_threshold)
         self.drift_on = False
         self.quality: Optional[float] = None  # running top-K accuracy on the kept samples
@@ -390,8 +391,9 @@ class LookaheadRuntime:
         self.distiller.observe(layer, inputs, kept)
         K = self.spec.topk
         eb = self.predictors[layer].expert_bias
-        if inputs.shape[0]:
-            # drift estimate on the kept rows only (a few hundred): a device scalar, no sync here
+        if inputs.shape[0] and self._step % self.drift_period == 0:
+            # drift estimate on the kept rows only (a few hundred), one step in drift_period: a
+            # device scalar, no sync here
             pk = pred_ids[:, :K] if idx is None else pred_ids[idx, :K]
             self._q_hits.append(topk_overlap(pk, select_topk(kept, self.spec, eb)).sum())
             self._q_rows += pk.shape[0]

@@ -34,7 +34,7 @@ Two replica modes (``ProbeConfig.replica_mode``, chosen once by :func:`choose_re
   planning and at use): the layer's replicas are forgotten and copied again.
 
 In both modes the dispatch split is the balanced split of the true counts over the copies that
-exist (``policy.split.balanced_split``, time objective), the same on every rank.
+exist (``policy.split.placement_split``, time objective), the same on every rank.
 
 MoE layer 0 is forecast and planned at its transformer layer's input (phase 2 only). Dispatch
 always follows the true router; the placement only decides where each (token, expert) pair is
@@ -79,11 +79,11 @@ from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
-from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement, holder_slots
+from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
 from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us, saving_upper_bound_us
-from megatron_probe.policy.planner import plan_with_copy_charge
+from megatron_probe.policy.planner import no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
-from megatron_probe.policy.split import balanced_split
+from megatron_probe.policy.split import placement_split
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.lookahead import LookaheadRuntime
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
@@ -303,7 +303,7 @@ class LookaheadPipeline:
         self.metrics = PipelineMetrics(metrics_path, metrics_sink, self.events, events_path)
         self.disabled: Optional[str] = None  # why copying was switched off (a transfer failed)
         self.disabled_at: Optional[tuple] = None  # (step, layer) where every rank switched it off
-        self._plans: Dict[int, LayerPlan] = {}
+        self._plans: Dict[int, Optional[LayerPlan]] = {}  # None: planned, nothing to copy
         self._layer_t0: Dict[int, float] = {}
         self.step = 0
         self._handles = []
@@ -389,7 +389,14 @@ class LookaheadPipeline:
         with nvtx_range("plan"):
             # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
             # the copies are issued from the host, so the placement is needed there anyway
-            placement, invalid = self._valid_placement(self._plan(counts.detach().cpu().long()))
+            counts = counts.detach().cpu().long()
+            if self._budget() == 0 or no_copy_can_pay(counts, self.layout, self.cost, self._charge_of_copy()):
+                # the planner would keep the static plan (the usual case where copies cannot pay;
+                # exact, see no_copy_can_pay): no plan, checks or copy list, and the bank keeps
+                # its record (nothing is written into it)
+                self._plans[layer] = None
+                return
+            placement, invalid = self._valid_placement(self._plan(counts))
         b = self.pool.bank_of(layer)
         copies = replica_copies(placement, self.layout, self.me,
                                 unchanged=lambda r, s, e: self.pool.holds(b, layer, r, s, e),
@@ -409,7 +416,7 @@ class LookaheadPipeline:
         res, bank = self.resident[layer], self.layers[layer].expert_bank
         # (the natives are checked once, at use: a change before this plan's copies read them
         # makes the check at the dispatch forget every slot of the layer, these copies included)
-        charge = 0.0 if self.wait_policy.copies_free else self.copy_charge_us
+        charge = self._charge_of_copy()
         if res.planner.settings.copy_cost_us != charge:
             res.planner.settings = dataclasses.replace(res.planner.settings, copy_cost_us=charge)
         with nvtx_range("plan"):
@@ -475,10 +482,14 @@ class LookaheadPipeline:
             raise ValueError(f"copy charge {us} us must be >= 0")
         self.copy_charge_us = float(us)
 
+    def _budget(self) -> int:
+        return self.layout.replica_slots if self.budget_in is None else self.budget_in
+
+    def _charge_of_copy(self) -> float:
+        return 0.0 if self.wait_policy.copies_free else self.copy_charge_us
+
     def _plan(self, counts: torch.Tensor) -> torch.Tensor:
-        budget = self.layout.replica_slots if self.budget_in is None else self.budget_in
-        charge = 0.0 if self.wait_policy.copies_free else self.copy_charge_us
-        return plan_with_copy_charge(counts, self.layout, self.cost, budget, charge)
+        return plan_with_copy_charge(counts, self.layout, self.cost, self._budget(), self._charge_of_copy())
 
     # ------------------------------------------------------------------ dispatcher hooks
     def before_dispatch(self, dispatcher) -> None:
@@ -519,7 +530,7 @@ class LookaheadPipeline:
         (``policy.split``, time objective of the cost model), the same on every rank."""
         t0 = time.perf_counter()
         try:
-            return balanced_split(counts, holder_slots(placement, layout) >= 0, "time", self.cost)
+            return placement_split(counts, placement, layout, "time", self.cost)
         finally:
             self._charge(self._split_layer, "split_us", t0)
 
