@@ -20,8 +20,10 @@ the forecast of this step's counts:
    it saves at least ``min_gain`` of the current time (hysteresis: a stationary load, whose
    forecasts wobble around one placement, never flaps) and when the saving over the expected
    residency pays for the copies: ``saving x horizon >= copies x copy_cost_us``. When more
-   candidates wait than the budget allows and the whole new plan saves at least ``burst_gain``
-   (the load has shifted), the whole plan is adopted at once (a burst, counted). Stationary
+   candidates wait than the budget allows, the whole new plan is priced: if it saves at least
+   ``burst_gain`` (the load has shifted) it is adopted at once (a burst, counted); if it saves
+   at least ``min_gain``, the first ``copy_budget`` candidates are taken as a step towards it
+   when that step is no slower (a gradual shift, whose single changes each save too little). Stationary
    steps stop before the from-scratch plan: when the current time is within ``min_gain`` of a
    time no placement beats (:func:`time_lower_bound`), no change can pass, so the decision is
    the one the full procedure would take, for the price of one split.
@@ -50,7 +52,7 @@ from megatron_probe.policy.split import balanced_split_times, time_split_bounded
 
 @dataclass(frozen=True)
 class ResidentSettings:
-    copy_budget: int = 2  # new replicas per layer per step after the warm start
+    copy_budget: int = 4  # new replicas per layer per step after the warm start
     copy_cost_us: float = 0.0  # what one copy costs beyond what overlap hides
     min_gain: float = 0.02  # hysteresis: a change must save this share of the layer's slowest expert time
     burst_gain: float = 0.10  # a whole new plan saving this share (a shift) is adopted at once
@@ -174,14 +176,20 @@ class ResidentPlanner:
         candidates = self._candidates(ideal, held)
         if not candidates:
             return self.placement.clone(), 0
-        # a shift: the whole new plan, if it saves enough (it cannot when the lower bound is within
-        # burst_gain of the current time: then it is not priced)
+        # more candidates than the budget: the whole new plan, priced (it cannot save min_gain
+        # when the lower bound is within min_gain of the current time: then it is not priced).
+        # A shift (it saves burst_gain) is adopted at once; a smaller lasting change of the load
+        # (it saves min_gain) is followed a budget's worth per step, each step no slower
         if len(candidates) > s.copy_budget and not (
-                self._early_exit and t_now - bound < (s.burst_gain - 1e-9) * t_now):
+                self._early_exit and t_now - bound < (s.min_gain - 1e-9) * t_now):
             saving = t_now - self._slowest(forecast, ideal)
-            copies = len(candidates)
-            if saving >= s.burst_gain * t_now and saving * self.horizon >= copies * s.copy_cost_us:
+            pays = saving * self.horizon >= len(candidates) * s.copy_cost_us
+            if saving >= s.burst_gain * t_now and pays:
                 return self._adopt(ideal)
+            if saving >= s.min_gain * t_now and pays:
+                new = self._apply(candidates[: s.copy_budget], forecast)
+                if self._slowest(forecast, new) < t_now:
+                    return self._adopt(new)
         for take in (candidates[: s.copy_budget], candidates[:1]):
             new = self._apply(take, forecast)
             saving = t_now - self._slowest(forecast, new)
