@@ -56,9 +56,21 @@ def _north_west(c: np.ndarray, y: np.ndarray) -> np.ndarray:
     lo = np.maximum((l_hi - left)[:, :, None], (r_hi - room)[None, :, :])
     part = np.minimum(l_hi[:, :, None], r_hi[None, :, :]) - lo
     np.maximum(part, 0, out=part)
-    diag = np.arange(ep)
-    part[diag, :, diag] += own
+    # a source's leftover never lands on its own rank (left > 0 only where own = y, i.e. no room
+    # there), so the diagonal is 0 and own is written, not added
+    diag = _arange(ep)
+    part[diag, :, diag] = own
     return part
+
+
+_ARANGE: "dict[int, np.ndarray]" = {}
+
+
+def _arange(n: int) -> np.ndarray:
+    a = _ARANGE.get(n)
+    if a is None:
+        a = _ARANGE[n] = np.arange(n)
+    return a
 
 
 def locality_first(cnt: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -94,7 +106,6 @@ class _Holds:
         self.one[self.owner, self.single] = 1
         self.multi = np.flatnonzero(n_hold > 1)
         er, rr = np.nonzero(hold[:, self.multi].T)  # by expert, then rank: holders ascend
-        self.pair_rank, self.pair_expert = rr, self.multi[er]
         self.holders: List[List[int]] = [[] for _ in range(len(self.multi))]
         self.on_rank: List[List[int]] = [[] for _ in range(ep)]
         for i, r in zip(er.tolist(), rr.tolist()):
@@ -120,13 +131,9 @@ class _Holds:
         h.multi = np.array(multi, dtype=np.int64)
         h.holders = [sorted(copies[e]) for e in multi]
         h.on_rank = [[] for _ in range(ep)]
-        pr, pe = [], []
-        for i, (e, hs) in enumerate(zip(multi, h.holders)):
+        for i, hs in enumerate(h.holders):
             for r in hs:
                 h.on_rank[r].append(i)
-                pr.append(r)
-                pe.append(e)
-        h.pair_rank, h.pair_expert = np.array(pr, dtype=np.int64), np.array(pe, dtype=np.int64)
         h.multi_home = [e // L for e in multi]
         h.flat_home = _flat_home(E, ep)
         return h
@@ -169,11 +176,14 @@ class _Core:
         ep = h.ep
         self.h, self.ep, self.total_e = h, ep, total
         self.holders, self.on_rank, self.multi = h.holders, h.on_rank, h.multi
-        rest = total[self.multi].tolist()  # the replicated experts' totals
+        # the replicated experts' counts per source, as one slice (kept for the assignment) and lists
+        self.sub = cnt[:, self.multi]
+        sub = self.sub.tolist()
+        rest = [sum(col) for col in zip(*sub)]  # their totals
         if h.native_home:  # each rank's natives, less its replicated ones (no [ep, E] table)
-            blk = total.reshape(ep, -1)
-            self.fixed = blk.sum(1).tolist()
-            self.fixed_active = np.count_nonzero(blk, axis=1).tolist()
+            blocks = total.reshape(ep, -1).tolist()
+            self.fixed = [sum(b) for b in blocks]
+            self.fixed_active = [len(b) - b.count(0) for b in blocks]
             for n, home in zip(rest, h.multi_home):
                 self.fixed[home] -= n
                 self.fixed_active[home] -= n > 0
@@ -186,15 +196,12 @@ class _Core:
         # the start: local tokens stay, the rest on the least-loaded holder, experts with the most
         # such tokens first
         m = len(self.multi)
-        local = cnt[h.pair_rank, h.pair_expert].tolist()
         y = [[0] * ep for _ in range(m)]
         load = self.fixed[:]
-        k = 0
         for i, hs in enumerate(self.holders):
             row = y[i]
             for r in hs:
-                v = local[k]
-                k += 1
+                v = sub[r][i]
                 row[r] = v
                 load[r] += v
                 rest[i] -= v
@@ -245,7 +252,7 @@ class _Core:
         else:
             out[:, h.single, h.owner] = cnt[:, h.single]  # an expert with one copy: all of it there
         if len(self.multi):
-            out[:, self.multi, :] = _north_west(cnt[:, self.multi], np.asarray(y, dtype=np.int64))
+            out[:, self.multi, :] = _north_west(self.sub, np.asarray(y, dtype=np.int64))
         return out
 
 
@@ -407,16 +414,22 @@ def _time_refine(core: _Core, y, load, o_u: int, cost: Optional[ExpertCost] = No
     home = core.home()
     if home is None:
         return best_y
-    if best_t > bound:
+    t_home = max(core.times(home[0], home[1], o_u))
+    if best_t > bound and t_home < best_t:
         # the static split (every replicated expert on its home rank) is a third start
-        if max(core.times(home[0], home[1], o_u)) < best_t:
-            y3, t3 = _time_local_search(core, home[0], home[1], o_u, bound)
-            if t3 < best_t:
-                best_y = y3
-    if cost is not None and _times_us(core, home[0], cost).max() < _times_us(core, best_y, cost).max():
+        y3, t3 = _time_local_search(core, home[0], home[1], o_u, bound)
+        if t3 < best_t:
+            best_y, best_t = y3, t3
+    if cost is not None:
         # decided in token units (o rounded); in us the static split must still not be faster,
-        # so the split is never slower than no replication at all
-        best_y = home[0]
+        # so the split is never slower than no replication at all. A rank's time in us is within
+        # |o - c o_u| per active copy of c times its time in token units, so when static is
+        # slower by more than twice that in units it is slower in us too: no float check needed
+        c = cost.per_token_us
+        most_active = max(a + len(on) for a, on in zip(core.fixed_active, core.on_rank))
+        slack = abs(cost.per_active_expert_us - c * o_u) * most_active / c if c > 0 else float("inf")
+        if not t_home - best_t > 2 * slack + 1 and _max_time_us(core, home[0], cost) < _max_time_us(core, best_y, cost):
+            best_y = home[0]
     return best_y
 
 
@@ -432,6 +445,18 @@ def _split_y(cnt: np.ndarray, h: _Holds, total: np.ndarray, objective: str,
         if o_u > 0:
             y = _time_refine(core, y, load, o_u, cost)
     return core, y
+
+
+def _max_time_us(core: _Core, y, cost: ExpertCost) -> float:
+    """The slowest rank's time (us) of ``y``: ``_times_us(...).max()``, the same floats."""
+    load, act = core.fixed[:], core.fixed_active[:]
+    for row, hs in zip(y, core.holders):
+        for r in hs:
+            if row[r] > 0:
+                load[r] += row[r]
+                act[r] += 1
+    c, o = cost.per_token_us, cost.per_active_expert_us
+    return max(c * float(load[r]) + o * float(act[r]) for r in range(core.ep))
 
 
 def _times_us(core: _Core, y, cost: ExpertCost) -> np.ndarray:
