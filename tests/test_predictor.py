@@ -180,6 +180,9 @@ def test_metrics_on_hand_computed_cases():
     with pytest.raises(ValueError, match="not divisible by EP 3"):
         static_rank_loads(torch.arange(8), 3)
     assert expert_counts(true, 10).tolist() == [1] * 8 + [0, 0]
+    assert expert_counts(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
+    with pytest.raises(IndexError, match="expert id 5 out of range for 4 experts"):
+        expert_counts(torch.tensor([[0, 5]]), 4)
 
 
 def test_config_rejects_bad_predictor_options():

@@ -96,7 +96,10 @@ def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[E]`` int64 tokens per expert from ``[N, K]`` ids (index_add: no host sync on GPU)."""
     flat = ids.reshape(-1)
     if flat.device.type == "cpu":  # one call (bincount's output size would need a sync on GPU)
-        return torch.bincount(flat, minlength=num_experts)
+        out = torch.bincount(flat, minlength=num_experts)
+        if out.numel() != num_experts:  # an id >= num_experts (index_add_ raises there too)
+            raise IndexError(f"expert id {int(flat.max())} out of range for {num_experts} experts")
+        return out
     return torch.zeros(num_experts, dtype=torch.long, device=ids.device).index_add_(
         0, flat, torch.ones_like(flat, dtype=torch.long))
 

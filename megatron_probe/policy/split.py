@@ -536,8 +536,10 @@ def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objec
         s, e = np.argwhere(cnt < 0)[0]
         raise ValueError(f"counts[{s}, {e}] = {int(cnt[s, e])} is negative")
     key = ("placement", ep, E, placement.numpy().tobytes())
-    h = _HOLDS_CACHE.get(key)
-    if h is None:  # a placement not seen lately: checked once, then its tables are kept
+    h = _HOLDS_CACHE.pop(key, None)
+    if h is not None:
+        _HOLDS_CACHE[key] = h  # used again: last in the eviction order
+    else:  # a placement not seen lately: checked once, then its tables are kept
         rows = placement.tolist()
         L = E // ep
         for r, row in enumerate(rows):
