@@ -6,7 +6,8 @@ For each configuration, GENERATED steps (``data.generator.generate_counts``, as
 decides on a noisy forecast (log-normal, sigma 0.1, as the evaluation), and on its resident
 placement the true counts are split. Timed per call (``time.perf_counter``, 1 thread):
 
-* ``split_tokens`` / ``split_time``: ``split.balanced_split`` (tokens / time objective);
+* ``split_tokens`` / ``split_time``: ``split.placement_split`` (tokens / time objective), the dispatch's
+  entry (the resident placement in: its tables cached);
 * ``assign_on_truth``: the planner's greedy re-split the split replaces;
 * ``plan_probe_host``: PROBE's host planner on the forecast (the streamed plan);
 * ``resident_plan``: ``ResidentPlanner.plan`` on stationary steps (after its warm start);
@@ -42,7 +43,7 @@ from megatron_probe.policy.evaluation import noisy_forecast  # noqa: E402
 from megatron_probe.policy.placement import ExpertLayout, holder_slots  # noqa: E402
 from megatron_probe.policy.planner import assign_on_truth, plan_probe_host  # noqa: E402
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings  # noqa: E402
-from megatron_probe.policy.split import balanced_split  # noqa: E402
+from megatron_probe.policy.split import balanced_split, placement_split  # noqa: E402
 
 # eval_planner.py's shapes: generated steps priced as GPT-OSS-120B experts, the tiny model as itself
 SHAPES = {"gpt-oss-120b": dict(hidden=2880, expert_hidden=2880, kv_dim=512),
@@ -112,9 +113,8 @@ def bench(name, ep, shape_name, R, args):
             if s < args.warmup:
                 continue
             changes += copies > 0
-            holds = holder_slots(pl, lay) >= 0
-            us_tok, _ = _us(lambda: balanced_split(C, holds, "tokens"))
-            us_time, _ = _us(lambda: balanced_split(C, holds, "time", cost))
+            us_tok, _ = _us(lambda: placement_split(C, pl, lay, "tokens"))
+            us_time, _ = _us(lambda: placement_split(C, pl, lay, "time", cost))
             us_greedy, _ = _us(lambda: assign_on_truth(C, pl, lay, cost))
             us_probe, _ = _us(lambda: plan_probe_host(P, lay, cost, k_max=args.k_max))
             for k, v in (("split_tokens", us_tok), ("split_time", us_time), ("assign_on_truth", us_greedy),

@@ -14,7 +14,7 @@ the forecast of this step's counts:
    now; the ones not yet held are candidates, in the planner's order (its earlier copies help
    more). A candidate takes a free slot of its rank, or replaces the held replica that the
    forecast sends the fewest tokens to.
-3. **Decision**: with the split the dispatcher will use (``split.balanced_split``, time
+3. **Decision**: with the split the dispatcher will use (``split.placement_split``, time
    objective), the slowest rank's expert time of the forecast with the current placement and with
    the candidates (at most ``copy_budget`` of them, else the first alone). A change is kept when
    it saves at least ``min_gain`` of the current time (hysteresis: a stationary load, whose
@@ -41,13 +41,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, empty_placement
 from megatron_probe.policy.planner import plan_probe_host
-from megatron_probe.policy.split import balanced_split_times, time_split_bounded
+from megatron_probe.policy.split import placement_split_times, placement_time_split_bounded
 
 
 @dataclass(frozen=True)
@@ -78,22 +77,10 @@ class ResidentSettings:
                 raise ValueError(f"{name}={getattr(self, name)}; valid: 0 < x <= 1")
 
 
-def _holds(placement: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
-    """``[ep, E]`` bool: the ranks holding a copy of each expert (natives and ``placement``'s
-    replicas); ``holder_slots(placement, layout) >= 0`` without the slot numbers."""
-    E, L = layout.num_experts, layout.num_local_experts
-    h = np.zeros((layout.ep_size, E), dtype=bool)
-    h[np.arange(E) // L, np.arange(E)] = True
-    pl = placement.detach().cpu().numpy()
-    r, k = np.nonzero(pl >= 0)
-    h[r, pl[r, k]] = True
-    return torch.from_numpy(h)
-
-
 def slowest_time(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost) -> float:
     """The slowest rank's expert time (us) of ``counts [ep, E]`` split over ``placement``'s copies
-    the way the dispatcher splits (``balanced_split``, time objective)."""
-    return float(balanced_split_times(counts, _holds(placement, layout), cost).max())
+    the way the dispatcher splits (``split.placement_split``, time objective)."""
+    return float(placement_split_times(counts, placement, layout, cost).max())
 
 
 def time_lower_bound(counts: torch.Tensor, cost: ExpertCost, ep: int) -> float:
@@ -117,8 +104,6 @@ class ResidentPlanner:
         self.turnover: Optional[float] = None
         self._hot_prev: Optional[set] = None
         self.copies_total = 0
-        self._held_for: Optional[bytes] = None  # the placement whose holders _held_cache has
-        self._held_cache: Optional[torch.Tensor] = None
 
     @property
     def horizon(self) -> float:
@@ -155,7 +140,6 @@ class ResidentPlanner:
         if self.warm:
             if s.copy_budget == 0:
                 return self.placement.clone(), 0  # no change can be made: the plan would not be used
-            held = self._held()
             # stationary steps end here: every new placement's slowest time is at least the lower
             # bound, so when the current one is within min_gain of it no change (nor a burst, as
             # burst_gain >= min_gain) can save enough: the same decision as running the planner.
@@ -163,7 +147,7 @@ class ResidentPlanner:
             # search), then on the time itself; the margin covers float rounding. (No token at
             # all: the plan is empty, so is every candidate list.)
             bound = time_lower_bound(forecast, self.cost, lay.ep_size)
-            upper, finish = time_split_bounded(forecast, held, self.cost)
+            upper, finish = placement_time_split_bounded(forecast, self.placement, lay, self.cost)
             if self._early_exit and (upper <= 0 or upper - bound < (s.min_gain - 1e-9) * upper):
                 return self.placement.clone(), 0
             t_now = float(finish().max())
@@ -173,7 +157,7 @@ class ResidentPlanner:
         if not self.warm:
             self.warm = True
             return self._adopt(ideal)
-        candidates = self._candidates(ideal, held)
+        candidates = self._candidates(ideal)
         if not candidates:
             return self.placement.clone(), 0
         # more candidates than the budget: the whole new plan, priced (it cannot save min_gain
@@ -201,32 +185,27 @@ class ResidentPlanner:
         return self.placement.clone(), 0
 
     # ------------------------------------------------------------------ helpers
-    def _held(self) -> torch.Tensor:
-        """The current placement's holders ``[ep, E]``, recomputed only when it has changed."""
-        key = self.placement.detach().cpu().numpy().tobytes()
-        if key != self._held_for:
-            self._held_for, self._held_cache = key, _holds(self.placement, self.layout)
-        return self._held_cache
+    def _pairs(self, placement: torch.Tensor) -> set:
+        """The ``(rank, expert)`` replicas of ``placement``."""
+        return {(r, e) for r, row in enumerate(placement.tolist()) for e in row if e != EMPTY_SLOT}
 
     def _slowest(self, forecast: torch.Tensor, placement: torch.Tensor) -> float:
-        return float(balanced_split_times(forecast, _holds(placement, self.layout), self.cost).max())
+        return float(placement_split_times(forecast, placement, self.layout, self.cost).max())
 
     def _adopt(self, placement: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        held = self._held()
-        want = _holds(placement, self.layout)
-        copies = int((want & ~held).sum())
+        copies = len(self._pairs(placement) - self._pairs(self.placement))  # natives never move
         self.placement = placement.clone()
-        self._held_for, self._held_cache = self.placement.numpy().tobytes(), want
         self.copies_total += copies
         return self.placement.clone(), copies
 
-    def _candidates(self, ideal: torch.Tensor, held: torch.Tensor):
+    def _candidates(self, ideal: torch.Tensor):
         """``[(rank, expert)]`` replicas of the from-scratch plan not held yet, in the planner's
-        order (slot by slot, rank by rank)."""
-        h = held.numpy()
+        order (slot by slot, rank by rank). (The plan never puts a rank's own expert in a replica
+        slot, so "held" means in the current placement.)"""
+        held = self._pairs(self.placement)
         rows = ideal.tolist()
         return [(r, row[k]) for k in range(ideal.shape[1]) for r, row in enumerate(rows)
-                if row[k] != EMPTY_SLOT and not h[r, row[k]]]
+                if row[k] != EMPTY_SLOT and (r, row[k]) not in held]
 
     def _apply(self, take, forecast: torch.Tensor) -> torch.Tensor:
         """The current placement with each ``(rank, expert)`` of ``take`` in a free slot of its rank,

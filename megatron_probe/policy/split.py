@@ -480,7 +480,11 @@ def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCo
     :func:`balanced_split_times`). For callers that only need the split when the bound is not
     good enough."""
     cnt, hold, total = split_inputs(counts, holds, "time", cost)
-    core = _Core(cnt, _holds(hold), total)
+    return _bounded(cnt, _holds(hold), total, cost)
+
+
+def _bounded(cnt: np.ndarray, h: _Holds, total: np.ndarray, cost: ExpertCost):
+    core = _Core(cnt, h, total)
     o_u = _o_units(cost)
     if not len(core.multi) or o_u <= 0:  # the time split is the token split
         t = _times_us(core, _exact_tokens(core)[0] if len(core.multi) else [], cost)
@@ -513,12 +517,11 @@ def balanced_split_times(counts: torch.Tensor, holds: torch.Tensor, cost: Expert
     return _times_us(core, y, cost)
 
 
-def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str = "time",
-                    cost: Optional[ExpertCost] = None) -> torch.Tensor:
-    """:func:`balanced_split` over the copies of ``placement [ep, R]`` (the natives of the
-    contiguous ``layout`` plus the replicas): the same split, equal to ``balanced_split(counts,
-    holder_slots(placement, layout) >= 0, objective, cost)`` (tested), without building the
-    ``[ep, E]`` holder table. The dispatch's path: it runs every layer."""
+def _placement_inputs(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str,
+                      cost: Optional[ExpertCost]):
+    """``(counts, tables, per-expert totals)`` for a split over ``placement``'s copies: the checks
+    of :func:`split_inputs` and ``validate_placement`` (the placement's only on a cache miss), the
+    tables of the placement cached."""
     from megatron_probe.policy.placement import validate_placement
 
     if objective not in ("tokens", "time"):
@@ -549,6 +552,28 @@ def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objec
                     validate_placement(placement, layout)  # raises, naming the bad entry
                 seen.add(e)
         h = _cached(key, lambda: _Holds.from_placement(rows, E))
-    total = cnt.sum(0)
+    return cnt, h, cnt.sum(0)
+
+
+def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str = "time",
+                    cost: Optional[ExpertCost] = None) -> torch.Tensor:
+    """:func:`balanced_split` over the copies of ``placement [ep, R]`` (the natives of the
+    contiguous ``layout`` plus the replicas): the same split, equal to ``balanced_split(counts,
+    holder_slots(placement, layout) >= 0, objective, cost)`` (tested), without building the
+    ``[ep, E]`` holder table. The dispatch's path: it runs every layer."""
+    cnt, h, total = _placement_inputs(counts, placement, layout, objective, cost)
     core, y = _split_y(cnt, h, total, objective, cost)
     return torch.from_numpy(core.assignment(cnt, y))
+
+
+def placement_split_times(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost,
+                          objective: str = "time") -> np.ndarray:
+    """:func:`balanced_split_times` over ``placement``'s copies (as :func:`placement_split`)."""
+    cnt, h, total = _placement_inputs(counts, placement, layout, objective, cost)
+    core, y = _split_y(cnt, h, total, objective, cost)
+    return _times_us(core, y, cost)
+
+
+def placement_time_split_bounded(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost):
+    """:func:`time_split_bounded` over ``placement``'s copies (as :func:`placement_split`)."""
+    return _bounded(*_placement_inputs(counts, placement, layout, "time", cost), cost)
