@@ -12,7 +12,7 @@ import torch.distributed as dist
 from distributed import init_ep, run_ranks
 
 
-def _skewed_gpt(rank, ws):
+def _skewed_gpt(rank, ws, num_layers=4):
     """A small 4-layer GPT at EP ws whose routing forces replicas (an expert bias makes one
     expert every token's first choice; skewed token ids), four batches per rank, the plain
     model's logits for them, and a cost model under which even tiny batches are worth balancing."""
@@ -23,7 +23,7 @@ def _skewed_gpt(rank, ws):
 
     init_ep(ws)
     torch.manual_seed(0)
-    cfg = TinyMoEConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
+    cfg = TinyMoEConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
                         expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
     model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ws)
     model.eval()
@@ -216,6 +216,55 @@ def pipeline_resident(rank, ws):
     assert len(copy_steps) < steps + 3, ctx  # not re-copied at every step like streamed replicas
     assert sum(r["copies"] for r in rows) > copies_before, ("no copy after the weights changed", ctx)
     return [[p.tolist() for p in step] for step in held]
+
+
+def pipeline_streamed_reload(rank, ws):
+    """Streamed replicas in a 2-MoE-layer model (each layer alone in its bank, so the bank's record
+    of what it holds lasts from step to step and unchanged slots are not re-sent): after every
+    rank's native weights change in place, the slots are copied again and the output equals the
+    plain model's with the new weights (a copy of the old weights is never reused)."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import forward_logits
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+
+    model, _, _, unit_cost = _skewed_gpt(rank, ws, num_layers=2)
+    b = torch.randint(0, 6, (1, 30 + 2 * rank), generator=torch.Generator().manual_seed(5 + rank))
+    with torch.no_grad():
+        ref = forward_logits(model, b)
+    scale = float(ref.abs().max())
+    pcfg = ProbeConfig(replica_slots_per_rank=2, replica_mode="streamed", pipeline_predict=False, cost_gate=False,
+                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0)
+    pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+    with torch.inference_mode():
+        for step in range(4):  # the same batch: the same plan every step once counts are known
+            got = forward_logits(model, b)
+            assert float((got - ref).abs().max()) <= 1e-5 * scale, (f"rank {rank} step {step}", scale)
+            pipe.end_step()
+        steady_copies = [r["copies"] for r in pipe.history if r["step"] == 3]
+        pipe.activate(False)
+        for m in moe_layers(model):
+            m.expert_bank.fc1.mul_(1.05)
+            m.expert_bank.fc2.mul_(0.97)
+        new_ref = forward_logits(model, b)
+        pipe.activate(True)
+        n_before = len(pipe.history)
+        got = forward_logits(model, b)
+        pipe.end_step()
+        after = [r["copies"] for r in pipe.history[n_before:]]
+        diff = float((got - new_ref).abs().max())
+    s = pipe.summary()
+    pipe.close()
+    ctx = (f"rank {rank}", s, steady_copies, after)
+    assert s["replica_mode"] == "streamed", ctx
+    assert sum(steady_copies) == 0, ("unchanged slots were sent again", ctx)
+    assert sum(after) > 0, ("the slots were not copied again after the weights changed", ctx)
+    assert diff <= 1e-5 * scale, ("a copy of the old weights was used", diff, ctx)
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_streamed_replicas_are_copied_again_after_the_weights_change(ws):
+    run_ranks(pipeline_streamed_reload, ws)
 
 
 @pytest.mark.slow

@@ -41,6 +41,8 @@ class ReplicaBankPool:
         # what each bank's slots hold, for every rank: expert ids of layer `held_layer[b]`
         self.held = [torch.full((layout.ep_size, R), EMPTY_SLOT, dtype=torch.long) for _ in range(NUM_BANKS)]
         self.held_layer = [None] * NUM_BANKS
+        # the version of the natives each bank's copies were made from (ExpertBank.native_version)
+        self.held_version = [None] * NUM_BANKS
 
     @staticmethod
     def bank_of(layer: int) -> int:
@@ -59,11 +61,20 @@ class ReplicaBankPool:
     def holds(self, bank: int, layer: int, rank: int, slot: int, expert: int) -> bool:
         return self.held_layer[bank] == layer and int(self.held[bank][rank, slot]) == expert
 
-    def mark(self, bank: int, layer: int, placement: torch.Tensor) -> None:
-        """Record that ``bank`` now holds (or is being filled with) ``placement`` of ``layer``."""
+    def forget_if_stale(self, bank: int, layer: int, version) -> None:
+        """Drop ``bank``'s record when it holds copies of ``layer`` made from natives of another
+        ``version``: the weights changed since (a reload, in place or not), so every slot is
+        re-sent."""
+        if self.held_layer[bank] == layer and self.held_version[bank] != version:
+            self.held_layer[bank] = None
+
+    def mark(self, bank: int, layer: int, placement: torch.Tensor, version=None) -> None:
+        """Record that ``bank`` now holds (or is being filled with) ``placement`` of ``layer``,
+        copied from natives of ``version``."""
         if self.held_layer[bank] != layer:
             self.held[bank].fill_(EMPTY_SLOT)
         self.held_layer[bank] = layer
+        self.held_version[bank] = version
         self.held[bank] = placement.detach().cpu().long().clone()
 
 

@@ -400,6 +400,8 @@ class LookaheadPipeline:
                 return
             placement, invalid = self._valid_placement(self._plan(counts))
         b = self.pool.bank_of(layer)
+        version = self.layers[layer].expert_bank.native_version()
+        self.pool.forget_if_stale(b, layer, version)  # copies of older natives are never reused
         copies = replica_copies(placement, self.layout, self.me,
                                 unchanged=lambda r, s, e: self.pool.holds(b, layer, r, s, e),
                                 native_rows=self.layers[layer].expert_bank.native_rows,
@@ -409,7 +411,7 @@ class LookaheadPipeline:
                          copies=len(copies.ops), bytes=len(copies.ops) * self.pool.expert_bytes)
         with nvtx_range(f"prefetch.{phase}"):
             plan.batch = self.engine.submit(copies.ops, copies.src, copies.dst) if copies.ops else None
-        self.pool.mark(b, layer, placement)
+        self.pool.mark(b, layer, placement, version)
         self._plans[layer] = plan
 
     def _prefetch_resident(self, layer: int, phase: str, counts: torch.Tensor) -> None:
