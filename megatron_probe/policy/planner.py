@@ -237,7 +237,7 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     col = cnt.sum(0)  # [E] tokens per expert, all on the home rank at the start
     at_home = col.tolist()
     rem = (col - cnt[home, e_ids]).tolist()  # minus the home rank's own tokens: they never move
-    t = [sum(b) + o_u * (L - b.count(0)) for b in [at_home[i:i + L] for i in range(0, E, L)]]
+    t = _static_units(at_home, L, o_u)
     held = [set() for _ in range(ep)]  # replica copies only
     slots = [[EMPTY_SLOT] * R for _ in range(ep)]
     if placement is not None:
@@ -248,7 +248,7 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     n_in, n_out = [0] * ep, [0] * ep
     invalid = [1 << r for r in range(ep)]  # bit d of invalid[s]: the pair (s, d) cannot help
     # the first move would make a copy that cannot pay (no_copy_can_pay): the static plan
-    hopeless = early_exit and placement is None and ch > 0 and (max(t) * ep - sum(t)) // ep <= ch
+    hopeless = early_exit and placement is None and ch > 0 and _excess_within(t, ch)
     left = {}
     away = {}
     got = {}  # (expert, holder) -> tokens per source rank computed on that copy
@@ -375,9 +375,19 @@ def no_copy_can_pay(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     ch = int(round(copy_charge_us / c)) if c > 0 else 0
     if ch <= 0:
         return False
-    o_u = int(round(cost.per_active_expert_us / c))
-    t = [sum(b) + o_u * (L - b.count(0)) for b in (col[i:i + L] for i in range(0, E, L))]
-    return (max(t) * ep - sum(t)) // ep <= ch
+    return _excess_within(_static_units(col, L, int(round(cost.per_active_expert_us / c))), ch)
+
+
+def _static_units(col, L: int, o_u: int) -> list:
+    """Each rank's static time in token units from per-expert totals ``col`` (contiguous blocks of
+    ``L``): tokens plus ``o_u`` per expert with tokens."""
+    return [sum(b) + o_u * (L - b.count(0)) for b in (col[i:i + L] for i in range(0, len(col), L))]
+
+
+def _excess_within(t: list, ch: int) -> bool:
+    """The slowest rank's excess over the mean (what the greedy's first move can move at most)
+    is within ``ch`` token units: no new copy can be accepted."""
+    return (max(t) * len(t) - sum(t)) // len(t) <= ch
 
 
 def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int],

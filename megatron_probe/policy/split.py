@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
+from megatron_probe.policy.placement import validate_placement
 
 
 def _north_west(c: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -367,23 +368,33 @@ def _plain(t: torch.Tensor, dtype) -> bool:
     return t.dtype == dtype and t.device.type == "cpu" and not t.requires_grad
 
 
-def split_inputs(counts: torch.Tensor, holds: torch.Tensor, objective: str, cost: Optional[ExpertCost]):
-    """The checks every split makes (this module's and the exact yardsticks'): a known objective,
-    a cost for the time objective, matching shapes, no negative count, a copy for every expert
-    with tokens. Returns ``(counts, holds, per-expert totals)`` as NumPy arrays."""
+def _check_objective(objective: str, cost: Optional[ExpertCost]) -> None:
     if objective not in ("tokens", "time"):
         raise ValueError(f"unknown objective {objective!r}; valid: ('tokens', 'time')")
     if objective == "time" and cost is None:
         raise ValueError("objective='time' needs an ExpertCost")
-    ep, E = holds.shape
-    if tuple(counts.shape) != (ep, E):
-        raise ValueError(f"counts has shape {tuple(counts.shape)}, holds {tuple(holds.shape)}: both must be [ep, E]")
-    # plain CPU tensors of the right type (the usual case) convert without copies or extra calls
+
+
+def _count_array(counts: torch.Tensor) -> np.ndarray:
+    """``counts`` as int64 NumPy, refused when negative (a plain CPU tensor of the right type,
+    the usual case, converts without a copy or extra calls)."""
     cnt = counts.numpy() if _plain(counts, torch.long) else counts.detach().cpu().long().numpy()
-    hold = holds.numpy() if _plain(holds, torch.bool) else holds.detach().cpu().bool().numpy()
     if cnt.min(initial=0) < 0:
         s, e = np.argwhere(cnt < 0)[0]
         raise ValueError(f"counts[{s}, {e}] = {int(cnt[s, e])} is negative")
+    return cnt
+
+
+def split_inputs(counts: torch.Tensor, holds: torch.Tensor, objective: str, cost: Optional[ExpertCost]):
+    """The checks every split makes (this module's and the exact yardsticks'): a known objective,
+    a cost for the time objective, matching shapes, no negative count, a copy for every expert
+    with tokens. Returns ``(counts, holds, per-expert totals)`` as NumPy arrays."""
+    _check_objective(objective, cost)
+    ep, E = holds.shape
+    if tuple(counts.shape) != (ep, E):
+        raise ValueError(f"counts has shape {tuple(counts.shape)}, holds {tuple(holds.shape)}: both must be [ep, E]")
+    cnt = _count_array(counts)
+    hold = holds.numpy() if _plain(holds, torch.bool) else holds.detach().cpu().bool().numpy()
     total = cnt.sum(0)
     held = hold.any(0)
     if not held.all():  # rare: an expert without a copy must have no token
@@ -447,19 +458,7 @@ def _split_y(cnt: np.ndarray, h: _Holds, total: np.ndarray, objective: str,
     return core, y
 
 
-def _max_time_us(core: _Core, y, cost: ExpertCost) -> float:
-    """The slowest rank's time (us) of ``y``: ``_times_us(...).max()``, the same floats."""
-    load, act = core.fixed[:], core.fixed_active[:]
-    for row, hs in zip(y, core.holders):
-        for r in hs:
-            if row[r] > 0:
-                load[r] += row[r]
-                act[r] += 1
-    c, o = cost.per_token_us, cost.per_active_expert_us
-    return max(c * float(load[r]) + o * float(act[r]) for r in range(core.ep))
-
-
-def _times_us(core: _Core, y, cost: ExpertCost) -> np.ndarray:
+def _time_list_us(core: _Core, y, cost: ExpertCost) -> List[float]:
     """Rank times (us) of ``y``: the float operations of ``planner.rank_times`` on the same
     integers, so the same values bit for bit."""
     load, act = core.fixed[:], core.fixed_active[:]
@@ -469,7 +468,15 @@ def _times_us(core: _Core, y, cost: ExpertCost) -> np.ndarray:
                 load[r] += row[r]
                 act[r] += 1
     c, o = cost.per_token_us, cost.per_active_expert_us
-    return np.array([c * float(load[r]) + o * float(act[r]) for r in range(core.ep)])
+    return [c * float(load[r]) + o * float(act[r]) for r in range(core.ep)]
+
+
+def _max_time_us(core: _Core, y, cost: ExpertCost) -> float:
+    return max(_time_list_us(core, y, cost))
+
+
+def _times_us(core: _Core, y, cost: ExpertCost) -> np.ndarray:
+    return np.array(_time_list_us(core, y, cost))
 
 
 def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCost):
@@ -520,39 +527,33 @@ def balanced_split_times(counts: torch.Tensor, holds: torch.Tensor, cost: Expert
 def _placement_inputs(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str,
                       cost: Optional[ExpertCost]):
     """``(counts, tables, per-expert totals)`` for a split over ``placement``'s copies: the checks
-    of :func:`split_inputs` and ``validate_placement`` (the placement's only on a cache miss), the
-    tables of the placement cached."""
-    from megatron_probe.policy.placement import validate_placement
-
-    if objective not in ("tokens", "time"):
-        raise ValueError(f"unknown objective {objective!r}; valid: ('tokens', 'time')")
-    if objective == "time" and cost is None:
-        raise ValueError("objective='time' needs an ExpertCost")
+    of :func:`split_inputs` and ``validate_placement`` (the placement's only when its tables are
+    built: a cached placement was checked then)."""
+    _check_objective(objective, cost)
     ep, E, R = layout.ep_size, layout.num_experts, layout.replica_slots
     if tuple(counts.shape) != (ep, E):
         raise ValueError(f"counts has shape {tuple(counts.shape)}, expected ({ep}, {E}) ([ep, experts])")
     if not _plain(placement, torch.long) or tuple(placement.shape) != (ep, R):
         validate_placement(placement, layout)  # raises on a wrong type or shape, naming it
         placement = placement.detach().cpu().long()
-    cnt = counts.numpy() if _plain(counts, torch.long) else counts.detach().cpu().long().numpy()
-    if cnt.min(initial=0) < 0:
-        s, e = np.argwhere(cnt < 0)[0]
-        raise ValueError(f"counts[{s}, {e}] = {int(cnt[s, e])} is negative")
-    key = ("placement", ep, E, placement.numpy().tobytes())
-    h = _HOLDS_CACHE.pop(key, None)
-    if h is not None:
-        _HOLDS_CACHE[key] = h  # used again: last in the eviction order
-    else:  # a placement not seen lately: checked once, then its tables are kept
-        rows = placement.tolist()
-        L = E // ep
-        for r, row in enumerate(rows):
-            seen = set()
-            for e in row:
-                if e != -1 and (not 0 <= e < E or r * L <= e < r * L + L or e in seen):
-                    validate_placement(placement, layout)  # raises, naming the bad entry
-                seen.add(e)
-        h = _cached(key, lambda: _Holds.from_placement(rows, E))
+    cnt = _count_array(counts)
+    h = _cached(("placement", ep, E, placement.numpy().tobytes()),
+                lambda: _Holds.from_placement(_checked_rows(placement, layout), E))
     return cnt, h, cnt.sum(0)
+
+
+def _checked_rows(placement: torch.Tensor, layout) -> List[List[int]]:
+    """``placement`` as host rows, with ``validate_placement``'s checks on plain integers (it is
+    called to raise, naming the bad entry)."""
+    rows = placement.tolist()
+    E, L = layout.num_experts, layout.num_local_experts
+    for r, row in enumerate(rows):
+        seen = set()
+        for e in row:
+            if e != -1 and (not 0 <= e < E or r * L <= e < r * L + L or e in seen):
+                validate_placement(placement, layout)
+            seen.add(e)
+    return rows
 
 
 def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str = "time",

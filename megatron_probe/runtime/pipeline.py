@@ -393,8 +393,7 @@ class LookaheadPipeline:
             if self._budget() == 0 or no_copy_can_pay(counts, self.layout, self.cost, self._charge_of_copy()):
                 # the planner would keep the static plan (the usual case where copies cannot pay;
                 # exact, see no_copy_can_pay): no plan, checks or copy list. The bank's record is
-                # dropped as an empty plan's mark did: a record kept across steps could name
-                # copies of natives that have changed since (streamed slots carry no version)
+                # dropped, as an empty plan's mark did
                 self._plans[layer] = None
                 self.pool.held_layer[self.pool.bank_of(layer)] = None
                 return
