@@ -36,13 +36,14 @@ WORKDIR /opt/megatron-probe
 # Remember the base image's torch, then add the dependencies:
 # * megatron-core without its dependencies; the constraint file is lifted for this one package only
 #   (in case the image pins another megatron-core), and --no-deps keeps it from touching anything else;
-# * nvtx (NVTX ranges for nsys) and tokenizers (the tiny model's tokenizer) under the image's
-#   constraint file: where the image ships them its versions stay, which is why they are only
-#   bounded below here, not pinned; neither depends on torch.
+# * nvtx (NVTX ranges for nsys), tokenizers (the tiny model's tokenizer) and numba (the dispatch
+#   split's compiled host loops) under the image's constraint file: where the image ships them its
+#   versions stay (numba's numpy too), which is why they are only bounded below here, not pinned;
+#   none depends on torch.
 COPY docker/check_image.py docker/check_image.py
 RUN python3 docker/check_image.py --record /opt/base-torch-version \
     && PIP_CONSTRAINT="" python3 -m pip install --no-cache-dir --no-deps "megatron-core==0.16.1" \
-    && python3 -m pip install --no-cache-dir "nvtx>=0.2" "tokenizers>=0.19"
+    && python3 -m pip install --no-cache-dir "nvtx>=0.2" "tokenizers>=0.19" "numba>=0.61"
 
 # The package itself, editable: the code finds the shipped checkpoint and workloads beside the
 # package (checkpoints/, workloads/ in this folder), which a site-packages copy would not.

@@ -1,6 +1,7 @@
 """The balancer's policy pieces: the dispatch split (exact in tokens, local search in time) and
 resident replica planning (warm start, no flapping, following a shift)."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -158,6 +159,14 @@ def test_locality_first_matches_the_loop(case):
     counts, holds = case
     y = exact_split(counts, holds).assign.sum(0)  # any valid per-rank totals
     assert torch.equal(torch.from_numpy(locality_first(counts.numpy(), y.numpy())), _locality_reference(counts, y))
+
+
+def test_locality_first_refuses_totals_that_do_not_add_up():
+    """The compiled loop checks its input rather than write past the end of its room."""
+    counts = np.array([[3, 1], [2, 0]])
+    y = np.array([[2, 2], [1, 0]])  # expert 0: 5 tokens, 4 placed
+    with pytest.raises(ValueError, match="do not add up"):
+        locality_first(counts, y)
 
 
 @settings(max_examples=200, deadline=None)

@@ -319,6 +319,13 @@ def test_dockerfile_base_image_and_install():
     with open(os.path.join(ROOT, "setup.cfg")) as f:
         spec = re.search(r"megatron-core\s*([^\n]+)", f.read()).group(1).strip()
     assert pin.group(1) in SpecifierSet(spec)
+    # every other dependency of setup.cfg is installed (torch and numpy are the image's own)
+    with open(os.path.join(ROOT, "setup.cfg")) as f:
+        cfg = f.read()
+    block = re.search(r"install_requires =\n((?:    \S[^\n]*\n)+)", cfg).group(1)
+    needed = {re.match(r"[A-Za-z0-9_.-]+", line.strip()).group(0) for line in block.splitlines()}
+    installed = set(re.findall(r'"([A-Za-z0-9_.-]+)(?:[<>=!~][^"]*)?"', text))
+    assert needed - {"torch", "numpy"} <= installed, needed - installed
     assert re.search(r"pip install [^\n]*--no-deps [^\n]*-e \.", text)
     assert "check_image.py --record" in text and "check_image.py --check" in text
     assert text.index("--record") < text.index("megatron-core==") < text.index("--check")

@@ -6,7 +6,7 @@ Timed per call (``time.perf_counter`` and this thread's CPU time, 1 torch thread
 counts, versions interleaved per case:
 
 * ``plan_probe``: the tensor planner (no host synchronisation; a GPU side stream's version);
-* ``plan_probe_host``: its host twin (plain-integer loop);
+* ``plan_probe_host``: its host twin (a compiled integer loop);
 * ``copy_charge_retry``: ``plan_with_copy_charge_retry`` (one plain plan per budget R..0, the
   plan with the least charged slowest rank), charge ``--charge-us``;
 * ``copy_charge_one_pass``: ``plan_with_copy_charge`` (the charge priced inside one pass);
@@ -15,8 +15,9 @@ counts, versions interleaved per case:
   placements, so with more cases than that every call builds them: the streamed case);
 * ``split_time_holds``: the same split by ``split.balanced_split`` from a prebuilt ``[ep, E]``
   holder table (the entry for any holder sets);
-* with ``--baseline-rev REV``: ``plan_probe_host`` and ``plan_with_copy_charge`` of
-  ``megatron_probe/policy/planner.py`` at git revision REV (``..._at_REV``), for before/after.
+* with ``--baseline-rev REV``: ``plan_probe_host``, ``plan_with_copy_charge`` and
+  ``placement_split`` of ``megatron_probe/policy/planner.py`` and ``split.py`` at git revision
+  REV (``..._at_REV``), for before/after in the same run.
 
 Configurations: E in {32, 128, 256} x EP in {2, 8, 32} (skipped where E % EP or E < EP), R
 ``--replica-slots``, ``k_max`` ``--k-max``. Counts: SKEWED synthetic steps (expert weights
@@ -104,19 +105,27 @@ def generated_cases(ep, n, tokens, layers, seed):
     return cases, f"GENERATED from {os.path.basename(agg[0])} (alpha={alpha}, {tokens} tokens/step, {L} layers)"
 
 
-def load_planner_at(rev):
-    """``megatron_probe/policy/planner.py`` as it was at git revision ``rev``, as a module."""
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:megatron_probe/policy/planner.py"],
+def load_module_at(rev, name):
+    """``megatron_probe/policy/<name>.py`` as it was at git revision ``rev``, as a module (its
+    imports are today's package; a module whose imports changed since fails loudly here)."""
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:megatron_probe/policy/{name}.py"],
                          check=True, capture_output=True, text=True).stdout
     sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev], check=True, capture_output=True,
                          text=True).stdout.strip()
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(src)
-    spec = importlib.util.spec_from_file_location(f"planner_at_{sha}", f.name)
+    spec = importlib.util.spec_from_file_location(f"{name}_at_{sha}", f.name)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     os.unlink(f.name)
     return mod, sha
+
+
+def load_baseline(rev):
+    """``(planner, split, sha)`` at ``rev``."""
+    planner, sha = load_module_at(rev, "planner")
+    split, _ = load_module_at(rev, "split")
+    return planner, split, sha
 
 
 def _us(fn):
@@ -143,13 +152,14 @@ def time_config(cases, lay, cost, args, old):
         "copy_charge_retry": lambda c: plan_with_copy_charge_retry(c, lay, cost, None, args.charge_us),
         "copy_charge_one_pass": lambda c: plan_with_copy_charge(c, lay, cost, None, args.charge_us),
     }
+    placements = [plan_with_copy_charge(c, lay, cost, None, args.charge_us) for c in cases]
+    holds = [holder_slots(pl, lay) >= 0 for pl in placements]
     if old is not None:
-        mod, sha = old
+        mod, split_mod, sha = old
         fns[f"plan_probe_host_at_{sha}"] = lambda c: mod.plan_probe_host(c, lay, cost, k_max=args.k_max)
         fns[f"plan_with_copy_charge_at_{sha}"] = lambda c: mod.plan_with_copy_charge(c, lay, cost, None,
                                                                                       args.charge_us)
-    placements = [plan_with_copy_charge(c, lay, cost, None, args.charge_us) for c in cases]
-    holds = [holder_slots(pl, lay) >= 0 for pl in placements]
+        fns[f"split_time_at_{sha}"] = lambda i: split_mod.placement_split(cases[i], placements[i], lay, "time", cost)
     # the dispatch's entry (the placement in, what the pipeline calls every layer), and the same
     # split from a prebuilt [ep, E] holder table (the entry for any holder sets)
     fns["split_time"] = lambda i: placement_split(cases[i], placements[i], lay, "time", cost)
@@ -263,14 +273,14 @@ def main():
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(1)
-    old = load_planner_at(a.baseline_rev) if a.baseline_rev else None
+    old = load_baseline(a.baseline_rev) if a.baseline_rev else None
     result = {"command": "python tools/bench_planner.py " + " ".join(sys.argv[1:]),
               "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
               "charge_us": a.charge_us, "k_max": a.k_max, "R": a.replica_slots, "hardware_cost_model": a.hardware,
-              "baseline_rev": old[1] if old else None, "configs": {}}
+              "baseline_rev": old[2] if old else None, "configs": {}}
     gen_e128_ep8 = []
     for E in [int(x) for x in a.experts.split(",")]:
         cost = ExpertCost.from_profile(get_profile(a.hardware), ModelShape(num_experts=E, topk=TOPK, **GPT_OSS))

@@ -25,20 +25,20 @@ with the placement fixed (tokens move only to copies that exist; locality first 
 The plan never raises the slowest rank's time (every move lowers ``t_src`` and leaves
 ``t_dst`` below the old ``t_src``), and with a zero transfer budget and no existing replica it
 returns the static placement.
-:func:`plan_probe_host` is the host twin (plain Python integers, the same plans); given a copy
+:func:`plan_probe_host` is the host twin (a compiled loop on integers, the same plans); given a copy
 charge it prices copies inside the same single pass (:func:`plan_with_copy_charge`; the former
 retry over budgets stays as :func:`plan_with_copy_charge_retry`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, holder_slots, validate_placement
+from megatron_probe.policy.planner_kernels import probe_greedy
 
 
 def _check_counts(counts: torch.Tensor, layout: ExpertLayout) -> None:
@@ -163,17 +163,6 @@ def assign_on_truth(counts: torch.Tensor, placement: torch.Tensor, layout: Exper
     return plan_probe_host(counts, layout, cost, k_max=k_max, placement=placement)[1]
 
 
-@functools.lru_cache(maxsize=64)
-def _static_index(E: int, ep: int):
-    """Flat indices of ``[e, home(e)]`` in an ``[E, ep]`` plane, each expert's home rank and the
-    expert ids (cached per layout shape: a few NumPy calls fewer per plan)."""
-    import numpy as np
-
-    e = np.arange(E)
-    home = e // (E // ep)
-    return e * ep + home, home, e
-
-
 def _host_counts(counts: torch.Tensor, layout: ExpertLayout):
     """``counts`` as an int64 NumPy array, with :func:`_check_counts`'s checks (and messages) but
     its negativity test in one NumPy call instead of several tensor ops."""
@@ -194,14 +183,14 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
                     copy_charge_us: float = 0.0, early_exit: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same algorithm as :func:`plan_probe`, for the host; with ``copy_charge_us = 0`` it
     produces exactly the same plan (tested). Tensor-op dispatch dominates the tensor version on a
-    CPU, so the loop here runs on plain Python integers with incremental rank times and an early
-    exit, and the ``[ep, E, ep]`` assignment is written once at the end.
+    CPU, so the loop here is compiled (``planner_kernels.probe_greedy``, numba) on exact integers
+    with incremental rank times and an early exit.
 
     State, all exact integers in token units: ``t[r]`` rank times; ``at_home[e]`` tokens of expert
     ``e`` on its home rank, ``rem[e]`` those from other ranks (``movable`` of the tensor version),
-    ``left[e]`` per source rank (filled when ``e`` first moves); ``away[(e, r)]`` tokens of ``e``
-    on replica holder ``r``. Only a home rank's native experts move, and only to replica holders,
-    so this is the whole assignment.
+    the assignment itself (what each source still sends home, and to each copy); ``away[e, r]``
+    tokens of ``e`` on replica holder ``r``. Only a home rank's native experts move, and only to
+    replica holders, so this is the whole assignment.
 
     ``copy_charge_us`` (> 0) prices copies inside the same single pass (the one-pass
     :func:`plan_with_copy_charge`): with ``ch = round(copy_charge_us / per_token_us)`` token
@@ -233,104 +222,14 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     c = cost.per_token_us
     o_u = int(round(cost.per_active_expert_us / c)) if c > 0 else 0
     ch = int(round(copy_charge_us / c)) if c > 0 else 0
-    flat_home, home, e_ids = _static_index(E, ep)
-    col = cnt.sum(0)  # [E] tokens per expert, all on the home rank at the start
-    at_home = col.tolist()
-    rem = (col - cnt[home, e_ids]).tolist()  # minus the home rank's own tokens: they never move
-    t = _static_units(at_home, L, o_u)
-    held = [set() for _ in range(ep)]  # replica copies only
-    slots = [[EMPTY_SLOT] * R for _ in range(ep)]
     if placement is not None:
-        slots = placement.detach().cpu().long().tolist()
-        for r, row in enumerate(slots):
-            held[r].update(e for e in row if e >= 0)
+        slots = np.array(placement.detach().cpu().long().numpy(), dtype=np.int64).reshape(ep, R)
         cap_in = 0
-    n_in, n_out = [0] * ep, [0] * ep
-    invalid = [1 << r for r in range(ep)]  # bit d of invalid[s]: the pair (s, d) cannot help
-    # the first move would make a copy that cannot pay (no_copy_can_pay): the static plan
-    hopeless = early_exit and placement is None and ch > 0 and _excess_within(t, ch)
-    left = {}
-    away = {}
-    got = {}  # (expert, holder) -> tokens per source rank computed on that copy
-    for _ in range(k_max if R > 0 and not hopeless else 0):
-        t_src = max(t)
-        src = t.index(t_src)
-        inv = invalid[src]
-        t_dst = min(t)
-        dst = t.index(t_dst)
-        if inv >> dst & 1:  # the fastest rank is ruled out: the fastest valid one, ties to the lower
-            dst = -1
-            for r in range(ep):
-                if not inv >> r & 1 and (dst < 0 or t[r] < t_dst):
-                    dst, t_dst = r, t[r]
-            if dst < 0:
-                break  # nothing can change any more: the tensor version idles from here on
-        lo = src * L
-        hd = held[dst]
-        e_star, best = -1, 0
-        if n_in[dst] < cap_in and n_out[src] < cap_out:  # any native may be copied
-            block = rem[lo:lo + L]
-            best = max(block)
-            if best > 0:
-                e_star = lo + block.index(best)
-        else:  # only the natives dst already holds
-            for e in hd:
-                if lo <= e < lo + L and (rem[e] > best or (rem[e] == best and best > 0 and e < e_star)):
-                    e_star, best = e, rem[e]
-        if e_star < 0:
-            invalid[src] |= 1 << dst
-            continue
-        new_copy = e_star not in hd
-        on_dst = away.get((e_star, dst), 0)
-        o_new = o_u if (new_copy or on_dst == 0) else 0
-        x = min((t_src - t_dst - o_new) // 2, (t_src * ep - sum(t)) // ep, best)
-        if x <= (ch if new_copy else 0):
-            invalid[src] |= 1 << dst
-            continue
-        # locality first: dst's own tokens, then the other ranks' in rank order (never src's)
-        lst = left.get(e_star)
-        if lst is None:
-            lst = left[e_star] = cnt[:, e_star].tolist()
-        g = got.get((e_star, dst))
-        if g is None:
-            g = got[(e_star, dst)] = [0] * ep
-        need = x
-        for r in (dst, *range(ep)):  # dst again in the range: it is emptied or the loop has ended
-            a = lst[r]
-            if a <= 0 or r == src:
-                continue
-            k = a if a < need else need
-            lst[r] = a - k
-            g[r] += k
-            need -= k
-            if need == 0:
-                break
-        moved = x - need
-        rem[e_star] -= moved
-        away[(e_star, dst)] = on_dst + moved
-        at_home[e_star] -= moved
-        t[src] -= moved + (o_u if at_home[e_star] == 0 else 0)
-        t[dst] += moved + (o_u if on_dst == 0 and moved > 0 else 0)
-        if new_copy:
-            slots[dst][slots[dst].index(EMPTY_SLOT)] = e_star
-            hd.add(e_star)
-            n_in[dst] += 1
-            n_out[src] += 1
-            t[src] += ch
-            t[dst] += ch
-    A = np.zeros((ep, E * ep), dtype=np.int64)
-    A[:, flat_home] = cnt
-    if left:  # one scatter: tokens left at home for every moved expert, tokens on copies
-        idx, val = [], []
-        for (e, d), g in got.items():
-            idx.extend(range(e * ep + d, E * ep * ep, E * ep))
-            val.extend(g)
-        for e, lst in left.items():
-            idx.extend(range(e * ep + home[e], E * ep * ep, E * ep))
-            val.extend(lst)
-        A.reshape(-1)[idx] = val
-    A = A.reshape(ep, E, ep)
-    return torch.from_numpy(np.array(slots, dtype=np.int64).reshape(ep, R)), torch.from_numpy(A)
+    else:
+        slots = np.full((ep, R), EMPTY_SLOT, dtype=np.int64)
+    A = probe_greedy(np.ascontiguousarray(cnt), L, slots, cap_in, cap_out, o_u, ch, k_max,
+                     early_exit and placement is None)
+    return torch.from_numpy(slots), torch.from_numpy(A)
 
 
 def split_as_predicted(true: torch.Tensor, pred: torch.Tensor, pred_assign: torch.Tensor, placement: torch.Tensor,
@@ -375,19 +274,11 @@ def no_copy_can_pay(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     ch = int(round(copy_charge_us / c)) if c > 0 else 0
     if ch <= 0:
         return False
-    return _excess_within(_static_units(col, L, int(round(cost.per_active_expert_us / c))), ch)
-
-
-def _static_units(col, L: int, o_u: int) -> list:
-    """Each rank's static time in token units from per-expert totals ``col`` (contiguous blocks of
-    ``L``): tokens plus ``o_u`` per expert with tokens."""
-    return [sum(b) + o_u * (L - b.count(0)) for b in (col[i:i + L] for i in range(0, len(col), L))]
-
-
-def _excess_within(t: list, ch: int) -> bool:
-    """The slowest rank's excess over the mean (what the greedy's first move can move at most)
-    is within ``ch`` token units: no new copy can be accepted."""
-    return (max(t) * len(t) - sum(t)) // len(t) <= ch
+    o_u = int(round(cost.per_active_expert_us / c))
+    # static rank times in token units (tokens plus o_u per expert with tokens), then the slowest
+    # rank's excess over the mean: what the greedy's first move can move at most
+    t = [sum(b) + o_u * (L - b.count(0)) for b in (col[i:i + L] for i in range(0, E, L))]
+    return (max(t) * ep - sum(t)) // ep <= ch
 
 
 def plan_with_copy_charge(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int],

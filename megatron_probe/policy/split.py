@@ -1,6 +1,7 @@
 """The split at dispatch: how the true tokens of each expert are divided among the copies that
-exist, so that the slowest rank finishes first. Host code (NumPy and small Python lists),
-deterministic: every rank computes the same split from the same all-gathered counts.
+exist, so that the slowest rank finishes first. Host code: the checks and tables here, the
+loops compiled (``split_kernels``, numba); deterministic: every rank computes the same split from
+the same all-gathered counts.
 
 :func:`balanced_split` with ``objective="tokens"`` is **exact**: it minimises the most (token,
 expert) pairs on any rank. Only the total each rank computes of each expert matters for the
@@ -35,43 +36,14 @@ yardstick (docs/balancer.md has the measured gaps).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
+from megatron_probe.policy import split_kernels as kernels
 from megatron_probe.policy.placement import validate_placement
-
-
-def _north_west(c: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``[ep, m, ep]``: sources ``c [ep, m]`` keep what their own rank computes of ``y [m, ep]``,
-    the rest fills the remaining room in rank order, sources in rank order (north-west corner
-    rule: source s gives destination r the overlap of their cumulative intervals)."""
-    ep = c.shape[0]
-    own = np.minimum(c, y.T)  # [ep, m]
-    left = c - own  # per source, what leaves it
-    room = y - own.T  # [m, ep] per destination, what it still takes
-    l_hi = np.cumsum(left, 0)
-    r_hi = np.cumsum(room, 1)
-    lo = np.maximum((l_hi - left)[:, :, None], (r_hi - room)[None, :, :])
-    part = np.minimum(l_hi[:, :, None], r_hi[None, :, :]) - lo
-    np.maximum(part, 0, out=part)
-    # a source's leftover never lands on its own rank (left > 0 only where own = y, i.e. no room
-    # there), so the diagonal is 0 and own is written, not added
-    diag = _arange(ep)
-    part[diag, :, diag] = own
-    return part
-
-
-_ARANGE: "dict[int, np.ndarray]" = {}
-
-
-def _arange(n: int) -> np.ndarray:
-    a = _ARANGE.get(n)
-    if a is None:
-        a = _ARANGE[n] = np.arange(n)
-    return a
 
 
 def locality_first(cnt: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -79,76 +51,67 @@ def locality_first(cnt: np.ndarray, y: np.ndarray) -> np.ndarray:
     first keeps what its own rank computes, then the rest fills the remaining room in rank
     order (sources in rank order). Returns ``[ep_src, E, ep_dst]``."""
     ep, E = cnt.shape
-    out = np.zeros((ep, E, ep), dtype=np.int64)
+    cnt = np.ascontiguousarray(cnt, dtype=np.int64)
+    y = np.asarray(y, dtype=np.int64)
     pos = y > 0
     n_dst = pos.sum(1)
-    one = np.flatnonzero(n_dst == 1)  # computed on one rank (most experts): all of it goes there
-    out[:, one, pos[one].argmax(1)] = cnt[:, one]
-    many = np.flatnonzero(n_dst > 1)
-    if many.size:
-        out[:, many, :] = _north_west(cnt[:, many], y[many])
+    owner = np.where(n_dst == 1, pos.argmax(1), np.where(n_dst > 1, -1, -2))
+    multi = np.flatnonzero(n_dst > 1)
+    out = np.zeros((ep, E, ep), dtype=np.int64)
+    kernels.assign(cnt, owner, multi, np.ascontiguousarray(y[multi]), out)
     return out
 
 
 class _Holds:
-    """What the split needs of ``holds [ep, E]`` alone (cached: a resident placement is split
-    step after step): the experts with one copy and their rank, the replicated ones, their
-    holders and, per rank, the replicated experts it holds."""
+    """The tables of one set of holders that the kernels read (``split_kernels``' docstring),
+    built once per set (cached: a resident placement is split step after step)."""
 
-    native_home = False  # set when built from a placement: expert e's only copy is on e // L
-
-    def __init__(self, hold: np.ndarray):
+    @classmethod
+    def from_hold(cls, hold: np.ndarray) -> "_Holds":
+        """From a ``[ep, E]`` holder table (any holder sets)."""
         ep, E = hold.shape
-        self.ep, self.E = ep, E
         n_hold = hold.sum(0)
-        self.single = np.flatnonzero(n_hold == 1)
-        self.owner = hold[:, self.single].argmax(0)
-        self.one = np.zeros((ep, E), dtype=np.int64)  # 1 where a rank holds an expert's only copy
-        self.one[self.owner, self.single] = 1
-        self.multi = np.flatnonzero(n_hold > 1)
-        er, rr = np.nonzero(hold[:, self.multi].T)  # by expert, then rank: holders ascend
-        self.holders: List[List[int]] = [[] for _ in range(len(self.multi))]
-        self.on_rank: List[List[int]] = [[] for _ in range(ep)]
-        for i, r in zip(er.tolist(), rr.tolist()):
-            self.holders[i].append(r)
-            self.on_rank[r].append(i)
-
+        owner = np.where(n_hold == 1, hold.argmax(0), np.where(n_hold > 1, -1, -2))
+        multi = np.flatnonzero(n_hold > 1)
+        sub = hold[:, multi]
+        _, hold_rank = np.nonzero(sub.T)  # by expert, then rank: holders ascend
+        on_rank, on_idx = np.nonzero(sub)  # by rank, then expert
+        home_ok = E % ep == 0 and E > 0 and bool(sub[multi // max(1, E // ep), np.arange(len(multi))].all())
+        return cls._tables(ep, E, owner, multi, hold_rank, n_hold[multi], on_idx,
+                           np.bincount(on_rank, minlength=ep), home_ok)
 
     @classmethod
     def from_placement(cls, rows: List[List[int]], E: int) -> "_Holds":
-        """The same tables from a checked placement (``[ep][R]`` expert ids, -1 empty) over the
-        contiguous natives (expert ``e`` on rank ``e // L``), without the ``[ep, E]`` table:
-        plain Python over the few filled slots."""
-        h = cls.__new__(cls)
+        """From a checked placement (``[ep][R]`` expert ids, -1 empty) over the contiguous natives
+        (expert ``e`` on rank ``e // L``), without the ``[ep, E]`` table: plain Python over the
+        few filled slots."""
         ep = len(rows)
         L = E // ep
-        h.ep, h.E, h.native_home = ep, E, True
         copies: dict = {}
         for r, row in enumerate(rows):
             for e in row:
                 if e >= 0:
                     copies.setdefault(e, {e // L}).add(r)
         multi = sorted(copies)
-        h.multi = np.array(multi, dtype=np.int64)
-        h.holders = [sorted(copies[e]) for e in multi]
-        h.on_rank = [[] for _ in range(ep)]
-        for i, hs in enumerate(h.holders):
+        holders = [sorted(copies[e]) for e in multi]
+        on_rank: List[List[int]] = [[] for _ in range(ep)]
+        for i, hs in enumerate(holders):
             for r in hs:
-                h.on_rank[r].append(i)
-        h.multi_home = [e // L for e in multi]
-        h.flat_home = _flat_home(E, ep)
+                on_rank[r].append(i)
+        owner = np.arange(E) // L
+        owner[multi] = -1
+        return cls._tables(ep, E, owner, multi, [r for hs in holders for r in hs], [len(hs) for hs in holders],
+                           [i for on in on_rank for i in on], [len(on) for on in on_rank], True)
+
+    @classmethod
+    def _tables(cls, ep, E, owner, multi, hold_rank, n_holders, on_idx, n_on, home_ok) -> "_Holds":
+        h = cls()
+        as_i64 = lambda v: np.ascontiguousarray(v, dtype=np.int64)  # noqa: E731
+        h.ep, h.E, h.home_ok = ep, E, bool(home_ok)
+        h.owner, h.multi, h.hold_rank, h.on_idx = as_i64(owner), as_i64(multi), as_i64(hold_rank), as_i64(on_idx)
+        h.hold_ptr = as_i64(np.concatenate(([0], np.cumsum(n_holders, dtype=np.int64))))
+        h.on_ptr = as_i64(np.concatenate(([0], np.cumsum(n_on, dtype=np.int64))))
         return h
-
-
-_FLAT_HOME: "dict[tuple, np.ndarray]" = {}
-
-
-def _flat_home(E: int, ep: int) -> np.ndarray:
-    """Column ``e * ep + e // L`` of a ``[src, E * ep]`` assignment: expert ``e`` on its home."""
-    key = (E, ep)
-    if key not in _FLAT_HOME:
-        _FLAT_HOME[key] = np.arange(E) * ep + np.arange(E) // (E // ep)
-    return _FLAT_HOME[key]
 
 
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
@@ -165,203 +128,50 @@ def _cached(key, build) -> _Holds:
 
 
 def _holds(hold: np.ndarray) -> _Holds:
-    return _cached((hold.shape, hold.tobytes()), lambda: _Holds(hold))
+    return _cached((hold.shape, hold.tobytes()), lambda: _Holds.from_hold(hold))
 
 
-class _Core:
-    """The split reduced to what can move: every rank's fixed load and active count (experts with
-    one copy), and the replicated experts' per-rank totals as plain Python lists (small, hot
-    loops: faster than NumPy scalar indexing)."""
+class _Split:
+    """One split of ``cnt [ep, E]`` over the holders ``h``: the start and the exact token split on
+    construction (``y [m, ep]``: the replicated experts' per-rank totals, ``load [ep]``), the time
+    objective's search on request."""
 
     def __init__(self, cnt: np.ndarray, h: _Holds, total: np.ndarray):
-        ep = h.ep
-        self.h, self.ep, self.total_e = h, ep, total
-        self.holders, self.on_rank, self.multi = h.holders, h.on_rank, h.multi
-        # the replicated experts' counts per source, as one slice (kept for the assignment) and lists
-        self.sub = cnt[:, self.multi]
-        sub = self.sub.tolist()
-        rest = [sum(col) for col in zip(*sub)]  # their totals
-        if h.native_home:  # each rank's natives, less its replicated ones (no [ep, E] table)
-            blocks = total.reshape(ep, -1).tolist()
-            self.fixed = [sum(b) for b in blocks]
-            self.fixed_active = [len(b) - b.count(0) for b in blocks]
-            for n, home in zip(rest, h.multi_home):
-                self.fixed[home] -= n
-                self.fixed_active[home] -= n > 0
-        else:
-            self.fixed = (h.one @ total).tolist()
-            self.fixed_active = (h.one @ (total > 0)).tolist()
-        self.total = sum(self.fixed) + sum(rest)
-        # every expert with tokens is active somewhere
-        self.n_active_min = sum(self.fixed_active) + sum(1 for n in rest if n > 0)
-        # the start: local tokens stay, the rest on the least-loaded holder, experts with the most
-        # such tokens first
-        m = len(self.multi)
-        y = [[0] * ep for _ in range(m)]
-        load = self.fixed[:]
-        for i, hs in enumerate(self.holders):
-            row = y[i]
-            for r in hs:
-                v = sub[r][i]
-                row[r] = v
-                load[r] += v
-                rest[i] -= v
-        for i in sorted(range(m), key=lambda j: -rest[j]):  # stable
-            if rest[i] <= 0:
-                break
-            hs = self.holders[i]
-            r = min(hs, key=load.__getitem__)  # ties: the lower rank (holders ascend)
-            y[i][r] += rest[i]
-            load[r] += rest[i]
-        self.start = y
-        self.start_load = load
+        self.cnt, self.h, self.total = cnt, h, total
+        (self.y, self.load, self.fixed, self.fixed_active, self.start_y, self.start_load, self.total_tokens,
+         self.n_active_min) = kernels.start_split(cnt, total, h.owner, h.multi, h.hold_ptr, h.hold_rank)
+        if len(h.multi):
+            kernels.exact_tokens(self.y, self.load, self.fixed, self.total_tokens, h.hold_ptr, h.hold_rank,
+                                 h.on_ptr, h.on_idx)
 
-    def home(self):
-        """``(y, load)`` of the static split (every replicated expert on its home rank of the
-        contiguous layout), or ``None`` when the holders do not include the homes (any holder
-        sets, not a placement over natives)."""
-        E, ep = self.h.E, self.ep
-        if E % ep:
-            return None
-        per_rank = E // ep
-        y = [[0] * ep for _ in self.multi]
-        load = self.fixed[:]
-        for row, e, hs in zip(y, self.multi, self.holders):
-            home, n = int(e) // per_rank, int(self.total_e[e])
-            if home not in hs:
-                return None
-            row[home] = n
-            load[home] += n
-        return y, load
+    def time_split(self, cost: ExpertCost) -> np.ndarray:
+        """``y`` of the time objective (the token split when nothing is replicated or the
+        per-active-expert cost rounds to 0 tokens)."""
+        o_u = _o_units(cost)
+        h = self.h
+        if not len(h.multi) or o_u <= 0:
+            return self.y
+        return kernels.time_refine(self.y, self.load, self.cnt, self.total, h.multi, self.fixed, self.fixed_active,
+                                   self.start_y, self.start_load, self.total_tokens, self.n_active_min, h.hold_ptr,
+                                   h.hold_rank, h.on_ptr, h.on_idx, h.home_ok, o_u, float(cost.per_token_us),
+                                   float(cost.per_active_expert_us))
 
-    def times(self, y, load, o_u: int) -> List[int]:
-        """Rank times in token units: tokens plus ``o_u`` per active copy."""
-        act = self.fixed_active[:]
-        for row, hs in zip(y, self.holders):
-            for r in hs:
-                if row[r] > 0:
-                    act[r] += 1
-        return [load[r] + o_u * act[r] for r in range(self.ep)]
+    def split(self, objective: str, cost: Optional[ExpertCost]) -> np.ndarray:
+        return self.time_split(cost) if objective == "time" else self.y
 
-    def assignment(self, cnt: np.ndarray, y) -> np.ndarray:
-        """:func:`locality_first` of ``y``: the fixed experts all to their copy, the replicated
-        ones by the north-west corner rule."""
-        h, ep = self.h, self.ep
-        out = np.zeros((ep, h.E, ep), dtype=np.int64)
-        if h.native_home:  # every expert on its home (one scatter); the replicated rewritten below
-            out.reshape(ep, -1)[:, h.flat_home] = cnt
-        else:
-            out[:, h.single, h.owner] = cnt[:, h.single]  # an expert with one copy: all of it there
-        if len(self.multi):
-            out[:, self.multi, :] = _north_west(self.sub, np.asarray(y, dtype=np.int64))
+    def times_us(self, y: np.ndarray, cost: ExpertCost) -> np.ndarray:
+        """Rank times (us) of ``y``: the float operations of ``planner.rank_times`` on the same
+        integers, so the same values bit for bit."""
+        h = self.h
+        return kernels.times_us(y, self.fixed, self.fixed_active, h.hold_ptr, h.hold_rank,
+                                float(cost.per_token_us), float(cost.per_active_expert_us))
+
+    def assignment(self, y: np.ndarray) -> np.ndarray:
+        """``[ep_src, E, ep_dst]``: :func:`locality_first` of ``y``."""
+        h = self.h
+        out = np.zeros((h.ep, h.E, h.ep), dtype=np.int64)
+        kernels.assign(self.cnt, h.owner, h.multi, y, out)
         return out
-
-
-def _exact_tokens(core: _Core) -> Tuple[list, list]:
-    """Augmenting paths under a rising lower bound until no rank exceeds it (module docstring).
-    Returns ``(y, load)``: the replicated experts' per-rank totals and every rank's load."""
-    ep = core.ep
-    y = [row[:] for row in core.start]
-    load = core.start_load[:]
-    holders, on_rank = core.holders, core.on_rank
-    M = max(-(-core.total // ep), max(core.fixed))
-    while True:
-        top = max(load)
-        if top <= M:
-            return y, load
-        u = load.index(top)
-        # breadth-first over ranks; parent[b] = (a, i): reached b from a through expert i
-        parent = [None] * ep
-        seen = [False] * ep
-        seen[u] = True
-        frontier = [u]
-        target = -1
-        while frontier and target < 0:
-            nxt = []
-            for a in frontier:
-                for i in on_rank[a]:
-                    if y[i][a] <= 0:
-                        continue
-                    for b in holders[i]:
-                        if seen[b]:
-                            continue
-                        seen[b] = True
-                        parent[b] = (a, i)
-                        if load[b] < M:
-                            target = b
-                            break
-                        nxt.append(b)
-                    if target >= 0:
-                        break
-                if target >= 0:
-                    break
-            frontier = nxt
-        if target < 0:
-            # closed set: its tokens cannot leave it, a lower bound above M
-            reached = [r for r in range(ep) if seen[r]]
-            M = -(-sum(load[r] for r in reached) // len(reached))
-            continue
-        delta = min(top - M, M - load[target])
-        b = target
-        while b != u:
-            a, i = parent[b]
-            delta = min(delta, y[i][a])
-            b = a
-        b = target
-        while b != u:
-            a, i = parent[b]
-            y[i][a] -= delta
-            y[i][b] += delta
-            b = a
-        load[u] -= delta
-        load[target] += delta
-
-
-def _time_local_search(core: _Core, y0, load0, o_u: int, bound: int, max_moves: int = 64):
-    """Moves between two holders that lower the slower of the two below the current maximum
-    time (token units: tokens + ``o_u`` per active copy), the best such move first; stops at
-    ``bound``. Returns ``(y, max time)``."""
-    y = [row[:] for row in y0]
-    t = core.times(y, load0, o_u)
-    holders, on_rank, ranks = core.holders, core.on_rank, range(core.ep)
-    for _ in range(max_moves):
-        top = max(t)
-        if top <= bound:
-            break
-        best_top, best = top, None
-        for u in ranks:
-            if t[u] != top:
-                continue
-            for i in on_rank[u]:
-                row = y[i]
-                frag = row[u]
-                if frag <= 0:
-                    continue
-                shed = top - frag - o_u  # u without this fragment and its copy's fixed cost
-                for b in holders[i]:
-                    if b == u:
-                        continue
-                    tb = t[b] + (0 if row[b] > 0 else o_u)
-                    # move everything (u sheds the copy's fixed cost), then the balancing part
-                    nt = shed if shed > tb + frag else tb + frag
-                    if nt < best_top:
-                        best_top, best = nt, (i, u, b, frag)
-                    part = (top - tb) // 2
-                    if 0 < part < frag:
-                        nt = top - part if top - part > tb + part else tb + part
-                        if nt < best_top:
-                            best_top, best = nt, (i, u, b, part)
-            if best is not None:
-                break
-        if best is None:
-            break
-        i, u, b, mv = best
-        row = y[i]
-        t[u] -= mv + (o_u if mv == row[u] else 0)
-        t[b] += mv + (0 if row[b] > 0 else o_u)
-        row[u] -= mv
-        row[b] += mv
-    return y, max(t)
 
 
 def _plain(t: torch.Tensor, dtype) -> bool:
@@ -379,6 +189,7 @@ def _count_array(counts: torch.Tensor) -> np.ndarray:
     """``counts`` as int64 NumPy, refused when negative (a plain CPU tensor of the right type,
     the usual case, converts without a copy or extra calls)."""
     cnt = counts.numpy() if _plain(counts, torch.long) else counts.detach().cpu().long().numpy()
+    cnt = np.ascontiguousarray(cnt)  # the kernels' layout (a no-op for the usual dense tensor)
     if cnt.min(initial=0) < 0:
         s, e = np.argwhere(cnt < 0)[0]
         raise ValueError(f"counts[{s}, {e}] = {int(cnt[s, e])} is negative")
@@ -409,76 +220,6 @@ def _o_units(cost: Optional[ExpertCost]) -> int:
     return int(round(cost.per_active_expert_us / cost.per_token_us)) if cost.per_token_us > 0 else 0
 
 
-def _time_refine(core: _Core, y, load, o_u: int, cost: Optional[ExpertCost] = None):
-    """The time objective's local search from the exact token split ``(y, load)``."""
-    # no split beats the largest fixed rank time, nor the tokens plus one active copy per expert
-    # with tokens spread evenly: a start that reaches it needs no other
-    bound = max(max(f + o_u * a for f, a in zip(core.fixed, core.fixed_active)),
-                -(-(core.total + o_u * core.n_active_min) // core.ep))
-    # two starts, the better kept (the first on ties): the exact token split (balanced, many
-    # fragments) and the unsplit one (few active copies)
-    best_y, best_t = _time_local_search(core, y, load, o_u, bound)
-    if best_t > bound:
-        y2, t2 = _time_local_search(core, core.start, core.start_load, o_u, bound)
-        if t2 < best_t:
-            best_y, best_t = y2, t2
-    home = core.home()
-    if home is None:
-        return best_y
-    t_home = max(core.times(home[0], home[1], o_u))
-    if best_t > bound and t_home < best_t:
-        # the static split (every replicated expert on its home rank) is a third start
-        y3, t3 = _time_local_search(core, home[0], home[1], o_u, bound)
-        if t3 < best_t:
-            best_y, best_t = y3, t3
-    if cost is not None:
-        # decided in token units (o rounded); in us the static split must still not be faster,
-        # so the split is never slower than no replication at all. A rank's time in us is within
-        # |o - c o_u| per active copy of c times its time in token units, so when static is
-        # slower by more than twice that in units it is slower in us too: no float check needed
-        c = cost.per_token_us
-        most_active = max(a + len(on) for a, on in zip(core.fixed_active, core.on_rank))
-        slack = abs(cost.per_active_expert_us - c * o_u) * most_active / c if c > 0 else float("inf")
-        if not t_home - best_t > 2 * slack + 1 and _max_time_us(core, home[0], cost) < _max_time_us(core, best_y, cost):
-            best_y = home[0]
-    return best_y
-
-
-def _split_y(cnt: np.ndarray, h: _Holds, total: np.ndarray, objective: str,
-             cost: Optional[ExpertCost]):
-    """``(core, y)``: the replicated experts' per-rank totals of :func:`balanced_split`."""
-    core = _Core(cnt, h, total)
-    if not len(core.multi):
-        return core, []
-    y, load = _exact_tokens(core)
-    if objective == "time":
-        o_u = _o_units(cost)
-        if o_u > 0:
-            y = _time_refine(core, y, load, o_u, cost)
-    return core, y
-
-
-def _time_list_us(core: _Core, y, cost: ExpertCost) -> List[float]:
-    """Rank times (us) of ``y``: the float operations of ``planner.rank_times`` on the same
-    integers, so the same values bit for bit."""
-    load, act = core.fixed[:], core.fixed_active[:]
-    for row, hs in zip(y, core.holders):
-        for r in hs:
-            if row[r] > 0:
-                load[r] += row[r]
-                act[r] += 1
-    c, o = cost.per_token_us, cost.per_active_expert_us
-    return [c * float(load[r]) + o * float(act[r]) for r in range(core.ep)]
-
-
-def _max_time_us(core: _Core, y, cost: ExpertCost) -> float:
-    return max(_time_list_us(core, y, cost))
-
-
-def _times_us(core: _Core, y, cost: ExpertCost) -> np.ndarray:
-    return np.array(_time_list_us(core, y, cost))
-
-
 def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCost):
     """``(upper, times)``: an upper bound (us) on the slowest rank of :func:`balanced_split`'s
     time split, known before its local search (the exact token split's time, the search only
@@ -491,17 +232,16 @@ def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCo
 
 
 def _bounded(cnt: np.ndarray, h: _Holds, total: np.ndarray, cost: ExpertCost):
-    core = _Core(cnt, h, total)
+    s = _Split(cnt, h, total)
     o_u = _o_units(cost)
-    if not len(core.multi) or o_u <= 0:  # the time split is the token split
-        t = _times_us(core, _exact_tokens(core)[0] if len(core.multi) else [], cost)
+    if not len(h.multi) or o_u <= 0:  # the time split is the token split
+        t = s.times_us(s.y, cost)
         return float(t.max()), lambda: t
-    y, load = _exact_tokens(core)
-    units = max(core.times(y, load, o_u))
-    most_active = max(a + len(on) for a, on in zip(core.fixed_active, core.on_rank))
+    units = int(kernels.unit_times(s.y, s.load, s.fixed_active, h.hold_ptr, h.hold_rank, o_u).max())
+    most_active = int((s.fixed_active + np.diff(h.on_ptr)).max())
     slack = max(0.0, cost.per_active_expert_us - cost.per_token_us * o_u) * most_active
     upper = (cost.per_token_us * units + slack) * (1 + 1e-12)
-    return upper, lambda: _times_us(core, _time_refine(core, y, load, o_u, cost), cost)
+    return upper, lambda: s.times_us(s.time_split(cost), cost)
 
 
 def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tokens",
@@ -510,8 +250,8 @@ def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "
     ``holds [ep, E]`` (bool; natives included) that minimises the slowest rank: exactly in tokens,
     or by local search in time (``cost`` needed; module docstring)."""
     cnt, hold, total = split_inputs(counts, holds, objective, cost)
-    core, y = _split_y(cnt, _holds(hold), total, objective, cost)
-    return torch.from_numpy(core.assignment(cnt, y))
+    s = _Split(cnt, _holds(hold), total)
+    return torch.from_numpy(s.assignment(s.split(objective, cost)))
 
 
 def balanced_split_times(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCost,
@@ -520,8 +260,8 @@ def balanced_split_times(counts: torch.Tensor, holds: torch.Tensor, cost: Expert
     ``[ep, E, ep]`` assignment: equal to ``planner.rank_times(balanced_split(...), cost)``, bit
     for bit."""
     cnt, hold, total = split_inputs(counts, holds, objective, cost)
-    core, y = _split_y(cnt, _holds(hold), total, objective, cost)
-    return _times_us(core, y, cost)
+    s = _Split(cnt, _holds(hold), total)
+    return s.times_us(s.split(objective, cost), cost)
 
 
 def _placement_inputs(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str,
@@ -563,18 +303,29 @@ def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objec
     holder_slots(placement, layout) >= 0, objective, cost)`` (tested), without building the
     ``[ep, E]`` holder table. The dispatch's path: it runs every layer."""
     cnt, h, total = _placement_inputs(counts, placement, layout, objective, cost)
-    core, y = _split_y(cnt, h, total, objective, cost)
-    return torch.from_numpy(core.assignment(cnt, y))
+    s = _Split(cnt, h, total)
+    return torch.from_numpy(s.assignment(s.split(objective, cost)))
 
 
 def placement_split_times(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost,
                           objective: str = "time") -> np.ndarray:
     """:func:`balanced_split_times` over ``placement``'s copies (as :func:`placement_split`)."""
     cnt, h, total = _placement_inputs(counts, placement, layout, objective, cost)
-    core, y = _split_y(cnt, h, total, objective, cost)
-    return _times_us(core, y, cost)
+    s = _Split(cnt, h, total)
+    return s.times_us(s.split(objective, cost), cost)
 
 
 def placement_time_split_bounded(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost):
     """:func:`time_split_bounded` over ``placement``'s copies (as :func:`placement_split`)."""
     return _bounded(*_placement_inputs(counts, placement, layout, "time", cost), cost)
+
+
+def load_kernels() -> None:
+    """Load the compiled loops (``split_kernels``; compiled once per install, then read from
+    numba's on-disk cache: about 0.4 s) with one tiny split, so the first served layer does not
+    pay for it."""
+    counts = torch.tensor([[5, 0, 1, 1], [4, 2, 0, 3]])
+    holds = torch.tensor([[True, True, True, False], [False, False, True, True]])  # expert 2 on both
+    cost = ExpertCost(per_token_us=0.1, per_active_expert_us=6.4)
+    balanced_split(counts, holds, "time", cost)
+    time_split_bounded(counts, holds, cost)[1]()

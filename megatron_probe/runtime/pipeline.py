@@ -83,7 +83,7 @@ from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
 from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us, saving_upper_bound_us
 from megatron_probe.policy.planner import no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
-from megatron_probe.policy.split import placement_split
+from megatron_probe.policy.split import load_kernels, placement_split
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.lookahead import LookaheadRuntime
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
@@ -266,6 +266,7 @@ class LookaheadPipeline:
             cost = ExpertCost.from_profile(get_profile(cfg.hardware_profile), shape)
         self.cost = cost
         check_same_cost(cost, self.ctl_group)
+        load_kernels()  # the split's compiled loops, before the first step rather than inside it
         if self.mode == "resident":
             self.resident = [ResidentLayer(ResidentPlanner(self.layout, cost, ResidentSettings(
                 copy_cost_us=cfg.copy_charge_us)), empty_placement(self.layout), m.expert_bank.native_version())
