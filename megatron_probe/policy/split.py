@@ -36,7 +36,7 @@ yardstick (docs/balancer.md has the measured gaps).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -81,27 +81,19 @@ class _Holds:
                            np.bincount(on_rank, minlength=ep), home_ok)
 
     @classmethod
-    def from_placement(cls, rows: List[List[int]], E: int) -> "_Holds":
-        """From a checked placement (``[ep][R]`` expert ids, -1 empty) over the contiguous natives
-        (expert ``e`` on rank ``e // L``), without the ``[ep, E]`` table: plain Python over the
-        few filled slots."""
-        ep = len(rows)
-        L = E // ep
-        copies: dict = {}
-        for r, row in enumerate(rows):
-            for e in row:
-                if e >= 0:
-                    copies.setdefault(e, {e // L}).add(r)
-        multi = sorted(copies)
-        holders = [sorted(copies[e]) for e in multi]
-        on_rank: List[List[int]] = [[] for _ in range(ep)]
-        for i, hs in enumerate(holders):
-            for r in hs:
-                on_rank[r].append(i)
-        owner = np.arange(E) // L
-        owner[multi] = -1
-        return cls._tables(ep, E, owner, multi, [r for hs in holders for r in hs], [len(hs) for hs in holders],
-                           [i for on in on_rank for i in on], [len(on) for on in on_rank], True)
+    def from_placement(cls, placement: torch.Tensor, layout) -> "_Holds":
+        """From a placement ``[ep, R]`` (int64 on the host) over the contiguous natives of
+        ``layout``, without the ``[ep, E]`` table (one compiled call), its entries checked
+        (``validate_placement`` raises, naming the first bad one)."""
+        ok, owner, multi, hold_ptr, hold_rank, on_ptr, on_idx = kernels.placement_tables(
+            np.ascontiguousarray(placement.numpy()), layout.num_experts)
+        if not ok:
+            validate_placement(placement, layout)
+            raise AssertionError("placement_tables refused a placement validate_placement accepts")
+        h = cls()
+        h.ep, h.E, h.home_ok = layout.ep_size, layout.num_experts, True
+        h.owner, h.multi, h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx = owner, multi, hold_ptr, hold_rank, on_ptr, on_idx
+        return h
 
     @classmethod
     def _tables(cls, ep, E, owner, multi, hold_rank, n_holders, on_idx, n_on, home_ok) -> "_Holds":
@@ -277,23 +269,8 @@ def _placement_inputs(counts: torch.Tensor, placement: torch.Tensor, layout, obj
         validate_placement(placement, layout)  # raises on a wrong type or shape, naming it
         placement = placement.detach().cpu().long()
     cnt = _count_array(counts)
-    h = _cached(("placement", ep, E, placement.numpy().tobytes()),
-                lambda: _Holds.from_placement(_checked_rows(placement, layout), E))
+    h = _cached(("placement", ep, E, placement.numpy().tobytes()), lambda: _Holds.from_placement(placement, layout))
     return cnt, h, cnt.sum(0)
-
-
-def _checked_rows(placement: torch.Tensor, layout) -> List[List[int]]:
-    """``placement`` as host rows, with ``validate_placement``'s checks on plain integers (it is
-    called to raise, naming the bad entry)."""
-    rows = placement.tolist()
-    E, L = layout.num_experts, layout.num_local_experts
-    for r, row in enumerate(rows):
-        seen = set()
-        for e in row:
-            if e != -1 and (not 0 <= e < E or r * L <= e < r * L + L or e in seen):
-                validate_placement(placement, layout)
-            seen.add(e)
-    return rows
 
 
 def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objective: str = "time",

@@ -26,6 +26,64 @@ from numba import njit
 
 
 @njit(cache=True)
+def placement_tables(placement, E):
+    """``(ok, owner, multi, hold_ptr, hold_rank, on_ptr, on_idx)`` of the copies of ``placement
+    [ep, R]`` (expert ids, -1 empty) over the contiguous natives (expert ``e`` on rank
+    ``e // (E / ep)``). ``ok`` is False, and the tables unusable, when an entry names no expert,
+    one of the rank's own natives, or an expert already in that rank's slots (the caller raises,
+    naming it)."""
+    ep, R = placement.shape
+    L = E // ep
+    held = np.zeros((E, ep), np.bool_)
+    replicated = np.zeros(E, np.bool_)
+    ok = True
+    for r in range(ep):
+        for j in range(R):
+            e = placement[r, j]
+            if e == -1:
+                continue
+            if e < 0 or e >= E or e // L == r or held[e, r]:
+                ok = False
+                continue
+            held[e, r] = True
+            held[e, e // L] = True
+            replicated[e] = True
+    owner = np.arange(E) // L
+    m = 0
+    n_copies = 0
+    for e in range(E):
+        if replicated[e]:
+            owner[e] = -1
+            m += 1
+            for r in range(ep):
+                n_copies += held[e, r]
+    multi = np.empty(m, np.int64)
+    hold_ptr = np.zeros(m + 1, np.int64)
+    hold_rank = np.empty(n_copies, np.int64)
+    i = 0
+    k = 0
+    for e in range(E):
+        if replicated[e]:
+            multi[i] = e
+            for r in range(ep):  # holders ascend
+                if held[e, r]:
+                    hold_rank[k] = r
+                    k += 1
+            i += 1
+            hold_ptr[i] = k
+    on_ptr = np.zeros(ep + 1, np.int64)
+    on_idx = np.empty(n_copies, np.int64)
+    k = 0
+    for r in range(ep):  # per rank, the replicated experts it holds, ascending
+        for i in range(m):
+            if held[multi[i], r]:
+                on_idx[k] = i
+                k += 1
+        on_ptr[r + 1] = k
+    return ok, owner, multi, hold_ptr, hold_rank, on_ptr, on_idx
+
+
+@njit(cache=True)
 def start_split(cnt, total, owner, multi, hold_ptr, hold_rank):
     """``(y, load, fixed, fixed_active, start_y, start_load, total_tokens, n_active_min)``: every
     rank's fixed load and active count (experts with one copy), and the start: local tokens stay,
