@@ -340,3 +340,47 @@ def test_resident_early_exit_skips_the_planner_on_stationary_steps(monkeypatch):
     for _ in range(20):
         rp.plan(load)
     assert len(calls) == 1  # only the warm start plans: every later step ends before the planner
+
+
+_KERNEL_PROBE = r"""
+import numpy as np, torch
+from numba.core.registry import CPUDispatcher
+from megatron_probe.policy import planner, planner_kernels, split, split_kernels, resident
+from megatron_probe.policy.cost_model import ExpertCost
+from megatron_probe.policy.placement import ExpertLayout, holder_slots
+
+def signatures():
+    return {(m.__name__, n): len(f.signatures) for m in (planner_kernels, split_kernels)
+            for n, f in vars(m).items() if isinstance(f, CPUDispatcher)}
+
+planner.load_kernels()
+split.load_kernels()
+before = signatures()
+g = torch.Generator().manual_seed(0)
+lay, cost = ExpertLayout(128, 8, 3), ExpertCost(0.004, 0.26)
+for step in range(4):
+    counts = (torch.rand(8, 128, generator=g) ** 4 * 300).long()
+    pl = planner.plan_with_copy_charge(counts, lay, cost, None, 30.0)
+    planner.plan_probe_host(counts, lay, cost, placement=pl)
+    planner.no_copy_can_pay(counts, lay, cost, 30.0)
+    for objective in ("tokens", "time"):
+        split.placement_split(counts, pl, lay, objective, cost)
+        split.balanced_split(counts, holder_slots(pl, lay) >= 0, objective, cost)
+    split.placement_split_times(counts, pl, lay, cost)
+    split.placement_time_split_bounded(counts, pl, lay, cost)[1]()
+    split.time_split_bounded(counts.int(), holder_slots(pl, lay) >= 0, cost)[1]()
+    resident.slowest_time(counts, pl, lay, cost)
+after = signatures()
+print({k: (before[k], after[k]) for k in after if after[k] != before[k]})
+"""
+
+
+def test_load_kernels_leaves_nothing_to_compile_in_the_served_layer():
+    """After the two ``load_kernels`` (what the pipeline calls before its first step), the entries
+    the pipeline, the gate and the resident planner use compile nothing more (a fresh process: a
+    kernel's first compile or cache load inside a step cost seconds)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _KERNEL_PROBE], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "{}", out.stdout + out.stderr

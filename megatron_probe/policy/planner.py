@@ -232,6 +232,14 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     return torch.from_numpy(slots), torch.from_numpy(A)
 
 
+def load_kernels() -> None:
+    """Load the host planner's compiled loop (``planner_kernels``; compiled once per install,
+    then read from numba's on-disk cache) with one tiny plan, so the first served layer does not
+    pay for it."""
+    layout = ExpertLayout(4, 2, 1)
+    plan_probe_host(torch.tensor([[5, 0, 1, 1], [4, 2, 0, 3]]), layout, ExpertCost(0.1, 6.4), copy_charge_us=1.0)
+
+
 def split_as_predicted(true: torch.Tensor, pred: torch.Tensor, pred_assign: torch.Tensor, placement: torch.Tensor,
                        layout: ExpertLayout) -> torch.Tensor:
     """PROBE as published: the split planned on the forecast ``pred`` (``pred_assign``) applied to

@@ -298,11 +298,16 @@ def placement_time_split_bounded(counts: torch.Tensor, placement: torch.Tensor, 
 
 
 def load_kernels() -> None:
-    """Load the compiled loops (``split_kernels``; compiled once per install, then read from
-    numba's on-disk cache: about 0.4 s) with one tiny split, so the first served layer does not
-    pay for it."""
+    """Load every compiled loop of ``split_kernels`` (compiled once per install, then read from
+    numba's on-disk cache, about 0.4 s; a kernel's first call in a process pays that) through the
+    public entries, with the argument types they always pass, so the first served layer does not
+    pay for it (tested: afterwards no entry compiles anything)."""
+    from megatron_probe.policy.placement import ExpertLayout
+
     counts = torch.tensor([[5, 0, 1, 1], [4, 2, 0, 3]])
     holds = torch.tensor([[True, True, True, False], [False, False, True, True]])  # expert 2 on both
     cost = ExpertCost(per_token_us=0.1, per_active_expert_us=6.4)
     balanced_split(counts, holds, "time", cost)
     time_split_bounded(counts, holds, cost)[1]()
+    placement_split(counts, torch.tensor([[2], [-1]]), ExpertLayout(4, 2, 1), "time", cost)
+    locality_first(counts.numpy(), np.array([[5, 4], [0, 2], [1, 0], [1, 3]]))

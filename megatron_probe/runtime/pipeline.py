@@ -81,9 +81,9 @@ from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
 from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving_us, saving_upper_bound_us
-from megatron_probe.policy.planner import no_copy_can_pay, plan_with_copy_charge
+from megatron_probe.policy.planner import load_kernels as load_planner_kernels, no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
-from megatron_probe.policy.split import load_kernels, placement_split
+from megatron_probe.policy.split import load_kernels as load_split_kernels, placement_split
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.lookahead import LookaheadRuntime
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
@@ -266,7 +266,9 @@ class LookaheadPipeline:
             cost = ExpertCost.from_profile(get_profile(cfg.hardware_profile), shape)
         self.cost = cost
         check_same_cost(cost, self.ctl_group)
-        load_kernels()  # the split's compiled loops, before the first step rather than inside it
+        # the planner's and the split's compiled loops, loaded before the first step, not inside it
+        load_planner_kernels()
+        load_split_kernels()
         if self.mode == "resident":
             self.resident = [ResidentLayer(ResidentPlanner(self.layout, cost, ResidentSettings(
                 copy_cost_us=cfg.copy_charge_us)), empty_placement(self.layout), m.expert_bank.native_version())
