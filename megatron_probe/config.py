@@ -104,6 +104,10 @@ class ProbeConfig:
             before raising, so a dead rank fails the step instead of hanging it. Transfers wait
             this long; the control group (all-gather, agreement) waits twice this plus the
             prefetch deadline, since a live peer can be that late after a failed copy.
+        transfer_retry_steps: after a transfer fails (copying is then off on every rank), the
+            engine steps later every rank re-creates the transfer group and copying resumes
+            (counted: ``engine_recoveries``); the wait doubles after each further failure (up to
+            1024 steps). 0: copying stays off for the pipeline's life.
         wandb_project: export the pipeline's per-layer, per-step metrics to this Weights & Biases
             project (EP rank 0 logs); ``None``: no wandb.
         wandb_mode: ``offline`` (default: files under the run directory, ``wandb sync`` later),
@@ -142,6 +146,7 @@ class ProbeConfig:
     cost_gate_max_interval: int = 16
     event_log: bool = False
     collective_timeout_s: float = 300.0
+    transfer_retry_steps: int = 8
     wandb_project: Optional[str] = None
     wandb_mode: str = "offline"
 
@@ -160,6 +165,10 @@ class ProbeConfig:
         v = self.cost_gate_max_interval
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"cost_gate_max_interval={v!r}; valid: an int >= 1 (steps)")
+        v = self.transfer_retry_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"transfer_retry_steps={v!r}; valid: an int >= 0 (engine steps before copying "
+                             "resumes after a failed transfer; 0: never)")
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode={self.wandb_mode!r} is not one of {WANDB_MODES}")
         if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):

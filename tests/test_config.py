@@ -53,6 +53,10 @@ def test_pipeline_fault_and_export_options():
     for bad in (0, -1.0, float("inf"), "5"):
         with pytest.raises(ValueError, match="collective_timeout_s="):
             ProbeConfig(collective_timeout_s=bad)
+    assert cfg.transfer_retry_steps == 8 and ProbeConfig(transfer_retry_steps=0).transfer_retry_steps == 0
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="transfer_retry_steps=.*valid: an int >= 0"):
+            ProbeConfig(transfer_retry_steps=bad)
     with pytest.raises(ValueError, match="wandb_mode='cloud' is not one of"):
         ProbeConfig(wandb_mode="cloud")
     with pytest.raises(ValueError, match="wandb_project=''"):

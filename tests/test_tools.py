@@ -29,8 +29,24 @@ def test_check_equivalence_cli_writes_json(tmp_path):
     assert "PASSED" in r.stdout and "one_expert" in r.stdout
 
 
+@pytest.mark.slow
+def test_check_equivalence_cli_reruns_one_trial_alone(tmp_path):
+    """``--first-trial K --trials 1`` draws exactly trial K of a longer run (what a failing
+    trial's reproduce line runs)."""
+    runs = {}
+    for name, extra in (("all", ["--trials", "6"]), ("one", ["--first-trial", "4", "--trials", "1"])):
+        out = tmp_path / f"{name}.json"
+        r = _tool("--ep", "2", "--experts", "8", "--topk", "2", "--replica-slots", "2", "--seed", "5", *extra,
+                  "--json", str(out))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = json.loads(out.read_text())["cases"]
+    assert [c["trial"] for c in runs["all"]] == list(range(6)) and runs["one"][0]["trial"] == 4
+    assert runs["one"][0] == runs["all"][4]
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--ep", "3", "--experts", "8"], "not divisible by expert-parallel size 3"),
+    (["--ep", "2", "--trials", "0"], "at least one trial"),
     (["--ep", "2", "--experts", "8", "--replica-slots", "5"], "exceeds the 4 experts"),
     (["--ep", "2", "--experts", "8", "--topk", "9"], "moe_router_topk=9"),
     (["--ep", "2", "--replica-slots", "-1"], "is negative"),

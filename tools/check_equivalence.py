@@ -4,7 +4,8 @@
 Launches N gloo processes itself on CPU (NCCL with one GPU per rank when CUDA is present), or
 joins a torchrun job. Draws random hidden states and weights, adversarial routings (all tokens
 on one expert, all on one rank, one rank sending nothing, empty batch, uniform), random replica
-placements and random assignments, and compares the PROBE layer's output with (a) a dense
+placements, PROBE plans made on a wrong forecast, random assignments and the live pipeline's split,
+and compares the PROBE layer's output with (a) a dense
 float64 reference and (b) the stock Megatron MoELayer. Prints a table, writes JSON, and exits 0
 only when every trial is within tolerance (fp32: 1e-5 relative to the output's max magnitude).
 
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--ffn", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--first-trial", type=int, default=0,
+                   help="run trials FIRST .. FIRST + trials - 1 (a failing trial alone: --first-trial K --trials 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="process-group backend (auto: NCCL on GPU, gloo on CPU; gloo on GPU lets "
@@ -62,6 +65,8 @@ def main(argv=None) -> int:
     # validate shapes up front with the same config object the layer uses
     from megatron_probe.config import ProbeConfig
 
+    if a.first_trial < 0 or a.trials < 1:
+        p.error(f"--first-trial {a.first_trial} --trials {a.trials}: need first trial >= 0 and at least one trial")
     try:
         ProbeConfig(replica_slots_per_rank=a.replica_slots).validate_for_model(a.experts, a.ep, a.topk)
     except (ValueError, TypeError) as e:
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
     opts = EquivalenceOptions(
         ep=a.ep, experts=a.experts, topk=a.topk, replica_slots=a.replica_slots, trials=a.trials,
         dtype=a.dtype, backend=a.backend, fp8_recipe=a.fp8, hidden=a.hidden, ffn=a.ffn,
-        max_tokens=a.max_tokens, seed=a.seed, device=device, compare_stock=not a.no_stock,
+        max_tokens=a.max_tokens, seed=a.seed, device=device, compare_stock=not a.no_stock, first_trial=a.first_trial,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")

@@ -5,6 +5,12 @@ Run on every rank of an EP group (see ``tools/check_equivalence.py``). Every ran
 that must agree across ranks (weights, placement, assignment, routing case) comes from a
 generator seeded by ``(seed, trial)`` only; each rank's tokens come from ``(seed, trial, rank)``.
 
+Placements: random, random with one hot expert copied everywhere first, PROBE's plan on a wrong
+forecast of the trial's counts (``planned_placement``), or none (static EP). Assignments: the
+configured policy, a random valid one, or the live pipeline's split on the true counts
+(``policy.split.placement_split``). ``first_trial`` re-runs any trial alone (its inputs come from
+``(seed, trial)`` only).
+
 Reference (b) is the stock ``MoELayer`` at EP = 1 holding all experts, built on a single-rank
 process group on every rank and fed that rank's tokens: routing is per token, so the stock
 layer's output for those tokens is what any EP size must reproduce. Its dispatcher is
@@ -46,6 +52,7 @@ class EquivalenceOptions:
     seed: int = 1234
     device: str = "cpu"
     compare_stock: bool = True
+    first_trial: int = 0  # trials first_trial .. first_trial + trials - 1 (each drawn from (seed, trial) alone)
 
 
 @dataclass
@@ -56,6 +63,7 @@ class TrialResult:
     activation: str
     backend: str
     replicas: int
+    placement: str
     assignment: str
     tokens: List[int]
     max_abs_vs_dense: float
@@ -148,6 +156,25 @@ def random_assignment(gen: torch.Generator, counts: torch.Tensor, placement: tor
     return assign
 
 
+PLACEMENTS = ("random", "hot", "planned", "none")
+ASSIGNMENTS = ("policy", "random", "split")
+
+
+def planned_placement(gen: torch.Generator, counts: torch.Tensor, layout):
+    """PROBE's plan (``plan_probe_host``) on a wrong forecast of ``counts`` (each count times
+    ``exp(0.7 z)``, ``z`` normal; a third of the (rank, expert) pairs set to 0): a placement that
+    fits a load the dispatch does not see, and the cost model that planned it (per-active-expert
+    cost 0, 5 or 60 tokens)."""
+    from megatron_probe.policy.cost_model import ExpertCost
+    from megatron_probe.policy.planner import plan_probe_host
+
+    noise = torch.exp(0.7 * torch.randn(counts.shape, generator=gen, dtype=torch.float64))
+    forecast = (counts.double() * noise).round().long()
+    forecast[torch.rand(counts.shape, generator=gen) < 1 / 3] = 0
+    cost = ExpertCost(per_token_us=1.0, per_active_expert_us=[0.0, 5.0, 60.0][int(torch.randint(3, (), generator=gen))])
+    return plan_probe_host(forecast, layout, cost)[0], cost
+
+
 def replay_indices(case: str, gen: torch.Generator, rank_gen: torch.Generator, tokens: int,
                    num_experts: int, topk: int, ep: int, rank: int, hot: int) -> Optional[torch.Tensor]:
     """Top-k expert indices ``[tokens, topk]`` forcing an adversarial routing, or None for the
@@ -224,7 +251,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     t0 = time.time()
     E, K, L, H, Fh = opts.experts, opts.topk, opts.experts // ep, opts.hidden, opts.ffn
 
-    for trial in range(opts.trials):
+    for trial in range(opts.first_trial, opts.first_trial + opts.trials):
         gen = torch.Generator().manual_seed(opts.seed * 1000 + trial)
         rank_gen = torch.Generator().manual_seed(opts.seed * 1000 + trial * 97 + rank + 1)
         case = ROUTING_CASES[trial % len(ROUTING_CASES)] if trial < 2 * len(ROUTING_CASES) else \
@@ -236,10 +263,13 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         act = F.silu if gated else F.gelu
         backend = backends[trial % len(backends)]
         hot = int(torch.randint(E, (), generator=gen))
-        use_replicas = opts.replica_slots > 0 and trial % 5 != 4  # every 5th trial: static EP
-        placement = random_placement(gen, ep, E, opts.replica_slots, hot=hot if trial % 2 else None) \
-            if use_replicas else torch.full((ep, opts.replica_slots), -1, dtype=torch.long)
-        assign_mode = "random" if (use_replicas and bool(torch.randint(2, (), generator=gen))) else "policy"
+        # every 5th trial static EP; the others cycle through the placement kinds
+        place_kind = "none" if opts.replica_slots == 0 or trial % 5 == 4 else PLACEMENTS[(trial // 5 + trial) % 3]
+        if place_kind in ("random", "hot"):
+            placement = random_placement(gen, ep, E, opts.replica_slots, hot=hot if place_kind == "hot" else None)
+        else:  # planned: drawn once the counts are known
+            placement = torch.full((ep, opts.replica_slots), -1, dtype=torch.long)
+        assign_mode = ASSIGNMENTS[int(torch.randint(3, (), generator=gen))] if place_kind != "none" else "policy"
         w_router = torch.randn(E, H, generator=gen)
         w1 = torch.randn(E, Fh * (2 if gated else 1), H, generator=gen) / math.sqrt(H)
         w2 = torch.randn(E, H, Fh, generator=gen) / math.sqrt(Fh)
@@ -272,14 +302,23 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         layer.eval()
         sd = _global_state(layer.state_dict(), w_router, w1, w2, bias if use_bias else None, rank * L, L, dtype)
         layer.load_state_dict(sd)
-        layer.set_replica_placement(placement.clone())
         _set_replay(layer.router, idx, RouterReplayAction)
 
         with torch.no_grad():
             probs, routing_map = layer.router(x)
             counts = all_gather_rows(routing_map.sum(0).long(), ep_group).cpu()
+            split_cost = None
+            if place_kind == "planned":
+                placement, split_cost = planned_placement(gen, counts, layer.layout)
+            layer.set_replica_placement(placement.clone())
             if assign_mode == "random":
                 layer.set_next_assignment(random_assignment(gen, counts, placement, layer.layout))
+            elif assign_mode == "split":  # the live pipeline's dispatch split on the true counts
+                from megatron_probe.policy.cost_model import ExpertCost
+                from megatron_probe.policy.split import placement_split
+
+                layer.set_next_assignment(placement_split(counts, placement, layer.layout, "time",
+                                                          split_cost or ExpertCost(1.0, 5.0)))
             with fp8_ctx():
                 out, _ = layer(x)
             loads = layer.token_dispatcher.last_assignment.sum(dim=(0, 1)).tolist()
@@ -317,7 +356,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
                 trial=trial, case=case, score_function=score_fn + ("+pre" if pre_softmax else "") +
                 ("+bias" if use_bias else ""), activation="swiglu" if gated else "gelu",
                 backend=layer.expert_compute.backend or backend,
-                replicas=int((placement >= 0).sum()), assignment=assign_mode,
+                replicas=int((placement >= 0).sum()), placement=place_kind, assignment=assign_mode,
                 tokens=[int(v) for v in allstats[:, 4].tolist()],
                 max_abs_vs_dense=float(allstats[:, 0].max()), max_rel_vs_dense=float(allstats[:, 1].max()),
                 max_abs_vs_stock=None if allstats[0, 2] < 0 else float(allstats[:, 2].max()),
@@ -403,12 +442,12 @@ def _fp8_context(recipe: str):
 
 
 def format_table(report: EquivalenceReport) -> str:
-    rows = ["trial case           score              act     backend     rep assign  tokens/rank      "
+    rows = ["trial case           score              act     backend     rep place   assign  tokens/rank      "
             "loads/rank       rel_vs_dense  abs_vs_stock  exact  ok"]
     for t in report.trials:
         rows.append(
             f"{t.trial:5d} {t.case:14s} {t.score_function:18s} {t.activation:7s} {t.backend:11s} "
-            f"{t.replicas:3d} {t.assignment:7s} {str(t.tokens):16s} {str(t.rank_loads):16s} "
+            f"{t.replicas:3d} {t.placement:7s} {t.assignment:7s} {str(t.tokens):16s} {str(t.rank_loads):16s} "
             f"{t.max_rel_vs_dense:12.2e}  "
             f"{'-' if t.max_abs_vs_stock is None else format(t.max_abs_vs_stock, '.2e'):>12s}  "
             f"{'-' if t.bit_exact_vs_stock is None else ('yes' if t.bit_exact_vs_stock else 'no'):5s}  "

@@ -258,11 +258,13 @@ class TransferEngine:
 
     @classmethod
     def create(cls, ranks: Optional[List[int]] = None, backend: Optional[str] = None,
-               timeout_s: float = 300.0, **kw) -> "TransferEngine":
+               timeout_s: float = 300.0, members_only: bool = False, **kw) -> "TransferEngine":
         """A dedicated process group over ``ranks`` (default: all) whose send/recv give up after
         ``timeout_s``, and an engine on it. Collective: every rank of the default group must call
-        it, in the same order."""
-        group = dist.new_group(ranks=ranks, backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        it, in the same order; with ``members_only`` only the ranks in ``ranks`` (a re-creation
+        after a failure, which the other EP groups do not share)."""
+        group = dist.new_group(ranks=ranks, backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                               use_local_synchronization=members_only and ranks is not None)
         return cls(group, timeout_s=timeout_s, **kw)
 
     # ------------------------------------------------------------------ control

@@ -45,7 +45,9 @@ replica (an expert that does not exist or that the rank owns, a repeated expert,
 ``R``) is removed before any copy (``invalid``); a copy that is late or whose transfer failed is
 dropped at the agreement (``dropped``, ``failed``); a failed transfer also breaks the engine, and
 the agreement then switches copying off on every rank at the same layer (``engine_disabled``):
-the layers go on static. The pipeline's own collectives (forecast all-gather, agreement, cost
+the layers go on static until, ``transfer_retry_steps`` later (doubling after each further
+failure), every rank starts a new engine on a new group at the same step end and copying
+resumes (``engine_recoveries``). The pipeline's own collectives (forecast all-gather, agreement, cost
 check) run on a control group (timeout ``2 collective_timeout_s`` + the prefetch deadline: a live
 peer can be that late after a failed copy) and the copies on the transfer group (timeout
 ``collective_timeout_s``), so a dead peer raises instead of hanging.
@@ -114,6 +116,7 @@ class PipelineComms:
     me: int
     ctl_group: object
     engine: TransferEngine
+    ranks: Optional[List[int]] = None  # the EP group's global ranks (None: the whole world)
 
     @classmethod
     def create(cls, ep_group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> "PipelineComms":
@@ -127,9 +130,24 @@ class PipelineComms:
         if ep > 1 and group_rank(ctl) != me:
             raise RuntimeError(f"the control group orders the EP ranks differently ({ranks}): rank {me} is "
                                f"{group_rank(ctl)} there")
-        engine = TransferEngine.create(ranks=ranks, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20), device=device,
-                                       timeout_s=cfg.collective_timeout_s, event_log=events)
-        return cls(ep_group, ep, me, ctl, engine)
+        return cls(ep_group, ep, me, ctl, cls._engine(ranks, cfg, device, events, False), ranks)
+
+    @staticmethod
+    def _engine(ranks, cfg: ProbeConfig, device, events: Optional[EventLog], members_only: bool) -> TransferEngine:
+        return TransferEngine.create(ranks=ranks, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20), device=device,
+                                     timeout_s=cfg.collective_timeout_s, event_log=events, members_only=members_only)
+
+    def renew_engine(self, cfg: ProbeConfig, device, events: Optional[EventLog]) -> TransferEngine:
+        """Close the (broken) engine and start a new one on a new group: a failed transfer can
+        leave a group unusable (a gloo pair that timed out). Only the EP ranks take part, all at
+        the same step."""
+        old = self.engine
+        old.drain(2 * cfg.collective_timeout_s)  # bounded: a broken engine fails what it still holds
+        old.close()
+        self.engine = self._engine(self.ranks, cfg, device, events, True)
+        if old.group is not None and old.group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(old.group)
+        return self.engine
 
 
 @dataclass
@@ -306,6 +324,12 @@ class LookaheadPipeline:
         self.metrics = PipelineMetrics(metrics_path, metrics_sink, self.events, events_path)
         self.disabled: Optional[str] = None  # why copying was switched off (a transfer failed)
         self.disabled_at: Optional[tuple] = None  # (step, layer) where every rank switched it off
+        # after a failure, copying resumes on a new engine at a step every rank computes alike
+        self.recoveries: List[int] = []  # steps at which it did
+        self._retry_step: Optional[int] = None
+        self._retry_wait = cfg.transfer_retry_steps
+        self._engines_replaced = {"paused_s": 0.0, "pause_wait_s": 0.0, "chunks": 0}
+        self._device = bank0.fc1.device
         self._plans: Dict[int, Optional[LayerPlan]] = {}  # None: planned, nothing to copy
         self._layer_t0: Dict[int, float] = {}
         self.step = 0
@@ -628,6 +652,9 @@ class LookaheadPipeline:
             self.disabled = (f"transfer failed on this rank ({self.engine.broken})" if self.engine.broken
                              else "a peer rank's transfer engine failed")
             self.disabled_at = (self.step, layer)
+            if self.cfg.transfer_retry_steps > 0:
+                self._retry_step = self.step + self._retry_wait
+                self._retry_wait = min(2 * self._retry_wait, 1024)  # the next failure waits longer
         return sync[:n].view(self.ep, R)
 
     @contextlib.contextmanager
@@ -713,7 +740,20 @@ class LookaheadPipeline:
         self._stage_us.clear()
         rows = self.metrics.end_step(self.step)
         self.step += 1
+        if self.disabled is not None and self._retry_step is not None and self.step >= self._retry_step:
+            self._resume_copying()
         return rows
+
+    def _resume_copying(self) -> None:
+        """A new transfer engine (and group) on every EP rank, at the same step end, and copying
+        on again; the old engine's counters are kept in the summary's totals."""
+        old = self.engine
+        self._engines_replaced["paused_s"] += old.paused_seconds
+        self._engines_replaced["pause_wait_s"] += old.pause_wait_seconds
+        self._engines_replaced["chunks"] += old.chunks_moved
+        self.engine = self.comms.renew_engine(self.cfg, self._device, self.events)
+        self.disabled, self._retry_step = None, None
+        self.recoveries.append(self.step)
 
     def _rows_of_gated_off_layers(self) -> None:
         """Gated-off layers ran with no hook work: their rows and the gate's inputs (true counts,
@@ -776,9 +816,12 @@ class LookaheadPipeline:
         if not out:
             return {}
         out.update({"step_end_us": round(self._end_us_total / max(1, self.step), 1),
-                    "replica_mode": self.mode, "replica_memory_bytes": self.replica_memory_bytes(), "paused_s": round(self.engine.paused_seconds, 3),
-                    "pause_wait_s": round(self.engine.pause_wait_seconds, 6), "chunks": self.engine.chunks_moved,
-                    "engine_disabled": self.disabled, "disabled_at": self.disabled_at})
+                    "replica_mode": self.mode, "replica_memory_bytes": self.replica_memory_bytes(),
+                    "paused_s": round(self.engine.paused_seconds + self._engines_replaced["paused_s"], 3),
+                    "pause_wait_s": round(self.engine.pause_wait_seconds + self._engines_replaced["pause_wait_s"], 6),
+                    "chunks": self.engine.chunks_moved + self._engines_replaced["chunks"],
+                    "engine_disabled": self.disabled, "disabled_at": self.disabled_at,
+                    "engine_recoveries": len(self.recoveries), "recovered_at": list(self.recoveries)})
         acc = self.runtime.topk_accuracy() if self.runtime is not None else None
         if acc is not None:
             out["prediction_topk_acc"] = acc
