@@ -612,3 +612,28 @@ def test_pipeline_faults_fall_back_to_static_and_time_out():
     agreement all-reduce (control group, 2 x 1.5 s + deadline), a recv on the transfer group and the commit to a chunk
     each raise after collective_timeout_s (1.5 s) instead of hanging; close() returns at once."""
     run_ranks(pipeline_faults, 2)
+
+
+def test_metrics_keep_a_bounded_history_and_exact_totals(monkeypatch, tmp_path):
+    """A long run keeps only the last rows in memory; the summary still counts every row (the same
+    figures as summed over all of them) and the metrics file still gets every row."""
+    from megatron_probe.runtime import pipeline_metrics as pm
+
+    monkeypatch.setattr(pm, "HISTORY_ROWS", 5)
+    path = tmp_path / "m.jsonl"
+    m = pm.PipelineMetrics(str(path))
+    every = []
+    for step in range(6):
+        for layer in range(2):
+            row = m.new_row(step, layer, invalid=step % 2)
+            row.update(copies=layer + step, wait_ms=0.1 * step, ir_before=1.0 + 0.01 * step, ir_after=1.0,
+                       time_vs_static=0.9, gate_on=layer, control_us=3.0 * layer, plan_us=1.5)
+            every.append(dict(row))
+        m.end_step(step)
+    assert len(m.history) == 5 and [r["step"] for r in m.history] == [3, 4, 4, 5, 5]
+    s = m.summary()
+    assert s["layer_steps"] == 12 and s["copies"] == sum(r["copies"] for r in every) and s["invalid"] == 6
+    assert s["wait_ms_total"] == round(sum(r["wait_ms"] for r in every), 3)
+    assert s["ir_before"] == round(sum(r["ir_before"] for r in every) / 12, 4) and s["gate_on_fraction"] == 0.5
+    assert s["control_us"]["control"] == 1.5 and s["control_us"]["plan"] == 1.5 and s["control_us"]["split"] == 0.0
+    assert len(path.read_text().splitlines()) == 12

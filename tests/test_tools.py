@@ -178,3 +178,44 @@ def test_bench_moe_layer_cli(tmp_path):
     assert res["time_vs_static_oracle"] <= 1 + 1e-9 and res["time_vs_static_probe"] <= 1 + 1e-9, res
     assert 0 <= res["forecast_topk_acc"] <= 1 and res["copies"] >= res["dropped"] >= 0
     assert "static/PROBE" in r.stdout
+
+
+@pytest.mark.slow
+def test_soak_short_run_keeps_outputs_and_resources_flat(tmp_path):
+    """The CI version of ``tools/soak.py`` (150 steps; the 2,000-step run is in results/reliability):
+    outputs equal the plain model at every step, replicas are copied, and after the warm-up no
+    thread, file descriptor, process group or replica memory is added and memory stays within 5%."""
+    out = tmp_path / "soak.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "soak.py"), "--steps", "150", "--sample-every", "25",
+                        "--warmup", "25", "--shift-every", "50", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["passed"] and not res["failures"] and res["ep"] == 2, res["failures"]
+    for rank in res["per_rank"]:
+        assert rank["copies"] > 100 and rank["max_rel_diff"] <= 1e-5, rank
+        assert rank["threads_added"] == rank["groups_added"] == rank["fds_added"] == 0, rank
+    assert len(res["samples"]["0"]) == 7  # steps 0, 25, ..., 125 and the last
+
+
+def test_soak_report_names_what_grew():
+    from megatron_probe.experiments.soak import SoakOptions, report
+
+    opts = SoakOptions(steps=300, sample_every=100, warmup=100)
+
+    def sample(step, rss, threads=3, groups=5):
+        return {"step": step, "rss_bytes": rss, "threads": threads, "open_fds": 10, "process_groups": groups,
+                "replica_bytes": 1024, "copies": 7}
+    good = {"rank": 0, "max_rel_diff": 1e-7, "summary": {"copies": 7},
+            "samples": [sample(0, 50), sample(100, 1000), sample(200, 1010), sample(299, 1040)]}
+    bad = {"rank": 1, "max_rel_diff": 3e-3, "summary": {"copies": 0},
+           "samples": [sample(0, 50), sample(100, 1000), sample(200, 1100, threads=4), sample(299, 1200, 5, 6)]}
+    res = report(opts, 2, [good, bad])
+    assert not res["passed"] and all(f.startswith("rank 1:") for f in res["failures"]), res["failures"]
+    text = " | ".join(res["failures"])
+    for what in ("differs from the plain model by 3.000e-03", "resident memory grew 20.0% after step 100",
+                 "threads added 2", "groups added 1", "no replica was ever copied"):
+        assert what in text, text
+    assert report(opts, 1, [good])["passed"]
+    with pytest.raises(ValueError, match="replica_mode='mirrored'"):
+        SoakOptions(replica_mode="mirrored")

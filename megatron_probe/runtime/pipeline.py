@@ -341,7 +341,8 @@ class LookaheadPipeline:
 
     @property
     def history(self) -> List[Dict]:
-        return self.metrics.history
+        """The last ``pipeline_metrics.HISTORY_ROWS`` rows (all of them go to the metrics file and sink)."""
+        return list(self.metrics.history)
 
     @property
     def metrics_path(self) -> Optional[str]:
