@@ -343,7 +343,7 @@ def test_resident_early_exit_skips_the_planner_on_stationary_steps(monkeypatch):
 
 
 _KERNEL_PROBE = r"""
-import numpy as np, torch
+import torch
 from numba.core.registry import CPUDispatcher
 from megatron_probe.policy import planner, planner_kernels, split, split_kernels, resident
 from megatron_probe.policy.cost_model import ExpertCost

@@ -236,6 +236,8 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     from megatron_probe.mcore.spec import probe_layer_spec
     from megatron_probe.mechanism import te_backend
     from megatron_probe.mechanism.comm import all_gather_rows
+    from megatron_probe.policy.cost_model import ExpertCost
+    from megatron_probe.policy.split import placement_split
     ep = world_size
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     dtype = _torch_dtype(opts.dtype)
@@ -314,9 +316,6 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
             if assign_mode == "random":
                 layer.set_next_assignment(random_assignment(gen, counts, placement, layer.layout))
             elif assign_mode == "split":  # the live pipeline's dispatch split on the true counts
-                from megatron_probe.policy.cost_model import ExpertCost
-                from megatron_probe.policy.split import placement_split
-
                 layer.set_next_assignment(placement_split(counts, placement, layer.layout, "time",
                                                           split_cost or ExpertCost(1.0, 5.0)))
             with fp8_ctx():
