@@ -190,7 +190,7 @@ class ResidentPlanner:
         return {(r, e) for r, row in enumerate(placement.tolist()) for e in row if e != EMPTY_SLOT}
 
     def _slowest(self, forecast: torch.Tensor, placement: torch.Tensor) -> float:
-        return float(placement_split_times(forecast, placement, self.layout, self.cost).max())
+        return slowest_time(forecast, placement, self.layout, self.cost)
 
     def _adopt(self, placement: torch.Tensor) -> Tuple[torch.Tensor, int]:
         copies = len(self._pairs(placement) - self._pairs(self.placement))  # natives never move
