@@ -102,8 +102,10 @@ class ProbeConfig:
         collective_timeout_s: how long the pipeline's own collectives (forecast all-gather,
             agreement all-reduce, transfer send/recv and the commit to a chunk) wait for a peer
             before raising, so a dead rank fails the step instead of hanging it. Transfers wait
-            this long; the control group (all-gather, agreement) waits twice this plus the
-            prefetch deadline, since a live peer can be that late after a failed copy.
+            this long; the control group (all-gather, agreement), the dispatchers' count exchange
+            and All-to-All while the pipeline drives them, and the serving script's own groups
+            wait :attr:`peer_wait_s` (twice this plus the prefetch deadline), since a live peer
+            can be that late after a failed copy.
         transfer_retry_steps: after a transfer fails (copying is then off on every rank), the
             engine steps later every rank re-creates the transfer group and copying resumes
             (counted: ``engine_recoveries``); the wait doubles after each further failure (up to
@@ -225,6 +227,13 @@ class ProbeConfig:
             raise ValueError(
                 f"assignment_policy={self.assignment_policy!r} is not one of {ASSIGNMENT_POLICIES}"
             )
+
+    @property
+    def peer_wait_s(self) -> float:
+        """The longest a live peer can be late for a collective: a failed copy's transfer timeout
+        twice (send and commit) plus the prefetch deadline. Groups wait this long before they
+        give a peer up as lost."""
+        return 2 * self.collective_timeout_s + self.prefetch_deadline_ms / 1e3
 
     def validate_for_model(self, num_experts: int, ep_size: int, topk: Optional[int] = None) -> None:
         """Raise ValueError when this config cannot serve a model of this shape."""

@@ -283,13 +283,17 @@ def test_nsys_capture_name_matches_the_ranges_the_code_opens(monkeypatch):
 
     class FakeNvtx:
         @staticmethod
-        def annotate(message, color=None, domain=None):
+        def push_range(message, color=None, domain=None):
             seen.append((message, domain))
-            return None
+
+        @staticmethod
+        def pop_range(domain=None):
+            seen.append(("pop", domain))
 
     monkeypatch.setattr(profiling, "_nvtx", FakeNvtx)
-    profiling.nvtx_range("serve.probe.step4")
-    assert seen == [("probe.serve.probe.step4", "megatron_probe")]
+    with profiling.nvtx_range("serve.probe.step4"):
+        pass
+    assert seen == [("probe.serve.probe.step4", "megatron_probe"), ("pop", "megatron_probe")]
     with open(os.path.join(ROOT, "megatron_probe", "serving", "worker.py")) as f:
         assert 'nvtx_range(f"serve.{mode}.step{step}")' in f.read()
 

@@ -557,7 +557,7 @@ def _dead_peer_timeouts(rank, model, unit_cost):
     chunk. Rank 0 calls each alone; the others never answer (last: it leaves those groups
     broken). Checked once the pipeline is closed."""
     from megatron_probe import ProbeConfig
-    from megatron_probe.mechanism.comm import global_rank
+    from megatron_probe.mechanism.comm import all_to_all, global_rank
     from megatron_probe.mechanism.transfer import CopyOp
     from megatron_probe.runtime.pipeline import LookaheadPipeline
 
@@ -578,6 +578,10 @@ def _dead_peer_timeouts(rank, model, unit_cost):
         dist.barrier()
 
     alone("agreement", lambda: dist.all_reduce(torch.zeros(3), group=pipe.ctl_group))
+    dispatcher = pipe.layers[0].token_dispatcher
+    megatron_group = pipe._stock_groups[0]
+    on_data_group = dispatcher.ep_group is pipe.comms.data_group and dispatcher.ep_group is not megatron_group
+    alone("dispatch", lambda: all_to_all(torch.zeros(4, 2), [2, 2], [2, 2], dispatcher.ep_group))
     alone("transfer_recv", lambda: dist.recv(torch.zeros(4), global_rank(pipe.engine.group, 1), group=pipe.engine.group))
 
     def commit():
@@ -589,8 +593,11 @@ def _dead_peer_timeouts(rank, model, unit_cost):
     pipe.close()
     close_s = round(time.perf_counter() - t0, 2)
     assert close_s < 5, (f"rank {rank}", close_s)
+    assert dispatcher.ep_group is megatron_group, "close() did not give the dispatcher Megatron's EP group back"
     if rank == 0:
         assert runtime_on_ctl_group, "the forecast all-gather does not run on the timed control group"
+        assert on_data_group, "the dispatcher's count exchange and All-to-All do not run on the timed data group"
+        assert "Timed out" in outcomes["dispatch"][0], outcomes
         for name, (error, secs) in outcomes.items():
             assert error and 1.4 <= secs < 10, (name, error, secs)
         assert "Timed out" in outcomes["agreement"][0], outcomes
@@ -609,8 +616,10 @@ def test_pipeline_faults_fall_back_to_static_and_time_out():
     expert the rank owns, an expert that does not exist, a slot beyond R): those entries are
     removed before copying and counted, the valid ones are used. A replica memory cap too small
     is refused with the value and what would fit. A dead peer (rank 1 silent): rank 0's
-    agreement all-reduce (control group, 2 x 1.5 s + deadline), a recv on the transfer group and the commit to a chunk
-    each raise after collective_timeout_s (1.5 s) instead of hanging; close() returns at once."""
+    agreement all-reduce (control group, 2 x 1.5 s + deadline), its dispatcher's All-to-All (data
+    group, the same), a recv on the transfer group and the commit to a chunk each raise after
+    collective_timeout_s (1.5 s) instead of hanging; close() returns at once and gives the
+    dispatchers Megatron's group back."""
     run_ranks(pipeline_faults, 2)
 
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.runtime.forecasters import OracleForecaster, WaitPolicy
 
 MODES = ("static", "probe", "oracle")
@@ -152,7 +153,12 @@ class ScaledReplay:
         logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
         torch.set_num_threads(opts["threads"])
         self.rank, self.ws = rank, ws
-        initialize_megatron_parallel(ws, seed=1)
+        pcfg = ProbeConfig(replica_slots_per_rank=opts["replica_slots"], prefetch_deadline_ms=opts["deadline_ms"],
+                           transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
+                           replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True),
+                           layer0_counts=opts.get("layer0_counts", "previous"),
+                           collective_timeout_s=opts.get("collective_timeout_s", 300.0))
+        initialize_megatron_parallel(ws, seed=1, timeout_s=pcfg.peer_wait_s)
         import torch.nn.functional as F
         from megatron.core import parallel_state
 
@@ -188,10 +194,6 @@ class ScaledReplay:
             activation_func=F.silu, moe_enable_routing_replay=True, bias_activation_fusion=False,
             hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02)
         RouterReplay.clear_global_router_replay_instances()
-        pcfg = ProbeConfig(replica_slots_per_rank=opts["replica_slots"], prefetch_deadline_ms=opts["deadline_ms"],
-                           transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
-                           replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True),
-                           layer0_counts=opts.get("layer0_counts", "previous"))
         spec_mlp = probe_layer_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False),
                                     pcfg).submodules.mlp
 
@@ -268,14 +270,15 @@ class ScaledReplay:
             x = x0
             times = []
             dist.barrier(group=self.group)
-            with torch.inference_mode():
+            with torch.inference_mode(), nvtx_range(f"replay.{mode}.step{j}"):
                 for L, blk in enumerate(blocks):
                     replay = blk.mlp.router.router_replay
                     replay.set_target_indices(true_ids[L])
                     replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-                    t0 = time.perf_counter()
-                    x = blk(x)
-                    times.append((time.perf_counter() - t0) * 1e3 - pipe.free_ms.get(L, 0.0))
+                    with nvtx_range(f"layer{L}"):
+                        t0 = time.perf_counter()
+                        x = blk(x)
+                        times.append((time.perf_counter() - t0) * 1e3 - pipe.free_ms.get(L, 0.0))
             rec = {"layer_ms": times, "tokens": len(mine), "wait_ms": [], "copies": 0, "dropped": 0, "output": x,
                    "step_control_ms": control_ms}
             if mode != "static":

@@ -165,12 +165,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
         local_counts = routing_map.sum(dim=0).long()
         extra, self.extra_counts = self.extra_counts, None
-        if extra is None:
-            counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
-            self.last_extra = None
-        else:  # the piggybacked counts (e.g. the next layer's forecast) travel in the same gather
-            both = all_gather_rows(torch.cat([local_counts, extra.to(local_counts)]), self.ep_group).cpu()
-            counts, self.last_extra = both[:, :E].contiguous(), both[:, E:].contiguous()
+        with nvtx_range("counts"):
+            if extra is None:
+                counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
+                self.last_extra = None
+            else:  # the piggybacked counts (e.g. the next layer's forecast) travel in the same gather
+                both = all_gather_rows(torch.cat([local_counts, extra.to(local_counts)]), self.ep_group).cpu()
+                counts, self.last_extra = both[:, :E].contiguous(), both[:, E:].contiguous()
         me = self.ep_rank
         assign = self._choose_assignment(counts)  # [ep, E, ep], CPU
         self.last_counts, self.last_assignment = counts, assign

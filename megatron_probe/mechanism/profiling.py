@@ -2,36 +2,53 @@
 
 ``nvtx_range(name)`` opens an NVTX range (the ``nvtx`` package; Nsight Systems shows it on the
 thread's timeline) around a stage of the PROBE layer: predict, plan, prefetch.phase1,
-prefetch.phase2, wait, dispatch, experts, combine. Without the package it is a no-op.
+prefetch.phase2, wait, counts, dispatch, experts, combine. Without the package only the stage
+stack of :mod:`~megatron_probe.mechanism.stages` is kept (a list append and pop).
 """
 
 from __future__ import annotations
 
-import contextlib
+from megatron_probe.mechanism import stages
 
 try:
     import nvtx as _nvtx
 except ImportError:  # optional: profiling only
     _nvtx = None
 
-STAGES = ("predict", "plan", "prefetch.phase1", "prefetch.phase2", "wait", "dispatch", "experts", "combine")
+STAGES = ("predict", "plan", "prefetch.phase1", "prefetch.phase2", "wait", "counts", "dispatch", "experts", "combine")
 _COLORS = {"predict": "purple", "plan": "yellow", "prefetch.phase1": "green", "prefetch.phase2": "green",
-           "wait": "red", "dispatch": "blue", "experts": "orange", "combine": "cyan"}
+           "wait": "red", "counts": "blue", "dispatch": "blue", "experts": "orange", "combine": "cyan"}
 
 
-def nvtx_range(name: str):
-    if _nvtx is None:
-        return contextlib.nullcontext()
-    return _nvtx.annotate(f"probe.{name}", color=_COLORS.get(name, "white"), domain="megatron_probe")
+class nvtx_range:
+    """``with nvtx_range(name):`` an NVTX range around a stage (also this thread's current stage
+    in :mod:`~megatron_probe.mechanism.stages`, so a failure can say where it happened)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        nvtx_push(self.name)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            stages.stamp(exc)
+        nvtx_pop()
+        return False
 
 
 def nvtx_push(name: str) -> None:
     """Open a range closed by :func:`nvtx_pop` (for module hooks, where no ``with`` fits)."""
+    stages.push(name)
     if _nvtx is not None:
         _nvtx.push_range(f"probe.{name}", color=_COLORS.get(name, "white"), domain="megatron_probe")
 
 
 def nvtx_pop() -> None:
+    stages.pop()
     if _nvtx is not None:
         _nvtx.pop_range(domain="megatron_probe")
 

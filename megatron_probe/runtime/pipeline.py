@@ -48,9 +48,10 @@ the agreement then switches copying off on every rank at the same layer (``engin
 the layers go on static until, ``transfer_retry_steps`` later (doubling after each further
 failure), every rank starts a new engine on a new group at the same step end and copying
 resumes (``engine_recoveries``). The pipeline's own collectives (forecast all-gather, agreement, cost
-check) run on a control group (timeout ``2 collective_timeout_s`` + the prefetch deadline: a live
-peer can be that late after a failed copy) and the copies on the transfer group (timeout
-``collective_timeout_s``), so a dead peer raises instead of hanging.
+check) run on a control group and the dispatchers' count exchange and All-to-All on a data group
+(both with timeout ``2 collective_timeout_s`` + the prefetch deadline: a live peer can be that
+late after a failed copy), the copies on the transfer group (timeout ``collective_timeout_s``),
+so a dead peer raises instead of hanging.
 
 Who does what: the pipeline installs itself as every dispatcher's ``hooks``
 (``mechanism.dispatcher.DispatchHooks``) and only schedules. Counts come from a
@@ -107,9 +108,11 @@ class LayerPlan:
 @dataclass
 class PipelineComms:
     """The pipeline's process groups and transfer engine over the EP ranks: ``ctl_group`` for its
-    own small collectives (forecast gathers, the agreement, the cost check) and a dedicated group
-    inside the engine for the copies, each with its own timeout. Collective to create: every rank
-    of the default group calls :meth:`create` in the same order."""
+    own small collectives (forecast gathers, the agreement, the cost check), ``data_group`` for
+    the dispatchers' count exchange and All-to-All while the pipeline drives them, and a dedicated
+    group inside the engine for the copies, each with a timeout from ``collective_timeout_s``
+    (Megatron's EP group waits ``distributed_timeout_minutes``, 30 by default). Collective to
+    create: every rank of the default group calls :meth:`create` in the same order."""
 
     ep_group: object
     ep: int
@@ -117,6 +120,7 @@ class PipelineComms:
     ctl_group: object
     engine: TransferEngine
     ranks: Optional[List[int]] = None  # the EP group's global ranks (None: the whole world)
+    data_group: object = None
 
     @classmethod
     def create(cls, ep_group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> "PipelineComms":
@@ -125,12 +129,15 @@ class PipelineComms:
         # a peer may reach the agreement only after waiting out its prefetch deadline or a failed
         # copy's transfer timeout (collective_timeout_s), so the control group waits longer than
         # both: it must not give up on a peer that is late for a legitimate reason
-        timeout = datetime.timedelta(seconds=2 * cfg.collective_timeout_s + cfg.prefetch_deadline_ms / 1e3)
-        ctl = dist.new_group(ranks=ranks, timeout=timeout) if ep > 1 else ep_group
-        if ep > 1 and group_rank(ctl) != me:
-            raise RuntimeError(f"the control group orders the EP ranks differently ({ranks}): rank {me} is "
-                               f"{group_rank(ctl)} there")
-        return cls(ep_group, ep, me, ctl, cls._engine(ranks, cfg, device, events, False), ranks)
+        timeout = datetime.timedelta(seconds=cfg.peer_wait_s)
+        # the dispatch waits as long: a peer reaches it only after the same prefetch wait
+        ctl, data = (dist.new_group(ranks=ranks, timeout=timeout), dist.new_group(ranks=ranks, timeout=timeout)) \
+            if ep > 1 else (ep_group, ep_group)
+        for name, g in (("control", ctl), ("data", data)):
+            if ep > 1 and group_rank(g) != me:
+                raise RuntimeError(f"the {name} group orders the EP ranks differently ({ranks}): rank {me} is "
+                                   f"{group_rank(g)} there")
+        return cls(ep_group, ep, me, ctl, cls._engine(ranks, cfg, device, events, False), ranks, data)
 
     @staticmethod
     def _engine(ranks, cfg: ProbeConfig, device, events: Optional[EventLog], members_only: bool) -> TransferEngine:
@@ -277,6 +284,10 @@ class LookaheadPipeline:
                 m.expert_bank.set_own_placement(empty_placement(self.layout))  # start empty: warm start fills
             m.token_dispatcher.hooks = self
             m.token_dispatcher.layer_index = i
+        # the dispatches run on the data group (its timeout) while the pipeline exists
+        self._stock_groups = [m.token_dispatcher.ep_group for m in self.layers]
+        for m in self.layers:
+            m.token_dispatcher.ep_group = self.comms.data_group
         if cost is None:
             config = self.layers[0].config
             shape = ModelShape(hidden=config.hidden_size, expert_hidden=config.moe_ffn_hidden_size,
@@ -715,7 +726,8 @@ class LookaheadPipeline:
         """After each engine step: the forecaster's step end (deferred predictor update), metrics."""
         t_end = time.perf_counter()
         try:
-            return self._end_step()
+            with nvtx_range("end_step"):
+                return self._end_step()
         finally:  # the step end's own time (per step, not per layer): in the summary
             self._end_us_total += (time.perf_counter() - t_end) * 1e6
 
@@ -837,4 +849,9 @@ class LookaheadPipeline:
         if self.runtime is not None:
             self.runtime.close()
         self.metrics.close(self.step, self.summary())
-        self.activate(False)  # the plain layer again: static placement, no hooks
+        self.activate(False)  # the plain layer again: static placement, no hooks, Megatron's group
+        for m, g in zip(self.layers, self._stock_groups):
+            m.token_dispatcher.ep_group = g
+        if self.ep > 1 and self.comms.data_group is not None:
+            dist.destroy_process_group(self.comms.data_group)
+            self.comms.data_group = None

@@ -17,9 +17,9 @@ kept, a 4-layer soak's memory grew about 4 KB per step). The event log is flushe
 from __future__ import annotations
 
 import collections
-import json
 from typing import Deque, Dict, List, Optional
 
+from megatron_probe.fileio import append_jsonl
 from megatron_probe.mechanism.event_log import EventLog, write_jsonl
 
 COUNTED = ("copies", "dropped", "failed", "invalid", "fallbacks", "bytes")
@@ -82,9 +82,7 @@ class PipelineMetrics:
             for k, default in _TOTALS:
                 self._totals[k] += r.get(k, default)
         if self.metrics_path and rows:
-            with open(self.metrics_path, "a") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
+            append_jsonl(self.metrics_path, rows)  # whole lines: a kill never leaves half of one
         if self.sink is not None and rows:
             self.sink.log(step_metrics(rows), step=step)
         self.flush_events()

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_probe.mechanism import stages
 from megatron_probe.mechanism.profiling import nvtx_pop, nvtx_push, nvtx_range
 
 
@@ -292,12 +293,16 @@ class _packed_attention:
         self.handles = []
 
     def __enter__(self):
+        self.depth = stages.depth()
         for i, layer in enumerate(self.layers):
             layer.self_attention = PackedSelfAttention(layer.self_attention, self.engine)
             self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: nvtx_push(f"layer{i}")))
             self.handles.append(layer.register_forward_hook(lambda m, a, o: nvtx_pop()))
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None:
+            stages.stamp(exc)  # with the layer it was raised in
+        stages.truncate(self.depth)  # a layer that raised never popped its range
         for h in self.handles:
             h.remove()
         self.handles.clear()

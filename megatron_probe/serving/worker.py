@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_probe.config import ProbeConfig
+from megatron_probe.fileio import write_whole
 
 MODES = ("stock", "probe")
 
@@ -122,7 +123,10 @@ def _init_serving(ws: int, opts: ServeOptions):
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     torch.set_num_threads(opts.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    initialize_megatron_parallel(ws, seed=opts.seed, device=device)
+    # Megatron's groups (the stock layer's dispatch, the engine's step agreement) give a dead
+    # peer up as the pipeline's own groups do, not after Megatron's default 30 minutes
+    probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
+    initialize_megatron_parallel(ws, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s)
     from megatron.core import parallel_state
 
     return device, (parallel_state.get_expert_model_parallel_group() if ws > 1 else None)
@@ -252,13 +256,10 @@ def _gather_and_write(local: Dict, opts: ServeOptions, wl, rank: int, ws: int, g
         return
     res = summarise(gathered, opts, wl, ws)
     if out_path:
-        with open(out_path, "w") as f:
-            json.dump(res, f)
+        write_whole(out_path, json.dumps(res))
     if opts.metrics_path:
-        with open(opts.metrics_path, "w") as f:
-            for r in range(ws):
-                for row in gathered[r]["rows"]:
-                    f.write(json.dumps({"rank": r, **row}) + "\n")
+        write_whole(opts.metrics_path, "".join(json.dumps({"rank": r, **row}) + "\n"
+                                               for r in range(ws) for row in gathered[r]["rows"]))
 
 
 @dataclass
