@@ -93,8 +93,8 @@ def _stats(xs):
             "cpu_p99_us": round(cpu[p99], 1), "samples": len(xs)}
 
 
-def bench(name, ep, shape_name, R, args):
-    counts, topk, label = steps_for(name, ep, args)
+def bench(name, ep, shape_name, R, args, data=None):
+    counts, topk, label = data or steps_for(name, ep, args)
     steps, L, _, E = counts.shape
     lay = ExpertLayout(E, ep, R)
     cost = ExpertCost.from_profile(get_profile(args.hardware), ModelShape(num_experts=E, topk=topk,
@@ -166,7 +166,7 @@ def lp_gap(n_cases, seed=0, extra=None):
                    "share_above_0.5pct": round(sum(x > 0.005 for x in v) / len(v), 4)} for k, v in gaps.items()}}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="e128_ep8,e32_ep2", help=f"comma list of {sorted(CONFIGS)}")
     p.add_argument("--replica-slots", type=int, default=3)
@@ -181,18 +181,25 @@ def main():
     p.add_argument("--lp-gap", type=int, default=0, help="also the time split's gap to the MILP on this many "
                                                           "random cases")
     p.add_argument("--json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(1)
     result = {"command": "python tools/bench_balancer.py " + " ".join(sys.argv[1:]),
               "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "load_avg_at_start": list(os.getloadavg())},
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "hardware_cost_model": a.hardware, "configs": {}}
-    for c in [x for x in a.configs.split(",") if x]:
+    configs = [x for x in a.configs.split(",") if x]
+    for c in configs:
         if c not in CONFIGS:
             p.error(f"--configs: unknown {c!r}; valid: {sorted(CONFIGS)}")
+    try:  # the hardware profile and every configuration's trace, read and checked before any timing
+        get_profile(a.hardware)
+        data = {c: steps_for(CONFIGS[c][0], CONFIGS[c][1], a) for c in configs}
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    for c in configs:
         name, ep, shape = CONFIGS[c]
-        res = bench(name, ep, shape, a.replica_slots, a)
+        res = bench(name, ep, shape, a.replica_slots, a, data[c])
         result["configs"][c] = res
         print(f"\n== {c}: {res['data']}; E {res['E']}, EP {ep}, R {res['R']}; "
               f"{res['resident_changes']} resident changes in the timed steps")

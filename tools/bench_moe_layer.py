@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 
@@ -115,6 +116,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=192, help="tokens per rank per step (cap)")
     p.add_argument("--deadline-ms", type=float, default=200.0)
     p.add_argument("--chunk-mib", type=float, default=4.0)
+    p.add_argument("--collective-timeout-s", type=float, default=300.0,
+                   help="ProbeConfig.collective_timeout_s: how long a collective waits for a peer")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--copy-charge", choices=("measured", "none"), default="measured",
                    help="charge each copy its measured time in the plan (ProbeConfig.copy_charge_us), or not")
@@ -123,6 +126,15 @@ def main():
     a = p.parse_args()
     if a.ep < 2:
         p.error(f"--ep {a.ep}: replication needs at least 2 EP ranks")
+    from megatron_probe.experiments.tiny_moe import check_predictor_state, check_trace_for_checkpoint, read_checkpoint
+
+    pred = a.predictor or os.path.join(a.checkpoint, "predictor.pt")
+    try:  # every input file read and checked here, before a trace is recorded or a process starts
+        cfg, _, state = read_checkpoint(a.checkpoint)
+        if a.predictor or os.path.exists(pred):
+            check_predictor_state(pred, cfg, state, a.predictor_hidden)
+    except ValueError as e:
+        p.error(str(e))
     trace = a.trace or os.path.join(ROOT, "traces", "shift.pt")
     if a.trace is None and not os.path.exists(trace):
         import subprocess
@@ -132,11 +144,14 @@ def main():
                         os.path.join(ROOT, "workloads", "shift.json"), "--out", trace, "--checkpoint", a.checkpoint,
                         "--hidden-fraction", "1.0"],
                        check=True)
-    pred = a.predictor or os.path.join(a.checkpoint, "predictor.pt")
     from megatron_probe.data.traces import load_trace
     from megatron_probe.mcore.launch import run_distributed
 
-    tr = load_trace(trace)
+    try:
+        tr = load_trace(trace)
+        check_trace_for_checkpoint(tr, trace, cfg, hidden_layer=0, min_tokens=a.ep)
+    except ValueError as e:
+        p.error(str(e))
     if tr.num_experts % a.ep:
         p.error(f"--ep {a.ep} does not divide the trace's {tr.num_experts} experts")
     if not any(s.hidden and -1 in s.hidden for s in tr.steps):
@@ -145,11 +160,28 @@ def main():
                 predictor_hidden=a.predictor_hidden, layers=a.layers, hidden=a.hidden, ffn=a.ffn,
                 replica_slots=a.replica_slots, steps=a.steps, max_tokens=a.max_tokens, deadline_ms=a.deadline_ms,
                 chunk_mib=a.chunk_mib, threads=a.threads, seed=a.seed, copy_charge=a.copy_charge,
-                replica_mode=a.replica_mode, cost_gate=a.cost_gate == "on")
-    out = a.json or os.path.join("/tmp", f"bench_moe_layer_{os.getpid()}.json")
+                replica_mode=a.replica_mode, cost_gate=a.cost_gate == "on",
+                collective_timeout_s=a.collective_timeout_s)
+    from megatron_probe.config import ProbeConfig
+    from megatron_probe.fileio import write_whole
+    from megatron_probe.mcore.launch import RanksFailed
+
+    try:
+        peer_wait_s = ProbeConfig(collective_timeout_s=a.collective_timeout_s, prefetch_deadline_ms=a.deadline_ms).peer_wait_s
+    except ValueError as e:
+        p.error(str(e))
+
+    if a.json and os.path.exists(a.json):
+        os.remove(a.json)  # a failed run must not leave an earlier run's result looking like its own
+    out = os.path.join(tempfile.mkdtemp(prefix="bench_moe_layer_"), "result.json")
     t0 = time.time()
-    run_distributed(worker, a.ep, opts, out, backend="gloo")
-    res = json.load(open(out))
+    try:
+        run_distributed(worker, a.ep, opts, out, backend="gloo", timeout_s=peer_wait_s)
+    except RanksFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with open(out) as f:
+        res = json.load(f)
     res.update({"command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
                 "date": datetime.date.today().isoformat(),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -157,8 +189,8 @@ def main():
                 "regime": f"scaled: experts {a.hidden}x{a.ffn} (random weights), routing and forecasts from "
                           f"{os.path.relpath(trace, ROOT)}", "ep": a.ep, "layers": a.layers,
                 "replica_slots": a.replica_slots, "copy_charge": a.copy_charge, "seconds": round(time.time() - t0, 1)})
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    if a.json:
+        write_whole(a.json, json.dumps(res, indent=1))
     print(f"EP {a.ep}, {a.layers} layers, experts {a.hidden}x{a.ffn}, R={a.replica_slots} {res['replica_mode']}, "
           f"{res['layer_measurements']} layer runs per mode ({res['seconds']} s)")
     print(f"{'mode':<8}{'median ms/layer':>17}{'IR':>8}")
@@ -171,7 +203,8 @@ def main():
           f"copy charge {res['copy_charge_us'] / 1e3:.1f} ms per copy ({a.copy_charge})")
     if a.json:
         print(f"wrote {a.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

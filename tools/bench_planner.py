@@ -254,7 +254,7 @@ def compare(args, cost, gen_cases):
     return res
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experts", default="32,128,256")
     p.add_argument("--eps", default="2,8,32")
@@ -271,7 +271,20 @@ def main():
     p.add_argument("--compare", type=int, default=0, help="one-pass vs retry on this many random cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    try:  # the flags and input files, checked before any timing (the traces are read again where used)
+        for flag, text in (("--experts", a.experts), ("--eps", a.eps)):
+            if not all(x.strip().isdigit() and int(x) > 0 for x in text.split(",")):
+                raise ValueError(f"{flag} {text!r}: expected a comma list of positive integers")
+        get_profile(a.hardware)
+        if a.generated:
+            from megatron_probe.data.traces import load_any, shared_trace_files
+
+            for f in shared_trace_files():
+                if os.path.basename(f) in ("coactivation_qwen3-30b-a3b.json", "qwen3-30b-a3b.route.csv"):
+                    load_any(f)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(1)
     old = load_baseline(a.baseline_rev) if a.baseline_rev else None
     result = {"command": "python tools/bench_planner.py " + " ".join(sys.argv[1:]),

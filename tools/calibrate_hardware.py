@@ -52,7 +52,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True)
-    p.add_argument("--base", default="h200-sxm", help="preset whose link figures a GPU profile keeps")
+    p.add_argument("--base", default="h200-sxm", choices=sorted(PRESETS),
+                   help="preset whose link figures a GPU profile keeps")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     dev = torch.device(a.device)

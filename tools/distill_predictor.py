@@ -58,7 +58,7 @@ def training_split_workload(checkpoint, requests, seed):
                           output_range=(max(2, cfg.seq_length // 16), cfg.seq_length * 3 // 8), split="train")
 
 
-def main():
+def main(argv=None):
     from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,7 +76,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="default: <checkpoint>/predictor.pt")
     p.add_argument("--json", default=None, help="write the fit report here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     for name in ("train_requests", "epochs", "batch"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
@@ -90,18 +90,30 @@ def main():
     from megatron_probe.runtime.lookahead import build_predictors, default_predictor_path, router_spec
     from megatron_probe.experiments.replay import (distillation_data, replay_requests, router_logits_fn,
                                                    trace_distillation_data, workload_sequences)
-    from megatron_probe.experiments.tiny_moe import load_model
+    from megatron_probe.experiments.tiny_moe import check_trace_for_checkpoint, load_model, read_checkpoint
     from megatron_probe.policy.distill import OnlineDistiller
 
-    init_single_process(a.seed)
     t0 = time.time()
+    try:  # every input read and checked before the model is built; --out and --json are written at the end
+        cfg, _, _ = read_checkpoint(a.checkpoint)
+        traces = [(t, load_trace(t)) for t in a.trace or []]
+        for t, tr in traces:
+            check_trace_for_checkpoint(tr, t, cfg, hidden_layer=0)
+    except ValueError as e:
+        p.error(str(e))
+    init_single_process(a.seed)
     model, _, cfg = load_model(a.checkpoint, spec="probe")
     pcfg = ProbeConfig(predictor_hidden=a.residual_hidden, predictor_layer0=not a.no_layer0)
     preds = build_predictors(model, pcfg)
     spec = router_spec(model.decoder.layers[0].mlp.config)
     layers = sorted(preds.layers)
     if a.trace:
-        parts = [trace_distillation_data(load_trace(t), router_logits_fn(model), layers) for t in a.trace]
+        parts = []
+        for t, tr in traces:
+            try:
+                parts.append(trace_distillation_data(tr, router_logits_fn(model), layers))
+            except ValueError as e:
+                p.error(f"{t}: {e}")
         data = {L: tuple(torch.cat([d[L][i] for d in parts]) for i in range(2)) for L in layers}
         source = "traces: " + ", ".join(a.trace)
     else:

@@ -108,7 +108,7 @@ def print_table(name, label, res, meta):
         print(f"{k}: {v}")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", action="append", help="trace file (repeatable); default: all shared + traces/*.pt")
     p.add_argument("--ep", type=int, default=8)
@@ -139,7 +139,7 @@ def main():
     p.add_argument("--plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.shift and a.shift_step is None:
         a.shift_step = default_shift_step(a.steps, a.eplb_window, a.eplb_period)
     policies = tuple(x for x in a.policies.split(",") if x)
@@ -150,7 +150,10 @@ def main():
         p.error(f"--eplb-window {a.eplb_window} must be in 1..{a.steps - 1} (--steps {a.steps}): the steps after it "
                 "are the stationary phase")
     torch.set_num_threads(1)
-    hw = get_profile(a.hardware)
+    try:
+        hw = get_profile(a.hardware)
+    except ValueError as e:
+        p.error(str(e))
     t0 = time.time()
     result = {"command": "python tools/eval_planner.py " + " ".join(sys.argv[1:]), "hardware": hw.name,
               "shape": a.shape, "noise_model": f"count * exp({a.noise} N(0,1) - {a.noise}^2/2), rounded", "ep": a.ep,

@@ -195,7 +195,7 @@ def print_table(result, segments, K, ep):
         print(f"{L:<6}" + "".join(f"{c:>26}" for c in cells))
 
 
-def main():
+def main(argv=None):
     from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,29 +212,38 @@ def main():
     p.add_argument("--predictor-sample-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.ep < 1:
         p.error(f"--ep {a.ep} must be >= 1")
     torch.set_num_threads(a.threads)
     import torch.distributed as dist
 
     from megatron_probe.config import ProbeConfig
-    from megatron_probe.data.workloads import Workload
+    from megatron_probe.data.workloads import Workload, check_workload_fits
     from megatron_probe.mcore.launch import init_single_process
     from megatron_probe.runtime.lookahead import default_predictor_path
-    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, load_model
+    from megatron_probe.experiments.tiny_moe import check_predictor_state, load_model, read_checkpoint
 
-    shape = TinyMoEConfig.from_json(os.path.join(a.checkpoint, "config.json"))
+    try:  # every input read and checked before the model is built; --json is written at the end
+        shape, _, state = read_checkpoint(a.checkpoint)
+    except ValueError as e:
+        p.error(str(e))
     if shape.num_experts % a.ep:
         p.error(f"--ep {a.ep} does not divide the model's {shape.num_experts} experts")
     warm = a.predictor or default_predictor_path(a.checkpoint)
     if not os.path.exists(warm):
         p.error(f"no predictor state at {warm}: run tools/distill_predictor.py --checkpoint {a.checkpoint} first")
+    try:
+        check_predictor_state(warm, shape, state, a.predictor_hidden)
+        wl = Workload.load(a.workload)
+        check_workload_fits(wl, a.workload, shape.vocab_size, shape.seq_length)
+    except ValueError as e:
+        p.error(str(e))
+    del state
     pcfg = ProbeConfig(predictor_hidden=a.predictor_hidden, predictor_lr=a.predictor_lr,
                        predictor_period=a.predictor_period, predictor_sample_tokens=a.predictor_sample_tokens)
     init_single_process()
     model, _, cfg = load_model(a.checkpoint, spec="probe")
-    wl = Workload.load(a.workload)
     print(f"workload {a.workload}: {wl.scenario}, {len(wl.requests)} requests ({wl.source}); EP {a.ep}")
     result, methods = evaluate(model, wl, pcfg, warm, a.ep, a.prefill_chunk, a.max_active, a.max_steps)
     segments = [k for k in result if k != "distill_updates"]

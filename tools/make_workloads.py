@@ -17,10 +17,10 @@ PREFILL_REQUESTS, PREFILL_STEPS = 640, 64
 ONSET_REQUESTS, ONSET_STEPS = 384, 64
 
 
-def main():
+def main(argv=None):
     from megatron_probe.data.corpus import build_corpus
     from megatron_probe.data.workloads import SCENARIOS, build_workload, length_ranges, schedule_steps
-    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT, TinyMoEConfig
+    from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT, read_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="its tokenizer and sequence length are used")
@@ -39,14 +39,14 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("heldout", "train"), default="heldout",
                    help="documents to cut requests from (train: only for distilling predictors)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     for sc in a.scenarios:
         if sc not in SCENARIOS:
             p.error(f"unknown scenario {sc!r}; valid: {', '.join(SCENARIOS)}")
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(os.path.join(a.checkpoint, "tokenizer.json"))
-    cfg = TinyMoEConfig.from_json(os.path.join(a.checkpoint, "config.json"))
+    try:  # the checkpoint's config and tokenizer, checked before any workload is written
+        cfg, tok, _ = read_checkpoint(a.checkpoint, state=False)
+    except ValueError as e:
+        p.error(str(e))
     corpus = build_corpus(a.max_bytes_per_domain)
     docs = {d: (dc.heldout if a.split == "heldout" else dc.train) for d, dc in corpus.items()}
     for sc in a.scenarios:

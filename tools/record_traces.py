@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore")
 import torch
 
 
-def main():
+def main(argv=None):
     from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +36,7 @@ def main():
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if not 0 <= a.hidden_fraction <= 1:
         p.error(f"--hidden-fraction {a.hidden_fraction} must be in [0, 1]")
     torch.set_num_threads(a.threads)
@@ -44,16 +44,24 @@ def main():
 
     from megatron_probe.data.traces import load_trace, save_trace
     from megatron_probe.experiments.recorder import build_trace
-    from megatron_probe.data.workloads import Workload
+    from megatron_probe.data.workloads import Workload, check_workload_fits
     from megatron_probe.mcore.launch import init_single_process
-    from megatron_probe.experiments.tiny_moe import load_model
+    from megatron_probe.experiments.tiny_moe import load_model, read_checkpoint
 
-    init_single_process()
     t0 = time.time()
-    model, tok, cfg = load_model(a.checkpoint, spec="probe")
-    wl = Workload.load(a.workload)
+    try:  # the inputs, checked before anything starts; --out is written only at the end
+        wl = Workload.load(a.workload)
+        cfg, _, _ = read_checkpoint(a.checkpoint)
+        check_workload_fits(wl, a.workload, cfg.vocab_size, cfg.seq_length)
+    except ValueError as e:
+        p.error(str(e))
     if cfg.num_experts % a.ep:
         p.error(f"--ep {a.ep} does not divide the model's {cfg.num_experts} experts")
+    init_single_process()
+    try:
+        model, tok, cfg = load_model(a.checkpoint, spec="probe")
+    except ValueError as e:
+        p.error(str(e))
     trace = build_trace(model, cfg, wl, a.ep, a.hidden_fraction, a.prefill_chunk, a.max_active, a.seed,
                         a.max_steps, model_name=os.path.basename(os.path.normpath(a.checkpoint)))
     save_trace(trace, a.out)

@@ -53,7 +53,7 @@ def top_overlap(a, b, frac=0.1):
     return len(sa & sb) / k
 
 
-def main():
+def main(argv=None):
     from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,7 +64,7 @@ def main():
     p.add_argument("--batches", type=int, default=6, help="batches per domain (and mixed)")
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000)
     p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import torch.distributed as dist
 
@@ -72,10 +72,15 @@ def main():
     from megatron_probe.data.traces import load_any, shared_trace_files
     from megatron_probe.mcore.launch import init_single_process
     from megatron_probe.experiments.recorder import RoutingRecorder
-    from megatron_probe.experiments.tiny_moe import forward_logits, load_model
+    from megatron_probe.experiments.tiny_moe import forward_logits, load_model, read_checkpoint
 
-    init_single_process()
     t0 = time.time()
+    try:  # every input read and checked before the long run; --out and --json are written at the end
+        read_checkpoint(a.checkpoint)
+        public = {f: load_any(f) for f in shared_trace_files()}
+    except ValueError as e:
+        p.error(str(e))
+    init_single_process()
     model, tok, cfg = load_model(a.checkpoint, spec="probe")
     corpus = build_corpus(a.max_bytes_per_domain)
     L, E, S = cfg.num_layers, cfg.num_experts, cfg.seq_length
@@ -156,8 +161,7 @@ def main():
                                                                                      round(float(js_t.max()), 3)],
                     "top10pct_overlap_mean": round(float(ov_t.mean()), 3),
                     "top10pct_overlap_range": [round(float(ov_t.min()), 3), round(float(ov_t.max()), 3)]}
-    for f in shared_trace_files():
-        tr = load_any(f)
+    for f, tr in public.items():
         mm = (tr.heat.double().max(1).values / tr.heat.double().mean(1))
         entry = {"tokens": tr.n_tokens, "experts": tr.num_experts, "topk": tr.topk,
                  "max_over_mean_mean": round(float(mm.mean()), 2)}

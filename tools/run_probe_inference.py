@@ -155,18 +155,21 @@ def validate(a, p):
     """Check every flag against the checkpoint and each other; returns ``ServeOptions`` with the
     one ``ProbeConfig`` every later step uses."""
     from megatron_probe.config import ProbeConfig
-    from megatron_probe.data.workloads import Workload
+    from megatron_probe.data.workloads import Workload, check_workload_fits
+    from megatron_probe.experiments.tiny_moe import check_predictor_state, read_checkpoint
+    from megatron_probe.policy.cost_model import get_profile
     from megatron_probe.runtime.lookahead import default_predictor_path
     from megatron_probe.serving.worker import ServeOptions, check_model_flags
-    from megatron_probe.experiments.tiny_moe import TinyMoEConfig
 
     try:
         wl_path = resolve_workload(a.workload)
-        Workload.load(wl_path)
+        wl = Workload.load(wl_path)
         cfg_path = os.path.join(a.load, "config.json")
         if not os.path.exists(cfg_path):
             raise ValueError(f"--load {a.load!r} is not a checkpoint folder (no config.json)")
-        cfg = TinyMoEConfig.from_json(cfg_path)
+        # every file of the checkpoint, read and checked here, before any process starts
+        cfg, _, state = read_checkpoint(a.load)
+        check_workload_fits(wl, wl_path, cfg.vocab_size, need_ids=a.regime == "model")
         expect = {"num_layers": a.num_layers, "hidden_size": a.hidden_size, "num_attention_heads":
                   a.num_attention_heads, "num_experts": a.num_experts, "topk": a.moe_router_topk,
                   "expert_ffn_hidden": a.moe_ffn_hidden_size, "seq_length": a.seq_length, "vocab_size": a.vocab_size}
@@ -177,6 +180,18 @@ def validate(a, p):
             fields["predictor_state"] = default_predictor_path(a.load)  # the warm start beside the checkpoint
         pc = ProbeConfig(**fields)
         pc.validate_for_model(cfg.num_experts, a.expert_model_parallel_size, cfg.topk)
+        get_profile(pc.hardware_profile)  # a JSON profile is read and checked now, not in the workers
+        if pc.predictor_state:
+            check_predictor_state(pc.predictor_state, cfg, state, pc.predictor_hidden,
+                                  layer0=pc.predictor_layer0 or a.regime == "scaled")
+        elif a.regime == "scaled" and os.path.exists(default_predictor_path(a.load)):
+            check_predictor_state(default_predictor_path(a.load), cfg, state, pc.predictor_hidden)
+        if a.regime == "scaled":
+            if a.expert_model_parallel_size < 2:
+                raise ValueError(f"--regime scaled needs --expert-model-parallel-size >= 2 (got "
+                                 f"{a.expert_model_parallel_size}): replication needs another rank")
+            check_scaled_trace(a.trace or os.path.join(ROOT, "traces", f"{wl.scenario}.pt"), a.trace is not None, wl,
+                               cfg, a.expert_model_parallel_size)
         for flag, v, lo in (("--expert-model-parallel-size", a.expert_model_parallel_size, 1),
                             ("--micro-batch-size", a.micro_batch_size, 1), ("--prefill-chunk-size",
                                                                             a.prefill_chunk_size, 1),
@@ -197,6 +212,21 @@ def validate(a, p):
                         bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
                         metrics_path=a.metrics_jsonl, expect=expect)
     return opts
+
+
+def check_scaled_trace(trace: str, given: bool, wl, cfg, ep: int) -> None:
+    """The scaled regime's trace, read and checked before any process starts: a trace of this
+    checkpoint's model, recorded on this workload, with hidden states. A missing default trace
+    is recorded later (``run_scaled``); a missing ``--trace`` is an error."""
+    from megatron_probe.data.traces import load_trace
+    from megatron_probe.experiments.tiny_moe import check_trace_for_checkpoint
+
+    if not given and not os.path.exists(trace):
+        return
+    tr = load_trace(trace)
+    check_trace_for_checkpoint(tr, trace, cfg, hidden_layer=0, min_tokens=ep)
+    if tr.extra.get("scenario") not in (None, wl.scenario):
+        raise ValueError(f"trace {trace} was recorded on the {tr.extra['scenario']!r} workload, not {wl.scenario!r}")
 
 
 def _fmt(x):
@@ -296,9 +326,10 @@ def run_scaled(a, opts) -> dict:
                  replica_mode=pc.replica_mode, cost_gate=pc.cost_gate, layer0_counts=pc.layer0_counts, deadline_ms=pc.prefetch_deadline_ms,
                  chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
                  copy_charge="none" if a.scaled_copy_charge == "none" else "measured", seed=opts.seed,
-                 max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress)
+                 max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress,
+                 collective_timeout_s=pc.collective_timeout_s)
     out = os.path.join(tempfile.mkdtemp(prefix="probe_scaled_"), "rows.json")
-    run_distributed(serve_scaled_worker, opts.ep, sopts, out, backend="gloo")
+    run_distributed(serve_scaled_worker, opts.ep, sopts, out, backend="gloo", timeout_s=pc.peer_wait_s)
     with open(out) as f:
         raw = json.load(f)
     label = (f"experts {a.scaled_hidden_size}x{a.scaled_ffn_hidden_size} (random weights), {a.scaled_layers} MoE "
@@ -314,21 +345,20 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     opts = validate(a, p)
-    from megatron_probe.mcore.launch import run_distributed, under_torchrun
+    from megatron_probe.fileio import write_whole
+    from megatron_probe.mcore.launch import RanksFailed, under_torchrun
 
-    if a.regime == "scaled":
-        res = run_scaled(a, opts)
-    else:
-        from megatron_probe.serving.worker import serve_worker
-
-        out = a.json or os.path.join(tempfile.mkdtemp(prefix="probe_serve_"), "result.json")
-        if a.json:
-            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        run_distributed(serve_worker, opts.ep, opts, out)
-        if under_torchrun() and int(os.environ["RANK"]) != 0:
-            return 0
-        with open(out) as f:
-            res = json.load(f)
+    # a failed run must not leave an earlier run's results looking like its own
+    for path in (a.json, a.metrics_jsonl):
+        if path and os.path.exists(path) and (not under_torchrun() or int(os.environ["RANK"]) == 0):
+            os.remove(path)
+    try:
+        res = run_scaled(a, opts) if a.regime == "scaled" else run_model(a, opts)
+    except RanksFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if res is None:  # a torchrun rank other than 0
+        return 0
     res["command"] = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + (argv or sys.argv[1:]))
     if a.plots_dir:
         from megatron_probe.serving.plots import write_plots
@@ -340,8 +370,7 @@ def main(argv=None) -> int:
         run_dir = a.wandb_dir or (os.path.dirname(os.path.abspath(a.json)) if a.json else os.getcwd())
         res["wandb_dir"] = log_to_wandb(res, a.wandb_project, run_dir, a.wandb_mode)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_whole(a.json, json.dumps(res, indent=1))
     print_table(res)
     for path in res.get("plots", []):
         print(f"plot: {path}")
@@ -351,6 +380,21 @@ def main(argv=None) -> int:
         print("ERROR: PROBE's tokens differ from the stock layer's", file=sys.stderr)
         return 1
     return 0
+
+
+def run_model(a, opts):
+    """The model regime on EP processes; the result dict (None on a torchrun rank other than 0)."""
+    from megatron_probe.mcore.launch import run_distributed, under_torchrun
+    from megatron_probe.serving.worker import serve_worker
+
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    out = os.path.join(tempfile.mkdtemp(prefix="probe_serve_"), "result.json")
+    run_distributed(serve_worker, opts.ep, opts, out, timeout_s=opts.probe.peer_wait_s)
+    if under_torchrun() and int(os.environ["RANK"]) != 0:
+        return None
+    with open(out) as f:
+        return json.load(f)
 
 
 if __name__ == "__main__":

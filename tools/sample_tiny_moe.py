@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore")
 import torch
 
 
-def main():
+def main(argv=None):
     from megatron_probe.experiments.tiny_moe import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,14 +27,18 @@ def main():
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--per-domain", type=int, default=2)
     p.add_argument("--max-bytes-per-domain", type=int, default=3_000_000)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(2)
     import torch.distributed as dist
 
     from megatron_probe.data.corpus import build_corpus
     from megatron_probe.mcore.launch import init_single_process
-    from megatron_probe.experiments.tiny_moe import greedy_generate, load_model
+    from megatron_probe.experiments.tiny_moe import greedy_generate, load_model, read_checkpoint
 
+    try:  # the checkpoint's files, checked before anything starts; --out is written at the end
+        read_checkpoint(a.checkpoint)
+    except ValueError as e:
+        p.error(str(e))
     init_single_process()
     probe, tok, cfg = load_model(a.checkpoint, spec="probe")
     stock, _, _ = load_model(a.checkpoint, spec="stock")

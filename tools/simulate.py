@@ -29,6 +29,7 @@ from megatron_probe.data.traces import load_any
 from megatron_probe.policy.cost_model import get_profile
 from megatron_probe.policy.evaluation import Phases, eplb_rebalance_steps
 from megatron_probe.sim import error_model as em
+from megatron_probe.sim.control import check_measurements
 from megatron_probe.sim.layer import Topology
 from megatron_probe.sim.models import get_model
 from megatron_probe.sim.policies import SimConfig
@@ -180,7 +181,15 @@ def build_run(p, a):
     skew and fit the forecast error model."""
     pre = PRESETS[a.preset]
     model = get_model(pre["model"])
-    hw = get_profile(a.hardware or pre["hw"])
+    try:  # the input files (hardware profile, predictor evaluation, measurements), checked before any work
+        hw = get_profile(a.hardware or pre["hw"])
+        meas_path = a.predictor_eval or em.DEFAULT_EVAL
+        em.measured_predictor_error(meas_path)
+        if "ablations" not in a.skip.split(","):
+            em.measured_predictor_error(meas_path, "prev_step")
+        check_measurements(a.control)
+    except ValueError as e:
+        p.error(str(e))
     topo = Topology(a.nodes, a.gpus_per_node)
     rebalances = check_args(p, a, model.shape, topo)
     try:
@@ -189,9 +198,14 @@ def build_run(p, a):
         p.error(f"--decode-batches / --prefill-chunks must be comma lists of integers: {e}")
     if not batches:
         p.error(f"--decode-batches {a.decode_batches!r} names no batch size; valid: e.g. 512,768")
+    try:  # the public trace's heat (and, with --skew trace, the per-token trace)
+        run = Run(a, model, hw, topo, rebalances, batches, chunks)
+        if a.skew == "trace":
+            load_any(os.path.join(TRACES, "bigmoeonedge", "qwen3-30b-a3b.route.csv"))
+    except ValueError as e:
+        p.error(str(e))
     if a.out_dir:
         os.makedirs(a.out_dir, exist_ok=True)
-    run = Run(a, model, hw, topo, rebalances, batches, chunks)
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     log_header(run, cmd)
     run.alpha, skew_note = choose_skew(run)
@@ -656,9 +670,9 @@ def write_outputs(run, t_start):
             f.write("\n".join(run.lines) + "\n")
 
 
-def main():
+def main(argv=None):
     p = build_parser()
-    a = p.parse_args()
+    a = p.parse_args(argv)
     t_start = time.time()
     run = build_run(p, a)
     skip = set(filter(None, a.skip.split(",")))

@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
+from megatron_probe import fileformat as ff
 from megatron_probe.data.traces import load_trace
 from megatron_probe.experiments.scaled_replay import spread_steps, step_rows
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
@@ -73,16 +74,45 @@ def simulate_bench(bench, counts, hw, shape):
     return t
 
 
-def main():
+BENCH_WHAT = "a tools/bench_moe_layer.py result JSON"
+
+
+def read_bench(path):
+    """A benchmark result (``tools/bench_moe_layer.py --json``), every field this tool uses checked;
+    raises :class:`~megatron_probe.fileformat.InputFileError` naming the file and field."""
+    b = ff.load_json(path, BENCH_WHAT)
+    wl = ff.field(b, "workload", path, "str")
+    if not wl or os.sep in wl or wl.startswith("."):
+        raise ff.InputFileError(f"{path}: field 'workload' is {wl!r}, expected a workload name (traces/<name>.pt)")
+    ff.field(b, "ep", path, "int", lo=1)
+    ff.field(b, "layers", path, "int", lo=1)
+    ff.field(b, "replica_slots", path, "int", lo=0)
+    ff.int_list(ff.field(b, "steps", path, "list", lo=1), path, "steps", lo=0)
+    for key in ("static_ms", "oracle_ms"):
+        if ff.field(b, key, path, "number") <= 0:
+            raise ff.InputFileError(f"{path}: field {key!r} is {b[key]}, expected a number > 0")
+    ff.field(b, "copies", path, "int", lo=0)
+    ff.field(b, "copy_charge_us", path, "number", lo=0, default=0.0)
+    cost = ff.field(b, "expert_cost_us", path, "dict")
+    for key in ("per_token", "per_active_expert"):
+        ff.field(cost, key, path, "number", "expert_cost_us.", lo=0)
+    return b
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bench", nargs="*", default=None, help="default: results/pipeline/bench_*_ep2_*.json")
     p.add_argument("--profile", required=True, help="hardware profile JSON (tools/calibrate_hardware.py) or preset")
     p.add_argument("--hidden", type=int, default=1024, help="the benchmark's expert size (its --hidden/--ffn)")
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--out", default=None, help="write <out>.json and <out>.txt")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     files = a.bench or sorted(glob.glob(os.path.join(ROOT, "results", "pipeline", "bench_*_ep2_*.json")))
-    hw = get_profile(a.profile)
+    try:  # every input read and checked before any work; --out is written at the end
+        hw = get_profile(a.profile)
+        benches = {f: read_bench(f) for f in files}
+    except ValueError as e:
+        p.error(str(e))
     lines = ["=== SIMULATION vs MEASUREMENT: tools/bench_moe_layer.py at EP 2 (this CPU) ===",
              "command: python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
              f"date: {datetime.datetime.utcnow().strftime('%Y-%m-%d %H:%M UTC')}; machine: {platform.machine()}, "
@@ -93,19 +123,26 @@ def main():
     rows = {}
     traces = {}
     for f in files:
-        bench = json.load(open(f))
+        bench = benches[f]
         wl = bench["workload"]
         tpath = os.path.join(ROOT, "traces", f"{wl}.pt")
         if not os.path.exists(tpath):
             lines.append(f"{os.path.basename(f)}: {tpath} missing (record it with tools/record_traces.py): skipped")
             continue
-        if tpath not in traces:
-            traces[tpath] = load_trace(tpath)
-        tr = traces[tpath]
+        try:
+            if tpath not in traces:
+                traces[tpath] = load_trace(tpath)
+            tr = traces[tpath]
+            if tr.num_layers < bench["layers"] or not any(s.hidden and 0 in s.hidden for s in tr.steps):
+                raise ValueError(f"{tpath}: a trace of {tr.num_layers} layers with hidden states is needed for {f} "
+                                 f"({bench['layers']} layers)")
+            counts = bench_counts(bench, tr)
+        except ValueError as e:
+            p.error(f"{e}" if str(e).startswith(tpath) else f"{f}: {e}")
         shape = ModelShape(hidden=a.hidden, expert_hidden=a.ffn, num_experts=tr.num_experts, topk=tr.topk,
                            bytes_per_param=4.0, bytes_per_activation=4.0)
         hw_b = dataclasses.replace(hw, gpus_per_node=bench["ep"])  # every rank on this one machine
-        t = simulate_bench(bench, bench_counts(bench, tr), hw_b, shape)
+        t = simulate_bench(bench, counts, hw_b, shape)
         sim = {m: statistics.median(t[m]) for m in ("static", "oracle")}
         meas = {"static": bench["static_ms"], "oracle": bench["oracle_ms"]}
         err = {m: sim[m] / meas[m] - 1.0 for m in sim}

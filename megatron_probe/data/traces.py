@@ -35,21 +35,20 @@ Public formats (``../shared/traces``, see its README)
 from __future__ import annotations
 
 import csv
-import io
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_probe.fileformat import check_format
+from megatron_probe import fileformat as ff
+from megatron_probe.fileformat import InputFileError, check_format, kind_of, no_unknown_keys, tensor_field, torch_load
 
 TRACE_FORMAT = "megatron_probe.trace"
 TRACE_VERSION = 1
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(InputFileError):
     """A trace file that cannot be read as what it claims to be."""
 
 
@@ -157,53 +156,112 @@ def save_trace(trace: RoutingTrace, path: str) -> None:
                path)
 
 
+STEP_KEYS = ("topk_ids", "topk_probs", "request_id", "position", "phase", "source_rank", "hidden")
+META_KEYS = ("model", "num_layers", "num_experts", "topk", "source", "generated", "notes", "n_tokens", "extra")
+
+
 def load_trace(path: str) -> RoutingTrace:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TraceFormatError(f"{path}: not a megatron_probe trace file ({type(e).__name__}: {e})") from e
+    """Read a ``megatron_probe.trace`` v1 file, checking every field (type, dtype, shape, range);
+    raises :class:`TraceFormatError` naming the file, the field and what was expected."""
+    what = "a megatron_probe trace file (torch.save of a 'megatron_probe.trace' dict)"
+    blob = torch_load(path, what, TraceFormatError)
     check_format(blob, path, TRACE_FORMAT, TRACE_VERSION, "trace", TraceFormatError)
-    meta = blob["meta"]
-    for key in ("model", "num_layers", "num_experts", "topk", "source"):
-        if key not in meta:
-            raise TraceFormatError(f"{path}: meta has no {key!r}")
+    no_unknown_keys(blob, ("format", "version", "meta", "heat", "steps"), path, "the top level", TraceFormatError)
+
+    def f(d, key, kind, where, **kw):
+        return ff.field(d, key, path, kind, where, error=TraceFormatError, **kw)
+
+    meta = f(blob, "meta", "dict", "")
+    no_unknown_keys(meta, META_KEYS, path, "meta", TraceFormatError)
+    L = f(meta, "num_layers", "int", "meta.", lo=1)
+    E = f(meta, "num_experts", "int", "meta.", lo=1)
+    K = f(meta, "topk", "int", "meta.", lo=1, hi=E)
+    model, source = f(meta, "model", "str", "meta."), f(meta, "source", "str", "meta.")
+    heat = tensor_field(blob, "heat", path, "", "int", shape=(L, E), error=TraceFormatError)
+    if (heat < 0).any():
+        raise TraceFormatError(f"{path}: field 'heat' has a negative count {int(heat.min())}; expected counts >= 0")
+    raw = f(blob, "steps", "list", "")
+    if not raw:
+        raise TraceFormatError(f"{path}: field 'steps' is empty; expected at least one recorded step")
     steps = []
-    for s in blob["steps"]:
-        def f32(t):
-            return None if t is None else t.float()
+    for i, s in enumerate(raw):
+        w = f"steps[{i}]."
+        if not isinstance(s, dict):
+            raise TraceFormatError(f"{path}: {w[:-1]} is {kind_of(s)}, expected an object with fields {list(STEP_KEYS)}")
+        no_unknown_keys(s, STEP_KEYS, path, w[:-1], TraceFormatError)
+        ids = tensor_field(s, "topk_ids", path, w, "int", shape=(L, None, K), error=TraceFormatError)
+        T = ids.shape[1]
+        bad = (ids < -1) | (ids >= E)
+        if bad.any():
+            raise TraceFormatError(f"{path}: field '{w}topk_ids' has expert id {int(ids[bad][0])}; expected "
+                                   f"0..{E - 1} (or -1: no routing)")
+        probs = tensor_field(s, "topk_probs", path, w, "float", shape=(L, T, K), optional=True, error=TraceFormatError)
+        per_token = {k: tensor_field(s, k, path, w, "int", shape=(T,), optional=True, error=TraceFormatError)
+                     for k in ("request_id", "position", "phase", "source_rank")}
+        hidden = None
+        if s.get("hidden") is not None:
+            hid = s["hidden"]
+            if not isinstance(hid, dict):
+                raise TraceFormatError(f"{path}: field '{w}hidden' is {kind_of(hid)}, expected a dict "
+                                       "{layer: (token_index, states)} or null")
+            hidden = {}
+            for l, pair in hid.items():
+                hw = f"{w}hidden[{l!r}]"
+                if not (type(l) is int and -1 <= l < L):
+                    raise TraceFormatError(f"{path}: field '{w}hidden' has layer key {l!r}; expected an integer "
+                                           f"in -1..{L - 1}")
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise TraceFormatError(f"{path}: field '{hw}' is {kind_of(pair)}, expected a pair "
+                                           "(token_index [Ts], states [Ts, H])")
+                idx = tensor_field({"token_index": pair[0]}, "token_index", path, hw + ".", "int", dim=1,
+                                   error=TraceFormatError)
+                st = tensor_field({"states": pair[1]}, "states", path, hw + ".", "float", shape=(idx.shape[0], None),
+                                  error=TraceFormatError)
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= T):
+                    raise TraceFormatError(f"{path}: field '{hw}.token_index' has token {int(idx.max())}; expected "
+                                           f"0..{T - 1} (the step has {T} tokens)")
+                hidden[l] = (idx.long(), st)
 
         def i64(t):
             return None if t is None else t.long()
 
-        steps.append(TraceStep(
-            topk_ids=s["topk_ids"].long(), topk_probs=f32(s["topk_probs"]), request_id=i64(s["request_id"]),
-            position=i64(s["position"]), phase=i64(s["phase"]), source_rank=i64(s["source_rank"]),
-            hidden=None if s["hidden"] is None else {int(l): (i.long(), h) for l, (i, h) in s["hidden"].items()},
-        ))
-    tr = RoutingTrace(model=meta["model"], num_layers=meta["num_layers"], num_experts=meta["num_experts"],
-                      topk=meta["topk"], source=meta["source"], generated=meta.get("generated", False), steps=steps,
-                      heat=blob["heat"].long(), n_tokens=meta.get("n_tokens", 0), notes=meta.get("notes", ""),
-                      extra=meta.get("extra", {}))
-    tr.validate()
+        steps.append(TraceStep(topk_ids=ids.long(), topk_probs=None if probs is None else probs.float(),
+                               request_id=i64(per_token["request_id"]), position=i64(per_token["position"]),
+                               phase=i64(per_token["phase"]), source_rank=i64(per_token["source_rank"]),
+                               hidden=hidden))
+    tr = RoutingTrace(model=model, num_layers=L, num_experts=E, topk=K, source=source,
+                      generated=f(meta, "generated", "bool", "meta.", default=False), steps=steps, heat=heat.long(),
+                      n_tokens=f(meta, "n_tokens", "int", "meta.", lo=0, default=0),
+                      notes=f(meta, "notes", "str", "meta.", default=""), extra=f(meta, "extra", "dict", "meta.",
+                                                                                   default={}))
+    try:
+        tr.validate()
+    except TraceFormatError as e:
+        raise TraceFormatError(f"{path}: {e}") from None
     return tr
 
 
 # ---------------------------------------------------------------------------- public formats
 ROUTE_CSV_HEADER = ["turn", "phase", "step", "layer", "slot", "expert", "weight", "residency", "expert_bytes"]
+ROUTE_CSV_WHAT = "a BigMoeOnEdge route_trace v1 CSV (see ../shared/traces/README.md)"
 
 
 def load_route_csv(path: str, strict_layers: bool = True) -> RoutingTrace:
     """BigMoeOnEdge ``route_trace v1`` per-token CSV -> RoutingTrace.
 
     The prefill batch is one step, each decode token one step (the recording engine ran one
-    request). Raises :class:`TraceFormatError` on an unknown header or preamble, a row whose
-    layer, slot or expert is out of range, a token with a wrong number of slots, or a token
+    request). Raises :class:`TraceFormatError`, naming the file and line, on a missing, empty,
+    binary or cut-off file (the last line must end with a newline), an unknown header or
+    preamble, a field that is not a number, a row whose layer, slot or expert is out of range, a
+    row given twice, a token with a wrong number of slots or with rows of both phases, or a token
     missing layers (other than the documented missing last layer of prefill rows)."""
-    with open(path, newline="") as f:
-        text = f.read()
+    text = ff.read_text(path, ROUTE_CSV_WHAT, TraceFormatError)
     lines = text.splitlines()
+    if not text.endswith("\n"):
+        raise TraceFormatError(f"{path}: line {len(lines)} is cut off (the file does not end with a newline: "
+                               f"truncated?); expected {ROUTE_CSV_WHAT}")
     pre = [l for l in lines if l.startswith("#")]
-    body = [l for l in lines if not l.startswith("#") and l.strip()]
+    body = [(n, l) for n, l in enumerate(lines, start=1) if not l.startswith("#") and l.strip()]
     if not pre or not pre[0].startswith("# route_trace v1"):
         raise TraceFormatError(f"{path}: first line must be '# route_trace v1', got {pre[0] if pre else '(none)'!r}")
     meta = {}
@@ -213,28 +271,63 @@ def load_route_csv(path: str, strict_layers: bool = True) -> RoutingTrace:
             meta[k] = v
     for key in ("n_layer", "n_expert", "n_expert_used"):
         if key not in meta:
-            raise TraceFormatError(f"{path}: preamble has no {key}= (got {sorted(meta)})")
-    L, E, K = int(meta["n_layer"]), int(meta["n_expert"]), int(meta["n_expert_used"])
+            raise TraceFormatError(f"{path}: preamble has no {key}= (got {sorted(meta)}); expected the line "
+                                   "'# model=... n_layer=L n_expert=E n_expert_used=K'")
+    sizes = {}
+    for key in ("n_layer", "n_expert", "n_expert_used"):
+        try:
+            sizes[key] = int(meta[key])
+        except ValueError:
+            sizes[key] = None
+        if sizes[key] is None or sizes[key] < 1:
+            raise TraceFormatError(f"{path}: preamble field {key}={meta[key]!r}, expected an integer >= 1")
+    L, E, K = sizes["n_layer"], sizes["n_expert"], sizes["n_expert_used"]
+    if K > E:
+        raise TraceFormatError(f"{path}: preamble field n_expert_used={K} exceeds n_expert={E}")
     if not body:
-        raise TraceFormatError(f"{path}: no CSV rows")
-    reader = csv.reader(io.StringIO("\n".join(body)))
-    header = next(reader)
+        raise TraceFormatError(f"{path}: no CSV rows (only the preamble); expected the header {ROUTE_CSV_HEADER} "
+                               "and one row per routed expert")
+    header = next(csv.reader([body[0][1]]))
     if header != ROUTE_CSV_HEADER:
-        raise TraceFormatError(f"{path}: unknown header {header}; expected {ROUTE_CSV_HEADER}")
+        raise TraceFormatError(f"{path}: line {body[0][0]}: unknown header {header}; expected {ROUTE_CSV_HEADER}")
+    if len(body) == 1:
+        raise TraceFormatError(f"{path}: no data rows after the header; expected one row per routed expert")
     tokens: Dict[Tuple[int, int], Dict] = {}
-    for n, row in enumerate(reader, start=2):
+    for n, line in body[1:]:
+        row = next(csv.reader([line]))
         if len(row) != len(ROUTE_CSV_HEADER):
-            raise TraceFormatError(f"{path}: row {n} has {len(row)} fields, expected {len(ROUTE_CSV_HEADER)}")
-        turn, phase, step, layer, slot, expert = (int(x) for x in row[:6])
-        weight = float(row[6])
+            raise TraceFormatError(f"{path}: line {n} has {len(row)} fields, expected {len(ROUTE_CSV_HEADER)} "
+                                   f"({','.join(ROUTE_CSV_HEADER)})")
+        vals = []
+        for name, x in zip(ROUTE_CSV_HEADER[:6], row[:6]):
+            try:
+                vals.append(int(x))
+            except ValueError:
+                raise TraceFormatError(f"{path}: line {n}: field {name!r} is {x!r}, expected an integer") from None
+        turn, phase, step, layer, slot, expert = vals
+        try:
+            weight = float(row[6])
+        except ValueError:
+            weight = float("nan")
+        if weight != weight or weight in (float("inf"), float("-inf")):
+            raise TraceFormatError(f"{path}: line {n}: field 'weight' is {row[6]!r}, expected a finite number")
+        if phase not in (0, 1):
+            raise TraceFormatError(f"{path}: line {n}: field 'phase' is {phase}, expected 0 (prefill) or 1 (decode)")
         if not 0 <= layer < L:
-            raise TraceFormatError(f"{path}: row {n}: layer {layer} outside 0..{L - 1}")
+            raise TraceFormatError(f"{path}: line {n}: layer {layer} outside 0..{L - 1}")
         if not 0 <= slot < K:
-            raise TraceFormatError(f"{path}: row {n}: slot {slot} outside 0..{K - 1} (top-k is {K})")
+            raise TraceFormatError(f"{path}: line {n}: slot {slot} outside 0..{K - 1} (top-k is {K})")
         if not 0 <= expert < E:
-            raise TraceFormatError(f"{path}: row {n}: expert {expert} outside 0..{E - 1}")
+            raise TraceFormatError(f"{path}: line {n}: expert {expert} outside 0..{E - 1}")
         t = tokens.setdefault((turn, step), {"phase": phase, "ids": {}, "w": {}})
-        t["ids"].setdefault(layer, [-1] * K)[slot] = expert
+        if t["phase"] != phase:
+            raise TraceFormatError(f"{path}: line {n}: token turn={turn} step={step} has phase {phase} here and "
+                                   f"{t['phase']} in an earlier row; expected one phase per token")
+        ids = t["ids"].setdefault(layer, [-1] * K)
+        if ids[slot] != -1:
+            raise TraceFormatError(f"{path}: line {n}: token turn={turn} step={step} layer {layer} slot {slot} "
+                                   "appears twice; expected one row per (token, layer, slot)")
+        ids[slot] = expert
         t["w"].setdefault(layer, [0.0] * K)[slot] = weight
     keys = sorted(tokens)
     for key in keys:
@@ -271,37 +364,60 @@ def load_route_csv(path: str, strict_layers: bool = True) -> RoutingTrace:
                         notes="one request; prefill rows lack the last layer (recording engine)")
 
 
+COACTIVATION_FIELDS = ("n_layers", "n_expert_per_layer", "k", "n_decode_tokens", "layers")
+COACTIVATION_WHAT = ("an mbolt coactivation JSON (an object with n_layers, n_expert_per_layer, k, n_decode_tokens "
+                     "and layers: a list of {heat: [E integers], ...}; see ../shared/traces/README.md)")
+
+
 def load_coactivation_json(path: str) -> RoutingTrace:
-    """mbolt coactivation aggregate -> RoutingTrace with ``heat`` only (no steps)."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TraceFormatError(f"{path}: not JSON ({e})") from e
-    for key in ("n_layers", "n_expert_per_layer", "k", "n_decode_tokens", "layers"):
+    """mbolt coactivation aggregate -> RoutingTrace with ``heat`` only (no steps). Raises
+    :class:`TraceFormatError` naming the file and field on anything else: another top-level
+    layout, a missing or renamed field, layers missing or out of order, heat that is not a list
+    of ``E`` integers >= 0, or more heat than tokens x k."""
+    data = ff.load_json(path, COACTIVATION_WHAT, dict, TraceFormatError)
+    fmt = data.get("format")
+    if isinstance(fmt, str) and fmt in ff.KNOWN_FORMATS:
+        raise TraceFormatError(f"{path}: is {ff.KNOWN_FORMATS[fmt]} file (format={fmt!r}), not {COACTIVATION_WHAT}")
+    for key in COACTIVATION_FIELDS:
         if key not in data:
-            raise TraceFormatError(f"{path}: no {key!r} field (has {sorted(data)[:12]})")
-    L, E, K = int(data["n_layers"]), int(data["n_expert_per_layer"]), int(data["k"])
-    layers = data["layers"]
+            raise TraceFormatError(f"{path}: no {key!r} field (has {sorted(data)[:12]}); expected {COACTIVATION_WHAT}")
+
+    def f(key, kind, where="", d=data, **kw):
+        return ff.field(d, key, path, kind, where, error=TraceFormatError, **kw)
+
+    L, E = f("n_layers", "int", lo=1), f("n_expert_per_layer", "int", lo=1)
+    K, n = f("k", "int", lo=1, hi=E), f("n_decode_tokens", "int", lo=1)
+    layers = f("layers", "list")
     if len(layers) != L:
         raise TraceFormatError(f"{path}: {len(layers)} layers listed, n_layers says {L} (missing layers)")
     heat = torch.zeros(L, E, dtype=torch.long)
     for i, layer in enumerate(layers):
+        if not isinstance(layer, dict):
+            raise TraceFormatError(f"{path}: field 'layers[{i}]' is {kind_of(layer)}, expected an object with a "
+                                   "'heat' list")
+        if "layer" in layer and layer["layer"] != i:
+            raise TraceFormatError(f"{path}: field 'layers[{i}].layer' is {layer['layer']!r}, expected {i} (layers "
+                                   "out of order or missing)")
         h = layer.get("heat")
-        if h is None or len(h) != E:
-            raise TraceFormatError(f"{path}: layer {i} heat has {None if h is None else len(h)} entries, expected {E}")
+        if not isinstance(h, list) or len(h) != E:
+            raise TraceFormatError(f"{path}: layer {i} heat has {len(h) if isinstance(h, list) else None} entries, "
+                                   f"expected {E}" + ("" if isinstance(h, list) else
+                                                      f" (field 'layers[{i}].heat' is {ff.show(h)})"))
+        ff.int_list(h, path, f"layers[{i}].heat", E, lo=0, error=TraceFormatError)
         heat[i] = torch.tensor(h, dtype=torch.long)
-    n = int(data["n_decode_tokens"])
     over = heat.sum(1) > n * K
     if over.any():
-        raise TraceFormatError(f"{path}: layer {int(over.nonzero()[0])} heat sums to more than tokens x k")
-    return RoutingTrace(model=data.get("model", os.path.basename(path)), num_layers=L, num_experts=E, topk=K,
+        l = int(over.nonzero()[0])
+        raise TraceFormatError(f"{path}: layer {l} heat sums to {int(heat[l].sum())}, more than n_decode_tokens x k "
+                               f"= {n * K}")
+    return RoutingTrace(model=str(data.get("model", os.path.basename(path))), num_layers=L, num_experts=E, topk=K,
                         source=f"coactivation_json:{path}", heat=heat, n_tokens=n,
                         notes="aggregate over decode tokens: no per-token rows, no request boundaries")
 
 
 def load_any(path: str) -> RoutingTrace:
-    """Pick the loader by file name / content."""
+    """Pick the loader by file name: ``*.csv`` a BigMoeOnEdge route CSV, ``*.json`` an mbolt
+    coactivation aggregate, anything else this project's ``.pt`` trace."""
     if path.endswith(".route.csv") or path.endswith(".csv"):
         return load_route_csv(path)
     if path.endswith(".json"):

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from megatron_probe import fileformat as ff
 from megatron_probe.fileformat import check_format
 
 WORKLOAD_FORMAT = "megatron_probe.workload"
@@ -74,27 +75,76 @@ class Workload:
 
     @classmethod
     def load(cls, path: str) -> "Workload":
-        with open(path) as f:
-            data = json.load(f)
-        check_format(data, path, WORKLOAD_FORMAT, WORKLOAD_VERSION, "workload")
+        """Read a ``megatron_probe.workload`` v1 file, checking every field (type, range, token id
+        lists against their lengths, unique request ids, at least one request); raises
+        :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming the file, the field
+        and what was expected."""
+        data = ff.load_json(path, "a megatron_probe workload file (JSON with format 'megatron_probe.workload')")
+        check_format(data, path, WORKLOAD_FORMAT, WORKLOAD_VERSION, "workload", ff.InputFileError)
         missing = [k for k in ("scenario", "description", "source", "tokenizer", "requests") if k not in data]
         if missing:
-            raise ValueError(f"{path}: workload file lacks the fields {missing}")
+            raise ff.InputFileError(f"{path}: workload file lacks the fields {missing}")
+        for key in ("scenario", "description", "source", "tokenizer"):
+            ff.field(data, key, path, "str")
+        extra = ff.field(data, "extra", path, "dict", default={})
+        raw = ff.field(data, "requests", path, "list")
+        if not raw:
+            raise ff.InputFileError(f"{path}: field 'requests' is empty; expected at least one request")
         fields = [f for f in Request.__dataclass_fields__]
         required = [f for f in fields if f not in ("prompt_ids", "output_ids")]
-        for i, r in enumerate(data["requests"]):
+        kinds = {"id": ("int", 0), "arrival_step": ("int", None), "prompt_tokens": ("int", None),
+                 "output_tokens": ("int", None), "domain": ("str", None), "source_file": ("str", None),
+                 "prompt": ("str", None), "reference_output": ("str", None)}
+        reqs, seen = [], {}
+        for i, r in enumerate(raw):
+            w = f"requests[{i}]."
+            if not isinstance(r, dict):
+                raise ff.InputFileError(f"{path}: field 'requests[{i}]' is {ff.kind_of(r)}, expected an object "
+                                        f"with the fields {required}")
             lack = [k for k in required if k not in r]
-            extra = sorted(set(r) - set(fields))
-            if lack or extra:
-                raise ValueError(f"{path}: request #{i} lacks the fields {lack}" if lack else
-                                 f"{path}: request #{i} has unknown fields {extra}; valid: {fields}")
-        reqs = [Request(**r) for r in data["requests"]]
-        for r in reqs:
-            if r.prompt_tokens <= 0 or r.output_tokens <= 0 or r.arrival_step < 0:
-                raise ValueError(f"{path}: request {r.id} has prompt_tokens={r.prompt_tokens}, "
-                                 f"output_tokens={r.output_tokens}, arrival_step={r.arrival_step}")
-        return cls(data["scenario"], data["description"], data["source"], data["tokenizer"], reqs,
-                   data.get("extra", {}))
+            extra_keys = sorted(set(r) - set(fields))
+            if lack or extra_keys:
+                raise ff.InputFileError(f"{path}: request #{i} lacks the fields {lack}" if lack else
+                                        f"{path}: request #{i} has unknown fields {extra_keys}; valid: {fields}")
+            for key, (kind, lo) in kinds.items():
+                ff.field(r, key, path, kind, w, lo=lo)
+            if r["prompt_tokens"] <= 0 or r["output_tokens"] <= 0 or r["arrival_step"] < 0:
+                raise ff.InputFileError(f"{path}: request {r['id']} has prompt_tokens={r['prompt_tokens']}, "
+                                        f"output_tokens={r['output_tokens']}, arrival_step={r['arrival_step']} "
+                                        f"(requests[{i}]); expected prompt_tokens >= 1, output_tokens >= 1, "
+                                        "arrival_step >= 0")
+            for key, n in (("prompt_ids", r["prompt_tokens"]), ("output_ids", r["output_tokens"])):
+                if r.get(key) is not None:
+                    ff.int_list(r[key], path, w + key, n, lo=0)
+            if r["id"] in seen:
+                raise ff.InputFileError(f"{path}: field '{w}id' is {r['id']}, the id of requests[{seen[r['id']]}] "
+                                        "too; expected unique request ids")
+            seen[r["id"]] = i
+            reqs.append(Request(**r))
+        return cls(data["scenario"], data["description"], data["source"], data["tokenizer"], reqs, extra)
+
+
+def check_workload_fits(wl: Workload, path: str, vocab_size: int, max_positions: Optional[int] = None,
+                        need_ids: bool = True) -> None:
+    """Check a loaded workload against the model that will run it: every request's token ids
+    present (``need_ids``) and below ``vocab_size`` (a workload cut with another tokenizer is
+    refused), and, given ``max_positions``, prompt + output - 1 positions within it. Raises
+    :class:`~megatron_probe.fileformat.InputFileError` naming the file and the request."""
+    for i, r in enumerate(wl.requests):
+        for key in ("prompt_ids", "output_ids"):
+            ids = getattr(r, key)
+            if ids is None:
+                if need_ids:
+                    raise ff.InputFileError(f"{path}: requests[{i}] has no {key}; the model needs every request's "
+                                            "token ids (rebuild the workload with tools/make_workloads.py)")
+            elif ids and max(ids) >= vocab_size:
+                raise ff.InputFileError(f"{path}: field 'requests[{i}].{key}' holds token id {max(ids)}, expected "
+                                        f"ids below the model's vocab_size {vocab_size} (a workload of another "
+                                        "tokenizer?)")
+        if max_positions is not None and r.prompt_tokens + r.output_tokens - 1 > max_positions:
+            raise ff.InputFileError(f"{path}: requests[{i}] needs {r.prompt_tokens + r.output_tokens - 1} positions "
+                                    f"(prompt_tokens {r.prompt_tokens} + output_tokens {r.output_tokens} - 1), more "
+                                    f"than the model's {max_positions}")
 
 
 def _cut_request(tok, doc, gen, prompt_range, output_range, max_len):

@@ -13,10 +13,12 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron_probe import fileformat as ff
 
 CHECKPOINT_FORMAT = "megatron_probe.tiny_moe.v1"
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -38,14 +40,34 @@ class TinyMoEConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "TinyMoEConfig":
-        with open(path) as f:
-            data = json.load(f)
+        """Read a checkpoint's ``config.json``, checking every field; raises
+        :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming the file, the field
+        and what was expected."""
+        data = ff.load_json(path, f"a checkpoint config.json (format {CHECKPOINT_FORMAT!r})")
         if data.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: format {data.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+            fmt = data.get("format")
+            known = ff.KNOWN_FORMATS.get(fmt) if isinstance(fmt, str) else None
+            raise ff.InputFileError(f"{path}: format {fmt!r} is not {CHECKPOINT_FORMAT!r}"
+                                    + (f" (that is {known} file)" if known else ""))
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(data) - set(known)
         if unknown:
-            raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
+            raise ff.InputFileError(f"{path}: unknown config fields {sorted(unknown)}; valid: {known}")
+        for name in known:
+            if name == "format":
+                continue
+            if name == "score_function":
+                if ff.field(data, name, path, "str") not in ("softmax", "sigmoid"):
+                    raise ff.InputFileError(f"{path}: field 'score_function' is {data[name]!r}, expected 'softmax' "
+                                            "or 'sigmoid'")
+            else:
+                ff.field(data, name, path, "int", lo=1)
+        if data["topk"] > data["num_experts"]:
+            raise ff.InputFileError(f"{path}: field 'topk' is {data['topk']}, expected <= num_experts "
+                                    f"({data['num_experts']})")
+        if data["hidden_size"] % data["num_attention_heads"]:
+            raise ff.InputFileError(f"{path}: field 'num_attention_heads' is {data['num_attention_heads']}, expected a "
+                                    f"divisor of hidden_size ({data['hidden_size']})")
         return cls(**data)
 
     def to_json(self, path: str) -> None:
@@ -119,29 +141,152 @@ def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int) -> dict:
     return out
 
 
-def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config=None, ep: int = 1,
-               rank: int = 0, dtype=torch.float32):
-    """(model, tokenizer, config) from a checkpoint folder, in eval mode."""
+def expected_state_shapes(cfg: TinyMoEConfig) -> Dict[str, tuple]:
+    """Every key of the EP = 1 state dict of :func:`build_model` and its shape (tied embeddings, no
+    biases, RMSNorm, gated experts): what ``model.pt`` must hold for ``cfg``."""
+    H, F, E, V, S = cfg.hidden_size, cfg.expert_ffn_hidden, cfg.num_experts, cfg.vocab_size, cfg.seq_length
+    out = {"embedding.word_embeddings.weight": (V, H), "embedding.position_embeddings.weight": (S, H)}
+    for l in range(cfg.num_layers):
+        pre = f"decoder.layers.{l}."
+        out.update({pre + "input_layernorm.weight": (H,), pre + "self_attention.linear_proj.weight": (H, H),
+                    pre + "self_attention.linear_qkv.weight": (3 * H, H), pre + "pre_mlp_layernorm.weight": (H,),
+                    pre + "mlp.router.weight": (E, H)})
+        for e in range(E):
+            out[f"{pre}mlp.experts.local_experts.{e}.linear_fc1.weight"] = (2 * F, H)
+            out[f"{pre}mlp.experts.local_experts.{e}.linear_fc2.weight"] = (H, F)
+    out["decoder.final_layernorm.weight"] = (H,)
+    return out
+
+
+def read_state_dict(path: str, cfg: TinyMoEConfig) -> Dict[str, torch.Tensor]:
+    """``model.pt`` (weights-only load), checked against ``cfg``: a dict of floating-point tensors
+    with exactly the keys and shapes of :func:`expected_state_shapes`. A file of another model
+    is refused naming the first key whose shape differs."""
+    sd = ff.torch_load(path, "a checkpoint model.pt (torch.save of the model's state dict)")
+    if not isinstance(sd, dict):
+        raise ff.InputFileError(f"{path}: holds {ff.kind_of(sd)}, expected the model's state dict (a dict of "
+                                "tensors)")
+    want = expected_state_shapes(cfg)
+    missing = [k for k in want if k not in sd]
+    unexpected = [str(k) for k in sd if k not in want]
+    if missing or unexpected:
+        raise ff.InputFileError(f"{path}: state dict does not match the config beside it (a checkpoint of another "
+                                f"model?): missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                                f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+    for k, shape in want.items():
+        v = sd[k]
+        if not isinstance(v, torch.Tensor):
+            raise ff.InputFileError(f"{path}: key {k!r} is {ff.show(v)}, expected a tensor of shape {shape}")
+        if not v.is_floating_point():
+            raise ff.InputFileError(f"{path}: key {k!r} has dtype {v.dtype}, expected a floating-point dtype")
+        if tuple(v.shape) != shape:
+            raise ff.InputFileError(f"{path}: key {k!r} has shape {tuple(v.shape)}, expected {shape} from the config "
+                                    "beside it (a checkpoint of another model?)")
+    return sd
+
+
+def read_tokenizer(path: str, cfg: TinyMoEConfig):
+    """The checkpoint's ``tokenizers`` tokenizer; its vocabulary must fit the model's."""
     from tokenizers import Tokenizer
 
+    ff.check_file(path, "a tokenizers JSON file (tokenizer.json)")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the Rust library raises a plain Exception
+        raise ff.InputFileError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0][:160]})") from None
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ff.InputFileError(f"{path}: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
+                                f"vocab_size {cfg.vocab_size}")
+    return tok
+
+
+def read_checkpoint(path: str, state: bool = True):
+    """``(config, tokenizer, state_dict or None)`` of a checkpoint folder, every file checked
+    (:func:`TinyMoEConfig.from_json`, :func:`read_tokenizer`, :func:`read_state_dict`); raises
+    :class:`~megatron_probe.fileformat.InputFileError` naming the file and what is wrong."""
+    if not os.path.isdir(path):
+        raise ff.InputFileError(f"checkpoint folder {path!r} " + ("is a file, not a folder" if os.path.exists(path)
+                                                                  else "does not exist")
+                                + " (expected a folder with config.json, tokenizer.json and model.pt)")
     for name in ("config.json", "tokenizer.json", "model.pt"):
         if not os.path.exists(os.path.join(path, name)):
-            raise FileNotFoundError(f"checkpoint folder {path!r} has no {name}")
+            raise ff.InputFileError(f"checkpoint folder {path!r} has no {name}")
     cfg = TinyMoEConfig.from_json(os.path.join(path, "config.json"))
+    tok = read_tokenizer(os.path.join(path, "tokenizer.json"), cfg)
+    sd = read_state_dict(os.path.join(path, "model.pt"), cfg) if state else None
+    return cfg, tok, sd
+
+
+def expected_predictor_meta(cfg: TinyMoEConfig, state_dict: Dict[str, torch.Tensor], residual_hidden: int,
+                            layer0: bool = True) -> Dict:
+    """What ``PredictorSet.describe()`` gives for this checkpoint's model (without building it):
+    the predictor state a run of this checkpoint can load must carry the same."""
+    from megatron_probe.policy.predictor import RouterSpec, router_fingerprint
+
+    L = cfg.num_layers
+    spec = RouterSpec(cfg.num_experts, cfg.topk, cfg.score_function, pre_softmax=cfg.topk == 1)
+    return {"num_layers": L, "layers": list(range(0 if layer0 else 1, L)), "hidden_size": cfg.hidden_size,
+            "residual_hidden": residual_hidden, "router": dataclasses.asdict(spec),
+            "fingerprint": router_fingerprint(state_dict[f"decoder.layers.{l}.mlp.router.weight"] for l in range(L))}
+
+
+def check_predictor_state(path: str, cfg: TinyMoEConfig, state_dict: Dict[str, torch.Tensor], residual_hidden: int,
+                          layer0: bool = True) -> Dict:
+    """Check a predictor state file against a checkpoint (read by :func:`read_checkpoint`) before
+    any model is built: every field of the file, and that it was distilled for this model with
+    this predictor shape. Returns the file's meta."""
+    from megatron_probe.policy.predictor import check_predictor_meta, read_predictor_state
+
+    blob = read_predictor_state(path)
+    check_predictor_meta(blob, path, expected_predictor_meta(cfg, state_dict, residual_hidden, layer0))
+    return blob["meta"]
+
+
+def check_trace_for_checkpoint(trace, path: str, cfg: TinyMoEConfig, hidden_layer: Optional[int] = None,
+                               min_tokens: int = 1) -> None:
+    """A loaded trace (``data.traces.load_trace`` of ``path``) against the checkpoint that will
+    replay it: the same layers, experts and top-k, and, given ``hidden_layer``, at least one step
+    of ``min_tokens`` or more tokens with hidden states of that layer (of the checkpoint's hidden
+    size). Raises :class:`~megatron_probe.fileformat.InputFileError` naming the file and field."""
+    for name, mine in (("num_layers", cfg.num_layers), ("num_experts", cfg.num_experts), ("topk", cfg.topk)):
+        if getattr(trace, name) != mine:
+            raise ff.InputFileError(f"{path}: field 'meta.{name}' is {getattr(trace, name)}, expected {mine} (the "
+                                    f"checkpoint's {name}): a trace of another model")
+    if hidden_layer is None:
+        return
+    for i, st in enumerate(trace.steps):
+        for l, (_, h) in (st.hidden or {}).items():
+            if h.shape[1] != cfg.hidden_size:
+                raise ff.InputFileError(f"{path}: field 'steps[{i}].hidden[{l}]' holds states of width {h.shape[1]}, "
+                                        f"expected the checkpoint's hidden_size {cfg.hidden_size}")
+    if not any(st.hidden and hidden_layer in st.hidden and st.num_tokens >= min_tokens for st in trace.steps):
+        raise ff.InputFileError(f"{path}: the trace has no hidden states of layer {hidden_layer} (field "
+                                f"'steps[*].hidden') in any step{f' of at least {min_tokens} tokens' if min_tokens > 1 else ''}; "
+                                "record it with tools/record_traces.py --hidden-fraction 1.0")
+
+
+def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config=None, ep: int = 1,
+               rank: int = 0, dtype=torch.float32):
+    """(model, tokenizer, config) from a checkpoint folder, in eval mode. Every file is checked
+    first (:func:`read_checkpoint`): a bad one raises
+    :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming it."""
+    cfg, tok, full = read_checkpoint(path)
     if cfg.num_experts % ep:
         raise ValueError(f"checkpoint has {cfg.num_experts} experts, not divisible by EP {ep}")
     model = build_model(cfg, spec, probe_config, ep, dtype)
-    full = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
     sd = shard_state_dict(full, ep, rank, cfg.num_experts)
     own = model.state_dict()
     sd = {k: (v.to(own[k].dtype) if isinstance(v, torch.Tensor) and k in own else v) for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ValueError(f"checkpoint {path!r} does not match the model: {str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.eval()
-    return model, Tokenizer.from_file(os.path.join(path, "tokenizer.json")), cfg
+    return model, tok, cfg
 
 
 def causal_mask(s: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from megatron_probe.fileio import append_jsonl
+
 CHUNK_KINDS = ("send", "recv")
 A2A_KINDS = ("a2a_dispatch", "a2a_combine")
 
@@ -52,14 +54,37 @@ class EventLog:
 
 
 def write_jsonl(path: str, events: Iterable[Dict]) -> None:
-    with open(path, "a") as f:
-        for ev in events:
-            f.write(json.dumps(ev) + "\n")
+    """Append ``events`` as whole JSON lines (a kill never leaves half a line)."""
+    append_jsonl(path, events)
 
 
 def read_jsonl(path: str) -> List[Dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every row of a JSON-lines file (one JSON object a line; blank lines skipped). A missing or
+    binary file, a line that is not a JSON object, or a last line cut off mid-write raises
+    :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming the file and the line."""
+    import os
+
+    from megatron_probe.fileformat import InputFileError, check_file, kind_of, read_text
+
+    what = "a JSON-lines file (one JSON object per line)"
+    if not os.path.isfile(path):
+        check_file(path, what)
+    lines = (read_text(path, what) if os.path.getsize(path) else "").split("\n")
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):  # no newline after it: the writer stopped mid-line
+                raise InputFileError(f"{path}: line {n} (the last, with no newline at its end) is cut off: the file "
+                                     f"is truncated ({e.msg} at column {e.colno}); expected {what}") from None
+            raise InputFileError(f"{path}: line {n} is not JSON ({e.msg} at column {e.colno}); expected {what}") from None
+        if not isinstance(row, dict):
+            raise InputFileError(f"{path}: line {n} is {kind_of(row)}, expected a JSON object")
+        rows.append(row)
+    return rows
 
 
 def overlapping(events: Sequence[Dict], kinds_a: Sequence[str] = CHUNK_KINDS,

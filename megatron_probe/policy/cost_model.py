@@ -30,6 +30,8 @@ from typing import Dict
 
 import torch
 
+from megatron_probe import fileformat as ff
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
@@ -50,12 +52,25 @@ class HardwareProfile:
 
     @classmethod
     def from_json(cls, path: str) -> "HardwareProfile":
-        with open(path) as f:
-            data = json.load(f)
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = set(data) - known
+        """Read a profile written by :meth:`to_json` (``tools/calibrate_hardware.py``), checking every
+        field; raises :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming the
+        file, the field and what was expected."""
+        data = ff.load_json(path, "a hardware profile JSON (tools/calibrate_hardware.py)")
+        known = [f.name for f in dataclasses.fields(cls)]
+        bad = set(data) - set(known)
         if bad:
-            raise ValueError(f"{path}: unknown hardware profile fields {sorted(bad)}")
+            raise ff.InputFileError(f"{path}: unknown hardware profile fields {sorted(bad)}; valid: {known}")
+        ff.field(data, "name", path, "str")
+        ff.field(data, "source", path, "str", default="")
+        for name in ("peak_tflops", "hbm_gbps", "nvlink_gbps", "ib_gbps"):
+            if ff.field(data, name, path, "number") <= 0:
+                raise ff.InputFileError(f"{path}: field {name!r} is {data[name]}, expected a number > 0")
+        ff.field(data, "gpus_per_node", path, "int", lo=1, default=1)
+        eta = ff.field(data, "gemm_eta_max", path, "number", default=0.75)
+        if not 0 < eta <= 1:
+            raise ff.InputFileError(f"{path}: field 'gemm_eta_max' is {eta}, expected a number in (0, 1]")
+        for name in ("gemm_n_half", "a2a_latency_us"):
+            ff.field(data, name, path, "number", lo=0, default=0)
         return cls(**data)
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megatron_probe import fileformat as ff
 from megatron_probe.fileformat import check_format
 
 PREDICTOR_FORMAT = "megatron_probe.predictor"
@@ -262,23 +263,63 @@ class PredictorSet(nn.Module):
                     "extra": extra or {}}, path)
 
     def load(self, path: str) -> Dict:
-        """Load residual weights saved by :meth:`save`; returns the saved ``extra``. Refuses state
-        from another model or another predictor shape, naming what differs."""
+        """Load residual weights saved by :meth:`save`; returns the saved ``extra``. Refuses a file
+        that is not a predictor state (:func:`read_predictor_state`) and state from another model or
+        another predictor shape, naming what differs."""
+        blob = read_predictor_state(path)
+        check_predictor_meta(blob, path, self.describe())
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{path}: not a predictor state file ({type(e).__name__}: {e})") from e
-        check_format(blob, path, PREDICTOR_FORMAT, PREDICTOR_VERSION, "predictor state")
-        mine, theirs = self.describe(), blob["meta"]
-        for key in ("num_layers", "hidden_size", "router", "layers", "residual_hidden"):
-            if theirs.get(key) != mine[key]:
-                raise ValueError(f"{path}: predictor state is for another model or predictor shape: {key} is "
-                                 f"{theirs.get(key)!r} there, {mine[key]!r} here")
-        if theirs.get("fingerprint") != mine["fingerprint"]:
-            raise ValueError(f"{path}: predictor state was distilled for another model: router fingerprint "
-                             f"{theirs.get('fingerprint')} there, {mine['fingerprint']} here (rebuild it with "
-                             f"tools/distill_predictor.py for this checkpoint)")
-        self.load_state_dict(blob["state"])
+            self.load_state_dict(blob["state"])
+        except RuntimeError as e:  # cannot happen after the checks above; named, should it ever
+            raise ValueError(f"{path}: predictor state does not fit: {str(e).splitlines()[-1].strip()}") from None
         return blob.get("extra", {})
+
+
+PREDICTOR_WHAT = "a megatron_probe predictor state file (tools/distill_predictor.py)"
+
+
+def read_predictor_state(path: str) -> Dict:
+    """A predictor state file (weights-only load), every field checked: format and version, the
+    ``meta`` that says which model and predictor shape it is for, and a ``state`` holding exactly
+    the residual weights that shape has (``predictors.<L>.fc1.weight [D, H]``,
+    ``predictors.<L>.fc2.weight [E, D]``, floating point). Raises
+    :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming the file and field."""
+    blob = ff.torch_load(path, PREDICTOR_WHAT)
+    check_format(blob, path, PREDICTOR_FORMAT, PREDICTOR_VERSION, "predictor state", ff.InputFileError)
+    meta = ff.field(blob, "meta", path, "dict")
+    n = ff.field(meta, "num_layers", path, "int", "meta.", lo=1)
+    H = ff.field(meta, "hidden_size", path, "int", "meta.", lo=1)
+    D = ff.field(meta, "residual_hidden", path, "int", "meta.", lo=0)
+    layers = ff.int_list(ff.field(meta, "layers", path, "list", "meta.", lo=1), path, "meta.layers", lo=0)
+    if any(l >= n for l in layers) or sorted(set(layers)) != layers:
+        raise ff.InputFileError(f"{path}: field 'meta.layers' is {layers}, expected distinct layers in increasing "
+                                f"order within 0..{n - 1}")
+    router = ff.field(meta, "router", path, "dict", "meta.")
+    E = ff.field(router, "num_experts", path, "int", "meta.router.", lo=1)
+    ff.field(router, "topk", path, "int", "meta.router.", lo=1, hi=E)
+    ff.field(meta, "fingerprint", path, "str", "meta.")
+    state = ff.field(blob, "state", path, "dict")
+    want = {}
+    if D:
+        for L in layers:
+            want[f"predictors.{L}.fc1.weight"] = (D, H)
+            want[f"predictors.{L}.fc2.weight"] = (E, D)
+    ff.no_unknown_keys(state, list(want), path, "field 'state'")
+    for k, shape in want.items():
+        ff.tensor_field(state, k, path, "state.", "float", shape=shape)
+    ff.field(blob, "extra", path, "dict", default={})
+    return blob
+
+
+def check_predictor_meta(blob: Dict, path: str, mine: Dict) -> None:
+    """Refuse a predictor state (:func:`read_predictor_state`) made for another model or another
+    predictor shape than ``mine`` (a :meth:`PredictorSet.describe`), naming what differs."""
+    theirs = blob["meta"]
+    for key in ("num_layers", "hidden_size", "router", "layers", "residual_hidden"):
+        if theirs.get(key) != mine[key]:
+            raise ff.InputFileError(f"{path}: predictor state is for another model or predictor shape: {key} is "
+                                    f"{theirs.get(key)!r} there, {mine[key]!r} here")
+    if theirs.get("fingerprint") != mine["fingerprint"]:
+        raise ff.InputFileError(f"{path}: predictor state was distilled for another model: router fingerprint "
+                                f"{theirs.get('fingerprint')} there, {mine['fingerprint']} here (rebuild it with "
+                                f"tools/distill_predictor.py for this checkpoint)")

@@ -20,7 +20,6 @@ Figures (medians, nearest measured (E, ep) in log2 distance, ties: the slower on
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from functools import lru_cache
@@ -28,6 +27,7 @@ from typing import Dict
 
 import torch
 
+from megatron_probe import fileformat as ff
 from megatron_probe.policy.cost_model import a2a_time_us
 
 CONTROLS = ("none", "host", "gpu")
@@ -64,15 +64,33 @@ def _nearest(rows, E: int, ep: int, key: str, src: str) -> float:
 
 @lru_cache(maxsize=None)
 def _load(path: str):
-    if not os.path.exists(path):
-        raise ValueError(f"control path: measurement {path} is missing")
-    with open(path) as f:
-        return json.load(f)
+    return ff.load_json(path, "a control-path measurement JSON (tools/bench_planner.py, tools/bench_balancer.py or "
+                              "tools/gpu_check_planner.py)")
 
 
 def _bench_rows(path: str):
-    return [(c["E"], c["ep"], {k: v["median_us"] for k, v in c["timings"].items()})
-            for c in _load(path)["configs"].values()]
+    """``[(E, ep, {timing: median_us})]`` of a bench_planner / bench_balancer result, every field checked."""
+    rows = []
+    for name, c in ff.field(_load(path), "configs", path, "dict").items():
+        w = f"configs.{name}."
+        timings = ff.field(c, "timings", path, "dict", w)
+        rows.append((ff.field(c, "E", path, "int", w, lo=1), ff.field(c, "ep", path, "int", w, lo=1),
+                     {k: ff.field(v, "median_us", path, "number", f"{w}timings.{k}.", lo=0) for k, v in timings.items()}))
+    return rows
+
+
+def check_measurements(control: str) -> None:
+    """Read and check the measurement files ``control`` prices the control path from, up front
+    (a missing or malformed one raises :class:`~megatron_probe.fileformat.InputFileError` naming
+    the file and field); ``"both"``: host and GPU."""
+    if control == "none":
+        return
+    _bench_rows(BENCH_PLANNER)
+    _bench_rows(BENCH_BALANCER)
+    if control in ("gpu", "both"):
+        for i, r in enumerate(ff.field(_load(GPU_PLANNER), "planner", GPU_PLANNER, "list", default=[])):
+            for key in ("E", "ep"):
+                ff.field(r, key, GPU_PLANNER, "int", f"planner[{i}].", lo=1)
 
 
 def control_pieces(cfg, tokens_per_rank: int) -> Dict[str, float]:

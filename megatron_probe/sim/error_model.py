@@ -15,11 +15,12 @@ steps are the small model's, with a few hundred tokens).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional
 
 import torch
+
+from megatron_probe import fileformat as ff
 
 from megatron_probe.policy.evaluation import noisy_forecast  # noqa: F401 (the noise model; re-exported)
 from megatron_probe.policy.prediction_metrics import PredictionStats
@@ -29,13 +30,22 @@ DEFAULT_EVAL = os.path.join(ROOT, "results", "predictor", "eval_shift_ep8.json")
 
 
 def measured_predictor_error(path: str = DEFAULT_EVAL, method: str = "distilled") -> Dict:
-    """The measured figures the error model is fitted to (and where they came from)."""
-    with open(path) as f:
-        d = json.load(f)
-    m = d["methods"][method]
-    return {"file": os.path.relpath(path, ROOT), "method": method, "ep": d["ep"], "workload": d.get("scenario"),
-            "rank_load_err": m["mean_rank_load_err"], "count_err": m["mean_count_err"],
-            "topk_acc": m["mean_topk_acc"]}
+    """The measured figures the error model is fitted to (and where they came from): a result of
+    ``tools/eval_predictor.py --json``. A file without them raises
+    :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming the file and field."""
+    d = ff.load_json(path, "a predictor evaluation JSON (tools/eval_predictor.py --json)")
+    ep = ff.field(d, "ep", path, "int", lo=1)
+    methods = ff.field(d, "methods", path, "dict")
+    m = ff.field(methods, method, path, "dict", "methods.")
+    w = f"methods.{method}."
+    figures = {}
+    for key, name in (("rank_load_err", "mean_rank_load_err"), ("count_err", "mean_count_err"),
+                      ("topk_acc", "mean_topk_acc")):
+        figures[key] = m.get(name) if key == "topk_acc" and m.get(name) is None else ff.field(m, name, path, "number",
+                                                                                               w, lo=0)
+    scenario = d.get("scenario")
+    return {"file": os.path.relpath(path, ROOT), "method": method, "ep": ep,
+            "workload": scenario if isinstance(scenario, str) else None, **figures}
 
 
 def forecast_errors(counts: torch.Tensor, sigma: float, ep: int, seed: int = 0) -> Dict[str, float]:
