@@ -129,7 +129,7 @@ def torch_load(path: str, what: str, error: Type[Exception] = InputFileError) ->
 def _torch_reason(e: Exception, zip_archive: bool) -> str:
     msg = str(e)
     for line in msg.splitlines():
-        if "Unsupported global" in line:
+        if "Unsupported global" in line or "Can only build" in line:
             return "it holds objects a weights-only load refuses: " + line.strip().split("error: ")[-1][:160]
     if zip_archive or "central directory" in msg or "zip archive" in msg or isinstance(e, EOFError):
         return "the torch.save archive is cut off or corrupt (truncated file?)"

@@ -132,7 +132,9 @@ def test_launcher_reports_every_rank_and_the_survivor_names_the_lost_rank_and_st
     if how == "kill":
         assert exits[1]["how"] == "killed by SIGKILL" and exits[1]["error"] is None, info.value
     else:
-        assert exits[1]["exitcode"] == 1 and "ValueError: rank 1's own bug" in exits[1]["error"], info.value
+        # exit code 1, or SIGABRT when a library aborts in the interpreter's teardown (seen in CI)
+        assert exits[1]["how"].startswith("raised an exception") and "ValueError: rank 1's own bug" in exits[1]["error"], \
+            info.value
         assert "ValueError: rank 1's own bug" in str(info.value)
     assert took < 60, took
 

@@ -147,6 +147,8 @@ def _join(ctx, grace_s: float) -> None:
         if os.access(ctx.error_files[i], os.R_OK):  # written by torch's wrapper when fn raised
             with open(ctx.error_files[i], "rb") as f:
                 e["error"] = pickle.load(f)
+            # its exit code is 1, or a signal when a library aborts in the interpreter's teardown
+            e["how"] = "raised an exception (traceback below)" + ("" if p.exitcode == 1 else f", then {e['how']}")
         exits.append(e)
     raise RanksFailed(exits)
 

@@ -103,14 +103,24 @@ def read_offline_run(run_path: str, wait_s: float = 30.0) -> Dict:
     def key(item):
         return item.key or "/".join(item.nested_key)
 
+    from google.protobuf.message import DecodeError
+
     end = time.monotonic() + wait_s
     while True:
-        records = []
+        records, torn = [], None
         for raw in _records(files[0]):
             rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(raw)
+            try:
+                rec.ParseFromString(raw)
+            except DecodeError as e:  # the record wandb's service is writing right now
+                torn = e
+                break
             records.append(rec)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > end:
+        if torn is None and any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        if time.monotonic() > end:
+            if torn is not None:
+                raise ValueError(f"{files[0]}: a record is still corrupt after {wait_s:g} s ({torn})") from torn
             break
         time.sleep(0.1)
     out: Dict = {"history": [], "summary": {}, "config": {}, "complete": bool(records) and any(
