@@ -15,7 +15,7 @@ from megatron_probe.experiments.equivalence import ASSIGNMENTS, PLACEMENTS, Equi
 
 
 def _reproduce(opts, trial) -> str:
-    return (f"python tools/check_equivalence.py --ep {opts.ep} --experts {opts.experts} --topk {opts.topk} "
+    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --experts {opts.experts} --topk {opts.topk} "
             f"--replica-slots {opts.replica_slots} --dtype {opts.dtype} --seed {opts.seed} "
             f"--first-trial {trial.trial} --trials 1")
 
@@ -66,6 +66,15 @@ def test_equivalence_random_and_adversarial(ep, experts, topk, slots, trials, dt
     opts = EquivalenceOptions(ep=ep, experts=experts, topk=topk, replica_slots=slots, trials=trials,
                               dtype=dtype, seed=11 + ep + slots)
     assert run_ranks(equivalence, ep, opts)[0] == trials
+
+
+@pytest.mark.slow
+def test_equivalence_under_data_parallel_replicas_of_the_expert_group():
+    """World 4 = DP 2 x EP 2: each expert group dispatches its own ranks' tokens (different in each
+    replica) and matches the dense recompute and the stock layer; a token crossing to the other
+    group would change an output."""
+    opts = EquivalenceOptions(ep=2, dp=2, experts=8, topk=2, replica_slots=2, trials=160, seed=23)
+    assert run_ranks(equivalence, 4, opts)[0] == 160
 
 
 def test_ci_fuzz_floor():

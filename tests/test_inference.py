@@ -125,6 +125,22 @@ def test_inference_script_compare_at_ep2(tmp_path):
 
 @pytest.mark.slow
 @needs_ckpt
+def test_inference_script_serves_data_parallel_replicas_of_the_expert_group(tmp_path):
+    """EP 2 x DP 2 (4 processes, Megatron's expert groups [0, 1] and [2, 3]): each rank serves its
+    own requests, each expert group balances its own tokens; the PROBE model's tokens equal the
+    stock layer's for the requests of every rank."""
+    out = tmp_path / "dp.json"
+    r = _script("--compare", "--workload", "shift", "--max-steps", "10", "--max-requests", "16", "--quiet",
+                "--expert-model-parallel-size", "2", "--data-parallel-size", "2", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tokens_identical"] is True and res["ep"] == 2 and res["dp"] == 2, res.get("requests_differing")
+    assert sorted(int(i) for i in res["tokens"]["probe"]) == list(range(16))  # every rank's share
+    assert "EP 2 x DP 2" in r.stdout
+
+
+@pytest.mark.slow
+@needs_ckpt
 def test_inference_script_scaled_regime(tmp_path):
     trace = tmp_path / "shift.pt"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "record_traces.py"), "--workload", SHIFT,
@@ -172,6 +188,12 @@ def _bad_workload(tmp_path):
     (["--micro-batch-size", "0"], "--micro-batch-size 0 must be >= 1"),
     (["--load", "/nonexistent"], "is not a checkpoint folder"),
     ("BAD_WORKLOAD", "request #1 lacks the fields ['arrival_step']"),
+    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2: tensor-parallel attention is not served"),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2: pipeline stages are not served"),
+    (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: the PROBE dispatcher splits whole"),
+    (["--sequence-parallel"], "--sequence-parallel: Megatron's sequence parallelism needs --tensor-model-parallel"),
+    (["--data-parallel-size", "0"], "--data-parallel-size 0 must be >= 1"),
+    (["--regime", "scaled", "--data-parallel-size", "2"], "the scaled regime replays one expert group's trace"),
 ])
 def test_inference_script_rejects_bad_input(tmp_path, args, msg):
     if args == "BAD_WORKLOAD":

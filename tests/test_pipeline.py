@@ -12,20 +12,22 @@ import torch.distributed as dist
 from distributed import init_ep, run_ranks
 
 
-def _skewed_gpt(rank, ws, num_layers=4):
-    """A small 4-layer GPT at EP ws whose routing forces replicas (an expert bias makes one
-    expert every token's first choice; skewed token ids), four batches per rank, the plain
-    model's logits for them, and a cost model under which even tiny batches are worth balancing."""
+def _skewed_gpt(rank, ws, num_layers=4, ep=None):
+    """A small 4-layer GPT at EP ``ep`` (default ws; ws / ep data-parallel replicas of the expert
+    group) whose routing forces replicas (an expert bias makes one expert every token's first
+    choice; skewed token ids), four batches per rank, the plain model's logits for them, and a
+    cost model under which even tiny batches are worth balancing."""
     from megatron_probe import ProbeConfig
     from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, forward_logits
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.runtime.model_walk import moe_layers
 
-    init_ep(ws)
+    ep = ep or ws
+    init_ep(ep)
     torch.manual_seed(0)
     cfg = TinyMoEConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
                         expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
-    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ws)
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep)
     model.eval()
     # adversarial skew: an expert bias makes expert 0 (rank 0's) every token's first choice
     for i, layer in enumerate(moe_layers(model)):
@@ -134,6 +136,56 @@ def pipeline_equivalence(rank, ws):
             assert s["copies"] > 0, ctx  # from the second step on, last step's counts
     with torch.no_grad():  # hooks gone: the plain model again
         assert torch.equal(forward_logits(model, batches[0]), refs[0]), "output changed after close()"
+
+
+def pipeline_data_parallel(rank, ws):
+    """World 4 = DP 2 x EP 2 (Megatron's expert groups [0, 1] and [2, 3]), each rank with its own
+    tokens: every EP group runs its own pipeline on groups of its own ranks (created by every
+    rank of the world, in one order); outputs equal the plain model's with replicas copied;
+    nothing crosses the EP groups. Then the transfer engine is renewed on each spare group (a
+    real copy through each) until the spares run out."""
+    from megatron.core import parallel_state
+
+    from megatron_probe import ProbeConfig
+    from megatron_probe.mechanism.transfer import CopyOp
+    from megatron_probe.runtime import pipeline as pl
+
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws, ep=2)
+    ep_ranks = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
+    assert ep_ranks == [rank - rank % 2, rank - rank % 2 + 1], ep_ranks
+    scale = max(float(r.abs().max()) for r in refs)
+    pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
+                       prefetch_deadline_ms=10_000.0)
+    pipe = pl.LookaheadPipeline(model, pcfg, cost=unit_cost)
+    comms = pipe.comms
+    for g in [comms.ctl_group, comms.data_group, comms.engine.group] + comms.spare_groups:
+        assert dist.get_process_group_ranks(g) == ep_ranks, (rank, dist.get_process_group_ranks(g))
+    mine = torch.tensor([float(rank)])
+    dist.all_reduce(mine, group=comms.data_group)
+    assert mine.item() == sum(ep_ranks), (rank, mine.item())
+    max_abs = _run_steps(model, pipe, batches, refs)
+    s = pipe.summary()
+    assert max_abs <= 1e-5 * scale and s["copies"] > 0 and s["dropped"] == 0, (rank, max_abs, scale, s)
+    me = dist.get_rank(comms.data_group)
+    for k in range(pl.SPARE_TRANSFER_GROUPS + 1):
+        engine = comms.renew_engine(pcfg, torch.device("cpu"), None)
+        if k == pl.SPARE_TRANSFER_GROUPS:
+            assert engine is None, f"rank {rank}: a renewal beyond the {k} spare groups"
+            break
+        src, dst = torch.full((5,), float(rank + k)), torch.zeros(5)
+        batch = engine.submit([CopyOp(0, 1, ("probe", k))], [[src] if me == 0 else None], [[dst] if me == 1 else None])
+        assert batch.wait(timeout=30), (rank, k, batch.error)
+        if me == 1:  # from its own EP group's rank 0, not the other group's
+            assert torch.equal(dst, torch.full((5,), float(ep_ranks[0] + k))), (rank, k, dst)
+    pipe.engine = comms.engine
+    pipe.close()
+    return s["copies"]
+
+
+@pytest.mark.slow
+def test_pipeline_under_data_parallel_replicas_of_the_expert_group():
+    copies = run_ranks(pipeline_data_parallel, 4)
+    assert all(c > 0 for c in copies), copies
 
 
 @pytest.mark.slow

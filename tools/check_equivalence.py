@@ -35,7 +35,9 @@ def _worker(rank, world_size, opts, result_path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ep", type=int, required=True, help="expert-parallel size (processes)")
+    p.add_argument("--ep", type=int, required=True, help="expert-parallel size")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas of the expert group (processes: ep x dp; each replica its own tokens)")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--replica-slots", type=int, default=2)
@@ -65,6 +67,8 @@ def main(argv=None) -> int:
     # validate shapes up front with the same config object the layer uses
     from megatron_probe.config import ProbeConfig
 
+    if a.dp < 1:
+        p.error(f"--dp {a.dp}: need at least 1 replica of the expert group")
     if a.first_trial < 0 or a.trials < 1:
         p.error(f"--first-trial {a.first_trial} --trials {a.trials}: need first trial >= 0 and at least one trial")
     try:
@@ -75,11 +79,12 @@ def main(argv=None) -> int:
         ep=a.ep, experts=a.experts, topk=a.topk, replica_slots=a.replica_slots, trials=a.trials,
         dtype=a.dtype, backend=a.backend, fp8_recipe=a.fp8, hidden=a.hidden, ffn=a.ffn,
         max_tokens=a.max_tokens, seed=a.seed, device=device, compare_stock=not a.no_stock, first_trial=a.first_trial,
+        dp=a.dp,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
         backend = a.dist_backend if a.dist_backend != "auto" else ("nccl" if device == "cuda" else "gloo")
-        run_distributed(_worker, a.ep, opts, path, backend=backend)
+        run_distributed(_worker, a.ep * a.dp, opts, path, backend=backend)
         if not os.path.exists(path):  # torchrun ranks other than 0
             return 0
         with open(path) as f:
@@ -89,7 +94,7 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     print(
-        f"\nequivalence ep={result['ep']} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
+        f"\nequivalence ep={result['ep']} dp={a.dp} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
         f"dtype={a.dtype} device={device} dist={backend}: {result['trials']} trials, "
         f"max_abs_diff={result['max_abs_diff']:.3e}, max_rel_vs_dense={result['max_rel_diff_vs_dense']:.3e}, "
         f"bit-exact vs stock in {result['bit_exact_vs_stock']}/{result['compared_with_stock']}, "

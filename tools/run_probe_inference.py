@@ -99,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vocab-size", type=int)
     m.add_argument("--bf16", action="store_true", help="bf16 weights and activations (default fp32)")
     d = p.add_argument_group("parallelism and serving")
-    d.add_argument("--expert-model-parallel-size", type=int, default=2, help="EP size = number of processes")
+    d.add_argument("--expert-model-parallel-size", type=int, default=2, help="EP size: ranks per expert group")
+    d.add_argument("--data-parallel-size", type=int, default=1,
+                   help="replicas of the expert group, each serving its own requests (processes = EP x DP; under "
+                        "torchrun, WORLD_SIZE must equal it)")
+    d.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Megatron's TP (only 1 is served)")
+    d.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Megatron's PP (only 1 is served)")
+    d.add_argument("--expert-tensor-parallel-size", type=int, default=1, help="Megatron's ETP (only 1 is served)")
+    d.add_argument("--sequence-parallel", action="store_true", help="Megatron's SP (not served: needs TP > 1)")
     d.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "probe"), default="probe",
                    help="what to serve without --compare: the stock layer (alltoall) or PROBE")
     d.add_argument("--compare", action="store_true", help="serve with stock and PROBE alternately, print ratios")
@@ -162,6 +169,7 @@ def validate(a, p):
     from megatron_probe.serving.worker import ServeOptions, check_model_flags
 
     try:
+        check_parallelism(a)
         wl_path = resolve_workload(a.workload)
         wl = Workload.load(wl_path)
         cfg_path = os.path.join(a.load, "config.json")
@@ -193,6 +201,7 @@ def validate(a, p):
             check_scaled_trace(a.trace or os.path.join(ROOT, "traces", f"{wl.scenario}.pt"), a.trace is not None, wl,
                                cfg, a.expert_model_parallel_size)
         for flag, v, lo in (("--expert-model-parallel-size", a.expert_model_parallel_size, 1),
+                            ("--data-parallel-size", a.data_parallel_size, 1),
                             ("--micro-batch-size", a.micro_batch_size, 1), ("--prefill-chunk-size",
                                                                             a.prefill_chunk_size, 1),
                             ("--threads", a.threads, 1)):
@@ -210,8 +219,35 @@ def validate(a, p):
                         probe=pc, kv_capacity=a.micro_batch_size, prefill_chunk=a.prefill_chunk_size,
                         max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
                         bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
-                        metrics_path=a.metrics_jsonl, expect=expect)
+                        metrics_path=a.metrics_jsonl, expect=expect, dp=a.data_parallel_size)
     return opts
+
+
+# what each of Megatron's other parallelisms needs before this script can serve it
+UNSUPPORTED = {
+    "tensor_model_parallel_size": "--tensor-model-parallel-size {v}: tensor-parallel attention is not served yet "
+                                  "(this script's checkpoint loader splits only the experts across ranks, not "
+                                  "attention or embeddings); valid: 1",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size {v}: pipeline stages are not served yet (the "
+                                    "engine runs every layer on each rank and the lookahead forecasts a stage's "
+                                    "first MoE layer from the previous stage); valid: 1",
+    "expert_tensor_parallel_size": "--expert-tensor-parallel-size {v}: the PROBE dispatcher splits whole experts "
+                                   "only (expert tensor parallel 1); valid: 1",
+}
+
+
+def check_parallelism(a) -> None:
+    """Refuse, by name, the parallel layouts this script cannot serve."""
+    for name, msg in UNSUPPORTED.items():
+        v = getattr(a, name)
+        if v != 1:
+            raise ValueError(msg.format(v=v))
+    if a.sequence_parallel:
+        raise ValueError("--sequence-parallel: Megatron's sequence parallelism needs --tensor-model-parallel-size > 1, "
+                         "which is not served yet; drop the flag")
+    if a.regime == "scaled" and a.data_parallel_size != 1:
+        raise ValueError(f"--data-parallel-size {a.data_parallel_size} with --regime scaled: the scaled regime replays "
+                         "one expert group's trace; valid: 1")
 
 
 def check_scaled_trace(trace: str, given: bool, wl, cfg, ep: int) -> None:
@@ -251,7 +287,8 @@ def print_table(res: dict) -> None:
     if res["regime"] == "scaled":
         rows[0] = ("throughput (processed tok/s)", "throughput_tok_s")
         rows.pop(1)
-    print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}  ({res['host'].get('machine')}, "
+    dp = f" x DP {res['dp']}" if res.get("dp", 1) > 1 else ""
+    print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}{dp}  ({res['host'].get('machine')}, "
           f"{res['host'].get('cpus')} cpus, torch {res['host'].get('torch')})")
     if res.get("regime_detail"):
         print(f"scaled regime: {res['regime_detail']}")
@@ -390,7 +427,7 @@ def run_model(a, opts):
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     out = os.path.join(tempfile.mkdtemp(prefix="probe_serve_"), "result.json")
-    run_distributed(serve_worker, opts.ep, opts, out, timeout_s=opts.probe.peer_wait_s)
+    run_distributed(serve_worker, opts.ep * opts.dp, opts, out, timeout_s=opts.probe.peer_wait_s)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return None
     with open(out) as f:

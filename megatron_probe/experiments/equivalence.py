@@ -53,6 +53,7 @@ class EquivalenceOptions:
     device: str = "cpu"
     compare_stock: bool = True
     first_trial: int = 0  # trials first_trial .. first_trial + trials - 1 (each drawn from (seed, trial) alone)
+    dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each replica its own tokens
 
 
 @dataclass
@@ -238,15 +239,20 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     from megatron_probe.mechanism.comm import all_gather_rows
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.policy.split import placement_split
-    ep = world_size
+    if world_size != opts.ep * opts.dp:
+        raise ValueError(f"{world_size} processes for EP {opts.ep} x DP {opts.dp}: need {opts.ep * opts.dp}")
+    ep, world_rank = opts.ep, rank
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     dtype = _torch_dtype(opts.dtype)
     initialize_megatron_parallel(ep, seed=opts.seed, device=device.type)
     from megatron.core import parallel_state
 
     ep_group = parallel_state.get_expert_model_parallel_group()
-    singles = [dist.new_group([r]) for r in range(ep)] if ep > 1 else [None]
-    single = singles[rank]
+    # with DP > 1 (Megatron's expert groups [0..ep-1], [ep..2ep-1], ...): the trial's model and
+    # routing are the same in every replica, the tokens are each rank's own
+    rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
+    singles = [dist.new_group([r]) for r in range(world_size)] if world_size > 1 else [None]
+    single = singles[world_rank]
     backends = available_backends(device, dtype) if opts.backend == "all" else [opts.backend]
     fp8_ctx = _fp8_context(opts.fp8_recipe)
     report = EquivalenceReport(options=dataclasses.asdict(opts))
@@ -255,7 +261,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
 
     for trial in range(opts.first_trial, opts.first_trial + opts.trials):
         gen = torch.Generator().manual_seed(opts.seed * 1000 + trial)
-        rank_gen = torch.Generator().manual_seed(opts.seed * 1000 + trial * 97 + rank + 1)
+        rank_gen = torch.Generator().manual_seed(opts.seed * 1000 + trial * 97 + world_rank + 1)
         case = ROUTING_CASES[trial % len(ROUTING_CASES)] if trial < 2 * len(ROUTING_CASES) else \
             ROUTING_CASES[int(torch.randint(len(ROUTING_CASES), (), generator=gen))]
         score_fn = ["softmax", "sigmoid"][int(torch.randint(2, (), generator=gen))]
@@ -349,8 +355,8 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         stats = torch.tensor([abs_dense, rel_dense, -1.0 if abs_stock is None else abs_stock,
                               1.0 if ok else 0.0, float(T), 1.0 if exact in (True, None) else 0.0],
                              dtype=torch.float64)
-        allstats = all_gather_rows(stats, _cpu_group(ep_group)) if ep > 1 else stats.unsqueeze(0)
-        if rank == 0:
+        allstats = all_gather_rows(stats, _cpu_group(dist.group.WORLD)) if world_size > 1 else stats.unsqueeze(0)
+        if world_rank == 0:
             report.trials.append(TrialResult(
                 trial=trial, case=case, score_function=score_fn + ("+pre" if pre_softmax else "") +
                 ("+bias" if use_bias else ""), activation="swiglu" if gated else "gelu",
@@ -366,7 +372,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     report.seconds = time.time() - t0
     RouterReplay.clear_global_router_replay_instances()
     destroy_megatron_parallel()
-    return report if rank == 0 else None
+    return report if world_rank == 0 else None
 
 
 _CPU_GROUPS: Dict = {}

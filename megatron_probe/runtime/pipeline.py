@@ -105,14 +105,22 @@ class LayerPlan:
     invalid: int = 0  # plan entries removed before copying (no such replica)
 
 
+SPARE_TRANSFER_GROUPS = 3  # transfer groups kept for recoveries after failed copies
+
+
 @dataclass
 class PipelineComms:
     """The pipeline's process groups and transfer engine over the EP ranks: ``ctl_group`` for its
     own small collectives (forecast gathers, the agreement, the cost check), ``data_group`` for
-    the dispatchers' count exchange and All-to-All while the pipeline drives them, and a dedicated
-    group inside the engine for the copies, each with a timeout from ``collective_timeout_s``
-    (Megatron's EP group waits ``distributed_timeout_minutes``, 30 by default). Collective to
-    create: every rank of the default group calls :meth:`create` in the same order."""
+    the dispatchers' count exchange and All-to-All while the pipeline drives them, a dedicated
+    group inside the engine for the copies, and :data:`SPARE_TRANSFER_GROUPS` spare ones for
+    engines started after a failure, each with a timeout from ``collective_timeout_s``
+    (Megatron's EP group waits ``distributed_timeout_minutes``, 30 by default).
+
+    Collective over the default group: with several EP groups (data-parallel replicas of the
+    expert group, world = DP x EP) every rank creates every EP group's groups, in the same order,
+    as Megatron does for its own; each keeps those of its EP group. (``torch``'s member-only
+    groups are named by their ranks alone, so a second one over the same ranks collides.)"""
 
     ep_group: object
     ep: int
@@ -121,40 +129,65 @@ class PipelineComms:
     engine: TransferEngine
     ranks: Optional[List[int]] = None  # the EP group's global ranks (None: the whole world)
     data_group: object = None
+    spare_groups: List = field(default_factory=list)
 
     @classmethod
     def create(cls, ep_group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> "PipelineComms":
         ep, me = group_size(ep_group), group_rank(ep_group)
         ranks = None if ep_group is None else dist.get_process_group_ranks(ep_group)
+        if ep == 1:
+            return cls(ep_group, ep, me, ep_group, cls._engine(None, cfg, device, events), ranks, ep_group)
         # a peer may reach the agreement only after waiting out its prefetch deadline or a failed
         # copy's transfer timeout (collective_timeout_s), so the control group waits longer than
-        # both: it must not give up on a peer that is late for a legitimate reason
-        timeout = datetime.timedelta(seconds=cfg.peer_wait_s)
-        # the dispatch waits as long: a peer reaches it only after the same prefetch wait
-        ctl, data = (dist.new_group(ranks=ranks, timeout=timeout), dist.new_group(ranks=ranks, timeout=timeout)) \
-            if ep > 1 else (ep_group, ep_group)
-        for name, g in (("control", ctl), ("data", data)):
-            if ep > 1 and group_rank(g) != me:
+        # both: it must not give up on a peer that is late for a legitimate reason. The dispatch
+        # waits as long: a peer reaches it only after the same prefetch wait.
+        wait = datetime.timedelta(seconds=cfg.peer_wait_s)
+        copy = datetime.timedelta(seconds=cfg.collective_timeout_s)
+        mine = None
+        for members in every_ep_group(ranks):
+            made = [dist.new_group(members, timeout=t) for t in [wait, wait] + [copy] * (1 + SPARE_TRANSFER_GROUPS)]
+            if members == sorted(ranks):
+                mine = made
+        ctl, data, transfer, *spares = mine
+        for name, g in (("control", ctl), ("data", data), ("transfer", transfer)):
+            if group_rank(g) != me:
                 raise RuntimeError(f"the {name} group orders the EP ranks differently ({ranks}): rank {me} is "
                                    f"{group_rank(g)} there")
-        return cls(ep_group, ep, me, ctl, cls._engine(ranks, cfg, device, events, False), ranks, data)
+        return cls(ep_group, ep, me, ctl, cls._engine(transfer, cfg, device, events), ranks, data, spares)
 
     @staticmethod
-    def _engine(ranks, cfg: ProbeConfig, device, events: Optional[EventLog], members_only: bool) -> TransferEngine:
-        return TransferEngine.create(ranks=ranks, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20), device=device,
-                                     timeout_s=cfg.collective_timeout_s, event_log=events, members_only=members_only)
+    def _engine(group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> TransferEngine:
+        return TransferEngine(group, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20), device=device,
+                              timeout_s=cfg.collective_timeout_s, event_log=events)
 
-    def renew_engine(self, cfg: ProbeConfig, device, events: Optional[EventLog]) -> TransferEngine:
-        """Close the (broken) engine and start a new one on a new group: a failed transfer can
-        leave a group unusable (a gloo pair that timed out). Only the EP ranks take part, all at
-        the same step."""
+    def renew_engine(self, cfg: ProbeConfig, device, events: Optional[EventLog]) -> Optional[TransferEngine]:
+        """Close the (broken) engine and start a new one on the next spare group (a failed transfer
+        can leave a group unusable: a gloo pair that timed out). Every rank of the EP group calls
+        it at the same step; None (the old engine closed) once the spares are used up."""
         old = self.engine
         old.drain(2 * cfg.collective_timeout_s)  # bounded: a broken engine fails what it still holds
         old.close()
-        self.engine = self._engine(self.ranks, cfg, device, events, True)
-        if old.group is not None and old.group is not dist.GroupMember.WORLD:
+        if old.group is not None and old.group is not dist.GroupMember.WORLD and old.group is not self.ep_group:
             dist.destroy_process_group(old.group)
+        if not self.spare_groups:
+            return None
+        self.engine = self._engine(self.spare_groups.pop(0), cfg, device, events)
         return self.engine
+
+
+def every_ep_group(ranks: List[int]) -> List[List[int]]:
+    """The sorted global ranks of every EP group of the job, the same list on every rank (an
+    all-gather of each rank's EP group over the default group)."""
+    world = dist.get_world_size()
+    if len(ranks) == world:
+        return [sorted(ranks)]
+    everyone: List = [None] * world
+    dist.all_gather_object(everyone, sorted(ranks))
+    groups = sorted({tuple(g) for g in everyone})
+    covered = sorted(r for g in groups for r in g)
+    if covered != list(range(world)):
+        raise RuntimeError(f"the EP groups {groups} do not partition the {world} ranks of the job")
+    return [list(g) for g in groups]
 
 
 @dataclass
@@ -758,14 +791,20 @@ class LookaheadPipeline:
         return rows
 
     def _resume_copying(self) -> None:
-        """A new transfer engine (and group) on every EP rank, at the same step end, and copying
-        on again; the old engine's counters are kept in the summary's totals."""
+        """A new transfer engine (on a spare group) on every EP rank, at the same step end, and
+        copying on again; the old engine's counters are kept in the summary's totals. With no
+        spare group left copying stays off for the pipeline's life."""
         old = self.engine
+        new = self.comms.renew_engine(self.cfg, self._device, self.events)
+        self._retry_step = None
+        if new is None:
+            self.disabled += f"; no spare transfer group left after {len(self.recoveries)} recoveries: copying stays off"
+            return
         self._engines_replaced["paused_s"] += old.paused_seconds
         self._engines_replaced["pause_wait_s"] += old.pause_wait_seconds
         self._engines_replaced["chunks"] += old.chunks_moved
-        self.engine = self.comms.renew_engine(self.cfg, self._device, self.events)
-        self.disabled, self._retry_step = None, None
+        self.engine = new
+        self.disabled = None
         self.recoveries.append(self.step)
 
     def _rows_of_gated_off_layers(self) -> None:

@@ -36,6 +36,7 @@ class ServeOptions:
     checkpoint: str
     workload: str
     ep: int = 2
+    dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each rank its own requests
     modes: tuple = ("stock", "probe")
     probe: Optional[ProbeConfig] = None  # validated once by the caller (default: ProbeConfig())
     kv_capacity: int = 32
@@ -64,20 +65,20 @@ def check_model_flags(cfg, expect: Dict, checkpoint: str) -> None:
                          ". Drop these flags or pass the checkpoint of that model.")
 
 
-def _build(mode: str, opts: ServeOptions, rank: int, ws: int, probe_cfg):
+def _build(mode: str, opts: ServeOptions, ep_rank: int, ep: int, probe_cfg):
     from megatron_probe.experiments.tiny_moe import load_model
 
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     if mode == "stock":
-        if torch.cuda.is_available() or ws == 1:
-            return load_model(opts.checkpoint, spec="stock", ep=ws, rank=rank, dtype=dtype)
+        if torch.cuda.is_available() or ep == 1:
+            return load_model(opts.checkpoint, spec="stock", ep=ep, rank=ep_rank, dtype=dtype)
         return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg.replace(replica_slots_per_rank=0),
-                          ep=ws, rank=rank, dtype=dtype)
-    return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg, ep=ws, rank=rank, dtype=dtype)
+                          ep=ep, rank=ep_rank, dtype=dtype)
+    return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg, ep=ep, rank=ep_rank, dtype=dtype)
 
 
-def stock_label(ws: int) -> str:
-    if torch.cuda.is_available() or ws == 1:
+def stock_label(ep: int) -> str:
+    if torch.cuda.is_available() or ep == 1:
         return "Megatron-Core MoELayer (stock spec)"
     return ("Megatron placement on the PROBE layer with replication off (Megatron's alltoall dispatcher "
             "needs CUDA for EP > 1)")
@@ -94,8 +95,13 @@ class ServingMode:
 
 def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]) -> None:
     """Serve ``opts.workload`` in every mode of ``opts.modes`` on this rank; rank 0 gathers every
-    rank's rows and requests and writes the result (:func:`summarise`) to ``out_path``."""
-    device, group = _init_serving(ws, opts)
+    rank's rows and requests and writes the result (:func:`summarise`) to ``out_path``. With
+    ``opts.dp`` > 1 the world holds ``dp`` replicas of the expert group (Megatron's expert groups
+    of ``ep`` consecutive ranks): each rank serves its own share of the requests, each expert
+    group steps and balances on its own."""
+    if ws != opts.ep * opts.dp:
+        raise ValueError(f"{ws} processes for EP {opts.ep} x DP {opts.dp}: need {opts.ep * opts.dp}")
+    device, group = _init_serving(opts)
     from megatron_probe.data.workloads import Workload
 
     wl = Workload.load(opts.workload)
@@ -106,13 +112,14 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         calibration = cal or calibration
     rows = _serve_steps(modes, opts, wl, rank)
     local = _local_results(modes, rows, calibration)
+    local["replica"] = rank // opts.ep
     for m in modes.values():
         if m.pipe is not None:
             m.pipe.close()
     _gather_and_write(local, opts, wl, rank, ws, group, out_path)
 
 
-def _init_serving(ws: int, opts: ServeOptions):
+def _init_serving(opts: ServeOptions):
     """Threads, Megatron's parallel state; returns ``(device, EP group or None)``."""
     from megatron_probe.mcore.cpu import initialize_megatron_parallel
 
@@ -126,10 +133,10 @@ def _init_serving(ws: int, opts: ServeOptions):
     # Megatron's groups (the stock layer's dispatch, the engine's step agreement) give a dead
     # peer up as the pipeline's own groups do, not after Megatron's default 30 minutes
     probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
-    initialize_megatron_parallel(ws, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s)
+    initialize_megatron_parallel(opts.ep, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s)
     from megatron.core import parallel_state
 
-    return device, (parallel_state.get_expert_model_parallel_group() if ws > 1 else None)
+    return device, (parallel_state.get_expert_model_parallel_group() if opts.ep * opts.dp > 1 else None)
 
 
 def _build_mode(mode: str, opts: ServeOptions, rank: int, ws: int, wl, probe_cfg, device, group):
@@ -137,7 +144,8 @@ def _build_mode(mode: str, opts: ServeOptions, rank: int, ws: int, wl, probe_cfg
     ``(ServingMode, calibration dict or None)``."""
     from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
 
-    model, tok, cfg = _build(mode, opts, rank, ws, probe_cfg)
+    ep_rank = rank % opts.ep  # Megatron's expert groups are ep consecutive ranks (TP = PP = 1)
+    model, tok, cfg = _build(mode, opts, ep_rank, opts.ep, probe_cfg)
     if device == "cuda":
         model = model.cuda()
     reqs = requests_from_workload(wl, rank, ws, opts.max_requests, opts.max_new_tokens)
@@ -145,11 +153,11 @@ def _build_mode(mode: str, opts: ServeOptions, rank: int, ws: int, wl, probe_cfg
                                       tok.token_to_id("<|endoftext|>"), group, name=mode)
     if mode != "probe":
         return ServingMode(model, engine), None
-    pipe, calibration = _probe_pipeline(model, opts, rank, ws, probe_cfg, group)
+    pipe, calibration = _probe_pipeline(model, opts, rank, ep_rank, probe_cfg, group)
     return ServingMode(model, engine, pipe), calibration
 
 
-def _probe_pipeline(model, opts: ServeOptions, rank: int, ws: int, probe_cfg, group):
+def _probe_pipeline(model, opts: ServeOptions, rank: int, ep_rank: int, probe_cfg, group):
     """The live pipeline of the PROBE model, its cost model and copy charge measured here unless
     ``opts.cost_model`` says to take the hardware profile's; returns ``(pipeline, calibration)``."""
     from megatron_probe.runtime.model_walk import moe_layers
@@ -160,17 +168,17 @@ def _probe_pipeline(model, opts: ServeOptions, rank: int, ws: int, probe_cfg, gr
     if opts.cost_model == "measured":
         from megatron_probe.experiments.calibration import measure_expert_cost
 
-        cost = measure_expert_cost(moe_layers(model)[0].config, bank, group, ws)
+        cost = measure_expert_cost(moe_layers(model)[0].config, bank, group, opts.ep)
     # with --metrics-jsonl: the pipeline's per-layer rows (and its event log when event_log is
     # on) beside it, one file per rank
     layer_rows = f"{os.path.splitext(opts.metrics_path)[0]}.layers.rank{rank}.jsonl" if opts.metrics_path else None
     if layer_rows and os.path.exists(layer_rows):
         os.remove(layer_rows)
     pipe = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost, metrics_path=layer_rows)
-    if opts.cost_model == "measured" and ws > 1 and not probe_cfg.copy_charge_us:
+    if opts.cost_model == "measured" and opts.ep > 1 and not probe_cfg.copy_charge_us:
         from megatron_probe.experiments.calibration import measure_copy_us
 
-        pipe.set_copy_charge(measure_copy_us(pipe, bank, rank, group))
+        pipe.set_copy_charge(measure_copy_us(pipe, bank, ep_rank, group))
     calibration = {"cost_model": opts.cost_model, "copy_charge_us": round(pipe.copy_charge_us, 1),
                    "expert_cost_us": {"per_token": round(pipe.cost.per_token_us, 3),
                                       "per_active_expert": round(pipe.cost.per_active_expert_us, 2)}}
@@ -249,7 +257,7 @@ def _gather_and_write(local: Dict, opts: ServeOptions, wl, rank: int, ws: int, g
     """Every rank's results to rank 0, which writes the summary and the per-step rows."""
     gathered = [None] * ws if rank == 0 else None
     if ws > 1:
-        dist.gather_object(local, gathered, dst=0, group=group)
+        dist.gather_object(local, gathered, dst=0)  # every rank of every expert group
     else:
         gathered = [local]
     if rank != 0:
@@ -291,21 +299,29 @@ def _pct(xs, q):
 
 def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
     """One result dict from every rank's rows and requests. A step's time is its slowest
-    rank's (the MoE collectives make the ranks wait for each other anyway)."""
+    rank's (the MoE collectives make the ranks wait for each other anyway). With several
+    replicas of the expert group (DP > 1), which step on their own, each replica's time is the
+    sum of its steps' and the run's time the slowest replica's."""
     per_step: Dict[str, Dict[int, Dict]] = {m: {} for m in opts.modes}
+    replica_secs: Dict[str, Dict[tuple, float]] = {m: {} for m in opts.modes}  # (replica, step) -> seconds
     for g in gathered:
         for row in g["rows"]:
             s = per_step[row["mode"]].setdefault(row["step"], {"tokens": 0, "emitted": 0, "seconds": 0.0, "ir": []})
             s["tokens"] += row["tokens"]
             s["emitted"] += row["emitted"]
             s["seconds"] = max(s["seconds"], row["seconds"])
+            key = (g.get("replica", 0), row["step"])
+            replica_secs[row["mode"]][key] = max(replica_secs[row["mode"]].get(key, 0.0), row["seconds"])
             if "ir_before" in row:
                 s["ir"].append(row)
     modes = {}
     for m in opts.modes:
         reqs = [r for g in gathered for r in g["requests"][m]]
         steps = per_step[m]
-        secs = sum(s["seconds"] for s in steps.values())
+        per_replica: Dict[int, float] = {}
+        for (replica, _), sec in replica_secs[m].items():
+            per_replica[replica] = per_replica.get(replica, 0.0) + sec
+        secs = max(per_replica.values(), default=0.0)
         emitted = sum(s["emitted"] for s in steps.values())
         tokens = sum(s["tokens"] for s in steps.values())
         out = {"steps": len(steps), "seconds": round(secs, 4), "generated_tokens": emitted,
@@ -335,13 +351,13 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                 out["step_end_us"] = round(_mean(p["step_end_us"] for p in pipe), 1)
         pred = [g["prediction"].get(m) for g in gathered if g["prediction"].get(m)]
         if pred and pred[0].get("local"):
-            out["prediction_topk_acc"] = _round(_mean(p["local"].get("mean_topk_acc") for p in pred))
+            out["prediction_topk_acc"] = _round(_mean(p.get("local", {}).get("mean_topk_acc") for p in pred))
             glob = pred[0].get("global", {})
             if glob.get("mean_rank_load_err") is not None:
                 out["prediction_rank_load_err"] = glob["mean_rank_load_err"]
         modes[m] = out
-    res = {"regime": "model", "calibration": gathered[0].get("calibration", {}), "workload": wl.scenario, "workload_path": opts.workload, "ep": ws,
-           "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(ws),
+    res = {"regime": "model", "calibration": gathered[0].get("calibration", {}), "workload": wl.scenario, "workload_path": opts.workload, "ep": opts.ep,
+           "dp": opts.dp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("expect",)},
            "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if wl.extra.get("shift_step") is not None:
