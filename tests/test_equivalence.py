@@ -15,7 +15,7 @@ from megatron_probe.experiments.equivalence import ASSIGNMENTS, PLACEMENTS, Equi
 
 
 def _reproduce(opts, trial) -> str:
-    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --experts {opts.experts} --topk {opts.topk} "
+    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --tp {opts.tp} --pp {opts.pp} --experts {opts.experts} --topk {opts.topk} "
             f"--replica-slots {opts.replica_slots} --dtype {opts.dtype} --seed {opts.seed} "
             f"--first-trial {trial.trial} --trials 1")
 
@@ -75,6 +75,21 @@ def test_equivalence_under_data_parallel_replicas_of_the_expert_group():
     group would change an output."""
     opts = EquivalenceOptions(ep=2, dp=2, experts=8, topk=2, replica_slots=2, trials=160, seed=23)
     assert run_ranks(equivalence, 4, opts)[0] == 160
+
+
+@pytest.mark.slow
+def test_equivalence_under_tensor_parallel_attention():
+    """Megatron's tensor-parallel attention beside EP (TP 2, expert TP 1, no sequence parallel:
+    the TP peers hold the same tokens), world 4 = TP 2 x 2 replicas with EP 2."""
+    opts = EquivalenceOptions(ep=2, dp=2, tp=2, experts=8, topk=2, replica_slots=2, trials=120, seed=29)
+    assert run_ranks(equivalence, 4, opts)[0] == 120
+
+
+@pytest.mark.slow
+def test_equivalence_under_pipeline_stages():
+    """PP 2 x EP 2 (world 4): each stage's MoE layer dispatches on its own expert group."""
+    opts = EquivalenceOptions(ep=2, pp=2, experts=8, topk=2, replica_slots=2, trials=80, seed=31)
+    assert run_ranks(equivalence, 4, opts)[0] == 80
 
 
 def test_ci_fuzz_floor():

@@ -125,18 +125,30 @@ def test_inference_script_compare_at_ep2(tmp_path):
 
 @pytest.mark.slow
 @needs_ckpt
-def test_inference_script_serves_data_parallel_replicas_of_the_expert_group(tmp_path):
-    """EP 2 x DP 2 (4 processes, Megatron's expert groups [0, 1] and [2, 3]): each rank serves its
-    own requests, each expert group balances its own tokens; the PROBE model's tokens equal the
-    stock layer's for the requests of every rank."""
-    out = tmp_path / "dp.json"
-    r = _script("--compare", "--workload", "shift", "--max-steps", "10", "--max-requests", "16", "--quiet",
-                "--expert-model-parallel-size", "2", "--data-parallel-size", "2", "--json", str(out))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["tokens_identical"] is True and res["ep"] == 2 and res["dp"] == 2, res.get("requests_differing")
-    assert sorted(int(i) for i in res["tokens"]["probe"]) == list(range(16))  # every rank's share
-    assert "EP 2 x DP 2" in r.stdout
+def test_inference_script_serves_data_tensor_and_pipeline_parallel_layouts(tmp_path):
+    """Megatron's parallel layouts beside EP 2, each against the layout with the same requests per
+    rank without it: DP 2 (4 processes, expert groups [0, 1] and [2, 3], each rank its own
+    requests) then TP 2 on top (the checkpoint's attention and embedding weights split over the
+    TP ranks, which serve the same requests); and PP 2 (stages of 3 layers, hidden states sent
+    stage to stage, each stage balancing its own MoE layers) against EP 2 alone. In every run the
+    PROBE model's tokens equal the stock layer's, and each layout gives the tokens its
+    counterpart gave."""
+    common = ["--compare", "--workload", "shift", "--max-steps", "10", "--max-requests", "16", "--quiet",
+              "--expert-model-parallel-size", "2"]
+    runs = {"ep2": [], "ep2_pp2": ["--pipeline-model-parallel-size", "2"], "ep2_dp2": ["--data-parallel-size", "2"],
+            "ep2_dp2_tp2": ["--data-parallel-size", "2", "--tensor-model-parallel-size", "2"]}
+    tokens = {}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.json"
+        r = _script(*common, *extra, "--json", str(out))
+        assert r.returncode == 0, (name, r.stdout[-2000:], r.stderr[-3000:])
+        res = json.loads(out.read_text())
+        assert res["tokens_identical"] is True, (name, res.get("requests_differing"))
+        assert sorted(int(i) for i in res["tokens"]["probe"]) == list(range(16)), name  # every rank's share
+        tokens[name] = res["tokens"]["probe"]
+    assert "EP 2 x DP 2, TP 2" in r.stdout, r.stdout[-1500:]
+    assert tokens["ep2_pp2"] == tokens["ep2"]
+    assert tokens["ep2_dp2_tp2"] == tokens["ep2_dp2"]
 
 
 @pytest.mark.slow
@@ -188,10 +200,12 @@ def _bad_workload(tmp_path):
     (["--micro-batch-size", "0"], "--micro-batch-size 0 must be >= 1"),
     (["--load", "/nonexistent"], "is not a checkpoint folder"),
     ("BAD_WORKLOAD", "request #1 lacks the fields ['arrival_step']"),
-    (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2: tensor-parallel attention is not served"),
-    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2: pipeline stages are not served"),
+    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3: must be >= 1 and divide the 2 processes"),
+    (["--regime", "scaled", "--tensor-model-parallel-size", "2"], "the scaled regime replays MoE layers only"),
+    (["--pipeline-model-parallel-size", "4"], "pipeline parallel size 4 does not divide the model's num_layers 6"),
+    (["--pipeline-model-parallel-size", "2", "--probe-predictor-state", "x.pt"], "the stages are not mapped onto it"),
     (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: the PROBE dispatcher splits whole"),
-    (["--sequence-parallel"], "--sequence-parallel: Megatron's sequence parallelism needs --tensor-model-parallel"),
+    (["--sequence-parallel"], "--sequence-parallel: not served yet"),
     (["--data-parallel-size", "0"], "--data-parallel-size 0 must be >= 1"),
     (["--regime", "scaled", "--data-parallel-size", "2"], "the scaled regime replays one expert group's trace"),
 ])

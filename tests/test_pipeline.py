@@ -12,22 +12,23 @@ import torch.distributed as dist
 from distributed import init_ep, run_ranks
 
 
-def _skewed_gpt(rank, ws, num_layers=4, ep=None):
+def _skewed_gpt(rank, ws, num_layers=4, ep=None, tp=1):
     """A small 4-layer GPT at EP ``ep`` (default ws; ws / ep data-parallel replicas of the expert
     group) whose routing forces replicas (an expert bias makes one expert every token's first
     choice; skewed token ids), four batches per rank, the plain model's logits for them, and a
-    cost model under which even tiny batches are worth balancing."""
+    cost model under which even tiny batches are worth balancing. ``tp``: Megatron's tensor
+    parallel attention (TP peers get the same batches, as without sequence parallel)."""
     from megatron_probe import ProbeConfig
     from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, forward_logits
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.runtime.model_walk import moe_layers
 
     ep = ep or ws
-    init_ep(ep)
+    init_ep(ep, tp)
     torch.manual_seed(0)
     cfg = TinyMoEConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
                         expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
-    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep)
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp)
     model.eval()
     # adversarial skew: an expert bias makes expert 0 (rank 0's) every token's first choice
     for i, layer in enumerate(moe_layers(model)):
@@ -37,9 +38,9 @@ def _skewed_gpt(rank, ws, num_layers=4, ep=None):
         bias[(3 * i) % cfg.num_experts if i % 2 else 0] = 5.0
         r._cpu_buffer("expert_bias", bias, persistent=True)
         r._cpu_buffer("local_tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
-    gen = torch.Generator().manual_seed(7 + rank)
+    gen = torch.Generator().manual_seed(7 + rank // tp)
     # skewed tokens: a few token ids dominate, so some experts are hot
-    batches = [torch.randint(0, 6 if step % 2 else cfg.vocab_size, (1, 20 + 5 * rank + 2 * step), generator=gen)
+    batches = [torch.randint(0, 6 if step % 2 else cfg.vocab_size, (1, 20 + 5 * (rank // tp) + 2 * step), generator=gen)
                for step in range(4)]
     with torch.no_grad():
         refs = [forward_logits(model, b) for b in batches]
@@ -180,6 +181,105 @@ def pipeline_data_parallel(rank, ws):
     pipe.engine = comms.engine
     pipe.close()
     return s["copies"]
+
+
+def pipeline_tensor_parallel(rank, ws, ep):
+    """World 4 with Megatron's tensor-parallel attention (TP 2, expert TP 1, no sequence
+    parallel: TP peers hold the same tokens) and EP ``ep``: the live pipeline, its forecasts made
+    from the replicated residual stream, plans agreed on the EP group; outputs equal the plain
+    model's with replicas copied at every step."""
+    from megatron.core import parallel_state
+
+    from megatron_probe import ProbeConfig
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws, ep=ep, tp=2)
+    assert parallel_state.get_tensor_model_parallel_world_size() == 2
+    scale = max(float(r.abs().max()) for r in refs)
+    pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
+                       prefetch_deadline_ms=10_000.0)
+    pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+    max_abs = _run_steps(model, pipe, batches, refs)
+    s = pipe.summary()
+    pipe.close()
+    assert max_abs <= 1e-5 * scale and s["copies"] > 0 and s["dropped"] == 0, (rank, ep, max_abs, scale, s)
+    return s["copies"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [2, 4])
+def test_pipeline_under_tensor_parallel_attention(ep):
+    copies = run_ranks(pipeline_tensor_parallel, 4, ep)
+    assert all(c > 0 for c in copies), copies
+
+
+def pipeline_stages(rank, ws):
+    """World 4 = PP 2 x EP 2 (stage 0: ranks 0, 1 with layers 1-2; stage 1: ranks 2, 3 with layers
+    3-4; Megatron's expert groups [0, 1] and [2, 3]): each stage runs the lookahead for its own
+    MoE layers, its first forecast like layer 0's; hidden states go stage to stage by send/recv.
+    Outputs (stage 0's hidden states, stage 1's logits) equal the plain model's with replicas
+    copied on both stages, and a stage's plans never wait for the other stage."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, causal_mask
+    from megatron_probe.policy.cost_model import ExpertCost
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+
+    init_ep(2, pp=2)
+    stage = ps.get_pipeline_model_parallel_rank()
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
+                        expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=2, pp=2)
+    model.eval()
+    assert [layer.layer_number for layer in model.decoder.layers] == [2 * stage + 1, 2 * stage + 2]
+    for i, layer in enumerate(moe_layers(model)):  # skew: one expert every token's first choice
+        layer.router.enable_expert_bias = True
+        bias = torch.zeros(cfg.num_experts)
+        bias[(3 * i + stage) % cfg.num_experts] = 5.0
+        layer.router._cpu_buffer("expert_bias", bias, persistent=True)
+        layer.router._cpu_buffer("local_tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+    ep_rank = ps.get_expert_model_parallel_rank()
+    gen = torch.Generator().manual_seed(7 + ep_rank)  # the two stages of a pipeline see the same tokens
+    batches = [torch.randint(0, 6 if step % 2 else cfg.vocab_size, (1, 20 + 5 * ep_rank + 2 * step), generator=gen)
+               for step in range(4)]
+
+    def forward(tokens):
+        s = tokens.shape[1]
+        pos = torch.arange(s).unsqueeze(0)
+        if stage == 0:
+            h = model(tokens, pos, causal_mask(s))
+            dist.send(h.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+            return h
+        h = torch.empty(s, 1, cfg.hidden_size)
+        dist.recv(h, ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(h)
+        return model(tokens, pos, causal_mask(s))
+
+    with torch.no_grad():
+        refs = [forward(b) for b in batches]
+    scale = max(float(r.abs().max()) for r in refs)
+    pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
+                       prefetch_deadline_ms=10_000.0)
+    pipe = LookaheadPipeline(model, pcfg, cost=ExpertCost(1.0, 0.0))
+    assert dist.get_process_group_ranks(pipe.comms.data_group) == [2 * stage, 2 * stage + 1]
+    max_abs = 0.0
+    with torch.inference_mode():
+        for b, ref in zip(batches, refs):
+            max_abs = max(max_abs, float((forward(b) - ref).abs().max()))
+            pipe.end_step()
+    s = pipe.summary()
+    pipe.close()
+    assert max_abs <= 1e-5 * scale and s["copies"] > 0 and s["dropped"] == 0, (rank, stage, max_abs, scale, s)
+    return s["copies"]
+
+
+@pytest.mark.slow
+def test_pipeline_under_pipeline_parallel_stages():
+    copies = run_ranks(pipeline_stages, 4)
+    assert all(c > 0 for c in copies), copies
 
 
 @pytest.mark.slow

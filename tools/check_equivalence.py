@@ -36,6 +36,11 @@ def _worker(rank, world_size, opts, result_path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ep", type=int, required=True, help="expert-parallel size")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel size (attention; expert TP 1, no sequence parallel): TP peers hold the same "
+                        "tokens; must divide ep x dp")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages (processes: ep x dp x pp; each stage's layer on its own expert groups)")
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel replicas of the expert group (processes: ep x dp; each replica its own tokens)")
     p.add_argument("--experts", type=int, default=8)
@@ -69,6 +74,10 @@ def main(argv=None) -> int:
 
     if a.dp < 1:
         p.error(f"--dp {a.dp}: need at least 1 replica of the expert group")
+    if a.pp < 1:
+        p.error(f"--pp {a.pp}: need at least 1 stage")
+    if a.tp < 1 or (a.ep * a.dp) % a.tp:
+        p.error(f"--tp {a.tp}: must be >= 1 and divide the {a.ep * a.dp} processes of a stage (ep x dp)")
     if a.first_trial < 0 or a.trials < 1:
         p.error(f"--first-trial {a.first_trial} --trials {a.trials}: need first trial >= 0 and at least one trial")
     try:
@@ -79,12 +88,12 @@ def main(argv=None) -> int:
         ep=a.ep, experts=a.experts, topk=a.topk, replica_slots=a.replica_slots, trials=a.trials,
         dtype=a.dtype, backend=a.backend, fp8_recipe=a.fp8, hidden=a.hidden, ffn=a.ffn,
         max_tokens=a.max_tokens, seed=a.seed, device=device, compare_stock=not a.no_stock, first_trial=a.first_trial,
-        dp=a.dp,
+        dp=a.dp, tp=a.tp, pp=a.pp,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
         backend = a.dist_backend if a.dist_backend != "auto" else ("nccl" if device == "cuda" else "gloo")
-        run_distributed(_worker, a.ep * a.dp, opts, path, backend=backend)
+        run_distributed(_worker, a.ep * a.dp * a.pp, opts, path, backend=backend)
         if not os.path.exists(path):  # torchrun ranks other than 0
             return 0
         with open(path) as f:
@@ -94,7 +103,7 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     print(
-        f"\nequivalence ep={result['ep']} dp={a.dp} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
+        f"\nequivalence ep={result['ep']} dp={a.dp} tp={a.tp} pp={a.pp} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
         f"dtype={a.dtype} device={device} dist={backend}: {result['trials']} trials, "
         f"max_abs_diff={result['max_abs_diff']:.3e}, max_rel_vs_dense={result['max_rel_diff_vs_dense']:.3e}, "
         f"bit-exact vs stock in {result['bit_exact_vs_stock']}/{result['compared_with_stock']}, "

@@ -103,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-parallel-size", type=int, default=1,
                    help="replicas of the expert group, each serving its own requests (processes = EP x DP; under "
                         "torchrun, WORLD_SIZE must equal it)")
-    d.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Megatron's TP (only 1 is served)")
-    d.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Megatron's PP (only 1 is served)")
+    d.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="Megatron's tensor-parallel attention and embeddings (expert TP 1, no sequence parallel: "
+                        "the TP ranks of a group serve the same requests); must divide EP x DP")
+    d.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="Megatron's pipeline stages (processes = EP x DP x PP; the stages of a pipeline serve the "
+                        "same requests; each stage balances its own MoE layers)")
     d.add_argument("--expert-tensor-parallel-size", type=int, default=1, help="Megatron's ETP (only 1 is served)")
     d.add_argument("--sequence-parallel", action="store_true", help="Megatron's SP (not served: needs TP > 1)")
     d.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "probe"), default="probe",
@@ -163,7 +167,8 @@ def validate(a, p):
     one ``ProbeConfig`` every later step uses."""
     from megatron_probe.config import ProbeConfig
     from megatron_probe.data.workloads import Workload, check_workload_fits
-    from megatron_probe.experiments.tiny_moe import check_predictor_state, read_checkpoint
+    from megatron_probe.experiments.tiny_moe import check_pipeline_parallel, check_predictor_state, check_tensor_parallel, \
+        read_checkpoint
     from megatron_probe.policy.cost_model import get_profile
     from megatron_probe.runtime.lookahead import default_predictor_path
     from megatron_probe.serving.worker import ServeOptions, check_model_flags
@@ -184,10 +189,17 @@ def validate(a, p):
         check_model_flags(cfg, expect, a.load)
         fields = probe_fields(a)
         fields.setdefault("replica_slots_per_rank", 3)
-        if "predictor_state" not in fields and os.path.exists(default_predictor_path(a.load)):
+        if a.pipeline_model_parallel_size > 1 and fields.get("predictor_state"):
+            raise ValueError(f"--probe-predictor-state with --pipeline-model-parallel-size "
+                             f"{a.pipeline_model_parallel_size}: a predictor state holds every layer's predictor and "
+                             "the stages are not mapped onto it yet; drop the flag (each stage then learns online)")
+        if ("predictor_state" not in fields and os.path.exists(default_predictor_path(a.load))
+                and a.pipeline_model_parallel_size == 1):
             fields["predictor_state"] = default_predictor_path(a.load)  # the warm start beside the checkpoint
         pc = ProbeConfig(**fields)
         pc.validate_for_model(cfg.num_experts, a.expert_model_parallel_size, cfg.topk)
+        check_tensor_parallel(cfg, a.tensor_model_parallel_size)
+        check_pipeline_parallel(cfg, a.pipeline_model_parallel_size)
         get_profile(pc.hardware_profile)  # a JSON profile is read and checked now, not in the workers
         if pc.predictor_state:
             check_predictor_state(pc.predictor_state, cfg, state, pc.predictor_hidden,
@@ -219,32 +231,31 @@ def validate(a, p):
                         probe=pc, kv_capacity=a.micro_batch_size, prefill_chunk=a.prefill_chunk_size,
                         max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
                         bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
-                        metrics_path=a.metrics_jsonl, expect=expect, dp=a.data_parallel_size)
+                        metrics_path=a.metrics_jsonl, expect=expect, dp=a.data_parallel_size,
+                        tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size)
     return opts
-
-
-# what each of Megatron's other parallelisms needs before this script can serve it
-UNSUPPORTED = {
-    "tensor_model_parallel_size": "--tensor-model-parallel-size {v}: tensor-parallel attention is not served yet "
-                                  "(this script's checkpoint loader splits only the experts across ranks, not "
-                                  "attention or embeddings); valid: 1",
-    "pipeline_model_parallel_size": "--pipeline-model-parallel-size {v}: pipeline stages are not served yet (the "
-                                    "engine runs every layer on each rank and the lookahead forecasts a stage's "
-                                    "first MoE layer from the previous stage); valid: 1",
-    "expert_tensor_parallel_size": "--expert-tensor-parallel-size {v}: the PROBE dispatcher splits whole experts "
-                                   "only (expert tensor parallel 1); valid: 1",
-}
 
 
 def check_parallelism(a) -> None:
     """Refuse, by name, the parallel layouts this script cannot serve."""
-    for name, msg in UNSUPPORTED.items():
-        v = getattr(a, name)
-        if v != 1:
-            raise ValueError(msg.format(v=v))
+    if a.expert_tensor_parallel_size != 1:
+        raise ValueError(f"--expert-tensor-parallel-size {a.expert_tensor_parallel_size}: the PROBE dispatcher splits "
+                         "whole experts only (expert tensor parallel 1); valid: 1")
     if a.sequence_parallel:
-        raise ValueError("--sequence-parallel: Megatron's sequence parallelism needs --tensor-model-parallel-size > 1, "
-                         "which is not served yet; drop the flag")
+        raise ValueError("--sequence-parallel: not served yet (the serving engine packs each rank's requests "
+                         "into one sequence that TP peers hold whole); drop the flag")
+    stage = a.expert_model_parallel_size * a.data_parallel_size
+    if a.tensor_model_parallel_size < 1 or stage % a.tensor_model_parallel_size:
+        raise ValueError(f"--tensor-model-parallel-size {a.tensor_model_parallel_size}: must be >= 1 and divide the "
+                         f"{stage} processes of a stage (EP {a.expert_model_parallel_size} x DP {a.data_parallel_size})")
+    if a.pipeline_model_parallel_size < 1:
+        raise ValueError(f"--pipeline-model-parallel-size {a.pipeline_model_parallel_size} must be >= 1")
+    if a.regime == "scaled" and a.pipeline_model_parallel_size != 1:
+        raise ValueError(f"--pipeline-model-parallel-size {a.pipeline_model_parallel_size} with --regime scaled: the "
+                         "scaled regime replays MoE layers only; valid: 1")
+    if a.regime == "scaled" and a.tensor_model_parallel_size != 1:
+        raise ValueError(f"--tensor-model-parallel-size {a.tensor_model_parallel_size} with --regime scaled: the scaled "
+                         "regime replays MoE layers only; valid: 1")
     if a.regime == "scaled" and a.data_parallel_size != 1:
         raise ValueError(f"--data-parallel-size {a.data_parallel_size} with --regime scaled: the scaled regime replays "
                          "one expert group's trace; valid: 1")
@@ -287,7 +298,8 @@ def print_table(res: dict) -> None:
     if res["regime"] == "scaled":
         rows[0] = ("throughput (processed tok/s)", "throughput_tok_s")
         rows.pop(1)
-    dp = f" x DP {res['dp']}" if res.get("dp", 1) > 1 else ""
+    dp = "".join(f"{sep}{k.upper()} {res[k]}" for sep, k in ((" x ", "dp"), (", ", "tp"), (", ", "pp"))
+                 if res.get(k, 1) > 1)
     print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}{dp}  ({res['host'].get('machine')}, "
           f"{res['host'].get('cpus')} cpus, torch {res['host'].get('torch')})")
     if res.get("regime_detail"):
@@ -427,7 +439,7 @@ def run_model(a, opts):
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     out = os.path.join(tempfile.mkdtemp(prefix="probe_serve_"), "result.json")
-    run_distributed(serve_worker, opts.ep * opts.dp, opts, out, timeout_s=opts.probe.peer_wait_s)
+    run_distributed(serve_worker, opts.ep * opts.dp * opts.pp, opts, out, timeout_s=opts.probe.peer_wait_s)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return None
     with open(out) as f:

@@ -54,6 +54,8 @@ class EquivalenceOptions:
     compare_stock: bool = True
     first_trial: int = 0  # trials first_trial .. first_trial + trials - 1 (each drawn from (seed, trial) alone)
     dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each replica its own tokens
+    tp: int = 1  # tensor parallel (attention; expert TP 1): TP peers hold the same tokens, as without SP
+    pp: int = 1  # pipeline stages: world = pp x dp x ep, each stage's layer on its own expert groups
 
 
 @dataclass
@@ -239,18 +241,24 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     from megatron_probe.mechanism.comm import all_gather_rows
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.policy.split import placement_split
-    if world_size != opts.ep * opts.dp:
-        raise ValueError(f"{world_size} processes for EP {opts.ep} x DP {opts.dp}: need {opts.ep * opts.dp}")
+    if world_size != opts.ep * opts.dp * opts.pp:
+        raise ValueError(f"{world_size} processes for EP {opts.ep} x DP {opts.dp} x PP {opts.pp}: need "
+                         f"{opts.ep * opts.dp * opts.pp}")
     ep, world_rank = opts.ep, rank
     device = torch.device(opts.device if opts.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     dtype = _torch_dtype(opts.dtype)
-    initialize_megatron_parallel(ep, seed=opts.seed, device=device.type)
+    if (world_size // opts.pp) % opts.tp:
+        raise ValueError(f"TP {opts.tp} does not divide the {world_size // opts.pp} processes of a stage")
+    initialize_megatron_parallel(ep, seed=opts.seed, device=device.type, tp_size=opts.tp, pp_size=opts.pp)
     from megatron.core import parallel_state
 
     ep_group = parallel_state.get_expert_model_parallel_group()
     # with DP > 1 (Megatron's expert groups [0..ep-1], [ep..2ep-1], ...): the trial's model and
     # routing are the same in every replica, the tokens are each rank's own
     rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
+    # with TP > 1 (no sequence parallel) the attention-TP peers hold the same tokens: they draw
+    # them from their TP group's index
+    source = world_rank // opts.tp
     singles = [dist.new_group([r]) for r in range(world_size)] if world_size > 1 else [None]
     single = singles[world_rank]
     backends = available_backends(device, dtype) if opts.backend == "all" else [opts.backend]
@@ -261,7 +269,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
 
     for trial in range(opts.first_trial, opts.first_trial + opts.trials):
         gen = torch.Generator().manual_seed(opts.seed * 1000 + trial)
-        rank_gen = torch.Generator().manual_seed(opts.seed * 1000 + trial * 97 + world_rank + 1)
+        rank_gen = torch.Generator().manual_seed(opts.seed * 1000 + trial * 97 + source + 1)
         case = ROUTING_CASES[trial % len(ROUTING_CASES)] if trial < 2 * len(ROUTING_CASES) else \
             ROUTING_CASES[int(torch.randint(len(ROUTING_CASES), (), generator=gen))]
         score_fn = ["softmax", "sigmoid"][int(torch.randint(2, (), generator=gen))]
@@ -284,16 +292,18 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         bias = torch.randn(E, generator=gen) * 0.1
         if case == "empty":
             T = 0
-        elif case == "rank_silent" and rank == int(torch.randint(ep, (), generator=gen)):
+        elif case == "rank_silent" and source % ep == int(torch.randint(ep, (), generator=gen)):
             T = 0
         else:
             T = int(torch.randint(1, opts.max_tokens + 1, (), generator=rank_gen))
         x = torch.randn(T, 1, H, generator=rank_gen).to(device=device, dtype=dtype)
-        idx = replay_indices(case, gen, rank_gen, T, E, K, ep, rank, hot)
+        idx = replay_indices(case, gen, rank_gen, T, E, K, ep, source % ep, hot)
 
         cfg = TransformerConfig(
             num_layers=1, hidden_size=H, num_attention_heads=4, ffn_hidden_size=Fh, moe_ffn_hidden_size=Fh,
-            num_moe_experts=E, moe_router_topk=K, expert_model_parallel_size=ep,
+            num_moe_experts=E, moe_router_topk=K, expert_model_parallel_size=ep, tensor_model_parallel_size=opts.tp,
+            expert_tensor_parallel_size=1, pipeline_model_parallel_size=opts.pp,
+            pipeline_dtype=dtype if opts.pp > 1 else None,
             moe_token_dispatcher_type="alltoall", use_cpu_initialization=device.type == "cpu",
             add_bias_linear=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
             moe_aux_loss_coeff=0.0, moe_router_score_function=score_fn,
@@ -411,7 +421,7 @@ def _global_state(sd, w_router, w1, w2, bias, first_expert, count, dtype):
 def _build_stock_layer(cfg, stock_spec, single_group, device, MoELayer, build_module,
                        ProcessGroupCollection, ProbeRouter, have_te):
     stock_cfg = dataclasses.replace(
-        cfg, expert_model_parallel_size=1,
+        cfg, expert_model_parallel_size=1, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
     )
     pgs = ProcessGroupCollection()

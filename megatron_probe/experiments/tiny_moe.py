@@ -75,7 +75,8 @@ class TinyMoEConfig:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
 
-def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dispatcher: str = "alltoall"):
+def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dispatcher: str = "alltoall",
+                       tp: int = 1, pp: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -84,7 +85,9 @@ def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dis
         num_moe_experts=cfg.num_experts, moe_router_topk=cfg.topk,
         moe_router_score_function=cfg.score_function, moe_router_pre_softmax=cfg.topk == 1,
         moe_router_dtype="fp32", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep, gated_linear_unit=True, activation_func=F.silu,
+        expert_model_parallel_size=ep, tensor_model_parallel_size=tp, expert_tensor_parallel_size=1,
+        pipeline_model_parallel_size=pp, pipeline_dtype=dtype if pp > 1 else None,
+        gated_linear_unit=True, activation_func=F.silu,
         bias_activation_fusion=False, add_bias_linear=False, normalization="RMSNorm",
         params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
@@ -108,26 +111,68 @@ def layer_spec(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None):
     raise ValueError(f"spec={spec!r}; valid: 'probe', 'stock'")
 
 
-def build_model(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, ep: int = 1, dtype=torch.float32):
+def build_model(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, ep: int = 1, dtype=torch.float32,
+                tp: int = 1, pp: int = 1):
     """GPTModel (learned absolute positions, tied embeddings). The Megatron parallel state must
-    be initialised with this EP size. ``spec='stock'`` uses the stock MoELayer with the
+    be initialised with this EP, TP and PP size (TP: Megatron's tensor-parallel attention and
+    embeddings, expert TP 1, no sequence parallel; PP: this rank's stage, its layers only, with
+    untied output weights, since Megatron-Core 0.16 ties them across stages on CUDA only). ``spec='stock'`` uses the stock MoELayer with the
     ``allgather`` dispatcher, the one whose stock constructor and forward run on CPU (EP = 1 only)."""
     from megatron.core.models.gpt import GPTModel
 
     if spec == "stock" and ep != 1 and not torch.cuda.is_available():
         raise ValueError("the stock Megatron MoE dispatchers need CUDA for EP > 1; use spec='probe' on CPU")
     dispatcher = "alltoall" if (spec == "probe" or torch.cuda.is_available()) else "allgather"
-    tc = transformer_config(cfg, ep=ep, dtype=dtype, dispatcher=dispatcher)
+    tc = transformer_config(cfg, ep=ep, dtype=dtype, dispatcher=dispatcher, tp=tp, pp=pp)
+    stage = {}
+    if pp > 1:
+        from megatron.core import parallel_state
+
+        rank = parallel_state.get_pipeline_model_parallel_rank()
+        stage = dict(pre_process=rank == 0, post_process=rank == pp - 1)
     return GPTModel(config=tc, transformer_layer_spec=layer_spec(cfg, spec, probe_config),
                     vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
-                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+                    position_embedding_type="learned_absolute", share_embeddings_and_output_weights=pp == 1, **stage)
 
 
 _EXPERT_KEY = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
-def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int) -> dict:
-    """EP = 1 state dict -> the state dict of EP rank ``rank`` (its contiguous expert block)."""
+# Megatron's tensor-parallel splits of the non-expert weights: (key suffix, dimension). The fused
+# QKV weight is laid out per query group, so contiguous rows are whole groups.
+_TP_SPLITS = ((".self_attention.linear_qkv.weight", 0), (".self_attention.linear_proj.weight", 1),
+              ("embedding.word_embeddings.weight", 0), ("output_layer.weight", 0))
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def stage_state_dict(full: dict, num_layers: int, pp: int, stage: int) -> dict:
+    """A whole model's state dict -> pipeline stage ``stage``'s of ``pp``: its layers renumbered
+    from 0, the embeddings on the first stage, the final norm and the output layer (the tied
+    word embeddings: Megatron-Core 0.16 unties them across stages on CPU) on the last."""
+    per = num_layers // pp
+    out = {}
+    for k, v in full.items():
+        m = _LAYER_KEY.match(k)
+        if m:
+            layer = int(m.group(1))
+            if layer // per == stage:
+                out[f"decoder.layers.{layer - stage * per}.{m.group(2)}"] = v
+        elif k.startswith("embedding."):
+            if stage == 0:
+                out[k] = v
+        elif stage == pp - 1:
+            out[k] = v
+    if stage == pp - 1 and pp > 1:
+        out["output_layer.weight"] = full["embedding.word_embeddings.weight"]
+    return out
+
+
+def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int, tp: int = 1, tp_rank: int = 0) -> dict:
+    """EP = 1, TP = 1 state dict -> the state dict of EP rank ``rank`` (its contiguous expert
+    block) and TP rank ``tp_rank`` (its share of the attention and embedding weights; experts are
+    not split: expert TP 1)."""
     L = num_experts // ep
     out = {}
     for k, v in full.items():
@@ -136,8 +181,14 @@ def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int) -> dict:
             e = int(m.group(2))
             if e // L == rank:
                 out[f"{m.group(1)}{e - rank * L}{m.group(3)}"] = v
-        else:
-            out[k] = v
+            continue
+        for suffix, dim in _TP_SPLITS:
+            if tp > 1 and k.endswith(suffix):
+                if v.shape[dim] % tp:
+                    raise ValueError(f"{k}: {v.shape[dim]} rows along dimension {dim} do not split over TP {tp}")
+                v = v.chunk(tp, dim=dim)[tp_rank].clone()
+                break
+        out[k] = v
     return out
 
 
@@ -266,15 +317,20 @@ def check_trace_for_checkpoint(trace, path: str, cfg: TinyMoEConfig, hidden_laye
 
 
 def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config=None, ep: int = 1,
-               rank: int = 0, dtype=torch.float32):
-    """(model, tokenizer, config) from a checkpoint folder, in eval mode. Every file is checked
-    first (:func:`read_checkpoint`): a bad one raises
+               rank: int = 0, dtype=torch.float32, tp: int = 1, tp_rank: int = 0, pp: int = 1, stage: int = 0):
+    """(model, tokenizer, config) from a checkpoint folder, in eval mode, for EP rank ``rank`` of
+    ``ep``, TP rank ``tp_rank`` of ``tp`` and pipeline stage ``stage`` of ``pp``. Every file is checked first
+    (:func:`read_checkpoint`): a bad one raises
     :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming it."""
     cfg, tok, full = read_checkpoint(path)
     if cfg.num_experts % ep:
         raise ValueError(f"checkpoint has {cfg.num_experts} experts, not divisible by EP {ep}")
-    model = build_model(cfg, spec, probe_config, ep, dtype)
-    sd = shard_state_dict(full, ep, rank, cfg.num_experts)
+    check_tensor_parallel(cfg, tp)
+    check_pipeline_parallel(cfg, pp)
+    model = build_model(cfg, spec, probe_config, ep, dtype, tp=tp, pp=pp)
+    if pp > 1:
+        full = stage_state_dict(full, cfg.num_layers, pp, stage)
+    sd = shard_state_dict(full, ep, rank, cfg.num_experts, tp, tp_rank)
     own = model.state_dict()
     sd = {k: (v.to(own[k].dtype) if isinstance(v, torch.Tensor) and k in own else v) for k, v in sd.items()}
     try:
@@ -287,6 +343,19 @@ def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config
                          f"unexpected {unexpected[:5]}")
     model.eval()
     return model, tok, cfg
+
+
+def check_tensor_parallel(cfg: TinyMoEConfig, tp: int) -> None:
+    """Refuse a TP size the model's heads or vocabulary do not split over."""
+    for name in ("num_attention_heads", "vocab_size"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the model's {name} {getattr(cfg, name)}")
+
+
+def check_pipeline_parallel(cfg: TinyMoEConfig, pp: int) -> None:
+    """Refuse a stage count that does not divide the model's layers."""
+    if cfg.num_layers % pp:
+        raise ValueError(f"pipeline parallel size {pp} does not divide the model's num_layers {cfg.num_layers}")
 
 
 def causal_mask(s: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_probe.mechanism import stages
+from megatron_probe.mechanism.comm import all_gather_rows
 from megatron_probe.mechanism.profiling import nvtx_pop, nvtx_push, nvtx_range
 
 
@@ -84,6 +85,18 @@ class StepRecord:
     queued: int
     seconds: float
     emitted: int  # new tokens produced on this rank
+
+
+@dataclass
+class StageLinks:
+    """This rank's place in a pipeline of stages (Megatron's PP): the packed hidden states come
+    from global rank ``prev`` and go to ``next`` (None at the ends); the last stage samples, and
+    its tokens reach every stage of the pipeline by a broadcast on ``group`` from ``last``."""
+
+    group: object
+    prev: Optional[int]
+    next: Optional[int]
+    last: int
 
 
 class PackedSelfAttention(torch.nn.Module):
@@ -151,10 +164,15 @@ class ContinuousBatchingEngine:
 
     ``group``: the process group whose ranks step together (the EP group; ``None`` on one
     process). ``kv_capacity``: KV slots, i.e. the most requests decoding at once on this rank.
+    ``tp_group``: Megatron's tensor-parallel group when TP > 1 (the logits are vocab-parallel:
+    gathered here, on the model's device; Megatron's own gather allocates on CUDA). ``stages``:
+    this rank's :class:`StageLinks` under pipeline parallelism (every stage of a pipeline runs
+    the same schedule on the same requests; only the layers differ).
     """
 
     def __init__(self, model, requests: Sequence[ServeRequest], max_seq_len: int, kv_capacity: int = 32,
-                 prefill_chunk: int = 64, eos_id: Optional[int] = None, group=None, name: str = "engine"):
+                 prefill_chunk: int = 64, eos_id: Optional[int] = None, group=None, name: str = "engine",
+                 tp_group=None, stages: Optional[StageLinks] = None):
         if kv_capacity < 1:
             raise ValueError(f"kv_capacity={kv_capacity}: must be >= 1")
         if prefill_chunk < 1:
@@ -169,8 +187,9 @@ class ContinuousBatchingEngine:
                                  f"{r.max_new_tokens} new - 1) but the model's maximum sequence length is {max_seq_len}")
         self.model, self.name = model, name
         self.max_seq_len, self.prefill_chunk, self.eos_id, self.group = max_seq_len, prefill_chunk, eos_id, group
+        self.tp_group, self.stages = tp_group, stages
         param = next(model.parameters())
-        self.device = param.device
+        self.device, self.dtype = param.device, param.dtype
         self.slots = KVSlots(model, kv_capacity, max_seq_len, param.dtype, param.device)
         self.queue: List[ServeRequest] = sorted(requests, key=lambda r: (r.arrival_step, r.id))
         self.requests = {r.id: r for r in requests}
@@ -240,10 +259,17 @@ class ContinuousBatchingEngine:
             with nvtx_range(f"{self.name}.step"), _packed_attention(self.model, self):
                 tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
                 positions = torch.tensor([pos], dtype=torch.long, device=self.device)
-                logits = self.model(tokens, positions, None)  # [1, T, V]
-            ends = torch.tensor([s.start + s.length - 1 for s in self.segments], dtype=torch.long,
-                                device=self.device)
-            nxt = logits[0, ends].argmax(-1).tolist() if self.segments else []
+                links = self.stages
+                # the stages of a pipeline serve the same requests: the same T on each (0: nothing moves)
+                if links is not None and links.prev is not None:  # a later stage: the previous one's output
+                    h = torch.empty(len(ids), 1, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+                    if ids:
+                        dist.recv(h, links.prev)
+                    self.model.set_input_tensor(h)
+                out = self.model(tokens, positions, None)  # logits [1, T, V] (V / TP: this rank's share)
+                if links is not None and links.next is not None and ids:  # hidden states [T, 1, H] onwards
+                    dist.send(out.contiguous(), links.next)
+            nxt = self._sample(out)
         if after_forward is not None:
             after_forward()
         if total and self.device.type == "cuda":
@@ -272,6 +298,24 @@ class ContinuousBatchingEngine:
         self.segments = []
         self.step_index += 1
         return rec
+
+    def _sample(self, out) -> List[int]:
+        """The next token of every segment: greedy on the last stage's logits (the whole
+        vocabulary gathered under TP), broadcast to the other stages of the pipeline."""
+        if not self.segments:  # the same on every stage and TP peer: they serve the same requests
+            return []
+        last_stage = self.stages is None or self.stages.next is None
+        if last_stage:
+            ends = torch.tensor([s.start + s.length - 1 for s in self.segments], dtype=torch.long, device=self.device)
+            last = out[0, ends]
+            if self.tp_group is not None:  # the whole vocabulary, for the last positions only
+                last = torch.cat(list(all_gather_rows(last.contiguous(), self.tp_group)), dim=-1)
+            nxt = last.argmax(-1)
+        else:
+            nxt = torch.empty(len(self.segments), dtype=torch.long, device=self.device)
+        if self.stages is not None:
+            dist.broadcast(nxt, src=self.stages.last, group=self.stages.group)
+        return nxt.tolist()
 
     def run(self, max_steps: Optional[int] = None) -> List[StepRecord]:
         while max_steps is None or self.step_index < max_steps:

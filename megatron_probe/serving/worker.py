@@ -37,6 +37,8 @@ class ServeOptions:
     workload: str
     ep: int = 2
     dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each rank its own requests
+    tp: int = 1  # tensor-parallel attention (expert TP 1, no SP): TP peers serve the same requests
+    pp: int = 1  # pipeline stages: world = pp x dp x ep; the stages of a pipeline serve the same requests
     modes: tuple = ("stock", "probe")
     probe: Optional[ProbeConfig] = None  # validated once by the caller (default: ProbeConfig())
     kv_capacity: int = 32
@@ -65,16 +67,21 @@ def check_model_flags(cfg, expect: Dict, checkpoint: str) -> None:
                          ". Drop these flags or pass the checkpoint of that model.")
 
 
-def _build(mode: str, opts: ServeOptions, ep_rank: int, ep: int, probe_cfg):
+def _build(mode: str, opts: ServeOptions, probe_cfg):
+    from megatron.core import parallel_state as ps
+
     from megatron_probe.experiments.tiny_moe import load_model
 
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    ep = opts.ep
+    where = dict(ep=ep, rank=ps.get_expert_model_parallel_rank(), dtype=dtype, tp=opts.tp,
+                 tp_rank=ps.get_tensor_model_parallel_rank(), pp=opts.pp, stage=ps.get_pipeline_model_parallel_rank())
     if mode == "stock":
         if torch.cuda.is_available() or ep == 1:
-            return load_model(opts.checkpoint, spec="stock", ep=ep, rank=ep_rank, dtype=dtype)
+            return load_model(opts.checkpoint, spec="stock", **where)
         return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg.replace(replica_slots_per_rank=0),
-                          ep=ep, rank=ep_rank, dtype=dtype)
-    return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg, ep=ep, rank=ep_rank, dtype=dtype)
+                          **where)
+    return load_model(opts.checkpoint, spec="probe", probe_config=probe_cfg, **where)
 
 
 def stock_label(ep: int) -> str:
@@ -98,9 +105,15 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     rank's rows and requests and writes the result (:func:`summarise`) to ``out_path``. With
     ``opts.dp`` > 1 the world holds ``dp`` replicas of the expert group (Megatron's expert groups
     of ``ep`` consecutive ranks): each rank serves its own share of the requests, each expert
-    group steps and balances on its own."""
-    if ws != opts.ep * opts.dp:
-        raise ValueError(f"{ws} processes for EP {opts.ep} x DP {opts.dp}: need {opts.ep * opts.dp}")
+    group steps and balances on its own. With ``opts.tp`` > 1 (Megatron's tensor-parallel
+    attention, expert TP 1, no sequence parallel) the ``tp`` ranks of a TP group serve the same
+    requests together; only TP rank 0's requests and token counts enter the result. With
+    ``opts.pp`` > 1 each stage holds its share of the layers (Megatron's stages: ranks
+    ``stage * ws / pp ...``); hidden states go stage to stage, the last stage samples, and each
+    stage's PROBE pipeline balances its own MoE layers on its own expert groups."""
+    if ws != opts.ep * opts.dp * opts.pp:
+        raise ValueError(f"{ws} processes for EP {opts.ep} x DP {opts.dp} x PP {opts.pp}: need "
+                         f"{opts.ep * opts.dp * opts.pp}")
     device, group = _init_serving(opts)
     from megatron_probe.data.workloads import Workload
 
@@ -112,7 +125,10 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
         calibration = cal or calibration
     rows = _serve_steps(modes, opts, wl, rank)
     local = _local_results(modes, rows, calibration)
-    local["replica"] = rank // opts.ep
+    in_stage = rank % (ws // opts.pp)  # Megatron puts the stages outermost
+    local["replica"] = in_stage // opts.ep
+    # the rank whose requests and tokens count: TP rank 0 of the last stage
+    local["lead"] = in_stage % opts.tp == 0 and rank // (ws // opts.pp) == opts.pp - 1
     for m in modes.values():
         if m.pipe is not None:
             m.pipe.close()
@@ -133,7 +149,8 @@ def _init_serving(opts: ServeOptions):
     # Megatron's groups (the stock layer's dispatch, the engine's step agreement) give a dead
     # peer up as the pipeline's own groups do, not after Megatron's default 30 minutes
     probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
-    initialize_megatron_parallel(opts.ep, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s)
+    initialize_megatron_parallel(opts.ep, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s,
+                                 tp_size=opts.tp, pp_size=opts.pp)
     from megatron.core import parallel_state
 
     return device, (parallel_state.get_expert_model_parallel_group() if opts.ep * opts.dp > 1 else None)
@@ -142,15 +159,30 @@ def _init_serving(opts: ServeOptions):
 def _build_mode(mode: str, opts: ServeOptions, rank: int, ws: int, wl, probe_cfg, device, group):
     """The model and engine of ``mode``; for ``probe`` also its pipeline. Returns
     ``(ServingMode, calibration dict or None)``."""
-    from megatron_probe.serving.engine import ContinuousBatchingEngine, requests_from_workload
+    from megatron_probe.serving.engine import ContinuousBatchingEngine, StageLinks, requests_from_workload
 
-    ep_rank = rank % opts.ep  # Megatron's expert groups are ep consecutive ranks (TP = PP = 1)
-    model, tok, cfg = _build(mode, opts, ep_rank, opts.ep, probe_cfg)
+    from megatron.core import parallel_state as ps
+
+    ep_rank = ps.get_expert_model_parallel_rank()
+    model, tok, cfg = _build(mode, opts, probe_cfg)
     if device == "cuda":
         model = model.cuda()
-    reqs = requests_from_workload(wl, rank, ws, opts.max_requests, opts.max_new_tokens)
+    # the TP ranks of a TP group, and the stages of a pipeline, hold the same tokens: they serve
+    # one share of the requests together
+    per_stage = ws // opts.pp
+    reqs = requests_from_workload(wl, (rank % per_stage) // opts.tp, per_stage // opts.tp, opts.max_requests,
+                                  opts.max_new_tokens)
+    links = None
+    if opts.pp > 1:
+        first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        links = StageLinks(ps.get_pipeline_model_parallel_group(),
+                           None if first else ps.get_pipeline_model_parallel_prev_rank(),
+                           None if last else ps.get_pipeline_model_parallel_next_rank(),
+                           ps.get_pipeline_model_parallel_last_rank())
     engine = ContinuousBatchingEngine(model, reqs, cfg.seq_length, opts.kv_capacity, opts.prefill_chunk,
-                                      tok.token_to_id("<|endoftext|>"), group, name=mode)
+                                      tok.token_to_id("<|endoftext|>"), group, name=mode,
+                                      tp_group=ps.get_tensor_model_parallel_group() if opts.tp > 1 else None,
+                                      stages=links)
     if mode != "probe":
         return ServingMode(model, engine), None
     pipe, calibration = _probe_pipeline(model, opts, rank, ep_rank, probe_cfg, group)
@@ -301,14 +333,18 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
     """One result dict from every rank's rows and requests. A step's time is its slowest
     rank's (the MoE collectives make the ranks wait for each other anyway). With several
     replicas of the expert group (DP > 1), which step on their own, each replica's time is the
-    sum of its steps' and the run's time the slowest replica's."""
+    sum of its steps' and the run's time the slowest replica's. The TP peers of a rank and the
+    stages of a pipeline serve the same requests: only the lead ranks' (TP rank 0 of the last
+    stage) requests and tokens count."""
+    lead = [g for g in gathered if g.get("lead", True)]
     per_step: Dict[str, Dict[int, Dict]] = {m: {} for m in opts.modes}
     replica_secs: Dict[str, Dict[tuple, float]] = {m: {} for m in opts.modes}  # (replica, step) -> seconds
     for g in gathered:
         for row in g["rows"]:
             s = per_step[row["mode"]].setdefault(row["step"], {"tokens": 0, "emitted": 0, "seconds": 0.0, "ir": []})
-            s["tokens"] += row["tokens"]
-            s["emitted"] += row["emitted"]
+            if g.get("lead", True):
+                s["tokens"] += row["tokens"]
+                s["emitted"] += row["emitted"]
             s["seconds"] = max(s["seconds"], row["seconds"])
             key = (g.get("replica", 0), row["step"])
             replica_secs[row["mode"]][key] = max(replica_secs[row["mode"]].get(key, 0.0), row["seconds"])
@@ -316,7 +352,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                 s["ir"].append(row)
     modes = {}
     for m in opts.modes:
-        reqs = [r for g in gathered for r in g["requests"][m]]
+        reqs = [r for g in lead for r in g["requests"][m]]
         steps = per_step[m]
         per_replica: Dict[int, float] = {}
         for (replica, _), sec in replica_secs[m].items():
@@ -357,7 +393,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                 out["prediction_rank_load_err"] = glob["mean_rank_load_err"]
         modes[m] = out
     res = {"regime": "model", "calibration": gathered[0].get("calibration", {}), "workload": wl.scenario, "workload_path": opts.workload, "ep": opts.ep,
-           "dp": opts.dp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
+           "dp": opts.dp, "tp": opts.tp, "pp": opts.pp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("expect",)},
            "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if wl.extra.get("shift_step") is not None:
@@ -370,8 +406,8 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                             **({"gate_on": v["ir"][0]["gate_on"]} if v["ir"] and "gate_on" in v["ir"][0] else {})}
                            for k, v in sorted(per_step[m].items())] for m in opts.modes}
     if len(opts.modes) == 2:
-        a = {r["id"]: r["tokens"] for g in gathered for r in g["requests"]["stock"]}
-        b = {r["id"]: r["tokens"] for g in gathered for r in g["requests"]["probe"]}
+        a = {r["id"]: r["tokens"] for g in lead for r in g["requests"]["stock"]}
+        b = {r["id"]: r["tokens"] for g in lead for r in g["requests"]["probe"]}
         diff = sorted(i for i in a if a[i] != b.get(i))
         res["tokens_identical"] = not diff and set(a) == set(b)
         res["requests_differing"] = diff
@@ -380,7 +416,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
         res["ttft_ratio"] = _ratio(p["ttft_mean_s"], s["ttft_mean_s"])
         res["tpot_ratio"] = _ratio(p["tpot_mean_s"], s["tpot_mean_s"])
         _baseline_ir(s, p)
-    res["tokens"] = {m: {r["id"]: r["tokens"] for g in gathered for r in g["requests"][m]} for m in opts.modes}
+    res["tokens"] = {m: {r["id"]: r["tokens"] for g in lead for r in g["requests"][m]} for m in opts.modes}
     return res
 
 
