@@ -145,6 +145,7 @@ def test_inference_script_serves_data_tensor_and_pipeline_parallel_layouts(tmp_p
         res = json.loads(out.read_text())
         assert res["tokens_identical"] is True, (name, res.get("requests_differing"))
         assert sorted(int(i) for i in res["tokens"]["probe"]) == list(range(16)), name  # every rank's share
+        assert len(res["modes"]["probe"]["ir_before_per_layer"]) == 6, name  # every MoE layer, whatever its stage
         tokens[name] = res["tokens"]["probe"]
     assert "EP 2 x DP 2, TP 2" in r.stdout, r.stdout[-1500:]
     assert tokens["ep2_pp2"] == tokens["ep2"]

@@ -127,6 +127,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     local = _local_results(modes, rows, calibration)
     in_stage = rank % (ws // opts.pp)  # Megatron puts the stages outermost
     local["replica"] = in_stage // opts.ep
+    local["stage"] = rank // (ws // opts.pp)
     # the rank whose requests and tokens count: TP rank 0 of the last stage
     local["lead"] = in_stage % opts.tp == 0 and rank // (ws // opts.pp) == opts.pp - 1
     for m in modes.values():
@@ -349,7 +350,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
             key = (g.get("replica", 0), row["step"])
             replica_secs[row["mode"]][key] = max(replica_secs[row["mode"]].get(key, 0.0), row["seconds"])
             if "ir_before" in row:
-                s["ir"].append(row)
+                s["ir"].append({**row, "stage": g.get("stage", 0)})
     modes = {}
     for m in opts.modes:
         reqs = [r for g in lead for r in g["requests"][m]]
@@ -421,14 +422,22 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
 
 
 def _ir_summary(rows: List[Dict]) -> Dict:
-    """Mean IR before/after balancing over step rows (each with per-layer lists), overall and per layer."""
+    """Mean IR before/after balancing over step rows (each with per-layer lists), overall and per
+    layer. A row of pipeline stage ``stage`` holds its stage's layers: layer ``i`` of the list is
+    the model's MoE layer ``stage * len + i``."""
     if not rows:
         return {}
-    n, nl = len(rows), len(rows[0]["ir_layers_before"])
+    per_layer: Dict[str, Dict[int, List[float]]] = {"before": {}, "after": {}}
+    for r in rows:
+        offset = r.get("stage", 0) * len(r["ir_layers_before"])
+        for kind in per_layer:
+            for i, v in enumerate(r[f"ir_layers_{kind}"]):
+                per_layer[kind].setdefault(offset + i, []).append(v)
+    n = len(rows)
     return {"ir_before": round(sum(r["ir_before"] for r in rows) / n, 4),
             "ir_after": round(sum(r["ir_after"] for r in rows) / n, 4),
-            "ir_before_per_layer": [round(sum(r["ir_layers_before"][i] for r in rows) / n, 4) for i in range(nl)],
-            "ir_after_per_layer": [round(sum(r["ir_layers_after"][i] for r in rows) / n, 4) for i in range(nl)]}
+            **{f"ir_{kind}_per_layer": [round(sum(v) / len(v), 4) for _, v in sorted(layers.items())]
+               for kind, layers in per_layer.items()}}
 
 
 def _baseline_ir(base: Dict, probe: Dict) -> None:
