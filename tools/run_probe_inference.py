@@ -242,8 +242,9 @@ def check_parallelism(a) -> None:
         raise ValueError(f"--expert-tensor-parallel-size {a.expert_tensor_parallel_size}: the PROBE dispatcher splits "
                          "whole experts only (expert tensor parallel 1); valid: 1")
     if a.sequence_parallel:
-        raise ValueError("--sequence-parallel: not served yet (the serving engine packs each rank's requests "
-                         "into one sequence that TP peers hold whole); drop the flag")
+        raise ValueError("--sequence-parallel: not served yet (the engine's packed attention cuts the packed "
+                         "sequence by request, and sequence parallelism shards it across the TP ranks; on CPU, "
+                         "Megatron-Core 0.16's sequence-parallel reduce-scatter also allocates on CUDA); drop the flag")
     stage = a.expert_model_parallel_size * a.data_parallel_size
     if a.tensor_model_parallel_size < 1 or stage % a.tensor_model_parallel_size:
         raise ValueError(f"--tensor-model-parallel-size {a.tensor_model_parallel_size}: must be >= 1 and divide the "
