@@ -107,9 +107,10 @@ class ProbeConfig:
             wait :attr:`peer_wait_s` (twice this plus the prefetch deadline), since a live peer
             can be that late after a failed copy.
         transfer_retry_steps: after a transfer fails (copying is then off on every rank), the
-            engine steps later every rank re-creates the transfer group and copying resumes
-            (counted: ``engine_recoveries``); the wait doubles after each further failure (up to
-            1024 steps). 0: copying stays off for the pipeline's life.
+            steps after which every rank starts a new transfer engine on a spare group and
+            copying resumes (counted: ``engine_recoveries``); the wait doubles after each further
+            failure (up to 1024 steps), and after the pipeline's 3 spare groups copying stays
+            off. 0: copying stays off for the pipeline's life.
         wandb_project: export the pipeline's per-layer, per-step metrics to this Weights & Biases
             project (EP rank 0 logs); ``None``: no wandb.
         wandb_mode: ``offline`` (default: files under the run directory, ``wandb sync`` later),

@@ -26,12 +26,14 @@ import os
 import re
 import sys
 import time
+import traceback
 from typing import Callable, List, Optional
 
 from megatron_probe.mechanism import stages
 
 PEER_LOST_EXIT = 3
 ROLL_CALL_PREFIX = "megatron_probe/alive/"
+ALL_ANSWERED = "saw a collective fail although every rank answered the roll call"
 # how gloo, NCCL, the TCP store and this project's transfer engine word a broken or silent peer
 _PEER_WORDS = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|timeout|socket|"
                          r"partner engine broken|no partner committed|peer", re.IGNORECASE)
@@ -86,7 +88,7 @@ def describe_peer_loss(exc: BaseException, rank: int, world: int, roll_call_s: f
             who = f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
             lost_text = f"lost {who} (no answer within {roll_call_s:g} s: killed, crashed or stuck)"
         else:
-            lost_text = "saw a collective fail although every rank answered the roll call"
+            lost_text = ALL_ANSWERED
     except ConnectionError as e:
         host = "rank 0" if _store_hosted_by_rank0() else "the store's host"
         lost_text = f"lost {host}: {e}"
@@ -109,6 +111,9 @@ def exit_on_peer_loss(fn: Callable, rank: int, world: int, roll_call_s: float = 
             except Exception as inner:  # the diagnosis must never hide the exit
                 msg = f"megatron_probe: rank {rank} lost a peer ({_first_line(e)}; diagnosis failed: {inner})"
             print(msg, file=sys.stderr, flush=True)
+            if ALL_ANSWERED in msg:  # no peer was lost: the traceback is the diagnosis after all
+                traceback.print_exception(e, file=sys.stderr)
+            sys.stderr.flush()
             sys.stdout.flush()
             os._exit(PEER_LOST_EXIT)
 
