@@ -15,7 +15,7 @@ from megatron_probe.experiments.equivalence import ASSIGNMENTS, PLACEMENTS, Equi
 
 
 def _reproduce(opts, trial) -> str:
-    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --tp {opts.tp} --pp {opts.pp} --experts {opts.experts} --topk {opts.topk} "
+    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --tp {opts.tp}{' --sp' if opts.sp else ''} --pp {opts.pp} --experts {opts.experts} --topk {opts.topk} "
             f"--replica-slots {opts.replica_slots} --dtype {opts.dtype} --seed {opts.seed} "
             f"--first-trial {trial.trial} --trials 1")
 
@@ -83,6 +83,14 @@ def test_equivalence_under_tensor_parallel_attention():
     the TP peers hold the same tokens), world 4 = TP 2 x 2 replicas with EP 2."""
     opts = EquivalenceOptions(ep=2, dp=2, tp=2, experts=8, topk=2, replica_slots=2, trials=120, seed=29)
     assert run_ranks(equivalence, 4, opts)[0] == 120
+
+
+@pytest.mark.slow
+def test_equivalence_under_sequence_parallel():
+    """TP 2 with sequence parallel beside EP 4 (world 4): the TP peers hold distinct tokens, and
+    one expert group spans both TP groups."""
+    opts = EquivalenceOptions(ep=4, tp=2, sp=True, experts=8, topk=2, replica_slots=2, trials=60, seed=37)
+    assert run_ranks(equivalence, 4, opts)[0] == 60
 
 
 @pytest.mark.slow

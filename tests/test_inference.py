@@ -123,6 +123,24 @@ def test_inference_script_compare_at_ep2(tmp_path):
     assert run["summary"]["probe/copies"] == probe["copies"]
 
 
+def _serve_layouts(tmp_path, common, runs):
+    """Serve 16 requests with ``common`` plus each run's flags; check every run (PROBE's tokens
+    equal the stock layer's, every request served, every MoE layer reported, the layout
+    recorded); returns ``({run: PROBE's tokens}, the last run's stdout)``."""
+    tokens = {}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.json"
+        r = _script(*common, *extra, "--json", str(out))
+        assert r.returncode == 0, (name, r.stdout[-2000:], r.stderr[-3000:])
+        res = json.loads(out.read_text())
+        assert res["tokens_identical"] is True, (name, res.get("requests_differing"))
+        assert sorted(int(i) for i in res["tokens"]["probe"]) == list(range(16)), name  # every rank's share
+        assert len(res["modes"]["probe"]["ir_before_per_layer"]) == 6, name  # every MoE layer, whatever its stage
+        assert res["sp"] is ("--sequence-parallel" in extra), name
+        tokens[name] = res["tokens"]["probe"]
+    return tokens, r.stdout
+
+
 @pytest.mark.slow
 @needs_ckpt
 def test_inference_script_serves_data_tensor_and_pipeline_parallel_layouts(tmp_path):
@@ -137,19 +155,26 @@ def test_inference_script_serves_data_tensor_and_pipeline_parallel_layouts(tmp_p
               "--expert-model-parallel-size", "2"]
     runs = {"ep2": [], "ep2_pp2": ["--pipeline-model-parallel-size", "2"], "ep2_dp2": ["--data-parallel-size", "2"],
             "ep2_dp2_tp2": ["--data-parallel-size", "2", "--tensor-model-parallel-size", "2"]}
-    tokens = {}
-    for name, extra in runs.items():
-        out = tmp_path / f"{name}.json"
-        r = _script(*common, *extra, "--json", str(out))
-        assert r.returncode == 0, (name, r.stdout[-2000:], r.stderr[-3000:])
-        res = json.loads(out.read_text())
-        assert res["tokens_identical"] is True, (name, res.get("requests_differing"))
-        assert sorted(int(i) for i in res["tokens"]["probe"]) == list(range(16)), name  # every rank's share
-        assert len(res["modes"]["probe"]["ir_before_per_layer"]) == 6, name  # every MoE layer, whatever its stage
-        tokens[name] = res["tokens"]["probe"]
-    assert "EP 2 x DP 2, TP 2" in r.stdout, r.stdout[-1500:]
+    tokens, stdout = _serve_layouts(tmp_path, common, runs)
+    assert "EP 2 x DP 2, TP 2" in stdout, stdout[-1500:]
     assert tokens["ep2_pp2"] == tokens["ep2"]
     assert tokens["ep2_dp2_tp2"] == tokens["ep2_dp2"]
+
+
+@pytest.mark.slow
+@needs_ckpt
+def test_inference_script_serves_sequence_parallel(tmp_path):
+    """Megatron's sequence parallel over TP 2 beside EP 2 (the TP peers serve the same requests,
+    each MoE layer dispatches each rank's half of the packed tokens), alone and with PP 2 (shards
+    of the hidden states sent stage to stage): the PROBE model's tokens equal the stock layer's,
+    and both give the tokens TP 2 without sequence parallel gives."""
+    common = ["--compare", "--workload", "shift", "--max-steps", "10", "--max-requests", "16", "--quiet",
+              "--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2"]
+    runs = {"tp2": [], "tp2_sp": ["--sequence-parallel"],
+            "tp2_sp_pp2": ["--sequence-parallel", "--pipeline-model-parallel-size", "2"]}
+    tokens, stdout = _serve_layouts(tmp_path, common, runs)
+    assert "EP 2, TP 2, PP 2 with SP" in stdout, stdout[-1500:]
+    assert tokens["tp2_sp"] == tokens["tp2"] and tokens["tp2_sp_pp2"] == tokens["tp2"]
 
 
 @pytest.mark.slow
@@ -206,7 +231,7 @@ def _bad_workload(tmp_path):
     (["--pipeline-model-parallel-size", "4"], "pipeline parallel size 4 does not divide the model's num_layers 6"),
     (["--pipeline-model-parallel-size", "2", "--probe-predictor-state", "x.pt"], "the stages are not mapped onto it"),
     (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: the PROBE dispatcher splits whole"),
-    (["--sequence-parallel"], "--sequence-parallel: not served yet"),
+    (["--sequence-parallel"], "--sequence-parallel with --tensor-model-parallel-size 1: sequence parallelism shards"),
     (["--data-parallel-size", "0"], "--data-parallel-size 0 must be >= 1"),
     (["--regime", "scaled", "--data-parallel-size", "2"], "the scaled regime replays one expert group's trace"),
 ])

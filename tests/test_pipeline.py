@@ -12,12 +12,14 @@ import torch.distributed as dist
 from distributed import init_ep, run_ranks
 
 
-def _skewed_gpt(rank, ws, num_layers=4, ep=None, tp=1):
+def _skewed_gpt(rank, ws, num_layers=4, ep=None, tp=1, sp=False):
     """A small 4-layer GPT at EP ``ep`` (default ws; ws / ep data-parallel replicas of the expert
     group) whose routing forces replicas (an expert bias makes one expert every token's first
     choice; skewed token ids), four batches per rank, the plain model's logits for them, and a
     cost model under which even tiny batches are worth balancing. ``tp``: Megatron's tensor
-    parallel attention (TP peers get the same batches, as without sequence parallel)."""
+    parallel attention (TP peers get the same batches); ``sp``: sequence parallel over them, the
+    model returned is sequence parallel and the reference logits are its twin's without sequence
+    parallel (the same weights)."""
     from megatron_probe import ProbeConfig
     from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, forward_logits
     from megatron_probe.policy.cost_model import ExpertCost
@@ -28,22 +30,28 @@ def _skewed_gpt(rank, ws, num_layers=4, ep=None, tp=1):
     torch.manual_seed(0)
     cfg = TinyMoEConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
                         expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
-    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp)
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp, sp=sp)
     model.eval()
+    plain = model
+    if sp:
+        plain = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp)
+        plain.load_state_dict(model.state_dict())
+        plain.eval()
     # adversarial skew: an expert bias makes expert 0 (rank 0's) every token's first choice
-    for i, layer in enumerate(moe_layers(model)):
-        r = layer.router
-        r.enable_expert_bias = True
+    for i, layers in enumerate(zip(moe_layers(model), moe_layers(plain))):
         bias = torch.zeros(cfg.num_experts)
         bias[(3 * i) % cfg.num_experts if i % 2 else 0] = 5.0
-        r._cpu_buffer("expert_bias", bias, persistent=True)
-        r._cpu_buffer("local_tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        for layer in set(layers):
+            r = layer.router
+            r.enable_expert_bias = True
+            r._cpu_buffer("expert_bias", bias.clone(), persistent=True)
+            r._cpu_buffer("local_tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
     gen = torch.Generator().manual_seed(7 + rank // tp)
     # skewed tokens: a few token ids dominate, so some experts are hot
-    batches = [torch.randint(0, 6 if step % 2 else cfg.vocab_size, (1, 20 + 5 * (rank // tp) + 2 * step), generator=gen)
-               for step in range(4)]
+    batches = [torch.randint(0, 6 if step % 2 else cfg.vocab_size, (1, 20 + (6 if sp else 5) * (rank // tp) + 2 * step),
+                             generator=gen) for step in range(4)]  # under SP: lengths TP divides
     with torch.no_grad():
-        refs = [forward_logits(model, b) for b in batches]
+        refs = [forward_logits(plain, b) for b in batches]
     return model, batches, refs, ExpertCost(1.0, 0.0)
 
 
@@ -183,25 +191,34 @@ def pipeline_data_parallel(rank, ws):
     return s["copies"]
 
 
-def pipeline_tensor_parallel(rank, ws, ep):
-    """World 4 with Megatron's tensor-parallel attention (TP 2, expert TP 1, no sequence
-    parallel: TP peers hold the same tokens) and EP ``ep``: the live pipeline, its forecasts made
-    from the replicated residual stream, plans agreed on the EP group; outputs equal the plain
-    model's with replicas copied at every step."""
+def pipeline_tensor_parallel(rank, ws, ep, sp):
+    """World 4 with Megatron's tensor-parallel attention (TP 2, expert TP 1) and EP ``ep``: the
+    live pipeline, plans agreed on the EP group; outputs equal the plain model's with replicas
+    copied at every step. Without sequence parallel the TP peers hold the same tokens and
+    forecast from the replicated residual stream. With it (``sp``: the embeddings scatter the
+    sequence, attention gathers it and reduce-scatters its output, the output layer gathers it)
+    each MoE layer gets this rank's half of the tokens only, the TP peers' halves are forecast,
+    planned and dispatched as distinct tokens, and the logits equal the same weights' without
+    sequence parallel."""
     from megatron.core import parallel_state
 
     from megatron_probe import ProbeConfig
+    from megatron_probe.runtime.model_walk import moe_layers
     from megatron_probe.runtime.pipeline import LookaheadPipeline
 
-    model, batches, refs, unit_cost = _skewed_gpt(rank, ws, ep=ep, tp=2)
-    assert parallel_state.get_tensor_model_parallel_world_size() == 2
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws, ep=ep, tp=2, sp=sp)
+    assert parallel_state.get_tensor_model_parallel_world_size() == 2 and model.config.sequence_parallel == sp
+    seen = []
+    hook = moe_layers(model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     scale = max(float(r.abs().max()) for r in refs)
     pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
                        prefetch_deadline_ms=10_000.0)
     pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
     max_abs = _run_steps(model, pipe, batches, refs)
+    hook.remove()
     s = pipe.summary()
     pipe.close()
+    assert seen == [b.shape[1] // (2 if sp else 1) for b in batches], (rank, seen)
     assert max_abs <= 1e-5 * scale and s["copies"] > 0 and s["dropped"] == 0, (rank, ep, max_abs, scale, s)
     return s["copies"]
 
@@ -209,7 +226,14 @@ def pipeline_tensor_parallel(rank, ws, ep):
 @pytest.mark.slow
 @pytest.mark.parametrize("ep", [2, 4])
 def test_pipeline_under_tensor_parallel_attention(ep):
-    copies = run_ranks(pipeline_tensor_parallel, 4, ep)
+    copies = run_ranks(pipeline_tensor_parallel, 4, ep, False)
+    assert all(c > 0 for c in copies), copies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [2, 4])
+def test_pipeline_under_sequence_parallel(ep):
+    copies = run_ranks(pipeline_tensor_parallel, 4, ep, True)
     assert all(c > 0 for c in copies), copies
 
 

@@ -104,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replicas of the expert group, each serving its own requests (processes = EP x DP; under "
                         "torchrun, WORLD_SIZE must equal it)")
     d.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="Megatron's tensor-parallel attention and embeddings (expert TP 1, no sequence parallel: "
-                        "the TP ranks of a group serve the same requests); must divide EP x DP")
+                   help="Megatron's tensor-parallel attention and embeddings (expert TP 1; the TP ranks of a group "
+                        "serve the same requests); must divide EP x DP")
     d.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="Megatron's pipeline stages (processes = EP x DP x PP; the stages of a pipeline serve the "
                         "same requests; each stage balances its own MoE layers)")
     d.add_argument("--expert-tensor-parallel-size", type=int, default=1, help="Megatron's ETP (only 1 is served)")
-    d.add_argument("--sequence-parallel", action="store_true", help="Megatron's SP (not served: needs TP > 1)")
+    d.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's SP over the TP ranks (needs TP > 1): outside attention each TP rank holds its "
+                        "share of the packed tokens, so the MoE layers dispatch each token once, not TP times")
     d.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "probe"), default="probe",
                    help="what to serve without --compare: the stock layer (alltoall) or PROBE")
     d.add_argument("--compare", action="store_true", help="serve with stock and PROBE alternately, print ratios")
@@ -232,7 +234,7 @@ def validate(a, p):
                         max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
                         bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
                         metrics_path=a.metrics_jsonl, expect=expect, dp=a.data_parallel_size,
-                        tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size)
+                        tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size, sp=a.sequence_parallel)
     return opts
 
 
@@ -241,10 +243,9 @@ def check_parallelism(a) -> None:
     if a.expert_tensor_parallel_size != 1:
         raise ValueError(f"--expert-tensor-parallel-size {a.expert_tensor_parallel_size}: the PROBE dispatcher splits "
                          "whole experts only (expert tensor parallel 1); valid: 1")
-    if a.sequence_parallel:
-        raise ValueError("--sequence-parallel: not served yet (the engine's packed attention cuts the packed "
-                         "sequence by request, and sequence parallelism shards it across the TP ranks; on CPU, "
-                         "Megatron-Core 0.16's sequence-parallel reduce-scatter also allocates on CUDA); drop the flag")
+    if a.sequence_parallel and a.tensor_model_parallel_size < 2:
+        raise ValueError(f"--sequence-parallel with --tensor-model-parallel-size {a.tensor_model_parallel_size}: "
+                         "sequence parallelism shards the sequence over the TP ranks; valid: TP >= 2")
     stage = a.expert_model_parallel_size * a.data_parallel_size
     if a.tensor_model_parallel_size < 1 or stage % a.tensor_model_parallel_size:
         raise ValueError(f"--tensor-model-parallel-size {a.tensor_model_parallel_size}: must be >= 1 and divide the "
@@ -300,7 +301,7 @@ def print_table(res: dict) -> None:
         rows[0] = ("throughput (processed tok/s)", "throughput_tok_s")
         rows.pop(1)
     dp = "".join(f"{sep}{k.upper()} {res[k]}" for sep, k in ((" x ", "dp"), (", ", "tp"), (", ", "pp"))
-                 if res.get(k, 1) > 1)
+                 if res.get(k, 1) > 1) + (" with SP" if res.get("sp") else "")
     print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}{dp}  ({res['host'].get('machine')}, "
           f"{res['host'].get('cpus')} cpus, torch {res['host'].get('torch')})")
     if res.get("regime_detail"):

@@ -54,7 +54,8 @@ class EquivalenceOptions:
     compare_stock: bool = True
     first_trial: int = 0  # trials first_trial .. first_trial + trials - 1 (each drawn from (seed, trial) alone)
     dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each replica its own tokens
-    tp: int = 1  # tensor parallel (attention; expert TP 1): TP peers hold the same tokens, as without SP
+    tp: int = 1  # tensor parallel (attention; expert TP 1): TP peers hold the same tokens, unless sp
+    sp: bool = False  # sequence parallel over the TP peers: each holds its own share of the tokens
     pp: int = 1  # pipeline stages: world = pp x dp x ep, each stage's layer on its own expert groups
 
 
@@ -249,6 +250,8 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     dtype = _torch_dtype(opts.dtype)
     if (world_size // opts.pp) % opts.tp:
         raise ValueError(f"TP {opts.tp} does not divide the {world_size // opts.pp} processes of a stage")
+    if opts.sp and opts.tp < 2:
+        raise ValueError(f"sequence parallel with TP {opts.tp}: it shards the tokens over the TP peers; valid: TP >= 2")
     initialize_megatron_parallel(ep, seed=opts.seed, device=device.type, tp_size=opts.tp, pp_size=opts.pp)
     from megatron.core import parallel_state
 
@@ -256,9 +259,9 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     # with DP > 1 (Megatron's expert groups [0..ep-1], [ep..2ep-1], ...): the trial's model and
     # routing are the same in every replica, the tokens are each rank's own
     rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
-    # with TP > 1 (no sequence parallel) the attention-TP peers hold the same tokens: they draw
-    # them from their TP group's index
-    source = world_rank // opts.tp
+    # with TP > 1 the attention-TP peers hold the same tokens (drawn from their TP group's index),
+    # unless the model is sequence parallel: then each its own share, as under DP
+    source = world_rank if opts.sp else world_rank // opts.tp
     singles = [dist.new_group([r]) for r in range(world_size)] if world_size > 1 else [None]
     single = singles[world_rank]
     backends = available_backends(device, dtype) if opts.backend == "all" else [opts.backend]
@@ -302,7 +305,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         cfg = TransformerConfig(
             num_layers=1, hidden_size=H, num_attention_heads=4, ffn_hidden_size=Fh, moe_ffn_hidden_size=Fh,
             num_moe_experts=E, moe_router_topk=K, expert_model_parallel_size=ep, tensor_model_parallel_size=opts.tp,
-            expert_tensor_parallel_size=1, pipeline_model_parallel_size=opts.pp,
+            expert_tensor_parallel_size=1, sequence_parallel=opts.sp, pipeline_model_parallel_size=opts.pp,
             pipeline_dtype=dtype if opts.pp > 1 else None,
             moe_token_dispatcher_type="alltoall", use_cpu_initialization=device.type == "cpu",
             add_bias_linear=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -422,7 +425,7 @@ def _build_stock_layer(cfg, stock_spec, single_group, device, MoELayer, build_mo
                        ProcessGroupCollection, ProbeRouter, have_te):
     stock_cfg = dataclasses.replace(
         cfg, expert_model_parallel_size=1, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
+        sequence_parallel=False, moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
     )
     pgs = ProcessGroupCollection()
     from megatron.core import parallel_state

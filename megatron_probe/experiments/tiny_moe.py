@@ -76,7 +76,7 @@ class TinyMoEConfig:
 
 
 def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dispatcher: str = "alltoall",
-                       tp: int = 1, pp: int = 1):
+                       tp: int = 1, pp: int = 1, sp: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -86,7 +86,7 @@ def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dis
         moe_router_score_function=cfg.score_function, moe_router_pre_softmax=cfg.topk == 1,
         moe_router_dtype="fp32", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=ep, tensor_model_parallel_size=tp, expert_tensor_parallel_size=1,
-        pipeline_model_parallel_size=pp, pipeline_dtype=dtype if pp > 1 else None,
+        sequence_parallel=sp, pipeline_model_parallel_size=pp, pipeline_dtype=dtype if pp > 1 else None,
         gated_linear_unit=True, activation_func=F.silu,
         bias_activation_fusion=False, add_bias_linear=False, normalization="RMSNorm",
         params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True,
@@ -94,13 +94,16 @@ def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dis
     )
 
 
-def layer_spec(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None):
+def layer_spec(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, sp: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from megatron_probe.mcore.cpu import SequenceParallelTorchNorm
     from megatron_probe.mcore.router import ProbeRouter
     from megatron_probe.mcore.spec import probe_layer_spec
 
     stock = get_gpt_layer_local_spec(num_experts=cfg.num_experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    if sp:  # the local spec's torch norm refuses sequence parallel; ours is the same norm
+        stock.submodules.input_layernorm = stock.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     # TopKRouter's gating needs CUDA + Transformer Engine in Megatron-Core 0.16; ProbeRouter
     # inherits its routing and runs anywhere.
     stock.submodules.mlp.submodules.router = ProbeRouter
@@ -112,25 +115,39 @@ def layer_spec(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None):
 
 
 def build_model(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, ep: int = 1, dtype=torch.float32,
-                tp: int = 1, pp: int = 1):
+                tp: int = 1, pp: int = 1, sp: bool = False):
     """GPTModel (learned absolute positions, tied embeddings). The Megatron parallel state must
     be initialised with this EP, TP and PP size (TP: Megatron's tensor-parallel attention and
-    embeddings, expert TP 1, no sequence parallel; PP: this rank's stage, its layers only, with
-    untied output weights, since Megatron-Core 0.16 ties them across stages on CUDA only). ``spec='stock'`` uses the stock MoELayer with the
-    ``allgather`` dispatcher, the one whose stock constructor and forward run on CPU (EP = 1 only)."""
+    embeddings, expert TP 1; ``sp``: Megatron's sequence parallelism over the TP ranks, so each
+    holds its share of the sequence outside attention, the MoE layers included; PP: this rank's
+    stage, its layers only, with untied output weights, since Megatron-Core 0.16 ties them across
+    stages on CUDA only). ``spec='stock'`` uses the stock MoELayer with the ``allgather``
+    dispatcher, the one whose stock constructor and forward run on CPU (EP = 1 only)."""
     from megatron.core.models.gpt import GPTModel
+
+    if sp and tp < 2:
+        raise ValueError(f"sequence parallel needs tensor parallel size > 1 (it shards the sequence over the TP "
+                         f"ranks); got TP {tp}")
 
     if spec == "stock" and ep != 1 and not torch.cuda.is_available():
         raise ValueError("the stock Megatron MoE dispatchers need CUDA for EP > 1; use spec='probe' on CPU")
     dispatcher = "alltoall" if (spec == "probe" or torch.cuda.is_available()) else "allgather"
-    tc = transformer_config(cfg, ep=ep, dtype=dtype, dispatcher=dispatcher, tp=tp, pp=pp)
+    tc = transformer_config(cfg, ep=ep, dtype=dtype, dispatcher=dispatcher, tp=tp, pp=pp, sp=sp)
     stage = {}
     if pp > 1:
         from megatron.core import parallel_state
 
         rank = parallel_state.get_pipeline_model_parallel_rank()
         stage = dict(pre_process=rank == 0, post_process=rank == pp - 1)
-    return GPTModel(config=tc, transformer_layer_spec=layer_spec(cfg, spec, probe_config),
+    block = layer_spec(cfg, spec, probe_config, sp)
+    if sp:  # the final norm too (Megatron would pick its torch norm for it)
+        from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+        from megatron_probe.mcore.cpu import SequenceParallelTorchNorm
+
+        block = TransformerBlockSubmodules(layer_specs=[block] * get_num_layers_to_build(tc),
+                                           layer_norm=SequenceParallelTorchNorm)
+    return GPTModel(config=tc, transformer_layer_spec=block,
                     vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
                     position_embedding_type="learned_absolute", share_embeddings_and_output_weights=pp == 1, **stage)
 
@@ -317,9 +334,10 @@ def check_trace_for_checkpoint(trace, path: str, cfg: TinyMoEConfig, hidden_laye
 
 
 def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config=None, ep: int = 1,
-               rank: int = 0, dtype=torch.float32, tp: int = 1, tp_rank: int = 0, pp: int = 1, stage: int = 0):
+               rank: int = 0, dtype=torch.float32, tp: int = 1, tp_rank: int = 0, pp: int = 1, stage: int = 0,
+               sp: bool = False):
     """(model, tokenizer, config) from a checkpoint folder, in eval mode, for EP rank ``rank`` of
-    ``ep``, TP rank ``tp_rank`` of ``tp`` and pipeline stage ``stage`` of ``pp``. Every file is checked first
+    ``ep``, TP rank ``tp_rank`` of ``tp`` (sequence parallel if ``sp``) and pipeline stage ``stage`` of ``pp``. Every file is checked first
     (:func:`read_checkpoint`): a bad one raises
     :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming it."""
     cfg, tok, full = read_checkpoint(path)
@@ -327,7 +345,7 @@ def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config
         raise ValueError(f"checkpoint has {cfg.num_experts} experts, not divisible by EP {ep}")
     check_tensor_parallel(cfg, tp)
     check_pipeline_parallel(cfg, pp)
-    model = build_model(cfg, spec, probe_config, ep, dtype, tp=tp, pp=pp)
+    model = build_model(cfg, spec, probe_config, ep, dtype, tp=tp, pp=pp, sp=sp)
     if pp > 1:
         full = stage_state_dict(full, cfg.num_layers, pp, stage)
     sd = shard_state_dict(full, ep, rank, cfg.num_experts, tp, tp_rank)

@@ -110,15 +110,32 @@ class PackedSelfAttention(torch.nn.Module):
         self._engine = [engine]  # a list: not registered as a submodule
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        segments = self._engine[0].segments
+        engine = self._engine[0]
+        segments = engine.segments
         if not segments:
             return torch.zeros_like(hidden_states), None
+        if engine.sequence_parallel:  # this rank's share of the sequence: attention needs all of it
+            hidden_states = _gather_sequence(hidden_states, engine.tp_group)
         outs, bias = [], None
         for seg in segments:
             h = hidden_states[seg.start:seg.start + seg.length]
             out, bias = self.inner(h, seg.mask, inference_context=seg.context)
             outs.append(out)
-        return torch.cat(outs, 0), bias
+        out = torch.cat(outs, 0)
+        if engine.sequence_parallel:  # back to this rank's share (the padding rows: zero)
+            pad = hidden_states.shape[0] - out.shape[0]
+            if pad:
+                out = torch.cat([out, out.new_zeros(pad, *out.shape[1:])], 0)
+            share = out.shape[0] // engine.tp_size
+            out = out[engine.tp_rank * share:(engine.tp_rank + 1) * share]
+        return out, bias
+
+
+def _gather_sequence(shard: torch.Tensor, group) -> torch.Tensor:
+    """The TP group's sequence shards ``[T / tp, ...]`` -> the whole ``[T, ...]``, in rank order."""
+    out = shard.new_empty(shard.shape[0] * dist.get_world_size(group), *shard.shape[1:])
+    dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+    return out
 
 
 class KVSlots:
@@ -165,7 +182,13 @@ class ContinuousBatchingEngine:
     ``group``: the process group whose ranks step together (the EP group; ``None`` on one
     process). ``kv_capacity``: KV slots, i.e. the most requests decoding at once on this rank.
     ``tp_group``: Megatron's tensor-parallel group when TP > 1 (the logits are vocab-parallel:
-    gathered here, on the model's device; Megatron's own gather allocates on CUDA). ``stages``:
+    gathered here, on the model's device; Megatron's own gather allocates on CUDA). With the
+    model's ``config.sequence_parallel`` the TP peers, which serve the same requests, each hold
+    a share of the packed sequence outside attention (the MoE layers dispatch only their
+    share): the packed batch is padded to a multiple of TP with at most TP - 1 tokens (position
+    0, never sampled, routed like any token), and :class:`PackedSelfAttention` gathers the
+    sequence, runs each request's attention with Megatron's sequence-parallel linears switched
+    to plain TP, and keeps its share of the result. ``stages``:
     this rank's :class:`StageLinks` under pipeline parallelism (every stage of a pipeline runs
     the same schedule on the same requests; only the layers differ).
     """
@@ -188,6 +211,13 @@ class ContinuousBatchingEngine:
         self.model, self.name = model, name
         self.max_seq_len, self.prefill_chunk, self.eos_id, self.group = max_seq_len, prefill_chunk, eos_id, group
         self.tp_group, self.stages = tp_group, stages
+        self.sequence_parallel = bool(getattr(model.config, "sequence_parallel", False))
+        self.tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+        self.tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+        if self.sequence_parallel and self.tp_size < 2:
+            raise ValueError(f"the model is sequence parallel but the engine's TP group has {self.tp_size} rank(s): "
+                             "pass tp_group (Megatron's tensor-parallel group, size > 1)")
+        self.pad_id = 0 if eos_id is None else eos_id
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.slots = KVSlots(model, kv_capacity, max_seq_len, param.dtype, param.device)
@@ -257,12 +287,15 @@ class ContinuousBatchingEngine:
             if before_forward is not None:
                 before_forward()
             with nvtx_range(f"{self.name}.step"), _packed_attention(self.model, self):
-                tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-                positions = torch.tensor([pos], dtype=torch.long, device=self.device)
+                pad = (-len(ids)) % self.tp_size if self.sequence_parallel else 0
+                tokens = torch.tensor([ids + [self.pad_id] * pad], dtype=torch.long, device=self.device)
+                positions = torch.tensor([pos + [0] * pad], dtype=torch.long, device=self.device)
+                # this rank's rows of the hidden states: all T, or its share under sequence parallel
+                rows = (len(ids) + pad) // (self.tp_size if self.sequence_parallel else 1)
                 links = self.stages
                 # the stages of a pipeline serve the same requests: the same T on each (0: nothing moves)
                 if links is not None and links.prev is not None:  # a later stage: the previous one's output
-                    h = torch.empty(len(ids), 1, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+                    h = torch.empty(rows, 1, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
                     if ids:
                         dist.recv(h, links.prev)
                     self.model.set_input_tensor(h)
@@ -339,6 +372,9 @@ class _packed_attention:
     def __enter__(self):
         self.depth = stages.depth()
         for i, layer in enumerate(self.layers):
+            if self.engine.sequence_parallel:  # attention runs on the gathered sequence: plain TP linears
+                for linear in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj):
+                    linear.sequence_parallel = False
             layer.self_attention = PackedSelfAttention(layer.self_attention, self.engine)
             self.handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: nvtx_push(f"layer{i}")))
             self.handles.append(layer.register_forward_hook(lambda m, a, o: nvtx_pop()))
@@ -352,6 +388,9 @@ class _packed_attention:
         self.handles.clear()
         for layer in self.layers:
             layer.self_attention = layer.self_attention.inner
+            if self.engine.sequence_parallel:
+                for linear in (layer.self_attention.linear_qkv, layer.self_attention.linear_proj):
+                    linear.sequence_parallel = True
 
 
 def requests_from_workload(workload, rank: int = 0, world: int = 1, max_requests: Optional[int] = None,

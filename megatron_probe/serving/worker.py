@@ -37,7 +37,8 @@ class ServeOptions:
     workload: str
     ep: int = 2
     dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each rank its own requests
-    tp: int = 1  # tensor-parallel attention (expert TP 1, no SP): TP peers serve the same requests
+    tp: int = 1  # tensor-parallel attention (expert TP 1): TP peers serve the same requests
+    sp: bool = False  # sequence parallel over the TP peers: each holds its share of the tokens outside attention
     pp: int = 1  # pipeline stages: world = pp x dp x ep; the stages of a pipeline serve the same requests
     modes: tuple = ("stock", "probe")
     probe: Optional[ProbeConfig] = None  # validated once by the caller (default: ProbeConfig())
@@ -74,7 +75,7 @@ def _build(mode: str, opts: ServeOptions, probe_cfg):
 
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     ep = opts.ep
-    where = dict(ep=ep, rank=ps.get_expert_model_parallel_rank(), dtype=dtype, tp=opts.tp,
+    where = dict(ep=ep, rank=ps.get_expert_model_parallel_rank(), dtype=dtype, tp=opts.tp, sp=opts.sp,
                  tp_rank=ps.get_tensor_model_parallel_rank(), pp=opts.pp, stage=ps.get_pipeline_model_parallel_rank())
     if mode == "stock":
         if torch.cuda.is_available() or ep == 1:
@@ -106,8 +107,10 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     ``opts.dp`` > 1 the world holds ``dp`` replicas of the expert group (Megatron's expert groups
     of ``ep`` consecutive ranks): each rank serves its own share of the requests, each expert
     group steps and balances on its own. With ``opts.tp`` > 1 (Megatron's tensor-parallel
-    attention, expert TP 1, no sequence parallel) the ``tp`` ranks of a TP group serve the same
-    requests together; only TP rank 0's requests and token counts enter the result. With
+    attention, expert TP 1) the ``tp`` ranks of a TP group serve the same requests together;
+    only TP rank 0's requests and token counts enter the result. With ``opts.sp`` (sequence
+    parallel) the TP peers still serve the same requests, but each holds and dispatches its own
+    share of the step's tokens outside attention (see the engine). With
     ``opts.pp`` > 1 each stage holds its share of the layers (Megatron's stages: ranks
     ``stage * ws / pp ...``); hidden states go stage to stage, the last stage samples, and each
     stage's PROBE pipeline balances its own MoE layers on its own expert groups."""
@@ -394,7 +397,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                 out["prediction_rank_load_err"] = glob["mean_rank_load_err"]
         modes[m] = out
     res = {"regime": "model", "calibration": gathered[0].get("calibration", {}), "workload": wl.scenario, "workload_path": opts.workload, "ep": opts.ep,
-           "dp": opts.dp, "tp": opts.tp, "pp": opts.pp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
+           "dp": opts.dp, "tp": opts.tp, "sp": opts.sp, "pp": opts.pp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("expect",)},
            "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if wl.extra.get("shift_step") is not None:
