@@ -45,10 +45,10 @@ def _call_and_keep(rank, world_size, fn, out_dir, *args):
         pickle.dump(result, f)
 
 
-def init_ep(ep, tp=1, pp=1):
+def init_ep(ep, tp=1, pp=1, etp=1):
     from megatron_probe.mcore.cpu import initialize_megatron_parallel
 
-    initialize_megatron_parallel(ep, tp_size=tp, pp_size=pp)
+    initialize_megatron_parallel(ep, tp_size=tp, pp_size=pp, etp_size=etp)
 
 
 def moe_config(ep, E=8, K=2, H=32, Fh=64, dtype=torch.float32, **kw):

@@ -15,7 +15,7 @@ from megatron_probe.experiments.equivalence import ASSIGNMENTS, PLACEMENTS, Equi
 
 
 def _reproduce(opts, trial) -> str:
-    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --tp {opts.tp}{' --sp' if opts.sp else ''} --pp {opts.pp} --experts {opts.experts} --topk {opts.topk} "
+    return (f"python tools/check_equivalence.py --ep {opts.ep} --dp {opts.dp} --tp {opts.tp}{' --sp' if opts.sp else ''} --etp {opts.etp} --pp {opts.pp} --experts {opts.experts} --topk {opts.topk} "
             f"--replica-slots {opts.replica_slots} --dtype {opts.dtype} --seed {opts.seed} "
             f"--first-trial {trial.trial} --trials 1")
 
@@ -90,6 +90,18 @@ def test_equivalence_under_sequence_parallel():
     """TP 2 with sequence parallel beside EP 4 (world 4): the TP peers hold distinct tokens, and
     one expert group spans both TP groups."""
     opts = EquivalenceOptions(ep=4, tp=2, sp=True, experts=8, topk=2, replica_slots=2, trials=60, seed=37)
+    assert run_ranks(equivalence, 4, opts)[0] == 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True])
+def test_equivalence_under_expert_tensor_parallel(sp):
+    """Expert TP 2 = TP 2 beside EP 2 (world 4: Megatron's expert-TP groups [0, 1], [2, 3] and EP
+    groups [0, 2], [1, 3]): every rank holds a share of each of its experts' weights, the partial
+    outputs are summed over the TP peers; with sequence parallel the peers' tokens are gathered
+    first. Output equals the dense reference of the whole experts within tolerance."""
+    opts = EquivalenceOptions(ep=2, dp=2, tp=2, etp=2, sp=sp, experts=8, topk=2, replica_slots=2, trials=60,
+                              seed=41)
     assert run_ranks(equivalence, 4, opts)[0] == 60
 
 

@@ -60,4 +60,5 @@ def test_threads_record_and_jsonl_roundtrip(tmp_path):
     write_jsonl(str(path), first[:10])
     write_jsonl(str(path), first[10:20])  # appends
     assert read_jsonl(str(path)) == first[:20]
-    assert set(CHUNK_KINDS) == {"send", "recv"} and set(A2A_KINDS) == {"a2a_dispatch", "a2a_combine"}
+    assert set(CHUNK_KINDS) == {"send", "recv"}
+    assert set(A2A_KINDS) == {"a2a_dispatch", "a2a_combine", "a2a_etp_gather", "a2a_etp_reduce"}

@@ -147,18 +147,23 @@ def test_inference_script_serves_data_tensor_and_pipeline_parallel_layouts(tmp_p
     """Megatron's parallel layouts beside EP 2, each against the layout with the same requests per
     rank without it: DP 2 (4 processes, expert groups [0, 1] and [2, 3], each rank its own
     requests) then TP 2 on top (the checkpoint's attention and embedding weights split over the
-    TP ranks, which serve the same requests); and PP 2 (stages of 3 layers, hidden states sent
-    stage to stage, each stage balancing its own MoE layers) against EP 2 alone. In every run the
-    PROBE model's tokens equal the stock layer's, and each layout gives the tokens its
-    counterpart gave."""
+    TP ranks, which serve the same requests), then expert TP 2, without and with sequence
+    parallel (every expert's weights split over the TP ranks; EP groups [0, 2] and [1, 3]); and
+    PP 2 (stages of 3 layers, hidden states sent stage to stage, each stage balancing its own MoE
+    layers) against EP 2 alone. In every run the PROBE model's tokens equal the stock layer's, and
+    each layout gives the tokens its counterpart gave."""
     common = ["--compare", "--workload", "shift", "--max-steps", "10", "--max-requests", "16", "--quiet",
               "--expert-model-parallel-size", "2"]
+    dp2_tp2 = ["--data-parallel-size", "2", "--tensor-model-parallel-size", "2"]
+    etp2 = ["--expert-tensor-parallel-size", "2"]
     runs = {"ep2": [], "ep2_pp2": ["--pipeline-model-parallel-size", "2"], "ep2_dp2": ["--data-parallel-size", "2"],
-            "ep2_dp2_tp2": ["--data-parallel-size", "2", "--tensor-model-parallel-size", "2"]}
+            "ep2_dp2_tp2": dp2_tp2, "ep2_dp2_tp2_etp2": dp2_tp2 + etp2,
+            "ep2_dp2_tp2_etp2_sp": dp2_tp2 + etp2 + ["--sequence-parallel"]}
     tokens, stdout = _serve_layouts(tmp_path, common, runs)
-    assert "EP 2 x DP 2, TP 2" in stdout, stdout[-1500:]
+    assert "EP 2 x DP 2, TP 2 with SP, expert TP 2" in stdout, stdout[-1500:]
     assert tokens["ep2_pp2"] == tokens["ep2"]
     assert tokens["ep2_dp2_tp2"] == tokens["ep2_dp2"]
+    assert tokens["ep2_dp2_tp2_etp2"] == tokens["ep2_dp2"] and tokens["ep2_dp2_tp2_etp2_sp"] == tokens["ep2_dp2"]
 
 
 @pytest.mark.slow
@@ -230,7 +235,9 @@ def _bad_workload(tmp_path):
     (["--regime", "scaled", "--tensor-model-parallel-size", "2"], "the scaled regime replays MoE layers only"),
     (["--pipeline-model-parallel-size", "4"], "pipeline parallel size 4 does not divide the model's num_layers 6"),
     (["--pipeline-model-parallel-size", "2", "--probe-predictor-state", "x.pt"], "the stages are not mapped onto it"),
-    (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: the PROBE dispatcher splits whole"),
+    (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: the PROBE dispatcher takes expert TP"),
+    (["--expert-tensor-parallel-size", "2", "--tensor-model-parallel-size", "2"],
+     "--expert-tensor-parallel-size 2 with --data-parallel-size 1: Megatron's expert layout"),
     (["--sequence-parallel"], "--sequence-parallel with --tensor-model-parallel-size 1: sequence parallelism shards"),
     (["--data-parallel-size", "0"], "--data-parallel-size 0 must be >= 1"),
     (["--regime", "scaled", "--data-parallel-size", "2"], "the scaled regime replays one expert group's trace"),

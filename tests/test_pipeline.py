@@ -3,6 +3,7 @@ phase locking proven from the event log, faults and dead peers ending in a stati
 timeout instead of a hang."""
 
 import os
+import tempfile
 import time
 
 import pytest
@@ -12,29 +13,31 @@ import torch.distributed as dist
 from distributed import init_ep, run_ranks
 
 
-def _skewed_gpt(rank, ws, num_layers=4, ep=None, tp=1, sp=False):
+def _skewed_gpt(rank, ws, num_layers=4, ep=None, tp=1, sp=False, etp=1):
     """A small 4-layer GPT at EP ``ep`` (default ws; ws / ep data-parallel replicas of the expert
     group) whose routing forces replicas (an expert bias makes one expert every token's first
     choice; skewed token ids), four batches per rank, the plain model's logits for them, and a
     cost model under which even tiny batches are worth balancing. ``tp``: Megatron's tensor
     parallel attention (TP peers get the same batches); ``sp``: sequence parallel over them, the
     model returned is sequence parallel and the reference logits are its twin's without sequence
-    parallel (the same weights)."""
+    parallel (the same weights); ``etp``: expert TP (1 or ``tp``)."""
     from megatron_probe import ProbeConfig
     from megatron_probe.experiments.tiny_moe import TinyMoEConfig, build_model, forward_logits
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.runtime.model_walk import moe_layers
 
     ep = ep or ws
-    init_ep(ep, tp)
+    init_ep(ep, tp, etp=etp)
     torch.manual_seed(0)
     cfg = TinyMoEConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
                         expert_ffn_hidden=16, seq_length=64, vocab_size=128, score_function="sigmoid")
-    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp, sp=sp)
+    model = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp, sp=sp,
+                        etp=etp)
     model.eval()
     plain = model
     if sp:
-        plain = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp)
+        plain = build_model(cfg, spec="probe", probe_config=ProbeConfig(replica_slots_per_rank=2), ep=ep, tp=tp,
+                            etp=etp)
         plain.load_state_dict(model.state_dict())
         plain.eval()
     # adversarial skew: an expert bias makes expert 0 (rank 0's) every token's first choice
@@ -191,7 +194,7 @@ def pipeline_data_parallel(rank, ws):
     return s["copies"]
 
 
-def pipeline_tensor_parallel(rank, ws, ep, sp):
+def pipeline_tensor_parallel(rank, ws, ep, sp, etp=1):
     """World 4 with Megatron's tensor-parallel attention (TP 2, expert TP 1) and EP ``ep``: the
     live pipeline, plans agreed on the EP group; outputs equal the plain model's with replicas
     copied at every step. Without sequence parallel the TP peers hold the same tokens and
@@ -199,25 +202,48 @@ def pipeline_tensor_parallel(rank, ws, ep, sp):
     sequence, attention gathers it and reduce-scatters its output, the output layer gathers it)
     each MoE layer gets this rank's half of the tokens only, the TP peers' halves are forecast,
     planned and dispatched as distinct tokens, and the logits equal the same weights' without
-    sequence parallel."""
+    sequence parallel. With expert TP ``etp`` = 2 (Megatron's expert groups: the TP ranks hold
+    shares of every expert, the EP groups [0, 2] and [1, 3] each dispatch the TP group's tokens
+    and copy their own shares) the same holds."""
     from megatron.core import parallel_state
 
     from megatron_probe import ProbeConfig
+    from megatron_probe.mechanism.event_log import A2A_KINDS, CHUNK_KINDS, overlapping, read_jsonl
     from megatron_probe.runtime.model_walk import moe_layers
     from megatron_probe.runtime.pipeline import LookaheadPipeline
 
-    model, batches, refs, unit_cost = _skewed_gpt(rank, ws, ep=ep, tp=2, sp=sp)
+    model, batches, refs, unit_cost = _skewed_gpt(rank, ws, ep=ep, tp=2, sp=sp, etp=etp)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2 and model.config.sequence_parallel == sp
+    assert parallel_state.get_expert_tensor_parallel_world_size() == etp
     seen = []
     hook = moe_layers(model)[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     scale = max(float(r.abs().max()) for r in refs)
+    # under expert TP, with the event log: the peers' gather and sum are phase-locked like the All-to-All
     pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
-                       prefetch_deadline_ms=10_000.0)
-    pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
-    max_abs = _run_steps(model, pipe, batches, refs)
+                       prefetch_deadline_ms=10_000.0, event_log=etp > 1)
+    with tempfile.TemporaryDirectory() as out_dir:
+        metrics = os.path.join(out_dir, f"rank{rank}.jsonl") if etp > 1 else None
+        pipe = LookaheadPipeline(model, pcfg, cost=unit_cost, metrics_path=metrics)
+        max_abs = _run_steps(model, pipe, batches, refs)
+        events = None if metrics is None else read_jsonl(pipe.metrics.events_path)
     hook.remove()
     s = pipe.summary()
+    if etp > 1:
+        kinds = [e["kind"] for e in events]
+        assert kinds.count("a2a_etp_reduce") == 16 and kinds.count("a2a_etp_gather") == (16 if sp else 0), kinds
+        assert not overlapping(events, CHUNK_KINDS, A2A_KINDS), (rank, "a copy overlapped a collective")
+    # the last step's forecasts (carried by layers 0-2's dispatches) and placements: the
+    # expert-TP peers (TP groups [0, 1], [2, 3]) forecast and plan alike
+    layers = moe_layers(model)
+    placements = torch.stack([layer.token_dispatcher.placement for layer in layers])
+    forecasts = torch.stack([layer.token_dispatcher.last_extra for layer in layers[:-1]])
+    everyone = [None] * ws
+    torch.distributed.all_gather_object(everyone, (placements, forecasts))
     pipe.close()
+    if etp > 1:
+        peer = everyone[rank ^ 1]
+        assert torch.equal(placements, peer[0]) and torch.equal(forecasts, peer[1]), (rank, everyone)
+        assert bool((placements >= 0).any()), placements
     assert seen == [b.shape[1] // (2 if sp else 1) for b in batches], (rank, seen)
     assert max_abs <= 1e-5 * scale and s["copies"] > 0 and s["dropped"] == 0, (rank, ep, max_abs, scale, s)
     return s["copies"]
@@ -234,6 +260,13 @@ def test_pipeline_under_tensor_parallel_attention(ep):
 @pytest.mark.parametrize("ep", [2, 4])
 def test_pipeline_under_sequence_parallel(ep):
     copies = run_ranks(pipeline_tensor_parallel, 4, ep, True)
+    assert all(c > 0 for c in copies), copies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True])
+def test_pipeline_under_expert_tensor_parallel(sp):
+    copies = run_ranks(pipeline_tensor_parallel, 4, 2, sp, 2)
     assert all(c > 0 for c in copies), copies
 
 

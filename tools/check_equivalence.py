@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor parallel size (attention; expert TP 1): TP peers hold the same tokens unless --sp; "
                         "must divide ep x dp")
+    p.add_argument("--etp", type=int, default=1,
+                   help="expert tensor parallel size: 1, or --tp (each expert's weights split over the TP peers)")
     p.add_argument("--sp", action="store_true",
                    help="sequence parallel over the TP peers (needs --tp >= 2): each holds its own share of the tokens")
     p.add_argument("--pp", type=int, default=1,
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
         p.error(f"--pp {a.pp}: need at least 1 stage")
     if a.tp < 1 or (a.ep * a.dp) % a.tp:
         p.error(f"--tp {a.tp}: must be >= 1 and divide the {a.ep * a.dp} processes of a stage (ep x dp)")
+    if a.etp not in (1, a.tp):
+        p.error(f"--etp {a.etp}: the PROBE layer takes expert TP 1 or equal to --tp ({a.tp})")
     if a.sp and a.tp < 2:
         p.error(f"--sp with --tp {a.tp}: sequence parallelism shards the tokens over the TP peers; valid: --tp >= 2")
     if a.first_trial < 0 or a.trials < 1:
@@ -92,7 +96,7 @@ def main(argv=None) -> int:
         ep=a.ep, experts=a.experts, topk=a.topk, replica_slots=a.replica_slots, trials=a.trials,
         dtype=a.dtype, backend=a.backend, fp8_recipe=a.fp8, hidden=a.hidden, ffn=a.ffn,
         max_tokens=a.max_tokens, seed=a.seed, device=device, compare_stock=not a.no_stock, first_trial=a.first_trial,
-        dp=a.dp, tp=a.tp, pp=a.pp, sp=a.sp,
+        dp=a.dp, tp=a.tp, pp=a.pp, sp=a.sp, etp=a.etp,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
     print(
-        f"\nequivalence ep={result['ep']} dp={a.dp} tp={a.tp}{' sp' if a.sp else ''} pp={a.pp} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
+        f"\nequivalence ep={result['ep']} dp={a.dp} tp={a.tp}{' sp' if a.sp else ''} etp={a.etp} pp={a.pp} experts={a.experts} topk={a.topk} replica_slots={a.replica_slots} "
         f"dtype={a.dtype} device={device} dist={backend}: {result['trials']} trials, "
         f"max_abs_diff={result['max_abs_diff']:.3e}, max_rel_vs_dense={result['max_rel_diff_vs_dense']:.3e}, "
         f"bit-exact vs stock in {result['bit_exact_vs_stock']}/{result['compared_with_stock']}, "

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="Megatron's pipeline stages (processes = EP x DP x PP; the stages of a pipeline serve the "
                         "same requests; each stage balances its own MoE layers)")
-    d.add_argument("--expert-tensor-parallel-size", type=int, default=1, help="Megatron's ETP (only 1 is served)")
+    d.add_argument("--expert-tensor-parallel-size", type=int, default=1,
+                   help="Megatron's expert TP: 1, or the TP size (the TP ranks hold shares of every expert's weights; "
+                        "DP must be a multiple of it)")
     d.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron's SP over the TP ranks (needs TP > 1): outside attention each TP rank holds its "
                         "share of the packed tokens, so the MoE layers dispatch each token once, not TP times")
@@ -234,15 +236,22 @@ def validate(a, p):
                         max_steps=a.max_steps, max_requests=a.max_requests, max_new_tokens=a.max_new_tokens,
                         bf16=a.bf16, threads=a.threads, seed=a.seed, progress=not a.quiet, cost_model=a.cost_model,
                         metrics_path=a.metrics_jsonl, expect=expect, dp=a.data_parallel_size,
-                        tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size, sp=a.sequence_parallel)
+                        tp=a.tensor_model_parallel_size, pp=a.pipeline_model_parallel_size, sp=a.sequence_parallel,
+                        etp=a.expert_tensor_parallel_size)
     return opts
 
 
 def check_parallelism(a) -> None:
     """Refuse, by name, the parallel layouts this script cannot serve."""
-    if a.expert_tensor_parallel_size != 1:
-        raise ValueError(f"--expert-tensor-parallel-size {a.expert_tensor_parallel_size}: the PROBE dispatcher splits "
-                         "whole experts only (expert tensor parallel 1); valid: 1")
+    etp, tp = a.expert_tensor_parallel_size, a.tensor_model_parallel_size
+    if etp not in (1, tp):
+        raise ValueError(f"--expert-tensor-parallel-size {etp}: the PROBE dispatcher takes expert TP over the TP ranks "
+                         f"only; valid: 1 or --tensor-model-parallel-size ({tp})")
+    if etp > 1 and a.data_parallel_size % etp:
+        raise ValueError(f"--expert-tensor-parallel-size {etp} with --data-parallel-size {a.data_parallel_size}: "
+                         f"Megatron's expert layout needs the {a.expert_model_parallel_size * a.data_parallel_size} "
+                         f"processes of a stage to be a multiple of expert TP x EP "
+                         f"({etp * a.expert_model_parallel_size}); valid: DP a multiple of {etp}")
     if a.sequence_parallel and a.tensor_model_parallel_size < 2:
         raise ValueError(f"--sequence-parallel with --tensor-model-parallel-size {a.tensor_model_parallel_size}: "
                          "sequence parallelism shards the sequence over the TP ranks; valid: TP >= 2")
@@ -301,7 +310,8 @@ def print_table(res: dict) -> None:
         rows[0] = ("throughput (processed tok/s)", "throughput_tok_s")
         rows.pop(1)
     dp = "".join(f"{sep}{k.upper()} {res[k]}" for sep, k in ((" x ", "dp"), (", ", "tp"), (", ", "pp"))
-                 if res.get(k, 1) > 1) + (" with SP" if res.get("sp") else "")
+                 if res.get(k, 1) > 1) + (" with SP" if res.get("sp") else "") + \
+        (f", expert TP {res['etp']}" if res.get("etp", 1) > 1 else "")
     print(f"\nregime: {res['regime']}  workload: {res['workload']}  EP {res['ep']}{dp}  ({res['host'].get('machine')}, "
           f"{res['host'].get('cpus')} cpus, torch {res['host'].get('torch')})")
     if res.get("regime_detail"):

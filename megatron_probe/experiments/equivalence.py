@@ -56,6 +56,7 @@ class EquivalenceOptions:
     dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each replica its own tokens
     tp: int = 1  # tensor parallel (attention; expert TP 1): TP peers hold the same tokens, unless sp
     sp: bool = False  # sequence parallel over the TP peers: each holds its own share of the tokens
+    etp: int = 1  # expert tensor parallel: 1, or tp (each expert's weights split over the TP peers)
     pp: int = 1  # pipeline stages: world = pp x dp x ep, each stage's layer on its own expert groups
 
 
@@ -239,7 +240,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     from megatron_probe.mcore.router import ProbeRouter
     from megatron_probe.mcore.spec import probe_layer_spec
     from megatron_probe.mechanism import te_backend
-    from megatron_probe.mechanism.comm import all_gather_rows
+    from megatron_probe.mechanism.comm import all_gather_rows, all_reduce_sum
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.policy.split import placement_split
     if world_size != opts.ep * opts.dp * opts.pp:
@@ -252,10 +253,15 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         raise ValueError(f"TP {opts.tp} does not divide the {world_size // opts.pp} processes of a stage")
     if opts.sp and opts.tp < 2:
         raise ValueError(f"sequence parallel with TP {opts.tp}: it shards the tokens over the TP peers; valid: TP >= 2")
-    initialize_megatron_parallel(ep, seed=opts.seed, device=device.type, tp_size=opts.tp, pp_size=opts.pp)
+    if opts.etp not in (1, opts.tp):
+        raise ValueError(f"expert TP {opts.etp}: valid: 1 or TP ({opts.tp})")
+    initialize_megatron_parallel(ep, seed=opts.seed, device=device.type, tp_size=opts.tp, pp_size=opts.pp,
+                                 etp_size=opts.etp)
     from megatron.core import parallel_state
 
     ep_group = parallel_state.get_expert_model_parallel_group()
+    etp_group = parallel_state.get_expert_tensor_parallel_group() if opts.etp > 1 else None
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank() if opts.etp > 1 else 0
     # with DP > 1 (Megatron's expert groups [0..ep-1], [ep..2ep-1], ...): the trial's model and
     # routing are the same in every replica, the tokens are each rank's own
     rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
@@ -305,7 +311,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         cfg = TransformerConfig(
             num_layers=1, hidden_size=H, num_attention_heads=4, ffn_hidden_size=Fh, moe_ffn_hidden_size=Fh,
             num_moe_experts=E, moe_router_topk=K, expert_model_parallel_size=ep, tensor_model_parallel_size=opts.tp,
-            expert_tensor_parallel_size=1, sequence_parallel=opts.sp, pipeline_model_parallel_size=opts.pp,
+            expert_tensor_parallel_size=opts.etp, sequence_parallel=opts.sp, pipeline_model_parallel_size=opts.pp,
             pipeline_dtype=dtype if opts.pp > 1 else None,
             moe_token_dispatcher_type="alltoall", use_cpu_initialization=device.type == "cpu",
             add_bias_linear=False, params_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -321,13 +327,17 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
                                                          expert_backend=backend)).submodules.mlp
         layer = build_module(pspec, config=cfg).to(device)
         layer.eval()
-        sd = _global_state(layer.state_dict(), w_router, w1, w2, bias if use_bias else None, rank * L, L, dtype)
+        sd = _global_state(layer.state_dict(), w_router, w1, w2, bias if use_bias else None, rank * L, L, dtype,
+                           opts.etp, etp_rank, gated)
         layer.load_state_dict(sd)
         _set_replay(layer.router, idx, RouterReplayAction)
 
         with torch.no_grad():
             probs, routing_map = layer.router(x)
-            counts = all_gather_rows(routing_map.sum(0).long(), ep_group).cpu()
+            local_counts = routing_map.sum(0).long()
+            if opts.etp > 1 and opts.sp:  # the dispatcher gathers the ETP peers' tokens first
+                local_counts = all_reduce_sum(local_counts, etp_group)
+            counts = all_gather_rows(local_counts, ep_group).cpu()
             split_cost = None
             if place_kind == "planned":
                 placement, split_cost = planned_placement(gen, counts, layer.layout)
@@ -409,15 +419,20 @@ def _set_replay(router, idx, action_enum) -> None:
         replay.set_router_replay_action(action_enum.REPLAY_FORWARD)
 
 
-def _global_state(sd, w_router, w1, w2, bias, first_expert, count, dtype):
-    """State dict of a SequentialMLP MoE layer holding experts ``first..first+count-1``."""
+def _global_state(sd, w_router, w1, w2, bias, first_expert, count, dtype, etp=1, etp_rank=0, gated=True):
+    """State dict of a SequentialMLP MoE layer holding experts ``first..first+count-1`` (their
+    expert-TP rank ``etp_rank``'s shares when ``etp`` > 1)."""
+    from megatron_probe.mcore.expert_shards import expert_weight_shard
+
     out = dict(sd)
     out["router.weight"] = w_router.to(sd["router.weight"].dtype)
     if bias is not None and "router.expert_bias" in sd:
         out["router.expert_bias"] = bias.float()
     for j in range(count):
-        out[f"experts.local_experts.{j}.linear_fc1.weight"] = w1[first_expert + j].to(dtype)
-        out[f"experts.local_experts.{j}.linear_fc2.weight"] = w2[first_expert + j].to(dtype)
+        out[f"experts.local_experts.{j}.linear_fc1.weight"] = expert_weight_shard(
+            w1[first_expert + j], "fc1", etp, etp_rank, gated).to(dtype)
+        out[f"experts.local_experts.{j}.linear_fc2.weight"] = expert_weight_shard(
+            w2[first_expert + j], "fc2", etp, etp_rank, gated).to(dtype)
     return out
 
 
@@ -425,7 +440,7 @@ def _build_stock_layer(cfg, stock_spec, single_group, device, MoELayer, build_mo
                        ProcessGroupCollection, ProbeRouter, have_te):
     stock_cfg = dataclasses.replace(
         cfg, expert_model_parallel_size=1, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        sequence_parallel=False, moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
+        sequence_parallel=False, expert_tensor_parallel_size=1, moe_token_dispatcher_type="alltoall" if device.type == "cuda" else "allgather",
     )
     pgs = ProcessGroupCollection()
     from megatron.core import parallel_state

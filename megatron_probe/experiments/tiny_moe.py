@@ -76,7 +76,7 @@ class TinyMoEConfig:
 
 
 def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dispatcher: str = "alltoall",
-                       tp: int = 1, pp: int = 1, sp: bool = False):
+                       tp: int = 1, pp: int = 1, sp: bool = False, etp: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(
@@ -85,7 +85,7 @@ def transformer_config(cfg: TinyMoEConfig, ep: int = 1, dtype=torch.float32, dis
         num_moe_experts=cfg.num_experts, moe_router_topk=cfg.topk,
         moe_router_score_function=cfg.score_function, moe_router_pre_softmax=cfg.topk == 1,
         moe_router_dtype="fp32", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type=dispatcher,
-        expert_model_parallel_size=ep, tensor_model_parallel_size=tp, expert_tensor_parallel_size=1,
+        expert_model_parallel_size=ep, tensor_model_parallel_size=tp, expert_tensor_parallel_size=etp,
         sequence_parallel=sp, pipeline_model_parallel_size=pp, pipeline_dtype=dtype if pp > 1 else None,
         gated_linear_unit=True, activation_func=F.silu,
         bias_activation_fusion=False, add_bias_linear=False, normalization="RMSNorm",
@@ -115,10 +115,11 @@ def layer_spec(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, sp: b
 
 
 def build_model(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, ep: int = 1, dtype=torch.float32,
-                tp: int = 1, pp: int = 1, sp: bool = False):
+                tp: int = 1, pp: int = 1, sp: bool = False, etp: int = 1):
     """GPTModel (learned absolute positions, tied embeddings). The Megatron parallel state must
-    be initialised with this EP, TP and PP size (TP: Megatron's tensor-parallel attention and
-    embeddings, expert TP 1; ``sp``: Megatron's sequence parallelism over the TP ranks, so each
+    be initialised with this EP, TP, expert TP and PP size (TP: Megatron's tensor-parallel
+    attention and embeddings; ``etp``: expert TP, 1 or ``tp``, each expert's weights split over
+    the TP ranks; ``sp``: Megatron's sequence parallelism over the TP ranks, so each
     holds its share of the sequence outside attention, the MoE layers included; PP: this rank's
     stage, its layers only, with untied output weights, since Megatron-Core 0.16 ties them across
     stages on CUDA only). ``spec='stock'`` uses the stock MoELayer with the ``allgather``
@@ -128,11 +129,14 @@ def build_model(cfg: TinyMoEConfig, spec: str = "probe", probe_config=None, ep: 
     if sp and tp < 2:
         raise ValueError(f"sequence parallel needs tensor parallel size > 1 (it shards the sequence over the TP "
                          f"ranks); got TP {tp}")
+    if etp not in (1, tp):
+        raise ValueError(f"expert tensor parallel size {etp}: the PROBE layer takes expert TP 1 or equal to TP "
+                         f"({tp})")
 
     if spec == "stock" and ep != 1 and not torch.cuda.is_available():
         raise ValueError("the stock Megatron MoE dispatchers need CUDA for EP > 1; use spec='probe' on CPU")
     dispatcher = "alltoall" if (spec == "probe" or torch.cuda.is_available()) else "allgather"
-    tc = transformer_config(cfg, ep=ep, dtype=dtype, dispatcher=dispatcher, tp=tp, pp=pp, sp=sp)
+    tc = transformer_config(cfg, ep=ep, dtype=dtype, dispatcher=dispatcher, tp=tp, pp=pp, sp=sp, etp=etp)
     stage = {}
     if pp > 1:
         from megatron.core import parallel_state
@@ -186,10 +190,14 @@ def stage_state_dict(full: dict, num_layers: int, pp: int, stage: int) -> dict:
     return out
 
 
-def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int, tp: int = 1, tp_rank: int = 0) -> dict:
+def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int, tp: int = 1, tp_rank: int = 0,
+                     etp: int = 1) -> dict:
     """EP = 1, TP = 1 state dict -> the state dict of EP rank ``rank`` (its contiguous expert
-    block) and TP rank ``tp_rank`` (its share of the attention and embedding weights; experts are
-    not split: expert TP 1)."""
+    block) and TP rank ``tp_rank`` (its share of the attention and embedding weights, and with
+    expert TP ``etp`` = ``tp`` its share of each expert's weights; with expert TP 1 experts are
+    whole). The checkpoint's experts are gated."""
+    from megatron_probe.mcore.expert_shards import expert_weight_shard
+
     L = num_experts // ep
     out = {}
     for k, v in full.items():
@@ -197,7 +205,8 @@ def shard_state_dict(full: dict, ep: int, rank: int, num_experts: int, tp: int =
         if m:
             e = int(m.group(2))
             if e // L == rank:
-                out[f"{m.group(1)}{e - rank * L}{m.group(3)}"] = v
+                which = "fc1" if m.group(3).startswith(".linear_fc1.") else "fc2"
+                out[f"{m.group(1)}{e - rank * L}{m.group(3)}"] = expert_weight_shard(v, which, etp, tp_rank, True)
             continue
         for suffix, dim in _TP_SPLITS:
             if tp > 1 and k.endswith(suffix):
@@ -335,9 +344,10 @@ def check_trace_for_checkpoint(trace, path: str, cfg: TinyMoEConfig, hidden_laye
 
 def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config=None, ep: int = 1,
                rank: int = 0, dtype=torch.float32, tp: int = 1, tp_rank: int = 0, pp: int = 1, stage: int = 0,
-               sp: bool = False):
+               sp: bool = False, etp: int = 1):
     """(model, tokenizer, config) from a checkpoint folder, in eval mode, for EP rank ``rank`` of
-    ``ep``, TP rank ``tp_rank`` of ``tp`` (sequence parallel if ``sp``) and pipeline stage ``stage`` of ``pp``. Every file is checked first
+    ``ep``, TP rank ``tp_rank`` of ``tp`` (sequence parallel if ``sp``; experts split over TP if
+    ``etp`` = ``tp`` > 1) and pipeline stage ``stage`` of ``pp``. Every file is checked first
     (:func:`read_checkpoint`): a bad one raises
     :class:`~megatron_probe.fileformat.InputFileError` (a ValueError) naming it."""
     cfg, tok, full = read_checkpoint(path)
@@ -345,10 +355,10 @@ def load_model(path: str = DEFAULT_CHECKPOINT, spec: str = "probe", probe_config
         raise ValueError(f"checkpoint has {cfg.num_experts} experts, not divisible by EP {ep}")
     check_tensor_parallel(cfg, tp)
     check_pipeline_parallel(cfg, pp)
-    model = build_model(cfg, spec, probe_config, ep, dtype, tp=tp, pp=pp, sp=sp)
+    model = build_model(cfg, spec, probe_config, ep, dtype, tp=tp, pp=pp, sp=sp, etp=etp)
     if pp > 1:
         full = stage_state_dict(full, cfg.num_layers, pp, stage)
-    sd = shard_state_dict(full, ep, rank, cfg.num_experts, tp, tp_rank)
+    sd = shard_state_dict(full, ep, rank, cfg.num_experts, tp, tp_rank, etp)
     own = model.state_dict()
     sd = {k: (v.to(own[k].dtype) if isinstance(v, torch.Tensor) and k in own else v) for k, v in sd.items()}
     try:

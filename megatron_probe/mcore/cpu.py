@@ -95,25 +95,30 @@ def install_cpu_sequence_parallel() -> None:
 
 
 def initialize_megatron_parallel(ep_size: int, seed: int = 1234, device: str = "cpu",
-                                 timeout_s: float | None = None, tp_size: int = 1, pp_size: int = 1) -> None:
+                                 timeout_s: float | None = None, tp_size: int = 1, pp_size: int = 1,
+                                 etp_size: int = 1) -> None:
     """Megatron model-parallel state for expert parallelism ``ep_size``, tensor parallelism
-    ``tp_size`` (expert tensor parallel 1) and ``pp_size`` pipeline stages, on top of an
+    ``tp_size``, expert tensor parallelism ``etp_size`` (1 or ``tp_size``: Megatron's expert
+    groups then put the TP ranks together, and the EP groups across them) and ``pp_size``
+    pipeline stages, on top of an
     initialised ``torch.distributed`` default group. Called again with the same sizes it only
     re-seeds (so one process can build several models). ``timeout_s``: the collective timeout of
     Megatron's groups (its ``distributed_timeout_minutes``; default 30 minutes), so a dead peer
     ends a collective on them within it."""
-    want = (ep_size, tp_size, pp_size)
+    want = (ep_size, tp_size, pp_size, etp_size)
     if parallel_state.model_parallel_is_initialized():
         have = (parallel_state.get_expert_model_parallel_world_size(),
                 parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_world_size())
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_world_size())
         if have != want:
-            raise ValueError(f"Megatron parallel state is already initialised with EP x TP x PP {have}, not {want}")
+            raise ValueError(f"Megatron parallel state is already initialised with EP x TP x PP x ETP {have}, "
+                             f"not {want}")
     else:
         kw = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60.0}
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size, expert_model_parallel_size=ep_size,
-                                                 pipeline_model_parallel_size=pp_size, expert_tensor_parallel_size=1,
-                                                 **kw)
+                                                 pipeline_model_parallel_size=pp_size,
+                                                 expert_tensor_parallel_size=etp_size, **kw)
     if device == "cpu":
         tp_random.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
         parallel_state._GLOBAL_MEMORY_BUFFER = DeviceGlobalMemoryBuffer("cpu")

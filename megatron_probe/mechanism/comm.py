@@ -79,6 +79,31 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
+def all_gather_varying_rows(x: torch.Tensor, group):
+    """Every rank's ``x`` concatenated along dim 0 in group-rank order, where the number of rows
+    may differ by rank (the trailing shape may not), and the row count of each rank (no
+    autograd). Two gathers: the counts, then the rows padded to the largest count."""
+    n = group_size(group)
+    if n == 1:
+        return x, [x.shape[0]]
+    sizes = all_gather_rows(torch.tensor([x.shape[0]], dtype=torch.long), group).view(-1).tolist()
+    padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = all_gather_rows(padded, group)
+    return torch.cat([parts[i, :sizes[i]] for i in range(n)]), sizes
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """The sum of every rank's ``x`` (a new tensor; no autograd)."""
+    if group_size(group) == 1:
+        return x
+    if needs_host_staging(group, x):
+        return all_reduce_sum(x.cpu(), group).to(x.device)
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
 def global_rank(group, rank_in_group: int) -> int:
     if group is None:
         return rank_in_group

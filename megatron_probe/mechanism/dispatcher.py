@@ -18,6 +18,19 @@ Order of operations (the ``alltoall`` dispatcher's, plus the slot mapping):
 With no replica in the placement this moves the same rows to the same ranks as Megatron's
 ``alltoall`` dispatcher.
 
+Expert tensor parallelism (ETP = TP over the same ranks, inference only): every rank holds a
+shard of each of its experts' weights (fc1 by output rows, fc2 by input columns), so an expert's
+output is the sum of its shards' outputs over the ETP group. The ETP peers hold the same tokens
+(without sequence parallel) or their shares of one sequence (with it: the dispatcher first
+gathers the peers' tokens, routing and probs). Each ETP rank then dispatches that same token
+set on its own EP group, whose ranks hold the same shard index, so counts, assignment and the
+whole dispatch are as without ETP; after the combine the partial outputs are summed over the
+ETP group and, under sequence parallel, each rank keeps its own tokens' rows. Megatron's
+``alltoall`` dispatcher gathers over ETP after its All-to-All instead; under sequence parallel
+this order moves ETP times the tokens through the All-to-All (without it both move every token
+ETP times), and in return the EP groups of different shard indices need no agreement for
+correctness (the pipeline still forecasts alike on all of them: ``carry``).
+
 Who decides where a token goes (nothing else reaches into the dispatcher):
 
 * the **placement** ``[ep, R]``: :meth:`ProbeTokenDispatcher.set_placement`, called by
@@ -43,7 +56,7 @@ from megatron.core.transformer.moe.moe_utils import permute, sort_chunks_by_idxs
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.mechanism.comm import all_gather_rows, all_to_all
+from megatron_probe.mechanism.comm import all_gather_rows, all_gather_varying_rows, all_reduce_sum, all_to_all
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.placement import (
     ExpertLayout,
@@ -70,7 +83,8 @@ class DispatchHooks(Protocol):
         """Before the count exchange: the last moment to set the placement and assignment_fn."""
 
     def all_to_all(self, dispatcher: "ProbeTokenDispatcher", kind: str) -> ContextManager[None]:
-        """Brackets the dispatch (``kind="dispatch"``) and combine (``"combine"``) All-to-All."""
+        """Brackets the dispatch (``kind="dispatch"``) and combine (``"combine"``) All-to-All, and
+        under expert TP the peers' gather (``"etp_gather"``) and sum (``"etp_reduce"``)."""
 
     def before_experts(self, dispatcher: "ProbeTokenDispatcher") -> None:
         """Tokens have arrived; the experts are about to run."""
@@ -84,10 +98,19 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
     def __init__(self, num_local_experts, local_expert_indices, config, pg_collection,
                  probe_config: Optional[ProbeConfig] = None):
         super().__init__(config=config, pg_collection=pg_collection)
+        # expert TP (self.tp_size, Megatron's expert-TP group): only over the attention-TP ranks,
+        # whose tokens are known to be the same (or one sequence's shares, under SP)
+        self.etp_gathers_tokens = False
         if self.tp_size != 1:
-            raise NotImplementedError(
-                f"ProbeTokenDispatcher supports expert tensor parallel size 1, got {self.tp_size}"
-            )
+            attn_tp = getattr(pg_collection, "tp", None)
+            etp_ranks = torch.distributed.get_process_group_ranks(self.tp_group)
+            tp_ranks = torch.distributed.get_process_group_ranks(attn_tp) if attn_tp is not None else None
+            if tp_ranks != etp_ranks:
+                raise NotImplementedError(
+                    f"expert tensor parallel size {self.tp_size} over ranks {etp_ranks}: the PROBE dispatcher "
+                    f"takes expert TP equal to TP over the same ranks (the TP group is {tp_ranks}); valid: "
+                    "expert_tensor_parallel_size 1 or tensor_model_parallel_size")
+            self.etp_gathers_tokens = bool(config.sequence_parallel)
         self.probe_config = probe_config or ProbeConfig()
         self.num_experts = config.num_moe_experts
         self.num_local_experts = num_local_experts
@@ -119,6 +142,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         # rank alike, read back as ``last_extra`` [ep, n] after it
         self.extra_counts: Optional[torch.Tensor] = None
         self.last_extra: Optional[torch.Tensor] = None
+        self._extra_max_columns: list = []  # carried columns combined over expert TP by max, not sum
 
     # ------------------------------------------------------------------ plan inputs
     def set_placement(self, placement: torch.Tensor) -> None:
@@ -136,14 +160,21 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self._my_slot_experts = slot_experts(self.placement, self.layout)[self.ep_rank]
         self._replicated = bool((self.placement >= 0).any())
 
-    def carry(self, values: torch.Tensor) -> slice:
+    def carry(self, values: torch.Tensor, over_expert_tp: str = "sum") -> slice:
         """Add ``values`` (integers, ``[n]``, the same length on every rank) to what the next
         dispatch's count exchange carries; returns the columns of ``last_extra`` that will hold
-        every rank's values. Several callers may carry on the same dispatch."""
+        every rank's values. Several callers may carry on the same dispatch. When the dispatch
+        gathers its expert-TP peers' tokens (expert TP with sequence parallel), each rank's row
+        stands for the peers' tokens too: ``over_expert_tp`` says how the peers' values combine
+        (``"sum"``: counts of their tokens; ``"max"``)."""
+        if over_expert_tp not in ("sum", "max"):
+            raise ValueError(f"over_expert_tp={over_expert_tp!r}; valid: 'sum', 'max'")
         v = values.reshape(-1).long()
         start = 0 if self.extra_counts is None else self.extra_counts.numel()
         self.extra_counts = v if self.extra_counts is None else torch.cat([self.extra_counts.long(),
                                                                            v.to(self.extra_counts.device)])
+        if over_expert_tp == "max":
+            self._extra_max_columns.extend(range(start, start + v.numel()))
         return slice(start, start + v.numel())
 
     def set_next_assignment(self, assignment: Optional[torch.Tensor]) -> None:
@@ -157,6 +188,17 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             self.hooks.before_dispatch(self)
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
+        if self.tp_size > 1 and torch.is_grad_enabled() and hidden.requires_grad:
+            raise NotImplementedError("expert tensor parallel in the PROBE dispatcher is for inference: run "
+                                      "under torch.no_grad()/inference_mode(), or use expert TP 1")
+        if self.etp_gathers_tokens:  # the ETP peers' shares of the sequence: every peer computes all of them
+            own = hidden.shape[0]
+            with self._all_to_all_bracket("etp_gather"), nvtx_range("etp_gather"):
+                hidden, sizes = all_gather_varying_rows(hidden, self.tp_group)
+                routing_map = all_gather_varying_rows(routing_map.to(torch.uint8), self.tp_group)[0].bool()
+                probs = all_gather_varying_rows(probs, self.tp_group)[0]
+            start = sum(sizes[:torch.distributed.get_rank(self.tp_group)])
+            self._own_rows = slice(start, start + own)
         self.hidden_shape_before_permute = hidden.shape
         self.routing_map = routing_map
         E, S, ep = self.num_experts, self.layout.slots_per_rank, self.ep_size
@@ -165,6 +207,12 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
         local_counts = routing_map.sum(dim=0).long()
         extra, self.extra_counts = self.extra_counts, None
+        max_columns, self._extra_max_columns = self._extra_max_columns, []
+        if extra is not None and self.etp_gathers_tokens:  # the carried values of the tokens gathered
+            peers = all_gather_rows(extra, self.tp_group)  # [etp, n]
+            extra = peers.sum(0)
+            if max_columns:
+                extra[max_columns] = peers[:, max_columns].max(0).values
         with nvtx_range("counts"):
             if extra is None:
                 counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
@@ -273,6 +321,11 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             pairs, self.reversed_mapping, restore_shape=self.hidden_shape_before_permute,
             routing_map=self.routing_map, fused=False,
         )
+        if self.tp_size > 1:  # each expert's output: the sum of its weight shards' outputs
+            with self._all_to_all_bracket("etp_reduce"), nvtx_range("etp_reduce"):
+                out = all_reduce_sum(out, self.tp_group)
+            if self.etp_gathers_tokens:
+                out = out[self._own_rows]
         if self.hooks is not None:
             self.hooks.after_combine(self)
         return out.view(self.hidden_shape)

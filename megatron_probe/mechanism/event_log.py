@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from megatron_probe.fileio import append_jsonl
 
 CHUNK_KINDS = ("send", "recv")
-A2A_KINDS = ("a2a_dispatch", "a2a_combine")
+A2A_KINDS = ("a2a_dispatch", "a2a_combine", "a2a_etp_gather", "a2a_etp_reduce")  # the last two: expert TP
 
 
 def now_ns() -> int:

@@ -34,7 +34,7 @@ import torch
 
 from megatron_probe.config import ProbeConfig
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
-from megatron_probe.mechanism.comm import group_size
+from megatron_probe.mechanism.comm import all_reduce_sum, group_size
 from megatron_probe.mechanism.count_exchange import PendingCounts, gather_counts_async
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.distill import OnlineDistiller
@@ -202,6 +202,10 @@ class LookaheadRuntime:
             if ep_group is None and getattr(self.layers[0], "pg_collection", None) is not None:
                 ep_group = self.layers[0].pg_collection.ep
         self.ep_group = ep_group
+        # expert TP with sequence parallel: each dispatch covers the expert-TP peers' tokens, so
+        # every count (forecast and true) is summed over those peers too
+        dispatcher = self.layers[0].token_dispatcher
+        self.etp_group = dispatcher.tp_group if getattr(dispatcher, "etp_gathers_tokens", False) else None
         self.spec = router_spec(self.layers[0].config)
         self.predictors = predictors if predictors is not None else build_predictors(model, self.cfg)
         if self.predictors.num_layers != len(self.layers):
@@ -337,6 +341,8 @@ class LookaheadRuntime:
             # gathered by layer - 1's dispatch, about to run
             self._pending[layer] = PiggybackedCounts(carrier, carrier.carry(counts))
         else:  # layer 0 (forecast before any dispatch of the step) or a stock dispatcher
+            if self.etp_group is not None:
+                counts = all_reduce_sum(counts, self.etp_group)
             self._pending[layer] = gather_counts_async(counts, self.ep_group)
         self._pred_ids[layer] = (ids, scored)
         idx = self.distiller.sample_index(h.shape[0], h.device)
@@ -481,8 +487,12 @@ class LookaheadRuntime:
         # every layer's true counts in ONE all-gather (every rank has the same records in the
         # same order: each ran every layer and scores the same steps), not one per layer
         gathered = [rec for rec in self._step_records if rec["pending"] is not None]
-        true_all = (gather_counts_async(torch.cat([rec["true_counts"] for rec in gathered]), self.ep_group).wait()
-                    if gathered else None)
+        true_all = None
+        if gathered:
+            true_counts = torch.cat([rec["true_counts"] for rec in gathered])
+            if self.etp_group is not None:  # the forecasts cover the expert-TP peers' tokens too
+                true_counts = all_reduce_sum(true_counts, self.etp_group)
+            true_all = gather_counts_async(true_counts, self.ep_group).wait()
         for rec in self._step_records:
             L = rec["layer"]
             stats["local"].add_tokens(L, rec["true_ids"].cpu(), rec["pred_topk"].cpu(), rec["pred_top2k"].cpu())

@@ -575,7 +575,8 @@ class LookaheadPipeline:
             # gate reads every rank's without a collective of its own (only while on, i.e. while
             # these hooks are installed: off, the cost is not measured, so the last figure holds)
             ema = self._cost_ema[layer]
-            self._cost_columns[layer] = dispatcher.carry(torch.tensor([0 if ema is None else round(ema)]))
+            self._cost_columns[layer] = dispatcher.carry(torch.tensor([0 if ema is None else round(ema)]),
+                                                         over_expert_tp="max")
         if self.forecaster is not None and not self.forecaster.lookahead:
             t0 = time.perf_counter()
             self._prefetch(layer, "at_dispatch")

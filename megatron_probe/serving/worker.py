@@ -39,6 +39,7 @@ class ServeOptions:
     dp: int = 1  # data-parallel replicas of the expert group: world = dp x ep, each rank its own requests
     tp: int = 1  # tensor-parallel attention (expert TP 1): TP peers serve the same requests
     sp: bool = False  # sequence parallel over the TP peers: each holds its share of the tokens outside attention
+    etp: int = 1  # expert tensor parallel: 1, or tp (the TP peers hold shares of every expert's weights)
     pp: int = 1  # pipeline stages: world = pp x dp x ep; the stages of a pipeline serve the same requests
     modes: tuple = ("stock", "probe")
     probe: Optional[ProbeConfig] = None  # validated once by the caller (default: ProbeConfig())
@@ -75,7 +76,7 @@ def _build(mode: str, opts: ServeOptions, probe_cfg):
 
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     ep = opts.ep
-    where = dict(ep=ep, rank=ps.get_expert_model_parallel_rank(), dtype=dtype, tp=opts.tp, sp=opts.sp,
+    where = dict(ep=ep, rank=ps.get_expert_model_parallel_rank(), dtype=dtype, tp=opts.tp, sp=opts.sp, etp=opts.etp,
                  tp_rank=ps.get_tensor_model_parallel_rank(), pp=opts.pp, stage=ps.get_pipeline_model_parallel_rank())
     if mode == "stock":
         if torch.cuda.is_available() or ep == 1:
@@ -110,7 +111,10 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     attention, expert TP 1) the ``tp`` ranks of a TP group serve the same requests together;
     only TP rank 0's requests and token counts enter the result. With ``opts.sp`` (sequence
     parallel) the TP peers still serve the same requests, but each holds and dispatches its own
-    share of the step's tokens outside attention (see the engine). With
+    share of the step's tokens outside attention (see the engine). With ``opts.etp`` = ``opts.tp``
+    (expert TP) the TP peers hold shares of every expert's weights; Megatron's expert groups then
+    put the TP peers together and the EP groups across them, and each EP group dispatches its TP
+    group's tokens (``mechanism/dispatcher.py``). With
     ``opts.pp`` > 1 each stage holds its share of the layers (Megatron's stages: ranks
     ``stage * ws / pp ...``); hidden states go stage to stage, the last stage samples, and each
     stage's PROBE pipeline balances its own MoE layers on its own expert groups."""
@@ -129,7 +133,7 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     rows = _serve_steps(modes, opts, wl, rank)
     local = _local_results(modes, rows, calibration)
     in_stage = rank % (ws // opts.pp)  # Megatron puts the stages outermost
-    local["replica"] = in_stage // opts.ep
+    local["replica"] = in_stage // (opts.ep * opts.etp)  # Megatron's expert ranks: ETP innermost, then EP
     local["stage"] = rank // (ws // opts.pp)
     # the rank whose requests and tokens count: TP rank 0 of the last stage
     local["lead"] = in_stage % opts.tp == 0 and rank // (ws // opts.pp) == opts.pp - 1
@@ -154,7 +158,7 @@ def _init_serving(opts: ServeOptions):
     # peer up as the pipeline's own groups do, not after Megatron's default 30 minutes
     probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
     initialize_megatron_parallel(opts.ep, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s,
-                                 tp_size=opts.tp, pp_size=opts.pp)
+                                 tp_size=opts.tp, pp_size=opts.pp, etp_size=opts.etp)
     from megatron.core import parallel_state
 
     return device, (parallel_state.get_expert_model_parallel_group() if opts.ep * opts.dp > 1 else None)
@@ -397,7 +401,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                 out["prediction_rank_load_err"] = glob["mean_rank_load_err"]
         modes[m] = out
     res = {"regime": "model", "calibration": gathered[0].get("calibration", {}), "workload": wl.scenario, "workload_path": opts.workload, "ep": opts.ep,
-           "dp": opts.dp, "tp": opts.tp, "sp": opts.sp, "pp": opts.pp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
+           "dp": opts.dp, "tp": opts.tp, "sp": opts.sp, "etp": opts.etp, "pp": opts.pp, "checkpoint": opts.checkpoint, "modes": modes, "stock_is": stock_label(opts.ep),
            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("expect",)},
            "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if wl.extra.get("shift_step") is not None:
