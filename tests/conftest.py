@@ -11,3 +11,6 @@ if TESTS not in sys.path:
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Triton kernels run under Triton's interpreter on CPU; the switch must be set before triton is
+# first imported (it decides how triton's own library functions are made)
+os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check, in one go (foundation: about 2 minutes on one H200; planner: about 1 minute;
 # predictor: under a minute, not yet run on a GPU).
-# On a machine without megatron-core (e.g. a bare CUDA image), carry wheels in .whl/:
+# On a machine without megatron-core (e.g. a bare CUDA image), carry wheels in .whl/ (numba and
+# llvmlite too: the host planner every GPU plan is compared with is compiled with numba):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 nvtx
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1 nvtx numba llvmlite
 # Results: $OUT (or results/gpu_check) /gpu_check.json and eq_*.json, plus the console table.
 set -uo pipefail
 cd "$(dirname "$0")/.."

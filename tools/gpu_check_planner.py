@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""GPU checks of the planner issue: calibrate the GPU into a hardware profile, and time the
+"""GPU checks of the planner issues: calibrate the GPU into a hardware profile, and time the
 PROBE planner on the GPU (CUDA events), eagerly and captured in a CUDA graph (possible only
-because the planner makes no host synchronisation), checking the GPU plan equals the host plan.
+because the planner makes no host synchronisation), checking the GPU plan equals the host plan:
+the tensor-op planner and the fused Triton planner (``policy/planner_triton.py``), at E 128/256
+and EP 8/32. On CPU the Triton planner runs only under ``TRITON_INTERPRET=1``.
 
   python tools/gpu_check_planner.py --out results/gpu_planner
 """
@@ -24,6 +26,7 @@ def main():
     from megatron_probe.policy.cost_model import PRESETS, ExpertCost, ModelShape
     from megatron_probe.policy.placement import ExpertLayout, imbalance_ratio
     from megatron_probe.policy.planner import plan_probe, plan_probe_host, rank_times, static_assignment
+    from megatron_probe.policy.planner_triton import plan_probe_triton
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "results", "gpu_planner"))
@@ -42,7 +45,7 @@ def main():
         report["profile"] = json.load(open(os.path.join(a.out, "profile.json")))
     cost = ExpertCost.from_profile(PRESETS["h200-sxm"], ModelShape(2880, 2880, 128, 4))
     rows = []
-    for E, ep, R in ((128, 8, 3), (256, 8, 3), (128, 32, 4)):
+    for E, ep, R in ((128, 8, 3), (256, 8, 3), (128, 32, 4), (256, 32, 4)):
         lay = ExpertLayout(E, ep, R)
         g = torch.Generator().manual_seed(E + ep)
         w = torch._sample_dirichlet(torch.full((E,), 0.3, dtype=torch.float64), generator=g)
@@ -56,23 +59,17 @@ def main():
         row = {"E": E, "ep": ep, "R": R, "k_max": 16, "gpu_equals_host": same,
                "eager_us_median": round(time_us(plan, dev, reps=30, warmup=0), 1)}
         if dev.type == "cuda":
-            try:
-                static_in = c_dev.clone()
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        plan_probe(static_in, lay, cost, validate=False)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    g_pl, g_A = plan_probe(static_in, lay, cost, validate=False)
-                graph.replay()
-                torch.cuda.synchronize()
-                row["graph_equals_host"] = bool(torch.equal(g_pl.cpu(), host[0]) and torch.equal(g_A.cpu(), host[1]))
-                row["graph_us_median"] = round(time_us(graph.replay, dev, reps=30, warmup=0), 1)
-            except Exception as ex:  # report, do not hide
-                row["graph_error"] = f"{type(ex).__name__}: {ex}"[:300]
+            row.update(_graph_row("", lambda x: plan_probe(x, lay, cost, validate=False), c_dev, host, dev))
+        # the fused Triton planner (policy/planner_triton.py): one greedy launch and one expansion
+        tri = lambda x: plan_probe_triton(x, lay, cost)  # noqa: E731
+        try:
+            t_pl, t_A = tri(c_dev)
+            row["triton_equals_host"] = bool(torch.equal(t_pl.cpu(), host[0]) and torch.equal(t_A.cpu(), host[1]))
+            row["triton_eager_us_median"] = round(time_us(lambda: tri(c_dev), dev, reps=30, warmup=3), 1)
+            if dev.type == "cuda":
+                row.update(_graph_row("triton_", tri, c_dev, host, dev))
+        except Exception as ex:  # report, do not hide
+            row["triton_error"] = f"{type(ex).__name__}: {ex}"[:300]
         t0 = rank_times(static_assignment(counts, lay), cost)
         t1 = rank_times(host[1], cost)
         row["ir_time_static"] = round(imbalance_ratio(t0), 3)
@@ -82,9 +79,32 @@ def main():
     report["planner"] = rows
     with open(os.path.join(a.out, "gpu_planner.json"), "w") as f:
         json.dump(report, f, indent=1)
-    ok = all(r["gpu_equals_host"] and r.get("graph_equals_host", True) for r in rows)
+    ok = all(r["gpu_equals_host"] and r.get("graph_equals_host", True) and r.get("triton_equals_host", False)
+             and r.get("triton_graph_equals_host", True) for r in rows)
     print("all plans equal the host plan:", ok)
     return 0 if ok else 1
+
+
+def _graph_row(prefix, plan, counts, host, dev):
+    """``plan(counts)`` captured in a CUDA graph (warmed up on a side stream): whether its replay
+    equals the host plan, and its median replay time; or the error."""
+    try:
+        static_in = counts.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                plan(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_pl, g_A = plan(static_in)
+        graph.replay()
+        torch.cuda.synchronize()
+        return {f"{prefix}graph_equals_host": bool(torch.equal(g_pl.cpu(), host[0]) and torch.equal(g_A.cpu(), host[1])),
+                f"{prefix}graph_us_median": round(time_us(graph.replay, dev, reps=30, warmup=0), 1)}
+    except Exception as ex:  # report, do not hide
+        return {f"{prefix}graph_error": f"{type(ex).__name__}: {ex}"[:300]}
 
 
 if __name__ == "__main__":

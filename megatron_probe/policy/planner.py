@@ -177,6 +177,26 @@ def _host_counts(counts: torch.Tensor, layout: ExpertLayout):
     return cnt
 
 
+def planner_scalars(layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int], budget_out: Optional[int],
+                    k_max: int, copy_charge_us: float) -> Tuple[int, int, int, int]:
+    """The greedy's integer parameters, checked: ``(cap_in, cap_out, o_u, ch)``: new copies a
+    rank may receive / send, the per-active-expert cost and the copy charge in token units."""
+    for name, b in (("budget_in", budget_in), ("budget_out", budget_out)):
+        if b is not None and b < 0:
+            raise ValueError(f"{name}={b} is negative")
+    if k_max < 0:
+        raise ValueError(f"k_max={k_max} is negative")
+    if not copy_charge_us >= 0:
+        raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
+    R = layout.replica_slots
+    cap_in = min(R, R if budget_in is None else budget_in)
+    cap_out = layout.num_experts * layout.ep_size if budget_out is None else budget_out
+    c = cost.per_token_us
+    o_u = int(round(cost.per_active_expert_us / c)) if c > 0 else 0
+    ch = int(round(copy_charge_us / c)) if c > 0 else 0
+    return cap_in, cap_out, o_u, ch
+
+
 def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
                     budget_out: Optional[int] = None, k_max: int = 16,
                     placement: Optional[torch.Tensor] = None,
@@ -209,19 +229,8 @@ def plan_probe_host(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost
     import numpy as np
 
     cnt = _host_counts(counts, layout)
-    for name, b in (("budget_in", budget_in), ("budget_out", budget_out)):
-        if b is not None and b < 0:
-            raise ValueError(f"{name}={b} is negative")
-    if k_max < 0:
-        raise ValueError(f"k_max={k_max} is negative")
-    if not copy_charge_us >= 0:
-        raise ValueError(f"copy_charge_us={copy_charge_us} is negative")
-    ep, E, L, R = layout.ep_size, layout.num_experts, layout.num_local_experts, layout.replica_slots
-    cap_in = min(R, R if budget_in is None else budget_in)
-    cap_out = E * ep if budget_out is None else budget_out
-    c = cost.per_token_us
-    o_u = int(round(cost.per_active_expert_us / c)) if c > 0 else 0
-    ch = int(round(copy_charge_us / c)) if c > 0 else 0
+    cap_in, cap_out, o_u, ch = planner_scalars(layout, cost, budget_in, budget_out, k_max, copy_charge_us)
+    ep, L, R = layout.ep_size, layout.num_local_experts, layout.replica_slots
     if placement is not None:
         slots = np.array(placement.detach().cpu().long().numpy(), dtype=np.int64).reshape(ep, R)
         cap_in = 0
