@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop")
+EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop", "fp8")
 ASSIGNMENT_POLICIES = ("locality_even",)
 REPLICA_MODES = ("streamed", "resident", "auto")
 LAYER0_COUNTS = ("previous", "predict")
@@ -36,8 +36,10 @@ class ProbeConfig:
             ``replica_memory_cap_mib`` (always, without a cap), else streamed.
         expert_backend: how native experts and replica slots are computed in one grouped GEMM per
             projection: ``te`` (Transformer Engine ``GroupedLinear``, GPU, bf16/FP8),
-            ``grouped_mm`` (``torch._grouped_mm``), ``loop`` (one GEMM per expert), or ``auto``
-            (TE on GPU when installed, else grouped_mm where it runs, else loop).
+            ``grouped_mm`` (``torch._grouped_mm``), ``loop`` (one GEMM per expert), ``fp8``
+            (``torch._scaled_grouped_mm`` with row-wise scales, no TE: CUDA compute capability 9.0
+            or 10.0; ``mechanism/fp8.py``), or ``auto`` (TE on GPU when installed, else grouped_mm
+            where it runs, else loop; never fp8, which changes the arithmetic).
         assignment_policy: how tokens of a replicated expert are split between its copies when
             no explicit assignment is given. ``locality_even``: tokens that originate on a rank
             holding a copy stay there; the others are split evenly over all copies.

@@ -52,8 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--replica-slots", type=int, default=2)
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--backend", choices=["all", "auto", "grouped_mm", "loop", "te"], default="all",
-                   help="expert GEMM backend; 'all' cycles through every backend that runs here")
+    p.add_argument("--backend", choices=["all", "auto", "grouped_mm", "loop", "te", "fp8"], default="all",
+                   help="expert GEMM backend; 'all' cycles through every backend that runs here; 'fp8': "
+                        "torch._scaled_grouped_mm (CUDA 9.0/10.0), checked at the FP8 tolerance")
     p.add_argument("--fp8", choices=["none", "delayed", "current", "mxfp8"], default="none",
                    help="FP8 recipe under Transformer Engine autocast (needs --backend te)")
     p.add_argument("--hidden", type=int, default=32)

@@ -125,6 +125,43 @@ def time_expert_backends(device, quick):
     return rows
 
 
+# expert shapes (hidden, expert FFN, experts, top-k) of two public MoE models, for the FP8 timing
+FP8_SHAPES = {"gpt-oss-120b": (2880, 2880, 128, 4), "qwen3-235b-a22b": (4096, 1536, 128, 8)}
+
+
+def time_fp8_gemm(device, quick):
+    """FP8 (``torch._scaled_grouped_mm``, row-wise scales, activations quantised in the timed
+    call) against bf16 ``torch._grouped_mm`` on one projection (fc1, gated: 2F rows) of EP 8's
+    16 local experts plus 3 replica slots, skewed counts, at a prefill and a decode size per
+    rank; the relative error of FP8 against bf16. Skipped, with the reason, where FP8 does not run."""
+    from megatron_probe.mechanism import fp8
+    from megatron_probe.mechanism.grouped_gemm import grouped_linear
+
+    why = fp8.fp8_unsupported_reason(device)
+    if why is not None:
+        return [{"skipped": why}]
+    rows, timer, gen = [], Timer(device), torch.Generator().manual_seed(1)
+    for model, (H, Fh, E, K) in FP8_SHAPES.items():
+        G = E // 8 + 3
+        for phase, pairs in (("prefill", 2048 if quick else 32768), ("decode", 64 * K)):
+            counts = skewed_counts(pairs, G, gen).tolist()
+            x = torch.randn(pairs, H, generator=gen).to(device, torch.bfloat16)
+            w = (torch.randn(G, 2 * Fh, H, generator=gen) / H ** 0.5).to(device, torch.bfloat16)
+            w_q, w_s = fp8.quantize_rows(w)
+            with torch.no_grad():
+                ref = grouped_linear(x, w, counts, "grouped_mm")
+                y = fp8.fp8_grouped_linear(x, w_q, w_s, counts, torch.bfloat16)
+                ms_bf16 = timer(lambda: grouped_linear(x, w, counts, "grouped_mm"))
+                ms_fp8 = timer(lambda: fp8.fp8_grouped_linear(x, w_q, w_s, counts, torch.bfloat16))
+            rel = float((y.float() - ref.float()).norm() / ref.float().norm())
+            row = {"model": model, "phase": phase, "pairs": pairs, "groups": G, "H": H, "N": 2 * Fh,
+                   "bf16_ms": round(ms_bf16, 4), "fp8_ms": round(ms_fp8, 4),
+                   "fp8_speedup": round(ms_bf16 / ms_fp8, 3), "fp8_rel_err_vs_bf16": round(rel, 4)}
+            rows.append(row)
+            print(f"[fp8] {row}", flush=True)
+    return rows
+
+
 def _layer_timing_worker(rank, ws, device_type, quick, out_path):
     import dataclasses
 
@@ -221,7 +258,17 @@ def main():
                                       a.out))
     else:
         report["skipped"].append("Transformer Engine not importable here: TE GroupedLinear and FP8 recipes not run")
+    from megatron_probe.mechanism.fp8 import fp8_unsupported_reason
+
+    why_not_fp8 = fp8_unsupported_reason(device)
+    if why_not_fp8 is None:  # FP8 without TE: the layer against the dense reference at the FP8 tolerance
+        eq.append(run_equivalence("fp8_rowwise", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
+                                                  "--replica-slots", "0" if ngpu == 1 else "3", "--trials", "7",
+                                                  "--dtype", "bf16", "--backend", "fp8"] + big + dev, a.out))
+    else:
+        report["skipped"].append(f"expert_backend='fp8' not run: {why_not_fp8}")
     report["experts"] = time_expert_backends(device, a.quick)
+    report["fp8_gemm"] = time_fp8_gemm(device, a.quick)
     report["layer"] = time_layer(device, a.quick, a.out)
     report["seconds"] = round(time.time() - t0, 1)
     report["passed"] = all(e.get("passed") for e in eq)
@@ -233,6 +280,8 @@ def main():
               f"backends={e.get('backends')} exact_vs_stock={e.get('bit_exact_vs_stock')}/{e.get('compared_with_stock')}")
     for r in report["experts"]:
         print(f"experts {r['backend']:10s} {r['ms']:.3f} ms {r['tflops']} TFLOP/s ({r['shape']})")
+    for r in report["fp8_gemm"]:
+        print("fp8 gemm", r)
     for r in report["layer"]:
         print(f"layer probe[{r['probe_backend']}]/stock = {r['probe_over_stock']} ({r['probe_ms']} vs {r['stock_ms']}"
               f"/{r['stock_ms_again']} ms, {r['shape']})")

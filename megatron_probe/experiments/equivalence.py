@@ -103,7 +103,7 @@ class EquivalenceReport:
             "trials": len(self.trials),
             "ep": self.options["ep"],
             "passed": self.passed,
-            "tolerance_rel": TOLERANCE[self.options["dtype"] if self.options["fp8_recipe"] == "none" else "fp8"],
+            "tolerance_rel": TOLERANCE[_tolerance_key(self.options)],
             "seconds": round(self.seconds, 2),
             "options": self.options,
             "cases": [dataclasses.asdict(t) for t in self.trials],
@@ -121,6 +121,11 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> List[str]:
     if te_backend.HAVE_TE and device.type == "cuda":
         out.append("te")
     return out
+
+
+def _tolerance_key(options: dict) -> str:
+    """FP8 arithmetic (a TE recipe, or the ``fp8`` backend) has its own tolerance."""
+    return "fp8" if options["fp8_recipe"] != "none" or options["backend"] == "fp8" else options["dtype"]
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -370,7 +375,7 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
                 abs_stock = (out.double() - sout.double()).abs().max().item() if T else 0.0
                 exact = bool(torch.equal(out, sout))
 
-        tol = TOLERANCE["fp8" if opts.fp8_recipe != "none" else opts.dtype]
+        tol = TOLERANCE[_tolerance_key(dataclasses.asdict(opts))]
         ok = rel_dense <= tol and math.isfinite(abs_dense)
         if abs_stock is not None:
             ok = ok and abs_stock <= tol * max(scale, 1e-30)

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
+from megatron_probe.mechanism import fp8, te_backend
 from megatron_probe.mechanism.grouped_gemm import grouped_linear, grouped_mm_supported
-from megatron_probe.mechanism import te_backend
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -25,6 +25,11 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
             "expert_backend='te' needs Transformer Engine and a CUDA device "
             f"(TE importable: {te_backend.HAVE_TE}, device: {device}); use 'auto', 'grouped_mm' or 'loop'"
         )
+    if requested == "fp8":
+        why = fp8.fp8_unsupported_reason(device)
+        if why is not None:
+            raise RuntimeError(f"expert_backend='fp8': {why}; use 'te' (Transformer Engine's FP8) where installed, "
+                               "or 'auto', 'grouped_mm' or 'loop'")
     if requested == "grouped_mm" and not grouped_mm_supported(device, dtype):
         raise RuntimeError(
             f"expert_backend='grouped_mm': torch._grouped_mm does not run for {dtype} on {device} "
@@ -69,6 +74,7 @@ class SlotExpertCompute:
         self.requested_backend = backend
         self.backend: Optional[str] = None
         self._te: Optional[te_backend.TEGroupedSlots] = None
+        self._fp8 = None  # (bank version, fc1 (E4M3, scales), fc2 (E4M3, scales)): quantised once per version
 
     def __call__(self, x, tokens_per_slot, probs, fc1, fc2, bank_version: int = 0):
         """``fc1``/``fc2``: ``[S, ...]`` weights of every slot, or lists of blocks whose slot counts
@@ -88,9 +94,22 @@ class SlotExpertCompute:
             if self._te is None or self._te.version != bank_version:
                 self._te = te_backend.TEGroupedSlots(fc1, fc2, self.config, bank_version)
             return self._te(x, counts, probs, self.config)
+        if self.backend == "fp8":
+            return self._fp8_compute(x, counts, probs, fc1, fc2, bank_version)
         h = grouped_linear(x, fc1, counts, self.backend)
         h = expert_activation(h, probs, self.config)
         return grouped_linear(h, fc2, counts, self.backend)
+
+    def _fp8_compute(self, x, counts, probs, fc1, fc2, bank_version, mm=None):
+        """Both projections in FP8 (``mechanism/fp8.py``); the weights quantised once per bank
+        version, the activations per call; outputs in the input's dtype. ``mm``: the scaled
+        grouped GEMM (default ``torch._scaled_grouped_mm``; the tests pass a float reference)."""
+        if self._fp8 is None or self._fp8[0] != bank_version:
+            self._fp8 = (bank_version, fp8.quantize_rows(fc1), fp8.quantize_rows(fc2))
+        _, (w1, s1), (w2, s2) = self._fp8
+        h = fp8.fp8_grouped_linear(x, w1, s1, counts, x.dtype, mm)
+        h = expert_activation(h, probs, self.config)
+        return fp8.fp8_grouped_linear(h, w2, s2, counts, x.dtype, mm)
 
     def _blocks(self, x, tokens_per_slot, probs, fc1_blocks, fc2_blocks, bank_version):
         sizes = [b.shape[0] for b in fc1_blocks]
