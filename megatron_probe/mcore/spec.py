@@ -1,4 +1,14 @@
-"""One call turns a stock Megatron layer spec into a PROBE one."""
+"""One call turns a stock Megatron layer spec into a PROBE one; and two ready spec objects for
+Megatron's own training and inference scripts, which take a layer spec by module and name:
+
+    --spec megatron_probe.mcore.spec probe_gpt_layer_spec        (Transformer Engine where it runs)
+    --spec megatron_probe.mcore.spec probe_gpt_layer_local_spec  (Megatron's local modules)
+
+Both are Megatron's GPT MoE layer spec with the PROBE layer and router in it and the default
+``ProbeConfig`` (no replica slots: without the live pipeline, which a Megatron script does not
+attach, the layer routes and computes as the stock one). Dense models are not affected: the
+spec is for MoE layers (Megatron builds a dense MLP only from a spec without experts).
+"""
 
 from __future__ import annotations
 
@@ -49,3 +59,24 @@ def _convert_layer(layer_spec, probe_config: ProbeConfig) -> int:
     if router is None or router is TopKRouter:
         mlp.submodules.router = ProbeRouter
     return 1
+
+
+def _gpt_spec(use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    # num_experts only selects the MoE MLP here: the expert count comes from the model's config
+    if use_te:
+        stock = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(num_experts=1)
+    else:
+        stock = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=1)
+    return probe_layer_spec(stock, ProbeConfig())
+
+
+def _have_te() -> bool:
+    from megatron_probe.mechanism import te_backend
+
+    return te_backend.HAVE_TE
+
+
+probe_gpt_layer_local_spec = _gpt_spec(use_te=False)
+probe_gpt_layer_spec = _gpt_spec(use_te=True) if _have_te() else probe_gpt_layer_local_spec
