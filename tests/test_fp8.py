@@ -80,7 +80,7 @@ def test_fp8_expert_compute_close_to_the_loop_backend_and_quantises_weights_once
     fc2 = torch.randn(S, H, Fh, generator=gen) / Fh ** 0.5
     ref = SlotExpertCompute(cfg, "loop")(x, torch.tensor(counts), probs, fc1, fc2)
     comp = SlotExpertCompute(cfg, "fp8")
-    y = comp._fp8_compute(x, counts, probs, fc1, fc2, 7, mm=fp8.reference_mm)
+    y = comp._fp8_compute(x, counts, probs, fc1, fc2, mm=fp8.reference_mm)
     # the two projections in FP8, the activation between them as Megatron's
     from megatron_probe.mechanism.expert_compute import expert_activation
 
@@ -92,10 +92,17 @@ def test_fp8_expert_compute_close_to_the_loop_backend_and_quantises_weights_once
     rel = float((y - ref).norm() / ref.norm())
     assert 0 < rel <= 0.08, rel
     first = comp._fp8
-    comp._fp8_compute(x, counts, probs, fc1, fc2, 7, mm=fp8.reference_mm)
-    assert comp._fp8 is first  # same bank version: not quantised again
-    comp._fp8_compute(x, counts, probs, fc1 * 2, fc2, 8, mm=fp8.reference_mm)
-    assert comp._fp8 is not first and comp._fp8[0] == 8
+    comp._fp8_compute(x, counts, probs, fc1, fc2, mm=fp8.reference_mm)
+    assert comp._fp8 is first  # the same weights: not quantised again
+    fc1.mul_(2.0)  # written in place (a load, a copy into the bank): quantised again
+    y2 = comp._fp8_compute(x, counts, probs, fc1, fc2, mm=fp8.reference_mm)
+    assert comp._fp8 is not first and not torch.equal(y2, y)
+    second = comp._fp8
+    comp._fp8_compute(x, counts, probs, fc1.clone(), fc2, mm=fp8.reference_mm)  # another tensor
+    assert comp._fp8 is not second
+    with pytest.raises(ValueError, match="fc1's inner dimension 60 is not a multiple of 16"):
+        SlotExpertCompute(cfg, "fp8")._fp8_compute(x[:, :60], counts, probs, fc1[..., :60], fc2,
+                                                   mm=fp8.reference_mm)
     assert F.silu is cfg.activation_func
 
 
@@ -103,4 +110,7 @@ def test_fp8_backend_refused_where_the_kernel_does_not_run():
     assert ProbeConfig(expert_backend="fp8").expert_backend == "fp8"
     with pytest.raises(RuntimeError, match=r"expert_backend='fp8': .*(compute capability 9.0 or 10.0|no float8)"):
         resolve_backend("fp8", torch.device("cpu"), torch.bfloat16)
+    if torch.cuda.is_available() and fp8.fp8_unsupported_reason(torch.device("cuda")) is None:
+        with pytest.raises(RuntimeError, match="gives bf16 outputs only; the model is torch.float32"):
+            resolve_backend("fp8", torch.device("cuda"), torch.float32)
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) != "fp8"

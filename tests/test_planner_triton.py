@@ -89,3 +89,5 @@ def test_triton_planner_small_cases_and_bad_input():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (i, kw)
     with pytest.raises(ValueError, match=r"counts \(2, 3\) != \[ep, E\] = \[2, 4\]"):
         plan_probe_triton(torch.zeros(2, 3, dtype=torch.long), ExpertLayout(4, 2, 1), ExpertCost(0.1, 0.0))
+    with pytest.raises(ValueError, match="counts must be integer token counts, not torch.float32"):
+        plan_probe_triton(torch.zeros(2, 4), ExpertLayout(4, 2, 1), ExpertCost(0.1, 0.0))

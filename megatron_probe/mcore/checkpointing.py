@@ -63,9 +63,15 @@ def load_distributed_checkpoint(model, checkpoint_dir: str) -> None:
         elif tuple(saved[t.key].global_shape) != tuple(t.global_shape):
             other_shape[t.key] = f"{t.key}: {tuple(saved[t.key].global_shape)} there, {tuple(t.global_shape)} here"
     missing, other_shape = list(missing), list(other_shape.values())
-    if missing or other_shape:
-        raise ValueError(f"{checkpoint_dir!r} is a checkpoint of another model: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}; other shapes {other_shape[:5]}")
+    # every rank checks its own tensors (stages differ); all refuse together, none waits in the load
+    refused_here = bool(missing or other_shape)
+    if refused_here:
+        raise_after = ValueError(f"{checkpoint_dir!r} is a checkpoint of another model: missing {missing[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''}; other shapes {other_shape[:5]}")
+    if _any_rank(refused_here):
+        if refused_here:
+            raise raise_after
+        raise ValueError(f"{checkpoint_dir!r} does not fit the model on another rank (its message names the tensors)")
     with _without_cuda():
         state = dist_checkpointing.load(sharded, checkpoint_dir)
     result = model.load_state_dict(state, strict=False)
@@ -73,6 +79,16 @@ def load_distributed_checkpoint(model, checkpoint_dir: str) -> None:
     if left or result.unexpected_keys:
         raise ValueError(f"{checkpoint_dir!r} does not fill the model: missing {left[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}")
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _sharded_tensors(sharded):

@@ -121,6 +121,9 @@ class ProbeMoELayer(MoELayer):
         )
         natives = self.expert_bank.native_params()[0]
         differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in natives)
+        if differentiable and self.token_dispatcher.tp_size > 1:
+            raise NotImplementedError("expert tensor parallel in the PROBE layer is for inference: run under "
+                                      "torch.no_grad()/inference_mode(), or use expert TP 1")
         if differentiable and bool((self.token_dispatcher.placement >= 0).any()):
             raise NotImplementedError(
                 "replicated experts are for inference: clear the replica placement "

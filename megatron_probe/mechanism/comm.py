@@ -86,7 +86,7 @@ def all_gather_varying_rows(x: torch.Tensor, group):
     n = group_size(group)
     if n == 1:
         return x, [x.shape[0]]
-    sizes = all_gather_rows(torch.tensor([x.shape[0]], dtype=torch.long), group).view(-1).tolist()
+    sizes = all_gather_rows(torch.tensor([x.shape[0]], dtype=torch.long, device=x.device), group).view(-1).tolist()
     padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
     padded[:x.shape[0]] = x
     parts = all_gather_rows(padded, group)

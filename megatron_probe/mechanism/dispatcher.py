@@ -166,7 +166,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         every rank's values. Several callers may carry on the same dispatch. When the dispatch
         gathers its expert-TP peers' tokens (expert TP with sequence parallel), each rank's row
         stands for the peers' tokens too: ``over_expert_tp`` says how the peers' values combine
-        (``"sum"``: counts of their tokens; ``"max"``)."""
+        (``"sum"``: counts of their tokens; ``"max"``, also under expert TP without sequence
+        parallel, so every shard index sees the same value)."""
         if over_expert_tp not in ("sum", "max"):
             raise ValueError(f"over_expert_tp={over_expert_tp!r}; valid: 'sum', 'max'")
         v = values.reshape(-1).long()
@@ -188,7 +189,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             self.hooks.before_dispatch(self)
         self.hidden_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
-        if self.tp_size > 1 and torch.is_grad_enabled() and hidden.requires_grad:
+        if self.tp_size > 1 and torch.is_grad_enabled() and (hidden.requires_grad or probs.requires_grad):
             raise NotImplementedError("expert tensor parallel in the PROBE dispatcher is for inference: run "
                                       "under torch.no_grad()/inference_mode(), or use expert TP 1")
         if self.etp_gathers_tokens:  # the ETP peers' shares of the sequence: every peer computes all of them
@@ -208,9 +209,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         local_counts = routing_map.sum(dim=0).long()
         extra, self.extra_counts = self.extra_counts, None
         max_columns, self._extra_max_columns = self._extra_max_columns, []
-        if extra is not None and self.etp_gathers_tokens:  # the carried values of the tokens gathered
+        if extra is not None and self.tp_size > 1 and (self.etp_gathers_tokens or max_columns):
+            # the expert-TP peers' carried values: with their tokens gathered, counts add up; the
+            # max columns combine either way (without SP the peers' counts are equal already)
+            extra = extra.to(local_counts.device)
             peers = all_gather_rows(extra, self.tp_group)  # [etp, n]
-            extra = peers.sum(0)
+            if self.etp_gathers_tokens:
+                extra = peers.sum(0)
             if max_columns:
                 extra[max_columns] = peers[:, max_columns].max(0).values
         with nvtx_range("counts"):

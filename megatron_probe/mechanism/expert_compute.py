@@ -27,6 +27,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
         )
     if requested == "fp8":
         why = fp8.fp8_unsupported_reason(device)
+        if why is None and dtype != torch.bfloat16:
+            why = f"torch._scaled_grouped_mm gives bf16 outputs only; the model is {dtype} (use bf16)"
         if why is not None:
             raise RuntimeError(f"expert_backend='fp8': {why}; use 'te' (Transformer Engine's FP8) where installed, "
                                "or 'auto', 'grouped_mm' or 'loop'")
@@ -74,7 +76,7 @@ class SlotExpertCompute:
         self.requested_backend = backend
         self.backend: Optional[str] = None
         self._te: Optional[te_backend.TEGroupedSlots] = None
-        self._fp8 = None  # (bank version, fc1 (E4M3, scales), fc2 (E4M3, scales)): quantised once per version
+        self._fp8 = None  # (weights' identity and version, fc1 (E4M3, scales), fc2 (E4M3, scales))
 
     def __call__(self, x, tokens_per_slot, probs, fc1, fc2, bank_version: int = 0):
         """``fc1``/``fc2``: ``[S, ...]`` weights of every slot, or lists of blocks whose slot counts
@@ -95,17 +97,24 @@ class SlotExpertCompute:
                 self._te = te_backend.TEGroupedSlots(fc1, fc2, self.config, bank_version)
             return self._te(x, counts, probs, self.config)
         if self.backend == "fp8":
-            return self._fp8_compute(x, counts, probs, fc1, fc2, bank_version)
+            return self._fp8_compute(x, counts, probs, fc1, fc2)
         h = grouped_linear(x, fc1, counts, self.backend)
         h = expert_activation(h, probs, self.config)
         return grouped_linear(h, fc2, counts, self.backend)
 
-    def _fp8_compute(self, x, counts, probs, fc1, fc2, bank_version, mm=None):
-        """Both projections in FP8 (``mechanism/fp8.py``); the weights quantised once per bank
-        version, the activations per call; outputs in the input's dtype. ``mm``: the scaled
-        grouped GEMM (default ``torch._scaled_grouped_mm``; the tests pass a float reference)."""
-        if self._fp8 is None or self._fp8[0] != bank_version:
-            self._fp8 = (bank_version, fp8.quantize_rows(fc1), fp8.quantize_rows(fc2))
+    def _fp8_compute(self, x, counts, probs, fc1, fc2, mm=None):
+        """Both projections in FP8 (``mechanism/fp8.py``); the weights quantised again only when
+        they change (another tensor, or written in place: its version counter moves; a block's
+        own, so a replica change leaves the natives' quantised copy alone), the activations per
+        call; outputs in the input's dtype. ``mm``: the scaled grouped GEMM (default
+        ``torch._scaled_grouped_mm``; the tests pass a float reference)."""
+        key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in (fc1, fc2))
+        if self._fp8 is None or self._fp8[0] != key:
+            for w, what in ((fc1, "fc1"), (fc2, "fc2")):
+                if w.shape[-1] % 16:
+                    raise ValueError(f"expert_backend='fp8': {what}'s inner dimension {w.shape[-1]} is not a multiple "
+                                     "of 16, which torch._scaled_grouped_mm needs")
+            self._fp8 = (key, fp8.quantize_rows(fc1), fp8.quantize_rows(fc2))
         _, (w1, s1), (w2, s2) = self._fp8
         h = fp8.fp8_grouped_linear(x, w1, s1, counts, x.dtype, mm)
         h = expert_activation(h, probs, self.config)

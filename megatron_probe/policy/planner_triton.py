@@ -176,12 +176,16 @@ def plan_probe_triton(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCo
                       copy_charge_us: float = 0.0, early_exit: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`~megatron_probe.policy.planner.plan_probe_host` in two Triton launches on the
     counts' device (the same arguments, the same ``(slots [ep, R], assignment [ep, E, ep])``),
-    with no host synchronisation on the way. ``counts``: ``[ep, E]`` integer tokens."""
+    with no host synchronisation on the way. ``counts``: ``[ep, E]`` integer tokens, non-negative
+    (the caller's promise: :func:`plan_probe_host` checks it, here it would cost a sync)."""
     from megatron_probe.policy.planner import planner_scalars
 
     ep, E, L, R = layout.ep_size, layout.num_experts, layout.num_local_experts, layout.replica_slots
     if tuple(counts.shape) != (ep, E):
         raise ValueError(f"counts {tuple(counts.shape)} != [ep, E] = [{ep}, {E}]")
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise ValueError(f"counts must be integer token counts, not {counts.dtype}")
+    # the values are not checked (non-negative): that would synchronise with the device
     cap_in, cap_out, o_u, ch = planner_scalars(layout, cost, budget_in, budget_out, k_max, copy_charge_us)
     device = counts.device
     cnt = counts.to(torch.int64).contiguous()
