@@ -1,5 +1,6 @@
-"""The balancer's policy pieces: the dispatch split (exact in tokens, local search in time) and
-resident replica planning (warm start, no flapping, following a shift)."""
+"""The balancer's policy pieces: the dispatch split (exact in tokens; in time a local search, then a
+bounded branch and bound, exact where it ends) and resident replica planning (warm start, no
+flapping, following a shift)."""
 
 import numpy as np
 import pytest
@@ -131,6 +132,83 @@ def test_token_split_exact_on_adversarial_layouts(case):
         t = times()
         assert torch.equal(torch.from_numpy(t), rank_times(balanced_split(counts, holds, "time", cost), cost))
         assert upper >= float(t.max())
+
+
+def _search_and_local(counts, holds, cost):
+    """``((search nodes, complete), time split's slowest rank with the branch and bound, without
+    it)`` (us)."""
+    from megatron_probe.policy.split import _Split, _holds, split_inputs
+
+    cnt, hold, total = split_inputs(counts, holds, "time", cost)
+    s = _Split(cnt, _holds(hold), total)
+    t_search = float(s.times_us(s.time_split(cost), cost).max())
+    search = (s.search_nodes, s.search_complete)
+    return search, t_search, float(s.times_us(s.time_split(cost, search=False), cost).max())
+
+
+@settings(max_examples=80, deadline=None)
+@given(split_cases())
+def test_time_split_search_is_exact_where_it_ends(case):
+    """The time split's branch and bound: never slower than the local search it starts from, and
+    where it ends within its budget no split is faster: not even the MILP's optimum (o / c is a
+    whole 64 tokens here, so token units and us agree)."""
+    lay, counts, pl = case
+    holds = holder_slots(pl, lay) >= 0
+    (_, complete), t_search, t_local = _search_and_local(counts, holds, COST)
+    assert t_search <= t_local + 1e-9
+    T = balanced_split(counts, holds, "time", COST)
+    validate_assignment(T, counts, pl, lay)
+    assert float(rank_times(T, COST).max()) == pytest.approx(t_search, rel=1e-12)
+    if complete:
+        best = exact_split(counts, holds, "time", COST, time_limit=10.0)
+        if best.method == "milp":
+            # at least as fast as HiGHS's optimum (which stops within its 1e-4 relative gap)
+            assert t_search <= best.value * (1 + 1e-9) + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(any_holds_cases(), st.sampled_from([COST, ExpertCost(per_token_us=0.01, per_active_expert_us=90.0)]))
+def test_time_split_search_on_adversarial_layouts(case, cost):
+    """Any holder sets (experts on up to 8 ranks: more than the search branches on), chains, huge
+    and tiny counts: the split stays valid and never slower than the local search; exact where it
+    ends."""
+    counts, holds = case
+    (_, complete), t_search, t_local = _search_and_local(counts, holds, cost)
+    assert t_search <= t_local + 1e-9
+    T = balanced_split(counts, holds, "time", cost)
+    assert torch.equal(T.sum(-1), counts) and (T >= 0).all() and not ((T.sum(0) > 0) & ~holds.T).any()
+    if complete and cost is COST and counts.shape[1] <= 16:
+        best = exact_split(counts, holds, "time", cost, time_limit=10.0)
+        if best.method == "milp":
+            # at least as fast as HiGHS's optimum (which stops within its 1e-4 relative gap)
+            assert t_search <= best.value * (1 + 1e-9) + 1e-9
+
+
+def test_time_split_search_budget(monkeypatch):
+    """A search stopped by its budget keeps the best split found: valid, never slower than the
+    local search, reported incomplete; the budget scales with the copies and ranks."""
+    from megatron_probe.policy import split as split_mod
+
+    g = torch.Generator().manual_seed(3)
+    ep, E = 8, 64
+    lay = ExpertLayout(E, ep, 3)
+    incomplete = 0
+    for _ in range(30):
+        counts = (torch.rand(E, generator=g) ** 2 * torch.rand(ep, E, generator=g) * 400).round().long()
+        pl, _ = plan_probe_host(noisy_forecast(counts, 0.3, g), lay, COST)
+        holds = holder_slots(pl, lay) >= 0
+        monkeypatch.setattr(split_mod, "SEARCH_WORK", 1)  # the floor: 8 node bounds
+        (nodes, complete), t_small, t_local = _search_and_local(counts, holds, COST)
+        assert nodes <= 8
+        incomplete += not complete
+        assert t_small <= t_local + 1e-9
+        validate_assignment(balanced_split(counts, holds, "time", COST), counts, pl, lay)
+        monkeypatch.setattr(split_mod, "SEARCH_WORK", 10 ** 7)
+        (nodes_big, complete_big), t_big, _ = _search_and_local(counts, holds, COST)
+        assert complete_big or nodes_big > nodes
+        if complete_big:
+            assert t_big <= t_small + 1e-9  # the exact split is never beaten
+    assert incomplete > 0  # the floor does stop some searches here
 
 
 def _locality_reference(cnt, y):

@@ -12,7 +12,13 @@ placement the true counts are split. Timed per call (``time.perf_counter``, 1 th
 * ``plan_probe_host``: PROBE's host planner on the forecast (the streamed plan);
 * ``resident_plan``: ``ResidentPlanner.plan`` on stationary steps (after its warm start);
 * ``resident_plan+split_time``: the per-layer host work of the resident balancer (decision and
-  split), per step.
+  split), per step;
+* ``plan_probe_host+split_time``: the same for the streamed balancer (PROBE's plan, then the
+  split over it).
+
+``--gap-steps N``: on the first N timed steps (every layer), the dispatch split's slowest time
+against the time MILP's optimum (``optimal.exact_split``) on the resident and on the PROBE
+placement, with and without the split's branch and bound.
 
 Medians and p99 in microseconds per layer. Configurations: ``e128_ep8`` (Qwen3-30B aggregate,
 128 experts, EP 8, R 3; the target's), ``e32_ep2`` (the project's recorded tiny-model trace
@@ -43,7 +49,7 @@ from megatron_probe.policy.evaluation import noisy_forecast  # noqa: E402
 from megatron_probe.policy.placement import ExpertLayout, holder_slots  # noqa: E402
 from megatron_probe.policy.planner import assign_on_truth, plan_probe_host  # noqa: E402
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings  # noqa: E402
-from megatron_probe.policy.split import balanced_split, placement_split  # noqa: E402
+from megatron_probe.policy.split import balanced_split, placement_split, placement_split_times  # noqa: E402
 
 # eval_planner.py's shapes: generated steps priced as GPT-OSS-120B experts, the tiny model as itself
 SHAPES = {"gpt-oss-120b": dict(hidden=2880, expert_hidden=2880, kv_dim=512),
@@ -102,7 +108,10 @@ def bench(name, ep, shape_name, R, args, data=None):
     gen = torch.Generator().manual_seed(args.seed + 7)
     planners = [ResidentPlanner(lay, cost, ResidentSettings(k_max=args.k_max)) for _ in range(L)]
     t = {k: [] for k in ("split_tokens", "split_time", "assign_on_truth", "plan_probe_host", "resident_plan",
-                         "resident_plan+split_time")}
+                         "resident_plan+split_time", "plan_probe_host+split_time")}
+    gaps = {k: [] for k in ("resident", "probe")}
+    no_search = {k: [] for k in ("resident", "probe")}
+    compare = []  # (counts, resident placement, PROBE placement) of the steps compared with the MILP
     changes = 0
     for s in range(steps):
         for l in range(L):
@@ -116,15 +125,46 @@ def bench(name, ep, shape_name, R, args, data=None):
             us_tok, _ = _us(lambda: placement_split(C, pl, lay, "tokens"))
             us_time, _ = _us(lambda: placement_split(C, pl, lay, "time", cost))
             us_greedy, _ = _us(lambda: assign_on_truth(C, pl, lay, cost))
-            us_probe, _ = _us(lambda: plan_probe_host(P, lay, cost, k_max=args.k_max))
+            us_probe, (probe_pl, _) = _us(lambda: plan_probe_host(P, lay, cost, k_max=args.k_max))
+            us_probe_split, _ = _us(lambda: placement_split(C, probe_pl, lay, "time", cost))
             for k, v in (("split_tokens", us_tok), ("split_time", us_time), ("assign_on_truth", us_greedy),
                          ("plan_probe_host", us_probe), ("resident_plan", us_plan),
-                         ("resident_plan+split_time", (us_plan[0] + us_time[0], us_plan[1] + us_time[1]))):
+                         ("resident_plan+split_time", (us_plan[0] + us_time[0], us_plan[1] + us_time[1])),
+                         ("plan_probe_host+split_time", (us_probe[0] + us_probe_split[0],
+                                                         us_probe[1] + us_probe_split[1]))):
                 t[k].append(v)
+            if s - args.warmup < args.gap_steps:
+                compare.append((C, pl, probe_pl))
+    for C, pl, probe_pl in compare:  # after the timings (HiGHS between them would cool the caches)
+        for k, placement in (("resident", pl), ("probe", probe_pl)):
+            gap = _milp_gap(C, placement, lay, cost)
+            if gap is not None:
+                gaps[k].append(gap[0])
+                no_search[k].append(gap[1])
     return {"data": label, "E": E, "ep": ep, "R": R, "layers": L, "steps": steps, "warmup_steps": args.warmup,
             "resident_changes": changes, "cost": {"per_token_us": cost.per_token_us,
                                                    "per_active_expert_us": cost.per_active_expert_us},
-            "timings": {k: _stats(v) for k, v in t.items()}}
+            "timings": {k: _stats(v) for k, v in t.items()},
+            **({"gap_to_milp": {k: {"steps": len(v), **_gap_stats(v), "local_search_only": _gap_stats(no_search[k])}
+                                for k, v in gaps.items()}} if args.gap_steps else {})}
+
+
+def _milp_gap(counts, placement, lay, cost):
+    """``(gap, gap without the branch and bound)``: the dispatch split's slowest time over the time
+    MILP's optimum, minus 1, on ``placement``'s copies (None when HiGHS does not solve it in 10 s)."""
+    from megatron_probe.policy.optimal import exact_split
+
+    best = exact_split(counts, holder_slots(placement, lay) >= 0, "time", cost, time_limit=10.0)
+    if best.method != "milp" or best.value <= 0:
+        return None
+    full = float(placement_split_times(counts, placement, lay, cost).max())
+    local = float(placement_split_times(counts, placement, lay, cost, search=False).max())
+    return full / best.value - 1.0, local / best.value - 1.0
+
+
+def _gap_stats(v):
+    return {"mean": round(statistics.mean(v), 5), "max": round(max(v), 5),
+            "above_0.5pct": sum(x > 0.005 for x in v)} if v else {}
 
 
 def lp_gap(n_cases, seed=0, extra=None):
@@ -180,6 +220,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lp-gap", type=int, default=0, help="also the time split's gap to the MILP on this many "
                                                           "random cases")
+    p.add_argument("--gap-steps", type=int, default=0, help="also compare the dispatch split with the time MILP's "
+                                                              "optimum on this many timed steps (every layer, the "
+                                                              "resident and the PROBE placement)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -207,6 +250,12 @@ def main(argv=None):
         for k, v in res["timings"].items():
             print(f"{k:28s} {v['median_us']:9.1f} {v['p99_us']:9.1f} {v['mean_us']:9.1f} {v['cpu_median_us']:11.1f} "
                   f"{v['cpu_p99_us']:9.1f}")
+        for k, g in res.get("gap_to_milp", {}).items():
+            if g.get("steps"):
+                print(f"time split / MILP - 1 on the {k} placement, {g['steps']} layer steps: mean {g['mean']:.5f} "
+                      f"max {g['max']:.5f}, above 0.5%: {g['above_0.5pct']} (local search only: mean "
+                      f"{g['local_search_only']['mean']:.5f} max {g['local_search_only']['max']:.5f}, above 0.5%: "
+                      f"{g['local_search_only']['above_0.5pct']})")
     if a.lp_gap:
         result["lp_gap"] = gap = lp_gap(a.lp_gap, a.seed)
         print(f"\n== gap to the time MILP's optimum on {gap['cases']} random cases (slowest time / optimum - 1)")

@@ -14,19 +14,20 @@ the forecast of this step's counts:
    now; the ones not yet held are candidates, in the planner's order (its earlier copies help
    more). A candidate takes a free slot of its rank, or replaces the held replica that the
    forecast sends the fewest tokens to.
-3. **Decision**: with the split the dispatcher will use (``split.placement_split``, time
-   objective), the slowest rank's expert time of the forecast with the current placement and with
-   the candidates (at most ``copy_budget`` of them, else the first alone). A change is kept when
-   it saves at least ``min_gain`` of the current time (hysteresis: a stationary load, whose
-   forecasts wobble around one placement, never flaps) and when the saving over the expected
-   residency pays for the copies: ``saving x horizon >= copies x copy_cost_us``. When more
+3. **Decision**: with the split the dispatcher will use (``split.placement_split``, time objective;
+   its local search, not its branch and bound, which would add tens of us per priced placement for
+   the last fraction of a percent), the slowest rank's expert time of the forecast with the current
+   placement and with the candidates (at most ``copy_budget`` of them, else the first alone). A
+   change is kept when it saves at least ``min_gain`` of the current time (hysteresis: a stationary
+   load, whose forecasts wobble around one placement, never flaps) and when the saving over the
+   expected residency pays for the copies: ``saving x horizon >= copies x copy_cost_us``. When more
    candidates wait than the budget allows, the whole new plan is priced: if it saves at least
-   ``burst_gain`` (the load has shifted) it is adopted at once (a burst, counted); if it saves
-   at least ``min_gain``, the first ``copy_budget`` candidates are taken as a step towards it
-   when that step is no slower (a gradual shift, whose single changes each save too little). Stationary
-   steps stop before the from-scratch plan: when the current time is within ``min_gain`` of a
-   time no placement beats (:func:`time_lower_bound`), no change can pass, so the decision is
-   the one the full procedure would take, for the price of one split.
+   ``burst_gain`` (the load has shifted) it is adopted at once (a burst, counted); if it saves at
+   least ``min_gain``, the first ``copy_budget`` candidates are taken as a step towards it when
+   that step is no slower (a gradual shift, whose single changes each save too little). Stationary
+   steps stop before the from-scratch plan: when the current time is within ``min_gain`` of a time
+   no placement beats (:func:`time_lower_bound`), no change can pass, so the decision is the one
+   the full procedure would take, for the price of one split.
 4. **Horizon**: how long a hot set stays hot, estimated online from the true counts
    (:meth:`ResidentPlanner.observe`): the turnover of the layer's hottest experts from step to
    step, averaged (exponentially), gives an expected residency ``1 / turnover`` steps, capped.
@@ -79,15 +80,17 @@ class ResidentSettings:
 
 def slowest_time(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost) -> float:
     """The slowest rank's expert time (us) of ``counts [ep, E]`` split over ``placement``'s copies
-    the way the dispatcher splits (``split.placement_split``, time objective)."""
-    return float(placement_split_times(counts, placement, layout, cost).max())
+    the way the dispatcher splits (``split.placement_split``, time objective), without the split's
+    branch and bound: a planner prices several placements per step, and the search only proves
+    the last fraction of a percent."""
+    return float(placement_split_times(counts, placement, layout, cost, search=False).max())
 
 
 def time_lower_bound(counts: torch.Tensor, cost: ExpertCost, ep: int) -> float:
     """A slowest expert time (us) that no placement and no split of ``counts [ep, E]`` beats: every
     token is computed once and every expert with tokens is active on at least one rank, so the
     ranks' times sum to at least that, and the slowest is at least the mean."""
-    total = counts.sum(0)
+    total = counts.numpy().sum(0) if counts.device.type == "cpu" and not counts.requires_grad else counts.sum(0)
     return (cost.per_token_us * float(total.sum()) + cost.per_active_expert_us * float((total > 0).sum())) / ep
 
 
@@ -147,7 +150,7 @@ class ResidentPlanner:
             # search), then on the time itself; the margin covers float rounding. (No token at
             # all: the plan is empty, so is every candidate list.)
             bound = time_lower_bound(forecast, self.cost, lay.ep_size)
-            upper, finish = placement_time_split_bounded(forecast, self.placement, lay, self.cost)
+            upper, finish = placement_time_split_bounded(forecast, self.placement, lay, self.cost, search=False)
             if self._early_exit and (upper <= 0 or upper - bound < (s.min_gain - 1e-9) * upper):
                 return self.placement.clone(), 0
             t_now = float(finish().max())
@@ -211,18 +214,18 @@ class ResidentPlanner:
         """The current placement with each ``(rank, expert)`` of ``take`` in a free slot of its rank,
         or in place of the held replica the forecast sends the fewest tokens to (one not just
         added)."""
-        new = self.placement.clone()
-        demand = forecast.sum(0)
+        rows = self.placement.tolist()  # host lists: a few small edits, no tensor ops per edit
+        demand = forecast.sum(0).tolist()
         fresh = set()
         for r, e in take:
-            free = (new[r] == EMPTY_SLOT).nonzero().flatten()
-            if free.numel():
-                slot = int(free[0])
+            row = rows[r]
+            if EMPTY_SLOT in row:
+                slot = row.index(EMPTY_SLOT)
             else:
-                choices = [(int(demand[int(new[r, k])]), k) for k in range(new.shape[1]) if (r, k) not in fresh]
+                choices = [(demand[row[k]], k) for k in range(len(row)) if (r, k) not in fresh]
                 if not choices:
                     continue
                 slot = min(choices)[1]
-            new[r, slot] = e
+            row[slot] = e
             fresh.add((r, slot))
-        return new
+        return torch.tensor(rows, dtype=self.placement.dtype)

@@ -25,13 +25,23 @@ EP = 8 after 7-10 pushes or raises (median; at most 17 seen), where pushing from
 half the difference took about 230.
 
 ``objective="time"`` adds the per-active-expert cost of the cost model (a copy that computes at
-least one token costs ``o`` token units): single moves between two holders (a whole fragment or
-part of it) are applied while they lower the slower of the two ranks below the current maximum
-time, from up to three starts (the exact token split, the unsplit start, and the static split,
-so the result is never slower than no replication), and the best result is kept; a start that already meets a lower bound on time (the largest fixed rank time, or the
-tokens plus one ``o`` per expert with tokens spread over the ranks) is optimal and ends the
-search. A local search, not exact: ``optimal.exact_split`` with ``objective="time"`` is its
-yardstick (docs/balancer.md has the measured gaps).
+least one token costs ``o`` token units). First a local search: single moves between two holders
+(a whole fragment or part of it) are applied while they lower the slower of the two ranks below
+the current maximum time, from up to three starts (the exact token split, the unsplit start, and
+the static split, so the result is never slower than no replication), the best kept; a start that
+already meets a lower bound on time (the largest fixed rank time, or the tokens plus one ``o`` per
+expert with tokens spread over the ranks) is optimal and ends there. Then, from that split, a
+branch and bound over which copies of each replicated expert are active
+(``split_kernels.time_search``): a node fixes the active holder set of some experts; its bound is
+the exact token split in which a decided expert's copies each pay ``o`` and an undecided one
+carries its tokens plus one ``o`` spread over its holders (the LP relaxation of the time MILP:
+exact per expert, so only branching tightens it); a node whose relaxed split leaves every
+undecided expert on one copy is a split, the best below it. It branches on the undecided expert
+farthest from unsplit, one child per holder set, and prunes at the best split found. A search
+that ends is exact (in token units); it is stopped after ``SEARCH_WORK / (copies + ranks)`` node
+bounds (about 50 at E = 128, EP = 8), keeping the best split found, polished by the local
+search's moves. ``optimal.exact_split`` with ``objective="time"`` is its yardstick
+(docs/balancer.md has the measured gaps).
 """
 
 from __future__ import annotations
@@ -108,6 +118,12 @@ class _Holds:
 
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
+# the time split's branch and bound stops after SEARCH_WORK // (copies + ranks) node bounds (a node
+# costs about that much work): about 50 nodes and 30 us at E 128, EP 8 on this project's 2-core x86
+# CPU, 8 at E 512, EP 32; the best split found is kept (docs/balancer.md: how far that is from the
+# optimum where the search stops early)
+SEARCH_WORK = 2000
+
 
 def _cached(key, build) -> _Holds:
     h = _HOLDS_CACHE.pop(key, None)
@@ -130,26 +146,30 @@ class _Split:
 
     def __init__(self, cnt: np.ndarray, h: _Holds, total: np.ndarray):
         self.cnt, self.h, self.total = cnt, h, total
+        self.search_nodes, self.search_complete = 0, True  # the time split's branch and bound, when run
         (self.y, self.load, self.fixed, self.fixed_active, self.start_y, self.start_load, self.total_tokens,
          self.n_active_min) = kernels.start_split(cnt, total, h.owner, h.multi, h.hold_ptr, h.hold_rank)
         if len(h.multi):
             kernels.exact_tokens(self.y, self.load, self.fixed, self.total_tokens, h.hold_ptr, h.hold_rank,
                                  h.on_ptr, h.on_idx)
 
-    def time_split(self, cost: ExpertCost) -> np.ndarray:
+    def time_split(self, cost: ExpertCost, search: bool = True) -> np.ndarray:
         """``y`` of the time objective (the token split when nothing is replicated or the
-        per-active-expert cost rounds to 0 tokens)."""
+        per-active-expert cost rounds to 0 tokens); ``search=False``: the local search only (no
+        branch and bound)."""
         o_u = _o_units(cost)
         h = self.h
         if not len(h.multi) or o_u <= 0:
             return self.y
-        return kernels.time_refine(self.y, self.load, self.cnt, self.total, h.multi, self.fixed, self.fixed_active,
-                                   self.start_y, self.start_load, self.total_tokens, self.n_active_min, h.hold_ptr,
-                                   h.hold_rank, h.on_ptr, h.on_idx, h.home_ok, o_u, float(cost.per_token_us),
-                                   float(cost.per_active_expert_us))
+        y, self.search_nodes, self.search_complete = kernels.time_refine(
+            self.y, self.load, self.cnt, self.total, h.multi, self.fixed, self.fixed_active, self.start_y,
+            self.start_load, self.total_tokens, self.n_active_min, h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx,
+            h.home_ok, o_u, float(cost.per_token_us), float(cost.per_active_expert_us),
+            max(8, SEARCH_WORK // (len(h.hold_rank) + h.ep)) if search else 0)
+        return y
 
-    def split(self, objective: str, cost: Optional[ExpertCost]) -> np.ndarray:
-        return self.time_split(cost) if objective == "time" else self.y
+    def split(self, objective: str, cost: Optional[ExpertCost], search: bool = True) -> np.ndarray:
+        return self.time_split(cost, search) if objective == "time" else self.y
 
     def times_us(self, y: np.ndarray, cost: ExpertCost) -> np.ndarray:
         """Rank times (us) of ``y``: the float operations of ``planner.rank_times`` on the same
@@ -223,7 +243,7 @@ def time_split_bounded(counts: torch.Tensor, holds: torch.Tensor, cost: ExpertCo
     return _bounded(cnt, _holds(hold), total, cost)
 
 
-def _bounded(cnt: np.ndarray, h: _Holds, total: np.ndarray, cost: ExpertCost):
+def _bounded(cnt: np.ndarray, h: _Holds, total: np.ndarray, cost: ExpertCost, search: bool = True):
     s = _Split(cnt, h, total)
     o_u = _o_units(cost)
     if not len(h.multi) or o_u <= 0:  # the time split is the token split
@@ -233,14 +253,15 @@ def _bounded(cnt: np.ndarray, h: _Holds, total: np.ndarray, cost: ExpertCost):
     most_active = int((s.fixed_active + np.diff(h.on_ptr)).max())
     slack = max(0.0, cost.per_active_expert_us - cost.per_token_us * o_u) * most_active
     upper = (cost.per_token_us * units + slack) * (1 + 1e-12)
-    return upper, lambda: s.times_us(s.time_split(cost), cost)
+    return upper, lambda: s.times_us(s.time_split(cost, search), cost)
 
 
 def balanced_split(counts: torch.Tensor, holds: torch.Tensor, objective: str = "tokens",
                    cost: Optional[ExpertCost] = None) -> torch.Tensor:
     """The split ``[ep_src, E, ep_dst]`` of the true ``counts [ep, E]`` over the copies in
     ``holds [ep, E]`` (bool; natives included) that minimises the slowest rank: exactly in tokens,
-    or by local search in time (``cost`` needed; module docstring)."""
+    or in time by local search and a bounded branch and bound (``cost`` needed; module
+    docstring)."""
     cnt, hold, total = split_inputs(counts, holds, objective, cost)
     s = _Split(cnt, _holds(hold), total)
     return torch.from_numpy(s.assignment(s.split(objective, cost)))
@@ -285,16 +306,20 @@ def placement_split(counts: torch.Tensor, placement: torch.Tensor, layout, objec
 
 
 def placement_split_times(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost,
-                          objective: str = "time") -> np.ndarray:
-    """:func:`balanced_split_times` over ``placement``'s copies (as :func:`placement_split`)."""
+                          objective: str = "time", search: bool = True) -> np.ndarray:
+    """:func:`balanced_split_times` over ``placement``'s copies (as :func:`placement_split`);
+    ``search=False``: the time split's local search without the branch and bound (what a planner
+    pricing many placements uses: a fraction of a percent slower at most, most often equal)."""
     cnt, h, total = _placement_inputs(counts, placement, layout, objective, cost)
     s = _Split(cnt, h, total)
-    return s.times_us(s.split(objective, cost), cost)
+    return s.times_us(s.split(objective, cost, search), cost)
 
 
-def placement_time_split_bounded(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost):
-    """:func:`time_split_bounded` over ``placement``'s copies (as :func:`placement_split`)."""
-    return _bounded(*_placement_inputs(counts, placement, layout, "time", cost), cost)
+def placement_time_split_bounded(counts: torch.Tensor, placement: torch.Tensor, layout, cost: ExpertCost,
+                                 search: bool = True):
+    """:func:`time_split_bounded` over ``placement``'s copies (as :func:`placement_split`;
+    ``search`` as :func:`placement_split_times`)."""
+    return _bounded(*_placement_inputs(counts, placement, layout, "time", cost), cost, search)
 
 
 def load_kernels() -> None:

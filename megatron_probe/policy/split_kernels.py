@@ -134,24 +134,31 @@ def start_split(cnt, total, owner, multi, hold_ptr, hold_rank):
 
 
 @njit(cache=True)
-def exact_tokens(y, load, fixed, total_tokens, hold_ptr, hold_rank, on_ptr, on_idx):
-    """The exact token split, in place on ``(y, load)``: augmenting paths from the most-loaded
-    rank to one below the lower bound ``M``, which rises to a closed set's average when no such
-    path exists, until no rank is above ``M`` (``policy.split``'s docstring has the proof)."""
+def min_max_tokens(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, off):
+    """:func:`min_max_tokens_ws` with its own work arrays."""
+    min_max_tokens_ws(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, off, np.zeros((5, load.shape[0]), np.int64),
+                      np.iinfo(np.int64).max)
+
+
+@njit(cache=True)
+def min_max_tokens_ws(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, off, ws, cutoff):
+    """The exact token split in place on ``(y, load)`` (``load`` includes each rank's fixed work),
+    over the copies ``k`` not ``off[k]``, from ``M``, a lower bound of the optimum: augmenting paths
+    from the most-loaded rank to one below ``M``, which rises to a closed set's average when no such
+    path exists, until no rank is above ``M`` (``policy.split``'s docstring has the proof). Returns
+    the optimum (the slowest rank), or, as soon as ``M`` reaches ``cutoff``, ``M``: a lower bound
+    of it, the split left unfinished. ``ws``: work arrays ``[5, ep]``."""
     ep = load.shape[0]
-    M = max(-(-total_tokens // ep), fixed.max())
-    parent_rank = np.zeros(ep, np.int64)
-    parent_exp = np.zeros(ep, np.int64)
-    seen = np.zeros(ep, np.bool_)
-    frontier = np.zeros(ep, np.int64)
-    following = np.zeros(ep, np.int64)
+    parent_rank, parent_exp, seen, frontier, following = ws[0], ws[1], ws[2], ws[3], ws[4]  # work arrays [5, ep]
     while True:
         u = np.argmax(load)  # the first most-loaded rank
         top = load[u]
         if top <= M:
-            return
-        seen[:] = False
-        seen[u] = True
+            return top
+        if M >= cutoff:  # the optimum is at least M: the caller needs no more
+            return M
+        seen[:] = 0
+        seen[u] = 1
         frontier[0] = u
         n_front = 1
         target = -1
@@ -165,9 +172,9 @@ def exact_tokens(y, load, fixed, total_tokens, hold_ptr, hold_rank, on_ptr, on_i
                         continue
                     for kk in range(hold_ptr[i], hold_ptr[i + 1]):
                         b = hold_rank[kk]
-                        if seen[b]:
+                        if seen[b] == 1 or off[kk]:
                             continue
-                        seen[b] = True
+                        seen[b] = 1
                         parent_rank[b] = a
                         parent_exp[b] = i
                         if load[b] < M:
@@ -185,7 +192,7 @@ def exact_tokens(y, load, fixed, total_tokens, hold_ptr, hold_rank, on_ptr, on_i
             s = 0
             n = 0
             for r in range(ep):
-                if seen[r]:
+                if seen[r] == 1:
                     s += load[r]
                     n += 1
             M = -(-s // n)
@@ -205,6 +212,14 @@ def exact_tokens(y, load, fixed, total_tokens, hold_ptr, hold_rank, on_ptr, on_i
             b = a
         load[u] -= delta
         load[target] += delta
+
+
+@njit(cache=True)
+def exact_tokens(y, load, fixed, total_tokens, hold_ptr, hold_rank, on_ptr, on_idx):
+    """The exact token split, in place on ``(y, load)``, over every copy, from the lower bound
+    ``M`` = the larger of the mean load and the largest fixed load."""
+    M = max(-(-total_tokens // load.shape[0]), fixed.max())
+    min_max_tokens(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, np.zeros(hold_rank.shape[0], np.bool_))
 
 
 @njit(cache=True)
@@ -269,6 +284,204 @@ def _local_search(y0, load0, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, 
     return y, t.max()
 
 
+MAX_BRANCH_HOLDERS = 6  # the search branches on experts with at most this many copies (2^6 - 1 sets)
+
+
+@njit(cache=True)
+def _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y, load, ws, cutoff):
+    """A lower bound on every split that keeps the decisions ``mask`` (per replicated expert: 0
+    open, else the bit set of its holders, in ``hold_rank`` order, that are active), and its split
+    in ``(y, load)``. A decided expert puts its tokens on its active copies, each paying ``o_u``;
+    an open one with tokens carries its tokens plus one ``o_u`` over any of its holders (a split
+    over copies ``S`` pays ``o_u |S|`` >= ``o_u``, and on copy ``r`` at least ``o_u x_r / tot``:
+    spreading one ``o_u`` with the tokens bounds every split from below). The exact token split of
+    these amounts over the allowed copies (``off`` filled here), on top of each rank's fixed work
+    and fixed active copies, is the bound: its slowest rank."""
+    ep = fixed.shape[0]
+    m = tot.shape[0]
+    for r in range(ep):
+        load[r] = fixed[r] + o_u * fixed_active[r]
+    for i in range(m):
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):
+            on = tot[i] > 0 and (mask[i] == 0 or (mask[i] >> (k - hold_ptr[i])) & 1 == 1)
+            off[k] = not on
+            if on and mask[i] != 0:
+                load[hold_rank[k]] += o_u
+    M = load.max()
+    for i in range(m):
+        for r in range(ep):
+            y[i, r] = 0
+        if tot[i] <= 0:
+            continue
+        size = tot[i] + (o_u if mask[i] == 0 else 0)
+        best = -1
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):  # all on the least-loaded allowed holder
+            r = hold_rank[k]
+            if not off[k] and (best < 0 or load[r] < load[best]):
+                best = r
+        y[i, best] = size
+        load[best] += size
+    total = 0
+    for r in range(ep):
+        total += load[r]
+    return min_max_tokens_ws(y, load, max(M, -(-total // ep)), hold_ptr, hold_rank, on_ptr, on_idx, off, ws, cutoff)
+
+
+@njit(cache=True)
+def _child(y, load, parent_bound, i, subset, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, ws, cutoff):
+    """The relaxation of a child node from its parent's relaxed split ``(y, load)`` (changed in
+    place): open expert ``i`` decided to be active on ``subset``. Its amount leaves every holder,
+    each copy in the set pays ``o_u`` and its tokens start on the set's least-loaded rank; the
+    token split is then re-solved from the parent's bound, a lower bound of the child's (a child
+    split is a parent split with more on some ranks). Returns the child's bound."""
+    ep = load.shape[0]
+    p = hold_ptr[i]
+    best = -1
+    for k in range(p, hold_ptr[i + 1]):
+        r = hold_rank[k]
+        load[r] -= y[i, r]
+        y[i, r] = 0
+        if (subset >> (k - p)) & 1 == 1:
+            load[r] += o_u
+            if best < 0 or load[r] < load[best]:
+                best = r
+    y[i, best] = tot[i]
+    load[best] += tot[i]
+    for j in range(tot.shape[0]):  # the copies the split may use under the decisions
+        for k in range(hold_ptr[j], hold_ptr[j + 1]):
+            off[k] = tot[j] <= 0 or (mask[j] != 0 and (mask[j] >> (k - hold_ptr[j])) & 1 == 0)
+    total = 0
+    for r in range(ep):
+        total += load[r]
+    return min_max_tokens_ws(y, load, max(parent_bound, -(-total // ep)), hold_ptr, hold_rank, on_ptr, on_idx, off, ws,
+                             cutoff)
+
+
+@njit(cache=True)
+def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes):
+    """Branch and bound over which copies of each replicated expert are active (token units).
+    A node decides the active holder sets of some experts and is bounded by its relaxation
+    (:func:`_child`, from its parent's relaxed split, kept on a stack for the first 16 levels of
+    small cases; else :func:`_relaxation` from scratch); where every
+    open expert's relaxed amount sits on one copy, that relaxed split is a split (the open experts
+    all on that copy) and no split below the node is faster than it. Else it branches on the open
+    expert farthest from unsplit (the most of its amount off its largest fragment; ties to the
+    lower index), one child per nonempty holder set, the relaxed split's own set first (depth
+    first). Starts from the incumbent
+    ``(y_best, t_best)`` (updated in place) and prunes a node whose bound reaches the incumbent, so
+    a search that ends is exact. Returns ``(t_best, nodes, complete)``: ``complete`` False when ``max_nodes``
+    stopped it first or a split expert had more than ``MAX_BRANCH_HOLDERS`` copies (the
+    incumbent is then the best found)."""
+    m, ep = y_best.shape
+    nk = hold_rank.shape[0]
+    mask = np.zeros(m, np.int64)
+    off = np.zeros(nk, np.bool_)
+    stack_i = np.empty(m, np.int64)
+    stack_first = np.empty(m, np.int64)
+    stack_next = np.empty(m, np.int64)  # the next set to try (1, 2, ..., skipping the first)
+    y = np.zeros((m, ep), np.int64)
+    x = np.zeros((m, ep), np.int64)
+    load = np.zeros(ep, np.int64)
+    ws = np.zeros((5, ep), np.int64)
+    depth = 0
+    nodes = 0
+    complete = True
+    # the relaxed split of each branching node, to start its later children from (up to a depth
+    # and a size, so the stack stays small)
+    kept = min(m, 16) if m * ep <= 4096 else 0
+    stack_y = np.empty((kept, m, ep), np.int64)
+    stack_load = np.empty((kept, ep), np.int64)
+    stack_bound = np.empty(m, np.int64)
+    bound = _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y, load, ws,
+                        t_best)
+    while True:
+        nodes += 1
+        descend = False
+        if bound < t_best:
+            ib = -1
+            worst = -1
+            unbranched = False
+            for i in range(m):
+                if mask[i] != 0 or tot[i] <= 0:
+                    continue
+                n_pos = 0
+                big = 0
+                top = 0
+                for k in range(hold_ptr[i], hold_ptr[i + 1]):
+                    v = y[i, hold_rank[k]]
+                    if v > 0:
+                        n_pos += 1
+                        big = max(big, v)
+                        top += v
+                top -= big  # the amount off its largest fragment: how far from unsplit
+                if n_pos > 1:
+                    if hold_ptr[i + 1] - hold_ptr[i] > MAX_BRANCH_HOLDERS:  # too many sets to enumerate
+                        unbranched = True
+                    elif top > worst:
+                        ib, worst = i, top
+            if ib < 0 and unbranched:  # split over an expert with too many holders: left unexplored
+                complete = False
+            elif ib < 0:  # the relaxed split is a split: the best below this node
+                tokens = fixed.copy()
+                for i in range(m):
+                    for r in range(ep):
+                        v = y[i, r]
+                        if v > 0 and mask[i] == 0:
+                            v = tot[i]
+                        x[i, r] = v
+                        tokens[r] += v
+                t = unit_times(x, tokens, fixed_active, hold_ptr, hold_rank, o_u).max()
+                if t < t_best:  # polished by the local search's moves (a leaf is exact for its sets only)
+                    x2, t2 = _local_search(x, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, 0, 64)
+                    if t2 < t:
+                        x[:, :] = x2
+                        t = t2
+                    t_best = t
+                    y_best[:, :] = x
+            else:
+                first = 0
+                for k in range(hold_ptr[ib], hold_ptr[ib + 1]):
+                    if y[ib, hold_rank[k]] > 0:
+                        first |= 1 << (k - hold_ptr[ib])
+                stack_i[depth] = ib
+                stack_first[depth] = first
+                stack_next[depth] = 1
+                stack_bound[depth] = bound
+                if depth < kept:
+                    stack_y[depth] = y
+                    stack_load[depth] = load
+                mask[ib] = first
+                depth += 1
+                bound = _child(y, load, bound, ib, first, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, ws,
+                               t_best)
+                descend = True
+        if nodes >= max_nodes:
+            return t_best, nodes, False
+        if not descend:  # the next sibling of the deepest expert with sets left, else up
+            while depth > 0:
+                d = depth - 1
+                i = stack_i[d]
+                s = stack_next[d]
+                if s == stack_first[d]:
+                    s += 1
+                if s < (1 << (hold_ptr[i + 1] - hold_ptr[i])):
+                    mask[i] = s
+                    stack_next[d] = s + 1
+                    if d < kept:
+                        y[:, :] = stack_y[d]
+                        load[:] = stack_load[d]
+                        bound = _child(y, load, stack_bound[d], i, s, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx,
+                                       o_u, off, ws, t_best)
+                    else:
+                        bound = _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u,
+                                            off, y, load, ws, t_best)
+                    break
+                mask[i] = 0
+                depth -= 1
+            if depth == 0:
+                return t_best, nodes, complete
+
+
 @njit(cache=True)
 def times_us(y, fixed, fixed_active, hold_ptr, hold_rank, c, o):
     """Rank times (us) of ``y``: the float operations of ``planner.rank_times`` on the same
@@ -289,10 +502,13 @@ def times_us(y, fixed, fixed_active, hold_ptr, hold_rank, c, o):
 
 @njit(cache=True)
 def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_load, total_tokens,
-                n_active_min, hold_ptr, hold_rank, on_ptr, on_idx, home_ok, o_u, c, o):
-    """The time objective's local search from the exact token split ``(y, load)``: up to three
-    starts (that split, the unsplit start, the static split), the best kept, and never a split
-    slower in us than the static one (``policy.split``'s docstring)."""
+                n_active_min, hold_ptr, hold_rank, on_ptr, on_idx, home_ok, o_u, c, o, max_nodes):
+    """The time objective's split from the exact token split ``(y, load)``: the local search from
+    up to three starts (that split, the unsplit start, the static split), the best kept; then,
+    unless it meets the lower bound, the branch and bound from it (:func:`time_search`, at most
+    ``max_nodes`` node bounds; 0: none); never a split slower in us than the static one
+    (``policy.split``'s docstring). Returns ``(y, nodes, complete)``: the search's node bounds
+    and whether it ended (the split is then optimal in token units)."""
     ep, E = cnt.shape
     m = multi.shape[0]
     # no split beats the largest fixed rank time, nor the tokens plus one active copy per expert
@@ -305,7 +521,9 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
         if t2 < best_t:
             best_y, best_t = y2, t2
     if not home_ok:
-        return best_y
+        best_y, best_t, nodes, complete = _search_from(best_y, best_t, bound, total[multi], fixed, fixed_active,
+                                                       hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes)
+        return best_y, nodes, complete
     per_rank = E // ep
     home_y = np.zeros((m, ep), np.int64)
     home_load = fixed.copy()
@@ -319,6 +537,8 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
                                bound, 64)
         if t3 < best_t:
             best_y, best_t = y3, t3
+    best_y, best_t, nodes, complete = _search_from(best_y, best_t, bound, total[multi], fixed, fixed_active, hold_ptr,
+                                                   hold_rank, on_ptr, on_idx, o_u, max_nodes)
     # decided in token units (o rounded); in us the static split must still not be faster, so
     # the split is never slower than no replication at all. A rank's time in us is within
     # |o - c o_u| per active copy of c times its time in token units, so when static is slower by
@@ -330,8 +550,26 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     if not t_home - best_t > 2 * slack + 1:
         if (times_us(home_y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()
                 < times_us(best_y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()):
-            return home_y
-    return best_y
+            return home_y, nodes, complete
+    return best_y, nodes, complete
+
+
+@njit(cache=True)
+def _search_from(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes):
+    """``(y, time, nodes, complete)``: the branch and bound from the local search's best ``(best_y,
+    best_t)`` unless that meets ``bound`` (or ``max_nodes`` is 0); a search stopped early has its
+    best split polished by the local search's moves (its leaves are exact splits of their active
+    sets, not of the moves between them)."""
+    if best_t <= bound or max_nodes <= 0:
+        return best_y, best_t, 0, True
+    best_t, nodes, complete = time_search(best_y, best_t, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
+                                          on_idx, o_u, max_nodes)
+    if not complete:
+        tokens = fixed + best_y.sum(axis=0)
+        y2, t2 = _local_search(best_y, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, bound, 64)
+        if t2 < best_t:
+            return y2, t2, nodes, complete
+    return best_y, best_t, nodes, complete
 
 
 @njit(cache=True)
