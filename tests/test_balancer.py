@@ -150,8 +150,8 @@ def _search_and_local(counts, holds, cost):
 @given(split_cases())
 def test_time_split_search_is_exact_where_it_ends(case):
     """The time split's branch and bound: never slower than the local search it starts from, and
-    where it ends within its budget no split is faster: not even the MILP's optimum (o / c is a
-    whole 64 tokens here, so token units and us agree)."""
+    where it ends within its budget no split is faster, not even the MILP's optimum (o / c is a
+    whole 64 tokens here, so token units, where both hold, and us agree)."""
     lay, counts, pl = case
     holds = holder_slots(pl, lay) >= 0
     (_, complete), t_search, t_local = _search_and_local(counts, holds, COST)

@@ -90,7 +90,8 @@ def time_lower_bound(counts: torch.Tensor, cost: ExpertCost, ep: int) -> float:
     """A slowest expert time (us) that no placement and no split of ``counts [ep, E]`` beats: every
     token is computed once and every expert with tokens is active on at least one rank, so the
     ranks' times sum to at least that, and the slowest is at least the mean."""
-    total = counts.numpy().sum(0) if counts.device.type == "cpu" and not counts.requires_grad else counts.sum(0)
+    plain = counts.device.type == "cpu" and counts.dtype in (torch.long, torch.int32) and counts.layout == torch.strided
+    total = counts.numpy().sum(0) if plain else counts.sum(0)  # NumPy: no tensor op for a few dozen numbers
     return (cost.per_token_us * float(total.sum()) + cost.per_active_expert_us * float((total > 0).sum())) / ep
 
 

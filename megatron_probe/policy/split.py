@@ -38,9 +38,10 @@ carries its tokens plus one ``o`` spread over its holders (the LP relaxation of 
 exact per expert, so only branching tightens it); a node whose relaxed split leaves every
 undecided expert on one copy is a split, the best below it. It branches on the undecided expert
 farthest from unsplit, one child per holder set, and prunes at the best split found. A search
-that ends is exact (in token units); it is stopped after ``SEARCH_WORK / (copies + ranks)`` node
-bounds (about 50 at E = 128, EP = 8), keeping the best split found, polished by the local
-search's moves. ``optimal.exact_split`` with ``objective="time"`` is its yardstick
+that ends is exact (in token units); it is stopped after ``max(8, SEARCH_WORK / (copies +
+ranks))`` node bounds (about 50 at E = 128, EP = 8), keeping the best split found, polished by
+the local search's moves. The search is never slower than its local search in token units; in us
+it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number. ``optimal.exact_split`` with ``objective="time"`` is its yardstick
 (docs/balancer.md has the measured gaps).
 """
 
@@ -118,10 +119,10 @@ class _Holds:
 
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
-# the time split's branch and bound stops after SEARCH_WORK // (copies + ranks) node bounds (a node
-# costs about that much work): about 50 nodes and 30 us at E 128, EP 8 on this project's 2-core x86
-# CPU, 8 at E 512, EP 32; the best split found is kept (docs/balancer.md: how far that is from the
-# optimum where the search stops early)
+# the time split's branch and bound stops after max(8, SEARCH_WORK // (copies + ranks)) node bounds
+# (a node costs about that much work): about 50 nodes at E 128, EP 8 (the search then costs about
+# 45 us per layer at the median on this project's 2-core x86 CPU), 8-31 at E 512, EP 32; the best
+# split found is kept (docs/balancer.md: how far that is from the optimum where the search stops)
 SEARCH_WORK = 2000
 
 

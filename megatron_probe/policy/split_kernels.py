@@ -359,19 +359,19 @@ def _child(y, load, parent_bound, i, subset, mask, tot, hold_ptr, hold_rank, on_
 
 @njit(cache=True)
 def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes):
-    """Branch and bound over which copies of each replicated expert are active (token units).
-    A node decides the active holder sets of some experts and is bounded by its relaxation
-    (:func:`_child`, from its parent's relaxed split, kept on a stack for the first 16 levels of
-    small cases; else :func:`_relaxation` from scratch); where every
-    open expert's relaxed amount sits on one copy, that relaxed split is a split (the open experts
-    all on that copy) and no split below the node is faster than it. Else it branches on the open
-    expert farthest from unsplit (the most of its amount off its largest fragment; ties to the
-    lower index), one child per nonempty holder set, the relaxed split's own set first (depth
-    first). Starts from the incumbent
-    ``(y_best, t_best)`` (updated in place) and prunes a node whose bound reaches the incumbent, so
-    a search that ends is exact. Returns ``(t_best, nodes, complete)``: ``complete`` False when ``max_nodes``
-    stopped it first or a split expert had more than ``MAX_BRANCH_HOLDERS`` copies (the
-    incumbent is then the best found)."""
+    """Branch and bound over which copies of each replicated expert are active (token units). A node
+    decides the active holder sets of some experts and is bounded by its relaxation
+    (:func:`_child`, from its parent's relaxed split, for first children and, kept on a stack for
+    the first 16 levels of small cases, later ones; else :func:`_relaxation` from scratch); where
+    every open expert's relaxed amount sits on one copy, that relaxed split is a split (the open
+    experts all on that copy) and no split below the node is faster than it. Else it branches on
+    the open expert farthest from unsplit (the most of its amount off its largest fragment; ties to
+    the lower index), one child per nonempty holder set, the relaxed split's own set first (depth
+    first). Starts from the incumbent ``(y_best, t_best)`` (updated in place) and prunes a node
+    whose bound reaches the incumbent, so a search that ends is exact. Returns ``(t_best, nodes,
+    complete)``: ``complete`` False when the budget of ``max_nodes`` node bounds stopped it with
+    nodes left or a split expert had more than ``MAX_BRANCH_HOLDERS`` copies (the incumbent is then
+    the best found)."""
     m, ep = y_best.shape
     nk = hold_rank.shape[0]
     mask = np.zeros(m, np.int64)
@@ -452,11 +452,11 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
                     stack_load[depth] = load
                 mask[ib] = first
                 depth += 1
+                if nodes >= max_nodes:
+                    return t_best, nodes, False
                 bound = _child(y, load, bound, ib, first, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, ws,
                                t_best)
                 descend = True
-        if nodes >= max_nodes:
-            return t_best, nodes, False
         if not descend:  # the next sibling of the deepest expert with sets left, else up
             while depth > 0:
                 d = depth - 1
@@ -465,6 +465,8 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
                 if s == stack_first[d]:
                     s += 1
                 if s < (1 << (hold_ptr[i + 1] - hold_ptr[i])):
+                    if nodes >= max_nodes:  # the budget is spent with nodes left
+                        return t_best, nodes, False
                     mask[i] = s
                     stack_next[d] = s + 1
                     if d < kept:
@@ -508,7 +510,8 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     unless it meets the lower bound, the branch and bound from it (:func:`time_search`, at most
     ``max_nodes`` node bounds; 0: none); never a split slower in us than the static one
     (``policy.split``'s docstring). Returns ``(y, nodes, complete)``: the search's node bounds
-    and whether it ended (the split is then optimal in token units)."""
+    and whether the split is known optimal in token units (the search ended, or the local search
+    met the lower bound)."""
     ep, E = cnt.shape
     m = multi.shape[0]
     # no split beats the largest fixed rank time, nor the tokens plus one active copy per expert
@@ -561,7 +564,7 @@ def _search_from(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold
     best split polished by the local search's moves (its leaves are exact splits of their active
     sets, not of the moves between them)."""
     if best_t <= bound or max_nodes <= 0:
-        return best_y, best_t, 0, True
+        return best_y, best_t, 0, best_t <= bound  # complete: optimal (without a search, only at the bound)
     best_t, nodes, complete = time_search(best_y, best_t, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
                                           on_idx, o_u, max_nodes)
     if not complete:
