@@ -41,8 +41,9 @@ farthest from unsplit, one child per holder set, and prunes at the best split fo
 that ends is exact (in token units); it is stopped after ``max(8, SEARCH_WORK / (copies +
 ranks))`` node bounds (about 50 at E = 128, EP = 8), keeping the best split found, polished by
 the local search's moves. The search is never slower than its local search in token units; in us
-it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number. ``optimal.exact_split`` with ``objective="time"`` is its yardstick
-(docs/balancer.md has the measured gaps).
+it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number.
+``optimal.exact_split`` with ``objective="time"`` is its yardstick (docs/balancer.md has the
+measured gaps).
 """
 
 from __future__ import annotations
