@@ -284,6 +284,58 @@ def _local_search(y0, load0, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, 
     return y, t.max()
 
 
+@njit(cache=True)
+def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_moves):
+    """Fewer tokens on the busiest rank at the same slowest time: moves of part of a fragment
+    from the rank with the most tokens to another holder that stays within the split's slowest
+    time (token units; a holder that starts computing the expert pays ``o_u``), the largest move
+    first, while the busiest rank's tokens drop. A time split leaves most ranks below its slowest
+    one; among the splits of that time, one with fewer tokens on its busiest rank errs less when
+    the cost model is off. Returns ``(y, tokens per rank)``; the slowest time never rises."""
+    y = y0.copy()
+    tokens = fixed.copy()
+    act = fixed_active.copy()
+    for i in range(y.shape[0]):
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):
+            r = hold_rank[k]
+            tokens[r] += y[i, r]
+            if y[i, r] > 0:
+                act[r] += 1
+    times = tokens + o_u * act
+    cap = times.max()
+    for _ in range(max_moves):
+        u = np.argmax(tokens)  # the first busiest rank
+        best = 0
+        bi = -1
+        bb = -1
+        for k in range(on_ptr[u], on_ptr[u + 1]):
+            i = on_idx[k]
+            frag = y[i, u]
+            if frag <= 0:
+                continue
+            for kk in range(hold_ptr[i], hold_ptr[i + 1]):
+                b = hold_rank[kk]
+                if b == u:
+                    continue
+                room = cap - times[b] - (0 if y[i, b] > 0 else o_u)
+                mv = min(frag, room, (tokens[u] - tokens[b]) // 2)
+                if mv > best:
+                    best, bi, bb = mv, i, b
+        if bi < 0:
+            break
+        if y[bi, bb] == 0:
+            act[bb] += 1
+        if best == y[bi, u]:
+            act[u] -= 1
+        y[bi, u] -= best
+        y[bi, bb] += best
+        tokens[u] -= best
+        tokens[bb] += best
+        times[u] = tokens[u] + o_u * act[u]
+        times[bb] = tokens[bb] + o_u * act[bb]
+    return y, tokens
+
+
 MAX_BRANCH_HOLDERS = 6  # the search branches on experts with at most this many copies (2^6 - 1 sets)
 
 
@@ -509,7 +561,8 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     up to three starts (that split, the unsplit start, the static split), the best kept; then,
     unless it meets the lower bound, the branch and bound from it (:func:`time_search`, at most
     ``max_nodes`` node bounds; 0: none); never a split slower in us than the static one
-    (``policy.split``'s docstring). Returns ``(y, nodes, complete)``: the search's node bounds
+    (``policy.split``'s docstring); with a search, the fewest tokens on the busiest rank that
+    :func:`token_polish` finds at the same slowest time. Returns ``(y, nodes, complete)``: the search's node bounds
     and whether the split is known optimal in token units (the search ended, or the local search
     met the lower bound)."""
     ep, E = cnt.shape
@@ -526,7 +579,8 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     if not home_ok:
         best_y, best_t, nodes, complete = _search_from(best_y, best_t, bound, total[multi], fixed, fixed_active,
                                                        hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes)
-        return best_y, nodes, complete
+        return _polished(best_y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, c, o), \
+            nodes, complete
     per_rank = E // ep
     home_y = np.zeros((m, ep), np.int64)
     home_load = fixed.copy()
@@ -554,7 +608,22 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
         if (times_us(home_y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()
                 < times_us(best_y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()):
             return home_y, nodes, complete
-    return best_y, nodes, complete
+    return _polished(best_y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, c, o), nodes, \
+        complete
+
+
+@njit(cache=True)
+def _polished(y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, c, o):
+    """The dispatch split (``max_nodes`` > 0; a planner pricing placements needs times only):
+    ``y`` after :func:`token_polish`, kept when its slowest time in us is not above ``y``'s (in
+    token units it never is; in us a newly active copy can differ by ``|o - c o_u|``)."""
+    if max_nodes <= 0:
+        return y
+    y2, _ = token_polish(y, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, 64)
+    if (times_us(y2, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()
+            <= times_us(y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()):
+        return y2
+    return y
 
 
 @njit(cache=True)
