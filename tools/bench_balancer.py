@@ -49,6 +49,7 @@ from megatron_probe.policy.evaluation import noisy_forecast  # noqa: E402
 from megatron_probe.policy.placement import ExpertLayout, holder_slots  # noqa: E402
 from megatron_probe.policy.planner import assign_on_truth, plan_probe_host  # noqa: E402
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings  # noqa: E402
+from megatron_probe.runtime.host_malloc import apply_host_malloc_setting  # noqa: E402
 from megatron_probe.policy.split import balanced_split, placement_split, placement_split_times  # noqa: E402
 
 # eval_planner.py's shapes: generated steps priced as GPT-OSS-120B experts, the tiny model as itself
@@ -223,12 +224,17 @@ def main(argv=None):
     p.add_argument("--gap-steps", type=int, default=0, help="also compare the dispatch split with the time MILP's "
                                                               "optimum on this many timed steps (every layer, the "
                                                               "resident and the PROBE placement)")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (ProbeConfig.host_malloc_reuse=False; "
+                        "default: set as the pipeline sets them, runtime/host_malloc.py)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    host_malloc = apply_host_malloc_setting(not a.malloc_default)
     result = {"command": "python tools/bench_balancer.py " + " ".join(sys.argv[1:]),
               "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "load_avg_at_start": list(os.getloadavg())},
+                          "threads": torch.get_num_threads(), "load_avg_at_start": list(os.getloadavg()),
+                          "host_malloc": host_malloc},
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "hardware_cost_model": a.hardware, "configs": {}}
     configs = [x for x in a.configs.split(",") if x]

@@ -67,6 +67,7 @@ from megatron_probe.policy.planner import (  # noqa: E402
     static_assignment,
 )
 from megatron_probe.policy.split import balanced_split, balanced_split_times, placement_split  # noqa: E402
+from megatron_probe.runtime.host_malloc import apply_host_malloc_setting  # noqa: E402
 
 TOPK = 8
 GPT_OSS = dict(hidden=2880, expert_hidden=2880, kv_dim=512)  # eval_planner.py's priced shape
@@ -270,6 +271,9 @@ def main(argv=None):
     p.add_argument("--baseline-rev", help="also time plan_probe_host / plan_with_copy_charge at this git revision")
     p.add_argument("--compare", type=int, default=0, help="one-pass vs retry on this many random cases")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (ProbeConfig.host_malloc_reuse=False; "
+                        "default: set as the pipeline sets them, runtime/host_malloc.py)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     try:  # the flags and input files, checked before any timing (the traces are read again where used)
@@ -286,10 +290,11 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     torch.set_num_threads(1)
+    host_malloc = apply_host_malloc_setting(not a.malloc_default)
     old = load_baseline(a.baseline_rev) if a.baseline_rev else None
     result = {"command": "python tools/bench_planner.py " + " ".join(sys.argv[1:]),
               "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()},
+                          "threads": torch.get_num_threads(), "host_malloc": host_malloc},
               "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
               "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
               "charge_us": a.charge_us, "k_max": a.k_max, "R": a.replica_slots, "hardware_cost_model": a.hardware,

@@ -39,6 +39,7 @@ from megatron_probe.policy.cost_model import (
     transfer_window_us,
 )
 from megatron_probe.policy.evaluation import POLICIES, EvalSetup, default_shift_step, replay
+from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Public shapes (model cards / configs): GPT-OSS-120B 36 layers, 128 experts, top-4, hidden 2880,
@@ -138,6 +139,9 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="EP 4/8/16/32 x replica slots 0-4 on generated data")
     p.add_argument("--plot")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc-default", action="store_true",
+                   help="leave glibc's malloc thresholds as they are (ProbeConfig.host_malloc_reuse=False; "
+                        "default: set as the pipeline sets them, runtime/host_malloc.py)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if a.shift and a.shift_step is None:
@@ -150,6 +154,7 @@ def main(argv=None):
         p.error(f"--eplb-window {a.eplb_window} must be in 1..{a.steps - 1} (--steps {a.steps}): the steps after it "
                 "are the stationary phase")
     torch.set_num_threads(1)
+    host_malloc = apply_host_malloc_setting(not a.malloc_default)
     try:
         hw = get_profile(a.hardware)
     except ValueError as e:
@@ -159,7 +164,7 @@ def main(argv=None):
               "shape": a.shape, "noise_model": f"count * exp({a.noise} N(0,1) - {a.noise}^2/2), rounded", "ep": a.ep,
               "replica_slots": a.replica_slots, "steps": a.steps, "eplb_window": a.eplb_window,
               "eplb_period": a.eplb_period, "shift_step": a.shift_step, "split_objective": a.split_objective,
-              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+              "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "host_malloc": host_malloc}
     try:
         if a.sweep:
             run_sweep(a, hw, result)

@@ -142,6 +142,7 @@ class ScaledReplay:
         from megatron_probe.data.traces import load_trace
         from megatron_probe.mcore.cpu import initialize_megatron_parallel
         from megatron_probe.mcore.spec import probe_layer_spec
+        from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
         from megatron_probe.runtime.pipeline import LookaheadPipeline
         from megatron_probe.policy.distill import OnlineDistiller
         from megatron_probe.policy.predictor import PredictorSet, RouterSpec
@@ -158,6 +159,7 @@ class ScaledReplay:
                            replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True),
                            layer0_counts=opts.get("layer0_counts", "previous"),
                            collective_timeout_s=opts.get("collective_timeout_s", 300.0))
+        apply_host_malloc_setting(pcfg.host_malloc_reuse)  # before any mode runs: every mode shares it
         initialize_megatron_parallel(ws, seed=1, timeout_s=pcfg.peer_wait_s)
         import torch.nn.functional as F
         from megatron.core import parallel_state

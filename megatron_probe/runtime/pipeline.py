@@ -87,6 +87,7 @@ from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving
 from megatron_probe.policy.planner import load_kernels as load_planner_kernels, no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import load_kernels as load_split_kernels, placement_split
+from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.lookahead import LookaheadRuntime
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
@@ -297,6 +298,8 @@ class LookaheadPipeline:
                 raise ValueError("all MoE layers must share one expert layout (experts, EP size, replica slots)")
         ep_group = ep_group if ep_group is not None else self.layers[0].token_dispatcher.ep_group
         bank0 = self.layers[0].expert_bank
+        # before the first plan (a no-op where the serving script or a benchmark set it already)
+        self.host_malloc = apply_host_malloc_setting(cfg.host_malloc_reuse)
         self.events = EventLog(group_rank(ep_group)) if cfg.event_log else None
         self.comms = PipelineComms.create(ep_group, cfg, bank0.fc1.device, self.events)
         self.ep_group, self.ep, self.me = ep_group, self.comms.ep, self.comms.me
@@ -874,7 +877,8 @@ class LookaheadPipeline:
                     "pause_wait_s": round(self.engine.pause_wait_seconds + self._engines_replaced["pause_wait_s"], 6),
                     "chunks": self.engine.chunks_moved + self._engines_replaced["chunks"],
                     "engine_disabled": self.disabled, "disabled_at": self.disabled_at,
-                    "engine_recoveries": len(self.recoveries), "recovered_at": list(self.recoveries)})
+                    "engine_recoveries": len(self.recoveries), "recovered_at": list(self.recoveries),
+                    "host_malloc": self.host_malloc})
         acc = self.runtime.topk_accuracy() if self.runtime is not None else None
         if acc is not None:
             out["prediction_topk_acc"] = acc

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_probe.config import ProbeConfig
 from megatron_probe.fileio import write_whole
+from megatron_probe.runtime.host_malloc import apply_host_malloc_setting, host_malloc_state
 
 MODES = ("stock", "probe")
 
@@ -154,9 +155,11 @@ def _init_serving(opts: ServeOptions):
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     torch.set_num_threads(opts.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
+    # before any mode is built: the stock and PROBE modes run under the same malloc settings
+    apply_host_malloc_setting(probe_cfg.host_malloc_reuse)
     # Megatron's groups (the stock layer's dispatch, the engine's step agreement) give a dead
     # peer up as the pipeline's own groups do, not after Megatron's default 30 minutes
-    probe_cfg = opts.probe if opts.probe is not None else ProbeConfig()
     initialize_megatron_parallel(opts.ep, seed=opts.seed, device=device, timeout_s=probe_cfg.peer_wait_s,
                                  tp_size=opts.tp, pp_size=opts.pp, etp_size=opts.etp)
     from megatron.core import parallel_state
@@ -467,7 +470,7 @@ def _host() -> Dict:
     import platform
 
     d = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-         "python": platform.python_version()}
+         "python": platform.python_version(), "host_malloc": host_malloc_state()}
     if torch.cuda.is_available():
         d["gpu"] = torch.cuda.get_device_name(0)
     try:
