@@ -121,7 +121,10 @@ class ProbeConfig:
             planner's multi-MiB temporaries reuse mapped heap pages instead of page-faulting in
             fresh ones at every plan (``runtime.host_malloc``: 2.2-2.4 ms against 0.2-0.3 ms per
             plan at E 512, EP 32 on the project's CPU); the serving script applies it before any
-            mode runs, so stock and PROBE share the setting. False: malloc left as it is.
+            mode runs, so stock and PROBE share the setting. Process-wide and for the process's
+            life: freed host memory goes back to the system less eagerly, so resident memory
+            can sit higher after a peak. Left alone where the environment tunes malloc or
+            preloads another allocator. False: malloc left as it is.
     """
 
     replica_slots_per_rank: int = 0

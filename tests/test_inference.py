@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -205,6 +206,14 @@ def test_inference_script_scaled_regime(tmp_path):
     assert res["tokens_identical"] is None  # random experts: no tokens; equivalence is on the outputs
     assert max(res["outputs_max_abs_diff"].values()) <= 1e-5 * max(1.0, res["outputs_scale"])
     assert res["modes"]["probe"]["copies"] >= res["modes"]["probe"]["dropped"] >= 0
+    # the workers' malloc setting is what the result records (not the launcher's), and the flag reaches them
+    if platform.libc_ver()[0] == "glibc":
+        assert res["host"]["host_malloc"].startswith("set: glibc"), res["host"]
+    r = _script("--regime", "scaled", "--trace", str(trace), "--workload", "shift", "--max-steps", "2",
+                "--scaled-hidden-size", "64", "--scaled-ffn-hidden-size", "128", "--scaled-layers", "3",
+                "--scaled-max-tokens", "48", "--probe-host-malloc-reuse", "false", "--json", str(out), "--quiet")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(out.read_text())["host"]["host_malloc"] == "not applied"
     # a trace of another workload is refused
     r = _script("--regime", "scaled", "--trace", str(trace), "--workload", "steady", "--max-steps", "2", "--quiet")
     assert r.returncode != 0 and "recorded on the 'shift' workload, not 'steady'" in r.stderr

@@ -388,7 +388,7 @@ def run_scaled(a, opts) -> dict:
                  chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
                  copy_charge="none" if a.scaled_copy_charge == "none" else "measured", seed=opts.seed,
                  max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress,
-                 collective_timeout_s=pc.collective_timeout_s)
+                 collective_timeout_s=pc.collective_timeout_s, host_malloc_reuse=pc.host_malloc_reuse)
     out = os.path.join(tempfile.mkdtemp(prefix="probe_scaled_"), "rows.json")
     run_distributed(serve_scaled_worker, opts.ep, sopts, out, backend="gloo", timeout_s=pc.peer_wait_s)
     with open(out) as f:

@@ -158,7 +158,8 @@ class ScaledReplay:
                            transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
                            replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True),
                            layer0_counts=opts.get("layer0_counts", "previous"),
-                           collective_timeout_s=opts.get("collective_timeout_s", 300.0))
+                           collective_timeout_s=opts.get("collective_timeout_s", 300.0),
+                           host_malloc_reuse=opts.get("host_malloc_reuse", True))
         apply_host_malloc_setting(pcfg.host_malloc_reuse)  # before any mode runs: every mode shares it
         initialize_megatron_parallel(ws, seed=1, timeout_s=pcfg.peer_wait_s)
         import torch.nn.functional as F
@@ -357,7 +358,8 @@ def serve_scaled_worker(rank: int, ws: int, opts: Dict, out_path: str) -> None:
             "control_us": rep.pipe.summary().get("control_us"),
             "gate_on_fraction": rep.pipe.summary().get("gate_on_fraction"),
             "output_scale": float(d[2]), "max_abs_diff_vs_static": {"probe": float(d[0]), "oracle": float(d[1])},
-            "expert_cost_us": {"per_token": rep.cost.per_token_us, "per_active_expert": rep.cost.per_active_expert_us}}
+            "expert_cost_us": {"per_token": rep.cost.per_token_us, "per_active_expert": rep.cost.per_active_expert_us},
+            "host_malloc": rep.pipe.host_malloc}  # this worker's (the launcher's own is not the one that ran)
     rep.close()
     if rank == 0:
         with open(out_path, "w") as f:

@@ -43,9 +43,9 @@ ranks))`` node bounds (about 50 at E = 128, EP = 8), keeping the best split foun
 the local search's moves. The search is never slower than its local search in token units; in us
 it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number.
 Last, the dispatch split (with the search) moves tokens off its busiest rank where the slowest time
-allows (``split_kernels.token_polish``: among splits of the same slowest time, fewer tokens on the
-busiest rank err less when the cost model's per-expert cost is off), kept only when not slower in
-us.
+in us allows (``split_kernels.token_polish``, greedy: among splits of the same slowest time, fewer
+tokens on the busiest rank err less when the cost model's per-expert cost is off); its slowest time
+never rises.
 ``optimal.exact_split`` with ``objective="time"`` is its yardstick (docs/balancer.md has the
 measured gaps).
 """

@@ -285,14 +285,18 @@ def _local_search(y0, load0, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, 
 
 
 @njit(cache=True)
-def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_moves):
-    """Fewer tokens on the busiest rank at the same slowest time: moves of part of a fragment
-    from the rank with the most tokens to another holder that stays within the split's slowest
-    time (token units; a holder that starts computing the expert pays ``o_u``), the largest move
-    first, while the busiest rank's tokens drop. A time split leaves most ranks below its slowest
-    one; among the splits of that time, one with fewer tokens on its busiest rank errs less when
-    the cost model is off. Returns ``(y, tokens per rank)``; the slowest time never rises."""
+def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, c, o, max_moves):
+    """Fewer tokens on the busiest rank at no higher slowest time: moves of part of a fragment
+    from the rank with the most tokens to another holder of the expert whose time (us: ``c`` per
+    token, ``o`` per active copy, a holder that starts computing the expert paying ``o``) stays
+    within the split's slowest time, the largest move first; it stops when the busiest rank can
+    shed nothing or shares the most tokens with another rank (a move could not lower the most).
+    A time split leaves most ranks below its slowest one; among splits of that time, one with
+    fewer tokens on its busiest rank errs less when the cost model is off. Greedy: not the fewest
+    possible. Returns ``(y, tokens per rank)``; every rank's time in us (``times_us``'s float
+    operations) stays at or below the slowest time of ``y0``, so the slowest never rises."""
     y = y0.copy()
+    ep = fixed.shape[0]
     tokens = fixed.copy()
     act = fixed_active.copy()
     for i in range(y.shape[0]):
@@ -301,10 +305,19 @@ def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o
             tokens[r] += y[i, r]
             if y[i, r] > 0:
                 act[r] += 1
-    times = tokens + o_u * act
+    times = np.empty(ep, np.float64)
+    for r in range(ep):
+        times[r] = c * float(tokens[r]) + o * float(act[r])
     cap = times.max()
     for _ in range(max_moves):
         u = np.argmax(tokens)  # the first busiest rank
+        top = tokens[u]
+        tied = False
+        for r in range(ep):
+            if r != u and tokens[r] == top:
+                tied = True
+        if tied:
+            break
         best = 0
         bi = -1
         bb = -1
@@ -317,8 +330,16 @@ def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o
                 b = hold_rank[kk]
                 if b == u:
                     continue
-                room = cap - times[b] - (0 if y[i, b] > 0 else o_u)
-                mv = min(frag, room, (tokens[u] - tokens[b]) // 2)
+                new = 0 if y[i, b] > 0 else 1
+                room = (cap - times[b] - o * new) / c
+                if room < 1.0:
+                    continue
+                mv = min(frag, (top - tokens[b]) // 2)
+                if room < mv:
+                    mv = int(room)
+                # exactly the float operations of times_us: never above cap
+                while mv > 0 and c * float(tokens[b] + mv) + o * float(act[b] + new) > cap:
+                    mv -= 1
                 if mv > best:
                     best, bi, bb = mv, i, b
         if bi < 0:
@@ -331,8 +352,8 @@ def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o
         y[bi, bb] += best
         tokens[u] -= best
         tokens[bb] += best
-        times[u] = tokens[u] + o_u * act[u]
-        times[bb] = tokens[bb] + o_u * act[bb]
+        times[u] = c * float(tokens[u]) + o * float(act[u])
+        times[bb] = c * float(tokens[bb]) + o * float(act[bb])
     return y, tokens
 
 
@@ -561,8 +582,8 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     up to three starts (that split, the unsplit start, the static split), the best kept; then,
     unless it meets the lower bound, the branch and bound from it (:func:`time_search`, at most
     ``max_nodes`` node bounds; 0: none); never a split slower in us than the static one
-    (``policy.split``'s docstring); with a search, the fewest tokens on the busiest rank that
-    :func:`token_polish` finds at the same slowest time. Returns ``(y, nodes, complete)``: the search's node bounds
+    (``policy.split``'s docstring); with a search, then fewer tokens on the busiest rank where
+    :func:`token_polish`'s moves allow at no higher slowest time. Returns ``(y, nodes, complete)``: the search's node bounds
     and whether the split is known optimal in token units (the search ended, or the local search
     met the lower bound)."""
     ep, E = cnt.shape
@@ -579,8 +600,8 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     if not home_ok:
         best_y, best_t, nodes, complete = _search_from(best_y, best_t, bound, total[multi], fixed, fixed_active,
                                                        hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes)
-        return _polished(best_y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, c, o), \
-            nodes, complete
+        return _polished(best_y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, c, o), nodes, \
+            complete
     per_rank = E // ep
     home_y = np.zeros((m, ep), np.int64)
     home_load = fixed.copy()
@@ -607,23 +628,18 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
     if not t_home - best_t > 2 * slack + 1:
         if (times_us(home_y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()
                 < times_us(best_y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()):
-            return home_y, nodes, complete
-    return _polished(best_y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, c, o), nodes, \
+            best_y = home_y
+    return _polished(best_y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, c, o), nodes, \
         complete
 
 
 @njit(cache=True)
-def _polished(y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, c, o):
-    """The dispatch split (``max_nodes`` > 0; a planner pricing placements needs times only):
-    ``y`` after :func:`token_polish`, kept when its slowest time in us is not above ``y``'s (in
-    token units it never is; in us a newly active copy can differ by ``|o - c o_u|``)."""
+def _polished(y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, c, o):
+    """The dispatch split (``max_nodes`` > 0): ``y`` after :func:`token_polish` (its slowest time
+    in us unchanged or lower); a planner pricing placements (no search) needs times only."""
     if max_nodes <= 0:
         return y
-    y2, _ = token_polish(y, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, 64)
-    if (times_us(y2, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()
-            <= times_us(y, fixed, fixed_active, hold_ptr, hold_rank, c, o).max()):
-        return y2
-    return y
+    return token_polish(y, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, c, o, 64)[0]
 
 
 @njit(cache=True)

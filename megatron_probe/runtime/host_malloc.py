@@ -11,12 +11,20 @@ same 0.2-0.3 ms in every run with the thresholds set here. Which a serving proce
 on its allocation history, so the same code measured 2-8x apart between runs.
 
 :func:`reuse_heap_for_large_temporaries` sets both thresholds once per process (through
-``mallopt``; glibc only): blocks below 32 MiB (glibc's largest threshold on 64-bit) come from the
-heap, and up to 128 MiB of free heap is kept rather than returned, so a plan reuses pages that
-are already mapped. The price is host memory the process keeps after a peak (at most the trim
-threshold above what it uses). Settings given in the environment (``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``) or another allocator (jemalloc, tcmalloc through ``LD_PRELOAD``,
-which do not read glibc's) are left alone. ``ProbeConfig.host_malloc_reuse`` switches it off.
+``mallopt``; glibc only): blocks below 32 MiB (the cap of glibc's own dynamic rule,
+``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit) come from the heap, and the heap is trimmed only when
+more than 128 MiB is free at its top, so a plan reuses pages that are already mapped.
+
+**What it costs, and who gets it.** The change is process-wide and stays for the process's life:
+every later allocation under 32 MiB (PyTorch's CPU tensors included) comes from the heap, and
+freed memory is returned to the system less eagerly: a block under 32 MiB no longer goes back on
+free, up to 128 MiB of free memory at the top of each arena is kept, and free chunks inside the
+heap stay resident as before. A serving process's resident memory can therefore sit higher after
+a peak. Any program that builds a ``LookaheadPipeline`` gets it (``ProbeConfig.host_malloc_reuse``,
+on by default; False leaves malloc as it is). It is left alone where the environment already
+tunes glibc's malloc (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, a ``glibc.malloc.``
+tunable in ``GLIBC_TUNABLES``), where another allocator is preloaded (``LD_PRELOAD`` naming
+jemalloc, tcmalloc or mimalloc, which do not read glibc's settings), and on another C library.
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ from typing import Optional
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's maximum on 64-bit (HEAP_MAX_SIZE / 2)
+MMAP_THRESHOLD_BYTES = 32 << 20  # the cap of glibc's dynamic rule on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD_BYTES = 128 << 20
-ENV_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+ENV_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 _outcome: Optional[str] = None
 
@@ -56,15 +65,22 @@ def reuse_heap_for_large_temporaries() -> str:
     if _outcome is not None:
         return _outcome
     preset = [v for v in ENV_SETTINGS if os.environ.get(v)]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        preset.append("GLIBC_TUNABLES")
     if preset:
         _outcome = f"left alone: set in the environment ({', '.join(preset)})"
+        return _outcome
+    preload = os.environ.get("LD_PRELOAD", "")
+    other = [a for a in OTHER_ALLOCATORS if a in preload]
+    if other:
+        _outcome = f"left alone: another allocator is preloaded ({other[0]})"
         return _outcome
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         version = libc.gnu_get_libc_version().decode()
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         _outcome = "left alone: not glibc (no mallopt thresholds to set)"
         return _outcome
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

@@ -549,7 +549,8 @@ def summarise_scaled(raw: Dict, wl, ws: int, prefill_chunk: int, max_active: int
            "gain_fraction": round((st - pr) / (st - orc), 4) if st > orc else None,
            "copy_charge_us": round(raw["info"]["copy_charge_us"], 1), "expert_cost_us": raw["info"]["expert_cost_us"],
            "replica_memory_mib": round(raw["info"]["replica_memory_mib"], 1),
-           "host": _host(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+           "host": {**_host(), "host_malloc": raw["info"].get("host_malloc", "not recorded")},
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     if wl.extra.get("shift_step") is not None:
         res["shift_step"] = wl.extra["shift_step"]
     res["per_step"] = {m: [{k: v for k, v in r.items() if k not in ("mode", "ir_layers_before", "ir_layers_after")}
