@@ -87,8 +87,8 @@ from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving
 from megatron_probe.policy.planner import load_kernels as load_planner_kernels, no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import load_kernels as load_split_kernels, placement_split
-from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
+from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
 from megatron_probe.runtime.lookahead import LookaheadRuntime
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
 from megatron_probe.runtime.pipeline_metrics import PipelineMetrics
