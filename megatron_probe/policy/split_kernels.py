@@ -134,13 +134,6 @@ def start_split(cnt, total, owner, multi, hold_ptr, hold_rank):
 
 
 @njit(cache=True)
-def min_max_tokens(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, off):
-    """:func:`min_max_tokens_ws` with its own work arrays."""
-    min_max_tokens_ws(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, off, np.zeros((5, load.shape[0]), np.int64),
-                      np.iinfo(np.int64).max)
-
-
-@njit(cache=True)
 def min_max_tokens_ws(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, off, ws, cutoff):
     """The exact token split in place on ``(y, load)`` (``load`` includes each rank's fixed work),
     over the copies ``k`` not ``off[k]``, from ``M``, a lower bound of the optimum: augmenting paths
@@ -219,7 +212,8 @@ def exact_tokens(y, load, fixed, total_tokens, hold_ptr, hold_rank, on_ptr, on_i
     """The exact token split, in place on ``(y, load)``, over every copy, from the lower bound
     ``M`` = the larger of the mean load and the largest fixed load."""
     M = max(-(-total_tokens // load.shape[0]), fixed.max())
-    min_max_tokens(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, np.zeros(hold_rank.shape[0], np.bool_))
+    min_max_tokens_ws(y, load, M, hold_ptr, hold_rank, on_ptr, on_idx, np.zeros(hold_rank.shape[0], np.bool_),
+                      np.zeros((5, load.shape[0]), np.int64), np.iinfo(np.int64).max)
 
 
 @njit(cache=True)
@@ -361,6 +355,16 @@ MAX_BRANCH_HOLDERS = 6  # the search branches on experts with at most this many 
 
 
 @njit(cache=True)
+def _copies_off(mask, tot, hold_ptr, off):
+    """Fill ``off`` with the copies a split may not use under the decisions ``mask`` (per
+    replicated expert: 0 open, else the bit set of its active holders): those of experts without
+    tokens and those outside a decided expert's set."""
+    for i in range(tot.shape[0]):
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):
+            off[k] = tot[i] <= 0 or (mask[i] != 0 and (mask[i] >> (k - hold_ptr[i])) & 1 == 0)
+
+
+@njit(cache=True)
 def _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y, load, ws, cutoff):
     """A lower bound on every split that keeps the decisions ``mask`` (per replicated expert: 0
     open, else the bit set of its holders, in ``hold_rank`` order, that are active), and its split
@@ -374,12 +378,12 @@ def _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_
     m = tot.shape[0]
     for r in range(ep):
         load[r] = fixed[r] + o_u * fixed_active[r]
+    _copies_off(mask, tot, hold_ptr, off)
     for i in range(m):
-        for k in range(hold_ptr[i], hold_ptr[i + 1]):
-            on = tot[i] > 0 and (mask[i] == 0 or (mask[i] >> (k - hold_ptr[i])) & 1 == 1)
-            off[k] = not on
-            if on and mask[i] != 0:
-                load[hold_rank[k]] += o_u
+        if mask[i] != 0:
+            for k in range(hold_ptr[i], hold_ptr[i + 1]):
+                if not off[k]:  # a decided expert's active copy pays o_u
+                    load[hold_rank[k]] += o_u
     M = load.max()
     for i in range(m):
         for r in range(ep):
@@ -420,9 +424,7 @@ def _child(y, load, parent_bound, i, subset, mask, tot, hold_ptr, hold_rank, on_
                 best = r
     y[i, best] = tot[i]
     load[best] += tot[i]
-    for j in range(tot.shape[0]):  # the copies the split may use under the decisions
-        for k in range(hold_ptr[j], hold_ptr[j + 1]):
-            off[k] = tot[j] <= 0 or (mask[j] != 0 and (mask[j] >> (k - hold_ptr[j])) & 1 == 0)
+    _copies_off(mask, tot, hold_ptr, off)
     total = 0
     for r in range(ep):
         total += load[r]
