@@ -454,11 +454,46 @@ def test_resident_early_exit_skips_the_planner_on_stationary_steps(monkeypatch):
     calls = []
     real = resident_mod.plan_probe_host
     monkeypatch.setattr(resident_mod, "plan_probe_host", lambda *a, **k: calls.append(1) or real(*a, **k))
-    rp = ResidentPlanner(lay, COST)
     load = _weighted(32, 4, [3, 17], 3.0, 16384, seed=5)  # a placement within 2% of the bound exists
-    for _ in range(20):
-        rp.plan(load)
-    assert len(calls) == 1  # only the warm start plans: every later step ends before the planner
+    every = ResidentSettings().review_every
+    for rs, planned in ((ResidentSettings(review_every=0), 1), (ResidentSettings(), 1 + 19 // every)):
+        calls.clear()
+        rp = ResidentPlanner(lay, COST, rs)
+        for _ in range(20):
+            rp.plan(load)
+        # only the warm start plans, and the reviews (every review_every steps after it), whose
+        # smaller gain the shortcut cannot rule out here: every other step ends before the planner
+        assert len(calls) == planned, rs
+
+
+def test_resident_review_takes_a_lasting_gain_below_min_gain():
+    """A change that saves 0.75% on a constant load: below min_gain (2%), so no ordinary step
+    takes it, above review_gain (0.5%) on the window's mean and faster on each half of it, so
+    the review after review_every steps does; without reviews it is never taken."""
+    lay = ExpertLayout(32, 4, 2)
+    before = _weighted(32, 4, [3, 17, 25], 3.0, 16384, seed=25)
+    after = _weighted(32, 4, [3, 17, 25, 14], 3.0, 16384, seed=26)
+    rp, never = ResidentPlanner(lay, COST), ResidentPlanner(lay, COST, ResidentSettings(review_every=0))
+    rp.plan(before)
+    never.plan(before)
+    t_before = slowest_time(after, rp.placement, lay, COST)
+    every = rp.settings.review_every
+    assert [rp.plan(after)[1] for _ in range(every + 2)] == [0] * (every - 1) + [1, 0, 0]
+    assert [never.plan(after)[1] for _ in range(10)] == [0] * 10
+    saving = 1 - slowest_time(after, rp.placement, lay, COST) / t_before
+    assert 0.005 <= saving < 0.02, saving
+    # the halves' check: a change slower on one half's load is refused, one faster on each taken
+    moved = rp.placement.clone()
+    assert slowest_time(before, moved, lay, COST) > slowest_time(before, never.placement, lay, COST)
+    held = never.placement.clone()
+    pl, n = never._adopt_if_faster_on([after, before], moved)
+    assert torch.equal(pl, held) and torch.equal(never.placement, held) and n == 0
+    pl, n = never._adopt_if_faster_on([after, after], moved)
+    assert torch.equal(pl, moved) and n == 1
+    with pytest.raises(ValueError, match="review_every=-1"):
+        ResidentSettings(review_every=-1)
+    with pytest.raises(ValueError, match="review_gain=1.0"):
+        ResidentSettings(review_gain=1.0)
 
 
 _KERNEL_PROBE = r"""

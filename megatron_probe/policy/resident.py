@@ -25,10 +25,16 @@ the forecast of this step's counts:
    ``burst_gain`` (the load has shifted) it is adopted at once (a burst, counted); if it saves at
    least ``min_gain``, the first ``copy_budget`` candidates are taken as a step towards it when
    that step is no slower (a gradual shift, whose single changes each save too little). Stationary
-   steps stop before the from-scratch plan: when the current time is within ``min_gain`` of a time
-   no placement beats (:func:`time_lower_bound`), no change can pass, so the decision is the one
-   the full procedure would take, for the price of one split.
-4. **Horizon**: how long a hot set stays hot, estimated online from the true counts
+   steps stop before the from-scratch plan: when the current time is within ``min_gain`` (at a
+   review ``review_gain``) of a time no placement beats (:func:`time_lower_bound`), no change can
+   pass, so the decision is the one the full procedure would take, for the price of one split.
+4. **Review**: every ``review_every`` steps the decision is made on the mean forecast of the
+   steps since the last review or change, with the smaller hysteresis ``review_gain``, and a
+   change it finds is kept only if it is also faster on the mean of each half of that window. A
+   saving below ``min_gain`` is within one step's forecast noise, but one that holds over the
+   window and in both its halves is structure: a flat load after a shift (Qwen3-Next, 512
+   experts) otherwise stays within ``min_gain`` of its bound and is never followed.
+5. **Horizon**: how long a hot set stays hot, estimated online from the true counts
    (:meth:`ResidentPlanner.observe`): the turnover of the layer's hottest experts from step to
    step, averaged (exponentially), gives an expected residency ``1 / turnover`` steps, capped.
 
@@ -42,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from megatron_probe.policy.cost_model import ExpertCost
@@ -61,6 +68,8 @@ class ResidentSettings:
     forecast_smoothing: float = 0.5  # weight of the newest forecast in the load the decisions use
     hot_experts: Optional[int] = None  # size of the hot set the turnover is measured on (default: ep x R)
     k_max: int = 16  # planner iterations
+    review_every: int = 6  # every this many steps a review decides on the window's mean load (0: never)
+    review_gain: float = 0.005  # a review's hysteresis (at most min_gain): the mean of many steps may move for less
 
     def __post_init__(self):
         if self.copy_budget < 0:
@@ -69,6 +78,10 @@ class ResidentSettings:
             raise ValueError(f"copy_cost_us={self.copy_cost_us} must be >= 0")
         if not 0 <= self.min_gain < 1:
             raise ValueError(f"min_gain={self.min_gain}; valid: 0 <= min_gain < 1")
+        if self.review_every < 0:
+            raise ValueError(f"review_every={self.review_every}; valid: >= 0 steps (0: no review)")
+        if not 0 <= self.review_gain < 1:
+            raise ValueError(f"review_gain={self.review_gain}; valid: 0 <= review_gain < 1")
         if not self.min_gain <= self.burst_gain:
             raise ValueError(f"burst_gain={self.burst_gain}; valid: >= min_gain ({self.min_gain})")
         if not self.horizon_max >= 1:
@@ -76,6 +89,10 @@ class ResidentSettings:
         for name in ("turnover_smoothing", "forecast_smoothing"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)}; valid: 0 < x <= 1")
+
+
+def _rounded(load: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.rint(load).astype(np.int64))
 
 
 def slowest_time(counts: torch.Tensor, placement: torch.Tensor, layout: ExpertLayout, cost: ExpertCost) -> float:
@@ -104,10 +121,13 @@ class ResidentPlanner:
         self.layout, self.cost, self.settings = layout, cost, settings
         self.placement = empty_placement(layout)
         self.warm = False
-        self._load: Optional[torch.Tensor] = None  # exponentially smoothed forecast [ep, E]
+        self._load: Optional[np.ndarray] = None  # exponentially smoothed forecast [ep, E]
         self.turnover: Optional[float] = None
         self._hot_prev: Optional[set] = None
         self.copies_total = 0
+        self._window: Optional[np.ndarray] = None  # sum of the forecasts since the last review or change
+        self._window_steps = 0
+        self._window_first: Optional[Tuple[np.ndarray, int]] = None  # the window's first half: (sum, steps)
 
     @property
     def horizon(self) -> float:
@@ -138,24 +158,43 @@ class ResidentPlanner:
             return self.placement.clone(), 0
         # decisions on a smoothed forecast: a replica stays for many steps, one step's noise
         # should not move it (the dispatch split uses the true counts anyway)
-        f = forecast.double()
+        # (NumPy: a few small element-wise ops, a third of the time of tensor ops at this size)
+        f = forecast.detach().to("cpu", torch.float64).numpy()
         self._load = f if self._load is None else (1 - s.forecast_smoothing) * self._load + s.forecast_smoothing * f
-        forecast = torch.round(self._load).long()
+        gain, adopt = s.min_gain, self._adopt
+        if self.warm and s.review_every:
+            # the window's mean load: a gain below min_gain is noise in a step's forecast, but one
+            # that holds over review_every steps is structure (the steps' noise averages out)
+            self._window = f if self._window is None else self._window + f
+            self._window_steps += 1
+            if self._window_steps == (s.review_every + 1) // 2:
+                self._window_first = (self._window.copy(), self._window_steps)
+        if self.warm and s.review_every and self._window_steps >= s.review_every:
+            forecast = _rounded(self._window / self._window_steps)
+            gain = min(s.review_gain, s.min_gain)
+            halves = [_rounded(self._window_first[0] / self._window_first[1])]
+            if self._window_steps > self._window_first[1]:
+                halves.append(_rounded((self._window - self._window_first[0])
+                                       / (self._window_steps - self._window_first[1])))
+            adopt = lambda new: self._adopt_if_faster_on(halves, new)  # noqa: E731
+            self._window, self._window_steps = None, 0
+        else:
+            forecast = _rounded(self._load)
         if self.warm:
             if s.copy_budget == 0:
                 return self.placement.clone(), 0  # no change can be made: the plan would not be used
             # stationary steps end here: every new placement's slowest time is at least the lower
-            # bound, so when the current one is within min_gain of it no change (nor a burst, as
-            # burst_gain >= min_gain) can save enough: the same decision as running the planner.
-            # Tested first on an upper bound of the current time (the split before its local
-            # search), then on the time itself; the margin covers float rounding. (No token at
-            # all: the plan is empty, so is every candidate list.)
+            # bound, so when the current one is within the gain of it no change (nor a burst, as
+            # burst_gain >= min_gain >= review_gain) can save enough: the same decision as running
+            # the planner. Tested first on an upper bound of the current time (the split before
+            # its local search), then on the time itself; the margin covers float rounding. (No
+            # token at all: the plan is empty, so is every candidate list.)
             bound = time_lower_bound(forecast, self.cost, lay.ep_size)
             upper, finish = placement_time_split_bounded(forecast, self.placement, lay, self.cost, search=False)
-            if self._early_exit and (upper <= 0 or upper - bound < (s.min_gain - 1e-9) * upper):
+            if self._early_exit and (upper <= 0 or upper - bound < (gain - 1e-9) * upper):
                 return self.placement.clone(), 0
             t_now = float(finish().max())
-            if self._early_exit and (t_now <= 0 or t_now - bound < (s.min_gain - 1e-9) * t_now):
+            if self._early_exit and (t_now <= 0 or t_now - bound < (gain - 1e-9) * t_now):
                 return self.placement.clone(), 0
         ideal, _ = plan_probe_host(forecast, lay, self.cost, k_max=s.k_max)
         if not self.warm:
@@ -164,26 +203,26 @@ class ResidentPlanner:
         candidates = self._candidates(ideal)
         if not candidates:
             return self.placement.clone(), 0
-        # more candidates than the budget: the whole new plan, priced (it cannot save min_gain
-        # when the lower bound is within min_gain of the current time: then it is not priced).
+        # more candidates than the budget: the whole new plan, priced (it cannot save the gain
+        # when the lower bound is within the gain of the current time: then it is not priced).
         # A shift (it saves burst_gain) is adopted at once; a smaller lasting change of the load
-        # (it saves min_gain) is followed a budget's worth per step, each step no slower
+        # (it saves the gain) is followed a budget's worth per step, each step no slower
         if len(candidates) > s.copy_budget and not (
-                self._early_exit and t_now - bound < (s.min_gain - 1e-9) * t_now):
+                self._early_exit and t_now - bound < (gain - 1e-9) * t_now):
             saving = t_now - self._slowest(forecast, ideal)
             pays = saving * self.horizon >= len(candidates) * s.copy_cost_us
             if saving >= s.burst_gain * t_now and pays:
-                return self._adopt(ideal)
-            if saving >= s.min_gain * t_now and pays:
+                return adopt(ideal)
+            if saving >= gain * t_now and pays:
                 new = self._apply(candidates[: s.copy_budget], forecast)
                 if self._slowest(forecast, new) < t_now:
-                    return self._adopt(new)
+                    return adopt(new)
         for take in (candidates[: s.copy_budget], candidates[:1]):
             new = self._apply(take, forecast)
             saving = t_now - self._slowest(forecast, new)
             copies = len(take)
-            if saving >= s.min_gain * t_now and saving > 0 and saving * self.horizon >= copies * s.copy_cost_us:
-                return self._adopt(new)
+            if saving >= gain * t_now and saving > 0 and saving * self.horizon >= copies * s.copy_cost_us:
+                return adopt(new)
             if len(take) == 1:
                 break
         return self.placement.clone(), 0
@@ -196,10 +235,21 @@ class ResidentPlanner:
     def _slowest(self, forecast: torch.Tensor, placement: torch.Tensor) -> float:
         return slowest_time(forecast, placement, self.layout, self.cost)
 
+    def _adopt_if_faster_on(self, loads, placement: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """A review's change, adopted only when it is faster than the current placement on the
+        mean load of each half of the window too: a gain that the noise of a few steps made up
+        rarely shows in both halves (measured: no change slower on the true load in 400 runs of
+        a constant load with noisy forecasts, against 5 without this check)."""
+        if all(self._slowest(load, placement) < self._slowest(load, self.placement) for load in loads):
+            return self._adopt(placement)
+        return self.placement.clone(), 0
+
     def _adopt(self, placement: torch.Tensor) -> Tuple[torch.Tensor, int]:
         copies = len(self._pairs(placement) - self._pairs(self.placement))  # natives never move
         self.placement = placement.clone()
         self.copies_total += copies
+        if copies:  # the load moved: the next review averages only what came after
+            self._window, self._window_steps = None, 0
         return self.placement.clone(), copies
 
     def _candidates(self, ideal: torch.Tensor):
@@ -216,7 +266,7 @@ class ResidentPlanner:
         or in place of the held replica the forecast sends the fewest tokens to (one not just
         added)."""
         rows = self.placement.tolist()  # host lists: a few small edits, no tensor ops per edit
-        demand = forecast.sum(0).tolist()
+        demand = forecast.numpy().sum(0).tolist()
         fresh = set()
         for r, e in take:
             row = rows[r]
