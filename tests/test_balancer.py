@@ -211,6 +211,66 @@ def test_time_split_search_budget(monkeypatch):
     assert incomplete > 0  # the floor does stop some searches here
 
 
+def _unit_times(y, s, o_u):
+    """Rank times in token units of the replicated experts' split ``y``, counted here."""
+    h = s.h
+    active = s.fixed_active.copy()
+    for i in range(len(h.multi)):
+        for r in h.hold_rank[h.hold_ptr[i]:h.hold_ptr[i + 1]]:
+            active[r] += y[i, r] > 0
+    return s.fixed + y.sum(0) + o_u * active
+
+
+def test_active_set_search_improves_valid_splits():
+    """The active-set search after a stopped branch and bound: from the local search's split and
+    from the exact token split of planned placements, its split keeps every expert's total, uses
+    only copies that exist, its reported time bounds its true time (in token units) from above and
+    is never slower than its start; it is never faster than the MILP's optimum (o / c a whole 64
+    tokens here), and it does improve on some starts. An expert with more holders than a set can
+    hold leaves it untouched."""
+    from megatron_probe.policy import split_kernels
+    from megatron_probe.policy.split import _holds, _o_units, _placement_inputs, _Split
+
+    g = torch.Generator().manual_seed(5)
+    o_u = _o_units(COST)
+    improved = 0
+    for case in range(60):
+        ep = (4, 8, 16)[case % 3]
+        E = ep * (2 + case % 6)
+        lay = ExpertLayout(E, ep, min(1 + case % 3, E // ep))
+        counts = ((torch.rand(E, generator=g) ** 2) * torch.rand(ep, E, generator=g) * 300).round().long()
+        pl, _ = plan_probe_host(noisy_forecast(counts, 0.3, g), lay, COST)
+        s = _Split(*_placement_inputs(counts, pl, lay, "time", COST))
+        h = s.h
+        if not len(h.multi):
+            continue
+        holder = np.zeros((len(h.multi), ep), dtype=bool)
+        for i in range(len(h.multi)):
+            holder[i, h.hold_rank[h.hold_ptr[i]:h.hold_ptr[i + 1]]] = True
+        for start in (s.time_split(COST, search=False), s.y):
+            y, t, evals = split_kernels.active_set_search(start.copy(), s.total[h.multi], s.fixed, s.fixed_active,
+                                                          h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx, o_u, 64)
+            assert 1 <= evals <= 64
+            assert np.array_equal(y.sum(1), s.total[h.multi]) and (y >= 0).all() and not ((y > 0) & ~holder).any()
+            t_start = _unit_times(start, s, o_u).max()
+            assert _unit_times(y, s, o_u).max() <= t <= t_start
+            improved += t < t_start
+        if case % 4 == 0 and E <= 32:
+            best = exact_split(counts, holder_slots(pl, lay) >= 0, "time", COST, time_limit=10.0)
+            if best.method == "milp":
+                assert COST.per_token_us * t >= best.value * (1 - 1e-4) - 1e-9
+    assert improved > 10
+    # 63 holders: more than a set's bits; the search leaves the split as it is
+    ep = 64
+    hold = torch.eye(ep, dtype=torch.bool)
+    hold[:, 0] = True
+    counts = torch.ones(ep, ep, dtype=torch.long)
+    s = _Split(counts.numpy(), _holds(hold.numpy()), counts.numpy().sum(0))
+    y, t, evals = split_kernels.active_set_search(s.y, s.total[s.h.multi], s.fixed, s.fixed_active, s.h.hold_ptr,
+                                                  s.h.hold_rank, s.h.on_ptr, s.h.on_idx, o_u, 64)
+    assert t == -1 and evals == 0 and y is s.y
+
+
 def test_token_polish_lowers_the_busiest_rank_at_the_same_slowest_time():
     """The dispatch split's last step: on time splits of planned placements (per-expert cost a
     whole 64 tokens, or 65.1 tokens: not a whole number), moves keep every expert's total and its
