@@ -233,7 +233,7 @@ def test_active_set_search_improves_valid_splits():
 
     g = torch.Generator().manual_seed(5)
     o_u = _o_units(COST)
-    improved = 0
+    improved = milp = 0
     for case in range(60):
         ep = (4, 8, 16)[case % 3]
         E = ep * (2 + case % 6)
@@ -250,25 +250,28 @@ def test_active_set_search_improves_valid_splits():
         for start in (s.time_split(COST, search=False), s.y):
             y, t, evals = split_kernels.active_set_search(start.copy(), s.total[h.multi], s.fixed, s.fixed_active,
                                                           h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx, o_u, 64)
-            assert 1 <= evals <= 64
+            assert evals >= 1
             assert np.array_equal(y.sum(1), s.total[h.multi]) and (y >= 0).all() and not ((y > 0) & ~holder).any()
             t_start = _unit_times(start, s, o_u).max()
-            assert _unit_times(y, s, o_u).max() <= t <= t_start
+            t_true = _unit_times(y, s, o_u).max()
+            assert t_true <= t <= t_start
             improved += t < t_start
-        if case % 4 == 0 and E <= 32:
-            best = exact_split(counts, holder_slots(pl, lay) >= 0, "time", COST, time_limit=10.0)
-            if best.method == "milp":
-                assert COST.per_token_us * t >= best.value * (1 - 1e-4) - 1e-9
-    assert improved > 10
-    # 63 holders: more than a set's bits; the search leaves the split as it is
+            if start is s.y and case % 2 == 0 and E <= 32:
+                best = exact_split(counts, holder_slots(pl, lay) >= 0, "time", COST, time_limit=10.0)
+                if best.method == "milp":  # never faster than the optimum (HiGHS: 1e-4 relative gap)
+                    assert COST.per_token_us * t_true >= best.value * (1 - 1e-4) - 1e-9
+                    milp += 1
+    assert improved > 10 and milp > 5
+    # an expert on 63 ranks: more than a set's bits, the search leaves the split as it is; on 62 it runs
     ep = 64
-    hold = torch.eye(ep, dtype=torch.bool)
-    hold[:, 0] = True
-    counts = torch.ones(ep, ep, dtype=torch.long)
-    s = _Split(counts.numpy(), _holds(hold.numpy()), counts.numpy().sum(0))
-    y, t, evals = split_kernels.active_set_search(s.y, s.total[s.h.multi], s.fixed, s.fixed_active, s.h.hold_ptr,
-                                                  s.h.hold_rank, s.h.on_ptr, s.h.on_idx, o_u, 64)
-    assert t == -1 and evals == 0 and y is s.y
+    for holders, runs in ((63, False), (62, True)):
+        hold = torch.eye(ep, dtype=torch.bool)
+        hold[:holders, 0] = True
+        counts = torch.ones(ep, ep, dtype=torch.long)
+        s = _Split(counts.numpy(), _holds(hold.numpy()), counts.numpy().sum(0))
+        y, t, evals = split_kernels.active_set_search(s.y, s.total[s.h.multi], s.fixed, s.fixed_active,
+                                                      s.h.hold_ptr, s.h.hold_rank, s.h.on_ptr, s.h.on_idx, o_u, 64)
+        assert (t >= 0 and evals >= 1) if runs else (t == -1 and evals == 0 and np.array_equal(y, s.y))
 
 
 def test_token_polish_lowers_the_busiest_rank_at_the_same_slowest_time():
@@ -550,6 +553,13 @@ def test_resident_review_takes_a_lasting_gain_below_min_gain():
     assert torch.equal(pl, held) and torch.equal(never.placement, held) and n == 0
     pl, n = never._adopt_if_faster_on([after, after], moved)
     assert torch.equal(pl, moved) and n == 1
+    # a shift that lands on a review step is followed at once (the step's own decision comes first)
+    shift_from, shift_to = _skewed(32, 4, [0, 1, 2, 3], 1), _skewed(32, 4, [16, 17, 24, 25], 2)
+    burst = ResidentPlanner(lay, COST, ResidentSettings(forecast_smoothing=1.0))
+    burst.plan(shift_from)
+    assert [burst.plan(shift_from)[1] for _ in range(every - 1)] == [0] * (every - 1)
+    assert burst._window_steps == every - 1  # the next step is a review
+    assert burst.plan(shift_to)[1] > 2
     with pytest.raises(ValueError, match="review_every=-1"):
         ResidentSettings(review_every=-1)
     with pytest.raises(ValueError, match="review_gain=1.0"):

@@ -28,9 +28,10 @@ the forecast of this step's counts:
    steps stop before the from-scratch plan: when the current time is within ``min_gain`` (at a
    review ``review_gain``) of a time no placement beats (:func:`time_lower_bound`), no change can
    pass, so the decision is the one the full procedure would take, for the price of one split.
-4. **Review**: every ``review_every`` steps the decision is made on the mean forecast of the
-   steps since the last review or change, with the smaller hysteresis ``review_gain``, and a
-   change it finds is kept only if it is also faster on the mean of each half of that window. A
+4. **Review**: every ``review_every`` steps, when the step's own decision changes nothing, a
+   second decision is made on the mean forecast of the steps since the last review or change,
+   with the smaller hysteresis ``review_gain``, and a change it finds is kept only if it is also
+   faster on the mean of each half of that window. A
    saving below ``min_gain`` is within one step's forecast noise, but one that holds over the
    window and in both its halves is structure: a flat load after a shift (Qwen3-Next, 512
    experts) otherwise stays within ``min_gain`` of its bound and is never followed.
@@ -157,49 +158,59 @@ class ResidentPlanner:
         if lay.replica_slots == 0:
             return self.placement.clone(), 0
         # decisions on a smoothed forecast: a replica stays for many steps, one step's noise
-        # should not move it (the dispatch split uses the true counts anyway)
-        # (NumPy: a few small element-wise ops, a third of the time of tensor ops at this size)
-        f = forecast.detach().to("cpu", torch.float64).numpy()
+        # should not move it (the dispatch split uses the true counts anyway). NumPy: a few small
+        # element-wise ops, a third of the time of tensor ops at this size; a copy, so a caller
+        # that reuses its buffer cannot change the state kept here
+        f = forecast.detach().to("cpu", torch.float64, copy=True).numpy()
         self._load = f if self._load is None else (1 - s.forecast_smoothing) * self._load + s.forecast_smoothing * f
-        gain, adopt = s.min_gain, self._adopt
-        if self.warm and s.review_every:
+        if not self.warm:
+            self.warm = True
+            ideal, _ = plan_probe_host(_rounded(self._load), lay, self.cost, k_max=s.k_max)
+            return self._adopt(ideal)
+        if s.copy_budget == 0:
+            return self.placement.clone(), 0  # no change can be made: the plan would not be used
+        review = None
+        if s.review_every:
             # the window's mean load: a gain below min_gain is noise in a step's forecast, but one
             # that holds over review_every steps is structure (the steps' noise averages out)
             self._window = f if self._window is None else self._window + f
             self._window_steps += 1
             if self._window_steps == (s.review_every + 1) // 2:
                 self._window_first = (self._window.copy(), self._window_steps)
-        if self.warm and s.review_every and self._window_steps >= s.review_every:
-            forecast = _rounded(self._window / self._window_steps)
-            gain = min(s.review_gain, s.min_gain)
-            halves = [_rounded(self._window_first[0] / self._window_first[1])]
-            if self._window_steps > self._window_first[1]:
-                halves.append(_rounded((self._window - self._window_first[0])
-                                       / (self._window_steps - self._window_first[1])))
-            adopt = lambda new: self._adopt_if_faster_on(halves, new)  # noqa: E731
-            self._window, self._window_steps = None, 0
-        else:
-            forecast = _rounded(self._load)
-        if self.warm:
-            if s.copy_budget == 0:
-                return self.placement.clone(), 0  # no change can be made: the plan would not be used
-            # stationary steps end here: every new placement's slowest time is at least the lower
-            # bound, so when the current one is within the gain of it no change (nor a burst, as
-            # burst_gain >= min_gain >= review_gain) can save enough: the same decision as running
-            # the planner. Tested first on an upper bound of the current time (the split before
-            # its local search), then on the time itself; the margin covers float rounding. (No
-            # token at all: the plan is empty, so is every candidate list.)
-            bound = time_lower_bound(forecast, self.cost, lay.ep_size)
-            upper, finish = placement_time_split_bounded(forecast, self.placement, lay, self.cost, search=False)
-            if self._early_exit and (upper <= 0 or upper - bound < (gain - 1e-9) * upper):
-                return self.placement.clone(), 0
-            t_now = float(finish().max())
-            if self._early_exit and (t_now <= 0 or t_now - bound < (gain - 1e-9) * t_now):
-                return self.placement.clone(), 0
+            if self._window_steps >= s.review_every:
+                first, n_first = self._window_first
+                halves = [_rounded(first / n_first)]
+                if self._window_steps > n_first:
+                    halves.append(_rounded((self._window - first) / (self._window_steps - n_first)))
+                review = (_rounded(self._window / self._window_steps), halves)
+                self._window, self._window_steps = None, 0
+        # the step's own decision first (a shift on a review step is followed at once), then the
+        # review's when the step changed nothing
+        placement, copies = self._decide(_rounded(self._load), s.min_gain, self._adopt)
+        if copies or review is None:
+            return placement, copies
+        mean, halves = review
+        return self._decide(mean, min(s.review_gain, s.min_gain),
+                            lambda new: self._adopt_if_faster_on(halves, new))
+
+    def _decide(self, forecast: torch.Tensor, gain: float, adopt) -> Tuple[torch.Tensor, int]:
+        """One decision after the warm start (module docstring, 3.) on ``forecast`` with the
+        hysteresis ``gain``; ``adopt`` takes a placement found to pay."""
+        lay, s = self.layout, self.settings
+        # stationary steps end here: every new placement's slowest time is at least the lower
+        # bound, so when the current one is within the gain of it no change (nor a burst, as
+        # burst_gain >= min_gain >= gain) can save enough: the same decision as running the
+        # planner. Tested first on an upper bound of the current time (the split before its local
+        # search), then on the time itself; the margin covers float rounding. (No token at all:
+        # the plan is empty, so is every candidate list.)
+        bound = time_lower_bound(forecast, self.cost, lay.ep_size)
+        upper, finish = placement_time_split_bounded(forecast, self.placement, lay, self.cost, search=False)
+        if self._early_exit and (upper <= 0 or upper - bound < (gain - 1e-9) * upper):
+            return self.placement.clone(), 0
+        t_now = float(finish().max())
+        if self._early_exit and (t_now <= 0 or t_now - bound < (gain - 1e-9) * t_now):
+            return self.placement.clone(), 0
         ideal, _ = plan_probe_host(forecast, lay, self.cost, k_max=s.k_max)
-        if not self.warm:
-            self.warm = True
-            return self._adopt(ideal)
         candidates = self._candidates(ideal)
         if not candidates:
             return self.placement.clone(), 0

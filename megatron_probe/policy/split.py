@@ -40,10 +40,10 @@ undecided expert on one copy is a split, the best below it. It branches on the u
 farthest from unsplit, one child per holder set, and prunes at the best split found. A search
 that ends is exact (in token units); it is stopped after ``max(8, SEARCH_WORK / (copies +
 ranks))`` node bounds (about 50 at E = 128, EP = 8), keeping the best split found, improved by
-a local search over the active sets (``split_kernels.active_set_search``: add or drop one copy
-of an expert that a slowest rank's group computes, each such set priced by its exact split, the
-best kept while it lowers the slowest time; at most ``ACTIVE_SET_EVALS`` splits), then polished
-by the local search's moves. The search is never slower than its local search in token units; in us
+a local search over the active sets (``split_kernels.active_set_search``: add a copy of an
+expert that a slowest rank's group computes, or drop that group's copy of it, each such set priced
+by its exact split, the best kept while it lowers the slowest time or the number of ranks at it;
+at most ``ACTIVE_SET_EVALS`` splits), then polished by the local search's moves. The search is never slower than its local search in token units; in us
 it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number.
 Last, the dispatch split (with the search) moves tokens off its busiest rank where the slowest time
 in us allows (``split_kernels.token_polish``, greedy: among splits of the same slowest time, fewer

@@ -564,7 +564,7 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
 # found the same splits within 0.5% of the optimum (the mean gap 0.057% instead of 0.066% at
 # E 128), for about 2 us more per layer
 ACTIVE_SET_EVALS = 8
-MAX_SET_HOLDERS = 62  # an active set is a bit set of an expert's holders (int64)
+MAX_SET_HOLDERS = 62  # an active set is a bit set of an expert's holders (int64; shifts stay below the sign bit)
 
 
 @njit(cache=True)
@@ -642,11 +642,12 @@ def active_set_search(y_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_
     """Local search over the active sets, from the split ``y_best`` (token units): each replicated
     expert's set of active copies is fixed to those ``y_best`` uses, and the exact split within
     those sets (each active copy paying ``o_u``: what :func:`_relaxation` gives with every expert
-    decided) is the start. A move adds one of an expert's inactive copies or takes one rank's
-    copy out of a set of two or more, for the experts computed by the ranks that reach a slowest
-    rank (:func:`_tight_ranks`); each move is priced by the exact split of its sets
-    (:func:`_with_set`), and the best one is taken when it lowers the slowest time, or keeps it
-    with fewer ranks at it (independent groups of slowest ranks are relieved one at a time).
+    decided) is the start. For each expert active on a rank that reaches a slowest rank
+    (:func:`_tight_ranks`), a move adds one of its inactive copies (priced once per round) or takes
+    that rank's copy out of a set of two or more (a copy left without tokens too: it still pays
+    ``o_u``); each move is priced by the exact split of its sets (:func:`_with_set`), and the best
+    one is taken when it lowers the slowest time, or keeps it with fewer ranks at it (independent
+    groups of slowest ranks are relieved one at a time).
     Stops when no move helps or after ``max_evals`` splits. Where the branch and bound stops
     early, its best split often has the right copies but not the right active sets: on real
     routing (generated steps, resident placements) this brought the steps more than 0.5% above the
@@ -675,6 +676,8 @@ def active_set_search(y_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_
     lb = np.zeros(ep, np.int64)
     seen = np.zeros(ep, np.bool_)
     stack = np.zeros(ep, np.int64)
+    tried = np.zeros(m, np.int64)  # the round in which an expert's added copies were priced
+    it = 0
     big = np.iinfo(np.int64).max
     # the start: y_best's split re-solved within its own sets (the same value as _relaxation of
     # them, from a split already near it)
@@ -703,24 +706,30 @@ def active_set_search(y_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_
         best_n = n_top
         best_i = -1
         best_m = 0
+        it += 1
         for a in range(ep):
             if not seen[a]:
                 continue
             for k in range(on_ptr[a], on_ptr[a + 1]):
                 i = on_idx[k]
-                if y[i, a] <= 0 or mask[i] == 0:
-                    continue
                 p = hold_ptr[i]
                 old = mask[i]
                 n_act = 0
+                own = -1
                 for kk in range(p, hold_ptr[i + 1]):
                     n_act += (old >> (kk - p)) & 1
+                    if hold_rank[kk] == a:
+                        own = kk - p
+                if (old >> own) & 1 == 0:
+                    continue  # i is not computed on a
                 for kk in range(p, hold_ptr[i + 1]):
                     bit = 1 << (kk - p)
-                    if old & bit == 0:
-                        new = old | bit  # a copy more
-                    elif hold_rank[kk] == a and n_act > 1:
-                        new = old & ~bit  # a's copy less
+                    if kk - p == own:
+                        if n_act < 2:
+                            continue
+                        new = old & ~bit  # a's copy less (with or without tokens)
+                    elif old & bit == 0 and tried[i] != it:
+                        new = old | bit  # a copy more (once per expert and round)
                     else:
                         continue
                     if evals >= max_evals:
@@ -739,6 +748,7 @@ def active_set_search(y_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_
                             best_v, best_n, best_i, best_m = v, n2, i, new
                             yb[:, :] = y2
                             lb[:] = load2
+                tried[i] = it
         if best_i < 0:
             break
         mask[best_i] = best_m
