@@ -31,10 +31,10 @@ the forecast of this step's counts:
 4. **Review**: every ``review_every`` steps, when the step's own decision changes nothing, a
    second decision is made on the mean forecast of the steps since the last review or change,
    with the smaller hysteresis ``review_gain``, and a change it finds is kept only if it is also
-   faster on the mean of each half of that window. A
-   saving below ``min_gain`` is within one step's forecast noise, but one that holds over the
-   window and in both its halves is structure: a flat load after a shift (Qwen3-Next, 512
-   experts) otherwise stays within ``min_gain`` of its bound and is never followed.
+   faster on the mean of each half of that window. A saving below ``min_gain`` is within one
+   step's forecast noise, but one that holds over the window and in both its halves is
+   structure: a flat load after a shift (Qwen3-Next, 512 experts) otherwise stays within
+   ``min_gain`` of its bound and is never followed.
 5. **Horizon**: how long a hot set stays hot, estimated online from the true counts
    (:meth:`ResidentPlanner.observe`): the turnover of the layer's hottest experts from step to
    step, averaged (exponentially), gives an expected residency ``1 / turnover`` steps, capped.
