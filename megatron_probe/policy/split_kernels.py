@@ -405,6 +405,24 @@ def _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_
 
 
 @njit(cache=True)
+def _reseat(y, load, i, old, new, tot, hold_ptr, hold_rank, o_u):
+    """Expert ``i``'s amount leaves every holder of it in ``(y, load)``, each copy in the bit set
+    ``old`` stops paying ``o_u`` and each in ``new`` starts, and its tokens go to the least-loaded
+    rank of ``new`` (ties to the first holder): the start from which a changed set is re-split."""
+    p = hold_ptr[i]
+    best = -1
+    for k in range(p, hold_ptr[i + 1]):
+        r = hold_rank[k]
+        load[r] -= y[i, r]
+        y[i, r] = 0
+        load[r] += o_u * (((new >> (k - p)) & 1) - ((old >> (k - p)) & 1))
+        if (new >> (k - p)) & 1 == 1 and (best < 0 or load[r] < load[best]):
+            best = r
+    y[i, best] = tot[i]
+    load[best] += tot[i]
+
+
+@njit(cache=True)
 def _child(y, load, parent_bound, i, subset, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, ws, cutoff):
     """The relaxation of a child node from its parent's relaxed split ``(y, load)`` (changed in
     place): open expert ``i`` decided to be active on ``subset``. Its amount leaves every holder,
@@ -412,18 +430,7 @@ def _child(y, load, parent_bound, i, subset, mask, tot, hold_ptr, hold_rank, on_
     token split is then re-solved from the parent's bound, a lower bound of the child's (a child
     split is a parent split with more on some ranks). Returns the child's bound."""
     ep = load.shape[0]
-    p = hold_ptr[i]
-    best = -1
-    for k in range(p, hold_ptr[i + 1]):
-        r = hold_rank[k]
-        load[r] -= y[i, r]
-        y[i, r] = 0
-        if (subset >> (k - p)) & 1 == 1:
-            load[r] += o_u
-            if best < 0 or load[r] < load[best]:
-                best = r
-    y[i, best] = tot[i]
-    load[best] += tot[i]
+    _reseat(y, load, i, 0, subset, tot, hold_ptr, hold_rank, o_u)  # open: no copy paid o_u
     _copies_off(mask, tot, hold_ptr, off)
     total = 0
     for r in range(ep):
@@ -609,17 +616,7 @@ def _with_set(y, load, i, old, new, mask, tot, fixed, fixed_active, hold_ptr, ho
     ep = load.shape[0]
     y2[:, :] = y
     load2[:] = load
-    p = hold_ptr[i]
-    best = -1
-    for k in range(p, hold_ptr[i + 1]):
-        r = hold_rank[k]
-        load2[r] -= y2[i, r]
-        y2[i, r] = 0
-        load2[r] += o_u * (((new >> (k - p)) & 1) - ((old >> (k - p)) & 1))
-        if (new >> (k - p)) & 1 == 1 and (best < 0 or load2[r] < load2[best]):
-            best = r
-    y2[i, best] = tot[i]
-    load2[best] += tot[i]
+    _reseat(y2, load2, i, old, new, tot, hold_ptr, hold_rank, o_u)
     _copies_off(mask, tot, hold_ptr, off)
     # work no split moves: fixed work and every active copy's o_u
     stay = ws[0]
