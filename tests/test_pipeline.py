@@ -190,7 +190,15 @@ def pipeline_data_parallel(rank, ws):
         if me == 1:  # from its own EP group's rank 0, not the other group's
             assert torch.equal(dst, torch.full((5,), float(ep_ranks[0] + k))), (rank, k, dst)
     pipe.engine = comms.engine
+    made = [comms.ctl_group, comms.data_group]  # the engines' groups were destroyed at each renewal
     pipe.close()
+    assert comms.ctl_group is None and comms.data_group is None and comms.spare_groups == []
+    for g in made:  # destroyed at close (gloo groups hold sockets): no longer registered
+        try:
+            dist.get_rank(g)
+        except ValueError:
+            continue
+        raise AssertionError(f"rank {rank}: a group of the closed pipeline is still registered")
     return s["copies"]
 
 

@@ -131,6 +131,7 @@ class PipelineComms:
     ranks: Optional[List[int]] = None  # the EP group's global ranks (None: the whole world)
     data_group: object = None
     spare_groups: List = field(default_factory=list)
+    _destroyed: List = field(default_factory=list)  # groups already destroyed (a renewed engine's)
 
     @classmethod
     def create(cls, ep_group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> "PipelineComms":
@@ -168,12 +169,30 @@ class PipelineComms:
         old = self.engine
         old.drain(2 * cfg.collective_timeout_s)  # bounded: a broken engine fails what it still holds
         old.close()
-        if old.group is not None and old.group is not dist.GroupMember.WORLD and old.group is not self.ep_group:
-            dist.destroy_process_group(old.group)
+        self._destroy(old.group)
         if not self.spare_groups:
             return None
         self.engine = self._engine(self.spare_groups.pop(0), cfg, device, events)
         return self.engine
+
+    def _own(self, group) -> bool:
+        """Whether ``group`` is one :meth:`create` made (not the caller's EP group nor the world)."""
+        return group is not None and group is not dist.GroupMember.WORLD and group is not self.ep_group
+
+    def _destroy(self, group) -> None:
+        if self._own(group) and all(group is not g for g in self._destroyed):
+            dist.destroy_process_group(group)
+            self._destroyed.append(group)
+
+    def destroy_groups(self) -> None:
+        """Destroy every group :meth:`create` made: control, data, the engine's (closed first by
+        the caller) and the spares left. Every EP rank calls it at the same point, as it made them;
+        gloo groups hold sockets, so a process that starts and closes pipelines (tests, a serving
+        restart) would otherwise keep them all."""
+        for g in [self.data_group, self.ctl_group, self.engine.group, *self.spare_groups]:
+            self._destroy(g)
+        self.data_group = self.ctl_group = None
+        self.spare_groups = []
 
 
 def every_ep_group(ranks: List[int]) -> List[List[int]]:
@@ -896,6 +915,5 @@ class LookaheadPipeline:
         self.activate(False)  # the plain layer again: static placement, no hooks, Megatron's group
         for m, g in zip(self.layers, self._stock_groups):
             m.token_dispatcher.ep_group = g
-        if self.ep > 1 and self.comms.data_group is not None:
-            dist.destroy_process_group(self.comms.data_group)
-            self.comms.data_group = None
+        self.comms.destroy_groups()
+        self.ctl_group = None
