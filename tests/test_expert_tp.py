@@ -70,3 +70,28 @@ def etp_without_tp(rank, ws):
 
 def test_probe_layer_refuses_expert_tp_over_other_ranks_than_tp():
     run_ranks(etp_without_tp, 2)
+
+
+def varying_rows(rank, ws):
+    """The expert-TP token gather: ranks with different row counts get every rank's rows in rank
+    order, the same with the counts passed in (one gather instead of two), and a wrong count
+    is refused by name."""
+    import torch.distributed as dist
+
+    from megatron_probe.mechanism.comm import all_gather_varying_rows
+
+    init_ep(1)
+    rows = [torch.arange(3 * (r + 1) * 2, dtype=torch.float32).view(-1, 2) + 100 * r for r in range(ws)]
+    whole, sizes = all_gather_varying_rows(rows[rank], dist.group.WORLD)
+    assert sizes == [3 * (r + 1) for r in range(ws)], sizes
+    assert torch.equal(whole, torch.cat(rows)), whole
+    flags = [(rows[r][:, :1] > 100 * r + 2).to(torch.uint8) for r in range(ws)]
+    again, same = all_gather_varying_rows(flags[rank], dist.group.WORLD, sizes)
+    assert same == sizes and torch.equal(again, torch.cat(flags)), again
+    with pytest.raises(ValueError, match=rf"do not match a group of 2 ranks with {3 * (rank + 1)} rows on rank {rank}"):
+        all_gather_varying_rows(rows[rank], dist.group.WORLD, [1, 6] if rank == 0 else [3, 1])
+    return True
+
+
+def test_token_gather_of_varying_rows_with_and_without_known_counts():
+    assert run_ranks(varying_rows, 2) == [True, True]

@@ -79,14 +79,20 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(parts)
 
 
-def all_gather_varying_rows(x: torch.Tensor, group):
+def all_gather_varying_rows(x: torch.Tensor, group, sizes: Optional[List[int]] = None):
     """Every rank's ``x`` concatenated along dim 0 in group-rank order, where the number of rows
     may differ by rank (the trailing shape may not), and the row count of each rank (no
-    autograd). Two gathers: the counts, then the rows padded to the largest count."""
+    autograd). Two gathers: the counts, then the rows padded to the largest count; one when the
+    caller passes ``sizes`` (every rank's row count, as this returned for another tensor with the
+    same rows)."""
     n = group_size(group)
     if n == 1:
         return x, [x.shape[0]]
-    sizes = all_gather_rows(torch.tensor([x.shape[0]], dtype=torch.long, device=x.device), group).view(-1).tolist()
+    if sizes is None:
+        sizes = all_gather_rows(torch.tensor([x.shape[0]], dtype=torch.long, device=x.device), group).view(-1).tolist()
+    elif len(sizes) != n or sizes[group_rank(group)] != x.shape[0]:
+        raise ValueError(f"sizes={sizes} do not match a group of {n} ranks with {x.shape[0]} rows on rank "
+                         f"{group_rank(group)}")
     padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
     padded[:x.shape[0]] = x
     parts = all_gather_rows(padded, group)

@@ -196,8 +196,9 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             own = hidden.shape[0]
             with self._all_to_all_bracket("etp_gather"), nvtx_range("etp_gather"):
                 hidden, sizes = all_gather_varying_rows(hidden, self.tp_group)
-                routing_map = all_gather_varying_rows(routing_map.to(torch.uint8), self.tp_group)[0].bool()
-                probs = all_gather_varying_rows(probs, self.tp_group)[0]
+                # the same rows: their counts are known (one gather each instead of two)
+                routing_map = all_gather_varying_rows(routing_map.to(torch.uint8), self.tp_group, sizes)[0].bool()
+                probs = all_gather_varying_rows(probs, self.tp_group, sizes)[0]
             start = sum(sizes[:torch.distributed.get_rank(self.tp_group)])
             self._own_rows = slice(start, start + own)
         self.hidden_shape_before_permute = hidden.shape
