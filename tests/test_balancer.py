@@ -222,12 +222,14 @@ def _unit_times(y, s, o_u):
 
 
 def test_active_set_search_improves_valid_splits():
-    """The active-set search after a stopped branch and bound: from the local search's split and
-    from the exact token split of planned placements, its split keeps every expert's total, uses
-    only copies that exist, its reported time bounds its true time (in token units) from above and
-    is never slower than its start; it is never faster than the MILP's optimum (o / c a whole 64
-    tokens here), and it does improve on some starts. An expert with more holders than a set can
-    hold leaves it untouched."""
+    """The active-set search (before the branch and bound and after a stopped one): from the local
+    search's split and from the exact token split of planned placements, its split keeps every
+    expert's total, uses only copies that exist, its reported time bounds its true time (in token
+    units) from above and is never slower than its start; it is never faster than the MILP's
+    optimum (o / c a whole 64 tokens here), and it does improve on some starts. The same holds for
+    the search's two uses (the search then its polish, and the whole search from the local
+    search's split with a small node budget). An expert with more holders than a set can hold
+    leaves it untouched."""
     from megatron_probe.policy import split_kernels
     from megatron_probe.policy.split import _holds, _o_units, _placement_inputs, _Split
 
@@ -256,6 +258,16 @@ def test_active_set_search_improves_valid_splits():
             t_true = _unit_times(y, s, o_u).max()
             assert t_true <= t <= t_start
             improved += t < t_start
+            if start is not s.y:  # the local search's split: what the dispatch search starts from
+                tot = s.total[h.multi]
+                args = (tot, s.fixed, s.fixed_active, h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx, o_u)
+                y1, t1 = split_kernels._improved_sets(start.copy(), t_start, 0, *args,
+                                                      split_kernels.ACTIVE_SET_FIRST_EVALS)
+                y2, t2, _, _ = split_kernels._search_from(start.copy(), t_start, 0, *args, 8)
+                for yy, tt in ((y1, t1), (y2, t2)):
+                    assert np.array_equal(yy.sum(1), tot) and (yy >= 0).all() and not ((yy > 0) & ~holder).any()
+                    assert _unit_times(yy, s, o_u).max() <= tt <= t_start
+                assert t2 <= t1  # the branch and bound starts from the first search's split
             if start is s.y and case % 2 == 0 and E <= 32:
                 best = exact_split(counts, holder_slots(pl, lay) >= 0, "time", COST, time_limit=10.0)
                 if best.method == "milp":  # never faster than the optimum (HiGHS: 1e-4 relative gap)

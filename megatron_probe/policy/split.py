@@ -30,8 +30,10 @@ least one token costs ``o`` token units). First a local search: single moves bet
 the current maximum time, from up to three starts (the exact token split, the unsplit start, and
 the static split, so the result is never slower than no replication), the best kept; a start that
 already meets a lower bound on time (the largest fixed rank time, or the tokens plus one ``o`` per
-expert with tokens spread over the ranks) is optimal and ends there. Then, from that split, a
-branch and bound over which copies of each replicated expert are active
+expert with tokens spread over the ranks) is optimal and ends there. Then a local search over
+the active sets (``split_kernels.active_set_search``, below; at most ``ACTIVE_SET_FIRST_EVALS``
+splits), and from the better split a branch and bound over which copies of each replicated
+expert are active
 (``split_kernels.time_search``): a node fixes the active holder set of some experts; its bound is
 the exact token split in which a decided expert's copies each pay ``o`` and an undecided one
 carries its tokens plus one ``o`` spread over its holders (the LP relaxation of the time MILP:
@@ -39,11 +41,12 @@ exact per expert, so only branching tightens it); a node whose relaxed split lea
 undecided expert on one copy is a split, the best below it. It branches on the undecided expert
 farthest from unsplit, one child per holder set, and prunes at the best split found. A search
 that ends is exact (in token units); it is stopped after ``max(8, SEARCH_WORK / (copies +
-ranks))`` node bounds (about 50 at E = 128, EP = 8), keeping the best split found, improved by
-a local search over the active sets (``split_kernels.active_set_search``: add a copy of an
-expert that a slowest rank's group computes, or drop that group's copy of it, each such set priced
-by its exact split, the best kept while it lowers the slowest time or the number of ranks at it;
-at most ``ACTIVE_SET_EVALS`` splits), then polished by the local search's moves. The search is never slower than its local search in token units; in us
+ranks))`` node bounds (about 40 at E = 128, EP = 8), keeping the best split found, improved by
+the local search over the active sets again (add a copy of an expert that a slowest rank's group
+computes, or drop that group's copy of it, each such set priced by its exact split, the best
+kept while it lowers the slowest time or the number of ranks at it; at most
+``max(ACTIVE_SET_EVALS, ep // 2)`` splits). Each active-set search's split is polished by the
+local search's moves. The search is never slower than its local search in token units; in us
 it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number.
 Last, the dispatch split (with the search) moves tokens off its busiest rank where the slowest time
 in us allows (``split_kernels.token_polish``, greedy: among splits of the same slowest time, fewer
@@ -128,10 +131,10 @@ class _Holds:
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
 # the time split's branch and bound stops after max(8, SEARCH_WORK // (copies + ranks)) node bounds
-# (a node costs about that much work): about 50 nodes at E 128, EP 8 (the search then costs about
-# 45 us per layer at the median on this project's 2-core x86 CPU), 8-31 at E 512, EP 32; the best
+# (a node costs about that much work): about 40 nodes at E 128, EP 8 (the search then costs about
+# 40 us per layer at the median on this project's 2-core x86 CPU), 8-25 at E 512, EP 32; the best
 # split found is kept (docs/balancer.md: how far that is from the optimum where the search stops)
-SEARCH_WORK = 2000
+SEARCH_WORK = 1600
 
 
 def _cached(key, build) -> _Holds:

@@ -566,10 +566,14 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
                 return t_best, nodes, complete
 
 
-# the active-set search after a branch and bound that did not end prices at most this many
-# splits (about 1 us each at E 128, EP 8): on the generated E 128 and E 512 resident steps 16
-# found the same splits within 0.5% of the optimum (the mean gap 0.057% instead of 0.066% at
-# E 128), for about 2 us more per layer
+# the active-set search prices at most ACTIVE_SET_FIRST_EVALS splits (about 1 us each at E 128,
+# EP 8) before the branch and bound, from the local search's split (a better incumbent: the search
+# prunes more), and max(ACTIVE_SET_EVALS, ranks // 2) after a branch and bound that did not end
+# (each move relieves one group of slowest ranks, and there are more of those with more ranks).
+# On generated resident steps (3 x 240 at E 512, EP 32) the first search brought the steps more
+# than 0.5% above the optimum from 29 to 15 with the 16 splits after; at E 128, EP 8 (2 x 240)
+# none before or after, with a node budget of 4/5 of the former one
+ACTIVE_SET_FIRST_EVALS = 4
 ACTIVE_SET_EVALS = 8
 MAX_SET_HOLDERS = 62  # an active set is a bit set of an expert's holders (int64; shifts stay below the sign bit)
 
@@ -842,25 +846,40 @@ def _polished(y, max_nodes, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on
 
 @njit(cache=True)
 def _search_from(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes):
-    """``(y, time, nodes, complete)``: the branch and bound from the local search's best ``(best_y,
-    best_t)`` unless that meets ``bound`` (or ``max_nodes`` is 0); a search stopped early has its
-    best split improved by :func:`active_set_search` (at most ``ACTIVE_SET_EVALS`` splits), then
-    polished by the local search's moves (its leaves are exact splits of their active sets, not
-    of the moves between them)."""
+    """``(y, time, nodes, complete)``: unless the local search's best ``(best_y, best_t)`` meets
+    ``bound`` (or ``max_nodes`` is 0), :func:`active_set_search` from it (at most
+    ``ACTIVE_SET_FIRST_EVALS`` splits), then the branch and bound from the better of the two; a
+    search stopped early has its best split improved by the active-set search again (at most
+    ``max(ACTIVE_SET_EVALS, ranks // 2)`` splits). Each active-set search's split is polished by
+    the local search's moves (its leaves are exact splits of their active sets, not of the moves
+    between them)."""
     if best_t <= bound or max_nodes <= 0:
         return best_y, best_t, 0, best_t <= bound  # complete: optimal (without a search, only at the bound)
+    best_y, best_t = _improved_sets(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
+                                    on_idx, o_u, ACTIVE_SET_FIRST_EVALS)
+    if best_t <= bound:
+        return best_y, best_t, 0, True
     best_t, nodes, complete = time_search(best_y, best_t, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
                                           on_idx, o_u, max_nodes)
     if not complete:
-        y3, t3, _ = active_set_search(best_y, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u,
-                                      ACTIVE_SET_EVALS)
-        if 0 <= t3 < best_t:  # (t3: copies left without tokens still counted, so at most that)
-            best_y, best_t = y3, t3
-        tokens = fixed + best_y.sum(axis=0)
-        y2, t2 = _local_search(best_y, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, bound, 64)
-        if t2 < best_t:
-            return y2, t2, nodes, complete
+        best_y, best_t = _improved_sets(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
+                                        on_idx, o_u, max(ACTIVE_SET_EVALS, fixed.shape[0] // 2))
     return best_y, best_t, nodes, complete
+
+
+@njit(cache=True)
+def _improved_sets(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u,
+                   max_evals):
+    """``(y, time)``: :func:`active_set_search` from ``best_y`` (at most ``max_evals`` splits), its
+    split taken when faster, then the local search's moves (token units; never slower)."""
+    y3, t3, _ = active_set_search(best_y, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_evals)
+    if 0 <= t3 < best_t:  # (t3: copies left without tokens still counted, so at most that)
+        best_y, best_t = y3, t3
+    tokens = fixed + best_y.sum(axis=0)
+    y2, t2 = _local_search(best_y, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, bound, 64)
+    if t2 < best_t:
+        return y2, t2
+    return best_y, best_t
 
 
 @njit(cache=True)
