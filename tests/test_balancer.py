@@ -268,6 +268,10 @@ def test_active_set_search_improves_valid_splits():
                     assert np.array_equal(yy.sum(1), tot) and (yy >= 0).all() and not ((yy > 0) & ~holder).any()
                     assert _unit_times(yy, s, o_u).max() <= tt <= t_start
                 assert t2 <= t1  # the branch and bound starts from the first search's split
+                # a first search that reaches the lower bound ends the search: optimal, no node
+                y3, t3, nodes3, complete3 = split_kernels._search_from(start.copy(), t_start, t1, *args, 8)
+                assert complete3 and nodes3 == 0 and t3 == t1 and np.array_equal(y3.sum(1), tot)
+                assert _unit_times(y3, s, o_u).max() <= t3
             if start is s.y and case % 2 == 0 and E <= 32:
                 best = exact_split(counts, holder_slots(pl, lay) >= 0, "time", COST, time_limit=10.0)
                 if best.method == "milp":  # never faster than the optimum (HiGHS: 1e-4 relative gap)

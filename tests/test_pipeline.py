@@ -422,7 +422,12 @@ def pipeline_resident(rank, ws):
     rows = pipe.history
     s = pipe.summary()
     expert_bytes = moe_layers(model)[0].expert_bank.expert_bytes()
+    comms = pipe.comms
+    made = [comms.ctl_group, comms.data_group, comms.engine.group, *comms.spare_groups]
     pipe.close()
+    for g in made:  # a close without failures: the live engine's group and every spare destroyed too
+        with pytest.raises(ValueError):
+            dist.get_rank(g)
     changes = sum(1 for a, b in zip(held, held[1:]) for x, y in zip(a, b) if not torch.equal(x, y))
     copy_steps = sorted({r["step"] for r in rows if r["copies"]})
     ctx = (f"rank {rank}", s, f"changes={changes}", f"copy_steps={copy_steps}")

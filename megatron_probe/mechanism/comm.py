@@ -84,7 +84,9 @@ def all_gather_varying_rows(x: torch.Tensor, group, sizes: Optional[List[int]] =
     may differ by rank (the trailing shape may not), and the row count of each rank (no
     autograd). Two gathers: the counts, then the rows padded to the largest count; one when the
     caller passes ``sizes`` (every rank's row count, as this returned for another tensor with the
-    same rows)."""
+    same rows: every rank must pass the same list). A ``sizes`` that does not fit this rank's
+    rows raises here, before the gather; the other ranks then wait in theirs until the group's
+    timeout, as for any rank that fails before a collective."""
     n = group_size(group)
     if n == 1:
         return x, [x.shape[0]]

@@ -782,12 +782,13 @@ def time_refine(y, load, cnt, total, multi, fixed, fixed_active, start_y, start_
                 n_active_min, hold_ptr, hold_rank, on_ptr, on_idx, home_ok, o_u, c, o, max_nodes):
     """The time objective's split from the exact token split ``(y, load)``: the local search from
     up to three starts (that split, the unsplit start, the static split), the best kept; then,
-    unless it meets the lower bound, the branch and bound from it (:func:`time_search`, at most
-    ``max_nodes`` node bounds; 0: none); never a split slower in us than the static one
-    (``policy.split``'s docstring); with a search, then fewer tokens on the busiest rank where
-    :func:`token_polish`'s moves allow at no higher slowest time. Returns ``(y, nodes,
-    complete)``: the search's node bounds and whether the split is known optimal in token units
-    (the search ended, or the local search met the lower bound)."""
+    unless it meets the lower bound, the search from it (:func:`_search_from`: the active-set
+    search, then the branch and bound, :func:`time_search`, at most ``max_nodes`` node bounds; 0:
+    none); never a split slower in us than the static one (``policy.split``'s docstring); with a
+    search, then fewer tokens on the busiest rank where :func:`token_polish`'s moves allow at no
+    higher slowest time. Returns ``(y, nodes, complete)``: the search's node bounds and whether
+    the split is known optimal in token units (the branch and bound ended, or the local search or
+    the first active-set search met the lower bound)."""
     ep, E = cnt.shape
     m = multi.shape[0]
     # no split beats the largest fixed rank time, nor the tokens plus one active copy per expert

@@ -131,7 +131,6 @@ class PipelineComms:
     ranks: Optional[List[int]] = None  # the EP group's global ranks (None: the whole world)
     data_group: object = None
     spare_groups: List = field(default_factory=list)
-    _destroyed: List = field(default_factory=list)  # groups already destroyed (a renewed engine's)
 
     @classmethod
     def create(cls, ep_group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> "PipelineComms":
@@ -180,9 +179,16 @@ class PipelineComms:
         return group is not None and group is not dist.GroupMember.WORLD and group is not self.ep_group
 
     def _destroy(self, group) -> None:
-        if self._own(group) and all(group is not g for g in self._destroyed):
-            dist.destroy_process_group(group)
-            self._destroyed.append(group)
+        """Destroy ``group`` if this object made it and it is still registered (a renewed engine's
+        was destroyed at the renewal). No reference is kept: gloo frees a group's sockets and
+        threads only when its last reference goes."""
+        if not self._own(group):
+            return
+        try:
+            dist.get_rank(group)  # raises ValueError once the group is destroyed (unregistered)
+        except ValueError:
+            return
+        dist.destroy_process_group(group)
 
     def destroy_groups(self) -> None:
         """Destroy every group :meth:`create` made: control, data, the engine's (closed first by
