@@ -184,6 +184,65 @@ def test_time_split_search_on_adversarial_layouts(case, cost):
             assert t_search <= best.value * (1 + 1e-9) + 1e-9
 
 
+def test_relaxation_at_a_target_bounds_every_split_within_it():
+    """The branch and bound's bound at a target ``T`` (the incumbent less one): on planned
+    placements, against the MILP's optimum (o / c a whole 64 tokens, so its time in token units is
+    exact), the root bound at any ``T`` at or above the optimum is at most the optimum, and so is
+    the bound of a node that fixes the optimum's own active sets for some experts; the fewest
+    pieces are at least one per open expert with tokens and never more than its usable copies. A
+    target below the fixed work of a holder set refuses (``BIG``). The bound tightens as the
+    target falls: at the optimum it prunes some roots that an unbounded target does not."""
+    from megatron_probe.policy import split_kernels as K
+    from megatron_probe.policy.split import _o_units, _placement_inputs, _Split
+
+    g = torch.Generator().manual_seed(11)
+    o_u = _o_units(COST)
+    checked = tighter = 0
+    for case in range(40):
+        ep = (4, 8)[case % 2]
+        E = ep * (2 + case % 3)
+        lay = ExpertLayout(E, ep, min(1 + case % 3, E - E // ep))
+        counts = ((torch.rand(E, generator=g) ** 3) * torch.rand(ep, E, generator=g) * 400).round().long()
+        pl, _ = plan_probe_host(noisy_forecast(counts, 0.3, g), lay, COST)
+        s = _Split(*_placement_inputs(counts, pl, lay, "time", COST))
+        h = s.h
+        m = len(h.multi)
+        if not m:
+            continue
+        best = exact_split(counts, holder_slots(pl, lay) >= 0, "time", COST, time_limit=10.0)
+        if best.method != "milp":
+            continue
+        y_opt = best.assign.sum(0).numpy()[h.multi]  # [m, ep]
+        opt = int(_unit_times(y_opt, s, o_u).max())
+        tot = s.total[h.multi]
+        sets = np.zeros(m, np.int64)  # the optimum's active sets, as the search's bit sets
+        for i in range(m):
+            for k in range(h.hold_ptr[i], h.hold_ptr[i + 1]):
+                if y_opt[i, h.hold_rank[k]] > 0:
+                    sets[i] |= 1 << (k - h.hold_ptr[i])
+
+        def bound(mask, T):
+            pieces = np.zeros(m, np.int64)
+            v = K._relaxation(mask, T, tot, s.fixed, s.fixed_active, h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx,
+                              o_u, np.zeros(len(h.hold_rank), np.bool_), np.zeros((m, ep), np.int64),
+                              np.zeros(ep, np.int64), np.zeros((5, ep), np.int64), np.zeros(ep, np.int64), pieces,
+                              np.zeros(len(h.hold_rank), np.bool_), K.BIG)
+            return v, pieces
+
+        for T in (opt, opt + 7, opt + 100, K.BIG // 2):
+            v, pieces = bound(np.zeros(m, np.int64), T)
+            assert v <= opt, (case, T, v, opt)
+            n_hold = np.diff(h.hold_ptr)
+            assert ((pieces >= 1) == (tot > 0)).all() and (pieces <= n_hold).all()
+            fixed_some = np.where(torch.rand(m, generator=g).numpy() < 0.5, sets, 0)
+            assert bound(fixed_some, T)[0] <= opt
+        tighter += bound(np.zeros(m, np.int64), opt - 1)[0] >= opt > bound(np.zeros(m, np.int64), K.BIG // 2)[0]
+        low = int((s.fixed + o_u * s.fixed_active).max()) - 1  # below a rank's fixed work: no split
+        assert bound(np.zeros(m, np.int64), low)[0] > low
+        checked += 1
+    assert checked > 20 and tighter > 0
+
+
 def test_time_split_search_budget(monkeypatch):
     """A search stopped by its budget keeps the best split found: valid, never slower than the
     local search, reported incomplete; the budget scales with the copies and ranks."""
@@ -197,9 +256,9 @@ def test_time_split_search_budget(monkeypatch):
         counts = (torch.rand(E, generator=g) ** 2 * torch.rand(ep, E, generator=g) * 400).round().long()
         pl, _ = plan_probe_host(noisy_forecast(counts, 0.3, g), lay, COST)
         holds = holder_slots(pl, lay) >= 0
-        monkeypatch.setattr(split_mod, "SEARCH_WORK", 1)  # the floor: 8 node bounds
+        monkeypatch.setattr(split_mod, "SEARCH_WORK", 1)  # the floor: two node bounds per rank
         (nodes, complete), t_small, t_local = _search_and_local(counts, holds, COST)
-        assert nodes <= 8
+        assert nodes <= 2 * ep
         incomplete += not complete
         assert t_small <= t_local + 1e-9
         validate_assignment(balanced_split(counts, holds, "time", COST), counts, pl, lay)

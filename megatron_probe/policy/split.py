@@ -36,16 +36,21 @@ splits), and from the better split a branch and bound over which copies of each 
 expert are active
 (``split_kernels.time_search``): a node fixes the active holder set of some experts; its bound is
 the exact token split in which a decided expert's copies each pay ``o`` and an undecided one
-carries its tokens plus one ``o`` spread over its holders (the LP relaxation of the time MILP:
-exact per expert, so only branching tightens it); a node whose relaxed split leaves every
-undecided expert on one copy is a split, the best below it. It branches on the undecided expert
-farthest from unsplit, one child per holder set, and prunes at the best split found. A search
-that ends is exact (in token units); it is stopped after ``max(8, SEARCH_WORK / (copies +
-ranks))`` node bounds (about 40 at E = 128, EP = 8), keeping the best split found, improved by
+carries its tokens plus ``o`` per piece it needs, spread over its holders, at the target of the
+best split found less one: a holder without room under that target for a piece of at least one
+token and its ``o`` is out, and an expert whose tokens fit on no one usable holder needs as many
+pieces as the fewest usable holders that hold them, largest room first (with the target
+unbounded: the LP relaxation of the time MILP; the target makes it tighter as the incumbent
+falls); a node whose relaxed split leaves every undecided expert on one copy is a split, the best
+below it. It branches on the most constrained undecided expert (the fewest usable holders; ties:
+the farthest from unsplit), one child per set of usable holders with at least its fewest pieces,
+and prunes at the best split found. A search
+that ends is exact (in token units); it is stopped after :func:`search_node_budget` node bounds (about
+30 at E = 128, EP = 8; 64 at E = 512, EP = 32), keeping the best split found, improved by
 the local search over the active sets again (add a copy of an expert that a slowest rank's group
 computes, or drop that group's copy of it, each such set priced by its exact split, the best
 kept while it lowers the slowest time or the number of ranks at it; at most
-``max(ACTIVE_SET_EVALS, ep // 2)`` splits). Each active-set search's split is polished by the
+``2 max(ACTIVE_SET_EVALS, ep)`` splits). Each active-set search's split is polished by the
 local search's moves. The search is never slower than its local search in token units; in us
 it can be, by less than ``|o - c o_u|`` per active copy, when ``o / c`` is not a whole number.
 Last, the dispatch split (with the search) moves tokens off its busiest rank where the slowest time
@@ -130,11 +135,22 @@ class _Holds:
 
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
-# the time split's branch and bound stops after max(8, SEARCH_WORK // (copies + ranks)) node bounds
-# (a node costs about that much work): about 40 nodes at E 128, EP 8 (the search then costs about
-# 40 us per layer at the median on this project's 2-core x86 CPU), 8-25 at E 512, EP 32; the best
-# split found is kept (docs/balancer.md: how far that is from the optimum where the search stops)
-SEARCH_WORK = 1600
+# the time split's branch and bound stops after search_node_budget(copies, ranks) node bounds: SEARCH_WORK
+# // (copies + ranks) (a node costs about that much work) gives about 30 nodes at E 128, EP 8 (the
+# whole time split 65-68 us per layer at the median on 2 x 240 saved generated steps, this
+# project's 2-core x86 CPU; 1,600 gave 40 nodes, the same worst step and 74-78 us), but 6-20 at E 512,
+# EP 32: too few for one dive to a leaf, which can branch on up to ranks - 1 split experts (an
+# optimal split whose experts and ranks form a forest exists), so at least two nodes per rank (64
+# there, where the greedy split it replaces takes 550 us); the best split found is kept
+# (docs/balancer.md: how far that is from the optimum where the search stops)
+SEARCH_WORK = 1200
+SEARCH_NODES_PER_RANK = 2
+
+
+def search_node_budget(copies: int, ranks: int) -> int:
+    """The branch and bound's node budget: ``max(8, SEARCH_NODES_PER_RANK x ranks, SEARCH_WORK //
+    (copies + ranks))``."""
+    return max(8, SEARCH_NODES_PER_RANK * ranks, SEARCH_WORK // (copies + ranks))
 
 
 def _cached(key, build) -> _Holds:
@@ -177,7 +193,7 @@ class _Split:
             self.y, self.load, self.cnt, self.total, h.multi, self.fixed, self.fixed_active, self.start_y,
             self.start_load, self.total_tokens, self.n_active_min, h.hold_ptr, h.hold_rank, h.on_ptr, h.on_idx,
             h.home_ok, o_u, float(cost.per_token_us), float(cost.per_active_expert_us),
-            max(8, SEARCH_WORK // (len(h.hold_rank) + h.ep)) if search else 0)
+            search_node_budget(len(h.hold_rank), h.ep) if search else 0)
         return y
 
     def split(self, objective: str, cost: Optional[ExpertCost], search: bool = True) -> np.ndarray:

@@ -351,6 +351,7 @@ def token_polish(y0, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, c
     return y, tokens
 
 
+BIG = np.iinfo(np.int64).max // 4  # a bound no split reaches (no split at most the target)
 MAX_BRANCH_HOLDERS = 6  # the search branches on experts with at most this many copies (2^6 - 1 sets)
 
 
@@ -365,37 +366,87 @@ def _copies_off(mask, tot, hold_ptr, off):
 
 
 @njit(cache=True)
-def _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y, load, ws, cutoff):
-    """A lower bound on every split that keeps the decisions ``mask`` (per replicated expert: 0
-    open, else the bit set of its holders, in ``hold_rank`` order, that are active), and its split
-    in ``(y, load)``. A decided expert puts its tokens on its active copies, each paying ``o_u``;
-    an open one with tokens carries its tokens plus one ``o_u`` over any of its holders (a split
-    over copies ``S`` pays ``o_u |S|`` >= ``o_u``, and on copy ``r`` at least ``o_u x_r / tot``:
-    spreading one ``o_u`` with the tokens bounds every split from below). The exact token split of
-    these amounts over the allowed copies (``off`` filled here), on top of each rank's fixed work
-    and fixed active copies, is the bound: its slowest rank."""
+def _relaxation(mask, T, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y, load, ws, base,
+                pieces, taken, cutoff):
+    """A lower bound on every split at most ``T`` (token units) that keeps the decisions ``mask``
+    (per replicated expert: 0 open, else the bit set of its holders, in ``hold_rank`` order, that
+    are active), and its split in ``(y, load)``; ``T`` = the incumbent less one: only a faster
+    split matters. A decided expert puts its tokens on its active copies, each paying ``o_u`` (one
+    active copy: all of them there). ``base [ep]``: the work no split below the node moves (fixed
+    work, the decided copies' ``o_u``, single-copy decided experts). An open expert with tokens
+    can use a holder only where a piece of at least one token and its ``o_u`` fit under ``T`` on
+    top of ``base`` (``off`` filled here, with the decided experts' unused copies), so it needs at
+    least ``pieces[i]`` copies (the fewest whose room, largest first, holds its tokens); it carries
+    its tokens plus ``pieces[i] o_u`` over its usable holders (a split over copies ``S`` pays
+    ``o_u |S|``, and on copy ``r`` at least ``o_u x_r / tot``: spreading the ``o_u`` with the
+    tokens bounds every such split from below; with ``T`` unbounded, one ``o_u`` and every
+    holder: the LP relaxation of the time MILP). The exact token split of these amounts over the
+    usable copies is the bound: its slowest rank; ``BIG`` when an open expert's tokens fit on no
+    set of its holders (no split at most ``T`` here). Built from scratch, every expert first on
+    its least-loaded usable holder: warm-started from a parent's split, the same bound comes with
+    more experts left split, and the search's leaves and branching got worse (at E 128, EP 8, 2 of
+    480 steps above 0.5% of the optimum instead of none). ``taken``: work flags, one per copy."""
     ep = fixed.shape[0]
     m = tot.shape[0]
     for r in range(ep):
-        load[r] = fixed[r] + o_u * fixed_active[r]
+        base[r] = fixed[r] + o_u * fixed_active[r]
     _copies_off(mask, tot, hold_ptr, off)
     for i in range(m):
-        if mask[i] != 0:
+        if mask[i] == 0 or tot[i] <= 0:
+            continue
+        n = 0
+        last = -1
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):
+            if not off[k]:  # a decided expert's active copy pays o_u
+                base[hold_rank[k]] += o_u
+                n += 1
+                last = hold_rank[k]
+        if n == 1:
+            base[last] += tot[i]
+    for i in range(m):  # the usable copies of the open experts and their fewest pieces
+        pieces[i] = 0
+        if mask[i] != 0 or tot[i] <= 0:
+            continue
+        room = 0
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):
+            cap = T - base[hold_rank[k]] - o_u
+            taken[k] = False
+            if cap < 1:
+                off[k] = True
+            else:
+                room += cap
+        if room < tot[i]:
+            return BIG
+        need = tot[i]
+        while need > 0:  # the largest rooms first: the fewest copies that hold the tokens
+            bk = -1
             for k in range(hold_ptr[i], hold_ptr[i + 1]):
-                if not off[k]:  # a decided expert's active copy pays o_u
-                    load[hold_rank[k]] += o_u
-    M = load.max()
+                if not off[k] and not taken[k] and (bk < 0 or base[hold_rank[k]] < base[hold_rank[bk]]):
+                    bk = k
+            taken[bk] = True
+            need -= T - base[hold_rank[bk]] - o_u
+            pieces[i] += 1
+    M = 0
+    for r in range(ep):
+        load[r] = base[r]
+        M = max(M, base[r])
     for i in range(m):
-        for r in range(ep):
-            y[i, r] = 0
+        for k in range(hold_ptr[i], hold_ptr[i + 1]):
+            y[i, hold_rank[k]] = 0  # amounts only ever sit on holders
         if tot[i] <= 0:
             continue
-        size = tot[i] + (o_u if mask[i] == 0 else 0)
+        n = 0
         best = -1
         for k in range(hold_ptr[i], hold_ptr[i + 1]):  # all on the least-loaded allowed holder
             r = hold_rank[k]
-            if not off[k] and (best < 0 or load[r] < load[best]):
-                best = r
+            if not off[k]:
+                n += 1
+                if best < 0 or load[r] < load[best]:
+                    best = r
+        if mask[i] != 0 and n == 1:
+            y[i, best] = tot[i]  # in base already: no split moves it
+            continue
+        size = tot[i] + (o_u * pieces[i] if mask[i] == 0 else 0)
         y[i, best] = size
         load[best] += size
     total = 0
@@ -423,73 +474,68 @@ def _reseat(y, load, i, old, new, tot, hold_ptr, hold_rank, o_u):
 
 
 @njit(cache=True)
-def _child(y, load, parent_bound, i, subset, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, ws, cutoff):
-    """The relaxation of a child node from its parent's relaxed split ``(y, load)`` (changed in
-    place): open expert ``i`` decided to be active on ``subset``. Its amount leaves every holder,
-    each copy in the set pays ``o_u`` and its tokens start on the set's least-loaded rank; the
-    token split is then re-solved from the parent's bound, a lower bound of the child's (a child
-    split is a parent split with more on some ranks). Returns the child's bound."""
-    ep = load.shape[0]
-    _reseat(y, load, i, 0, subset, tot, hold_ptr, hold_rank, o_u)  # open: no copy paid o_u
-    _copies_off(mask, tot, hold_ptr, off)
-    total = 0
-    for r in range(ep):
-        total += load[r]
-    return min_max_tokens_ws(y, load, max(parent_bound, -(-total // ep)), hold_ptr, hold_rank, on_ptr, on_idx, off, ws,
-                             cutoff)
+def _popcount(x):
+    n = 0
+    while x:
+        x &= x - 1
+        n += 1
+    return n
 
 
 @njit(cache=True)
 def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, max_nodes):
     """Branch and bound over which copies of each replicated expert are active (token units). A node
-    decides the active holder sets of some experts and is bounded by its relaxation
-    (:func:`_child`, from its parent's relaxed split, for first children and, kept on a stack for
-    the first 16 levels of small cases, later ones; else :func:`_relaxation` from scratch); where
-    every open expert's relaxed amount sits on one copy, that relaxed split is a split (the open
-    experts all on that copy) and no split below the node is faster than it. Else it branches on
-    the open expert farthest from unsplit (the most of its amount off its largest fragment; ties to
-    the lower index), one child per nonempty holder set, the relaxed split's own set first (depth
-    first). Starts from the incumbent ``(y_best, t_best)`` (updated in place) and prunes a node
-    whose bound reaches the incumbent, so a search that ends is exact. Returns ``(t_best, nodes,
-    complete)``: ``complete`` False when the budget of ``max_nodes`` node bounds stopped it with
-    nodes left or a split expert had more than ``MAX_BRANCH_HOLDERS`` copies (the incumbent is then
-    the best found)."""
+    decides the active holder sets of some experts and is bounded by :func:`_relaxation` at the
+    incumbent less one (a holder without room for a piece is out, an expert needing several
+    pieces pays for them: the bound tightens as the incumbent falls); where every open expert's
+    relaxed amount sits on one copy, that relaxed split is a split (the open experts all on that
+    copy) and no split below the node is faster than it. Else it branches on the open expert with
+    the fewest usable holders among those split (the most constrained; ties to the one farthest
+    from unsplit: the most of its amount off its largest fragment, then the lower index), one
+    child per nonempty set of its usable holders with at least its fewest pieces, the relaxed
+    split's own set first (depth first). Starts from the incumbent ``(y_best, t_best)`` (updated
+    in place) and prunes a node whose bound reaches the incumbent, so a search that ends is exact.
+    Returns ``(t_best, nodes, complete)``: ``complete`` False when the budget of ``max_nodes`` node
+    bounds stopped it with nodes left or a split expert had more than ``MAX_BRANCH_HOLDERS`` copies
+    (the incumbent is then the best found)."""
     m, ep = y_best.shape
     nk = hold_rank.shape[0]
     mask = np.zeros(m, np.int64)
     off = np.zeros(nk, np.bool_)
+    taken = np.zeros(nk, np.bool_)
     stack_i = np.empty(m, np.int64)
     stack_first = np.empty(m, np.int64)
     stack_next = np.empty(m, np.int64)  # the next set to try (1, 2, ..., skipping the first)
+    stack_usable = np.empty(m, np.int64)  # the bit set of the holders usable at the branching node
+    stack_pieces = np.empty(m, np.int64)  # and the fewest copies there
     y = np.zeros((m, ep), np.int64)
     x = np.zeros((m, ep), np.int64)
     load = np.zeros(ep, np.int64)
+    base = np.zeros(ep, np.int64)
+    pieces = np.zeros(m, np.int64)
     ws = np.zeros((5, ep), np.int64)
     depth = 0
     nodes = 0
     complete = True
-    # the relaxed split of each branching node, to start its later children from (up to a depth
-    # and a size, so the stack stays small)
-    kept = min(m, 16) if m * ep <= 4096 else 0
-    stack_y = np.empty((kept, m, ep), np.int64)
-    stack_load = np.empty((kept, ep), np.int64)
-    stack_bound = np.empty(m, np.int64)
-    bound = _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y, load, ws,
-                        t_best)
+    bound = _relaxation(mask, t_best - 1, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, y,
+                        load, ws, base, pieces, taken, t_best)
     while True:
         nodes += 1
         descend = False
         if bound < t_best:
             ib = -1
+            ib_usable = 0
             worst = -1
             unbranched = False
             for i in range(m):
                 if mask[i] != 0 or tot[i] <= 0:
                     continue
                 n_pos = 0
+                n_usable = 0
                 big = 0
                 top = 0
                 for k in range(hold_ptr[i], hold_ptr[i + 1]):
+                    n_usable += not off[k]
                     v = y[i, hold_rank[k]]
                     if v > 0:
                         n_pos += 1
@@ -499,8 +545,8 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
                 if n_pos > 1:
                     if hold_ptr[i + 1] - hold_ptr[i] > MAX_BRANCH_HOLDERS:  # too many sets to enumerate
                         unbranched = True
-                    elif top > worst:
-                        ib, worst = i, top
+                    elif ib < 0 or n_usable < ib_usable or (n_usable == ib_usable and top > worst):
+                        ib, ib_usable, worst = i, n_usable, top
             if ib < 0 and unbranched:  # split over an expert with too many holders: left unexplored
                 complete = False
             elif ib < 0:  # the relaxed split is a split: the best below this node
@@ -522,43 +568,43 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
                     y_best[:, :] = x
             else:
                 first = 0
+                usable = 0
                 for k in range(hold_ptr[ib], hold_ptr[ib + 1]):
                     if y[ib, hold_rank[k]] > 0:
                         first |= 1 << (k - hold_ptr[ib])
+                    if not off[k]:
+                        usable |= 1 << (k - hold_ptr[ib])
                 stack_i[depth] = ib
                 stack_first[depth] = first
                 stack_next[depth] = 1
-                stack_bound[depth] = bound
-                if depth < kept:
-                    stack_y[depth] = y
-                    stack_load[depth] = load
+                stack_usable[depth] = usable
+                stack_pieces[depth] = pieces[ib]
                 mask[ib] = first
                 depth += 1
                 if nodes >= max_nodes:
                     return t_best, nodes, False
-                bound = _child(y, load, bound, ib, first, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx, o_u, off, ws,
-                               t_best)
+                bound = _relaxation(mask, t_best - 1, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx,
+                                    o_u, off, y, load, ws, base, pieces, taken, t_best)
                 descend = True
         if not descend:  # the next sibling of the deepest expert with sets left, else up
             while depth > 0:
                 d = depth - 1
                 i = stack_i[d]
                 s = stack_next[d]
-                if s == stack_first[d]:
+                end = 1 << (hold_ptr[i + 1] - hold_ptr[i])
+                # sets with a holder unusable at the branching node, or fewer copies than the
+                # tokens need there, have no split at most the incumbent less one (nor later,
+                # with a lower incumbent)
+                while s < end and (s == stack_first[d] or s & ~stack_usable[d] != 0
+                                   or _popcount(s) < stack_pieces[d]):
                     s += 1
-                if s < (1 << (hold_ptr[i + 1] - hold_ptr[i])):
+                if s < end:
                     if nodes >= max_nodes:  # the budget is spent with nodes left
                         return t_best, nodes, False
                     mask[i] = s
                     stack_next[d] = s + 1
-                    if d < kept:
-                        y[:, :] = stack_y[d]
-                        load[:] = stack_load[d]
-                        bound = _child(y, load, stack_bound[d], i, s, mask, tot, hold_ptr, hold_rank, on_ptr, on_idx,
-                                       o_u, off, ws, t_best)
-                    else:
-                        bound = _relaxation(mask, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u,
-                                            off, y, load, ws, t_best)
+                    bound = _relaxation(mask, t_best - 1, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
+                                        on_idx, o_u, off, y, load, ws, base, pieces, taken, t_best)
                     break
                 mask[i] = 0
                 depth -= 1
@@ -568,11 +614,13 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
 
 # the active-set search prices at most ACTIVE_SET_FIRST_EVALS splits (about 1 us each at E 128,
 # EP 8) before the branch and bound, from the local search's split (a better incumbent: the search
-# prunes more), and max(ACTIVE_SET_EVALS, ranks // 2) after a branch and bound that did not end
+# prunes more), and 2 x max(ACTIVE_SET_EVALS, ranks) after a branch and bound that did not end
 # (each move relieves one group of slowest ranks, and there are more of those with more ranks).
 # On generated resident steps (3 x 240 at E 512, EP 32) the first search brought the steps more
-# than 0.5% above the optimum from 29 to 15 with the 16 splits after; at E 128, EP 8 (2 x 240)
-# none before or after, with a node budget of 4/5 of the former one
+# than 0.5% above the optimum from 29 to 15 (with ranks // 2 splits after; at E 128, EP 8, 2 x 240,
+# none before or after). With the branch and bound's bound at a target, 64 splits after instead of
+# 16 took them from 4 to 1 at E 512 (16 instead of 8 at E 128: the worst step 0.35% instead of
+# 0.49%, about 3 us more at the median)
 ACTIVE_SET_FIRST_EVALS = 4
 ACTIVE_SET_EVALS = 8
 MAX_SET_HOLDERS = 62  # an active set is a bit set of an expert's holders (int64; shifts stay below the sign bit)
@@ -615,8 +663,9 @@ def _with_set(y, load, i, old, new, mask, tot, fixed, fixed_active, hold_ptr, ho
     the sets before: ``i``'s tokens leave its copies, each copy out of the set stops paying
     ``o_u`` and each new one starts, its tokens start on the set's least-loaded rank, and the
     token split is re-solved from a lower bound (the mean, or the largest work no split moves).
-    The same value as :func:`_relaxation` of ``mask`` (both exact), for a few pushes instead of a
-    split from scratch. Returns the slowest rank, or a lower bound of it at ``cutoff``."""
+    The same value as :func:`_relaxation` of ``mask`` at an unbounded target (both exact), for a
+    few pushes instead of a split from scratch. Returns the slowest rank, or a lower bound of it at
+    ``cutoff``."""
     ep = load.shape[0]
     y2[:, :] = y
     load2[:] = load
@@ -680,8 +729,8 @@ def active_set_search(y_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_
     tried = np.zeros(m, np.int64)  # the round in which an expert's added copies were priced
     it = 0
     big = np.iinfo(np.int64).max
-    # the start: y_best's split re-solved within its own sets (the same value as _relaxation of
-    # them, from a split already near it)
+    # the start: y_best's split re-solved within its own sets (the same value as _relaxation of them
+    # at an unbounded target, from a split already near it)
     for r in range(ep):
         load[r] = fixed[r] + o_u * fixed_active[r]
     for i in range(m):
@@ -851,7 +900,7 @@ def _search_from(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold
     ``bound`` (or ``max_nodes`` is 0), :func:`active_set_search` from it (at most
     ``ACTIVE_SET_FIRST_EVALS`` splits), then the branch and bound from the better of the two; a
     search stopped early has its best split improved by the active-set search again (at most
-    ``max(ACTIVE_SET_EVALS, ranks // 2)`` splits). Each active-set search's split is polished by
+    ``2 max(ACTIVE_SET_EVALS, ranks)`` splits). Each active-set search's split is polished by
     the local search's moves (its leaves are exact splits of their active sets, not of the moves
     between them)."""
     if best_t <= bound or max_nodes <= 0:
@@ -864,7 +913,7 @@ def _search_from(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold
                                           on_idx, o_u, max_nodes)
     if not complete:
         best_y, best_t = _improved_sets(best_y, best_t, bound, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr,
-                                        on_idx, o_u, max(ACTIVE_SET_EVALS, fixed.shape[0] // 2))
+                                        on_idx, o_u, 2 * max(ACTIVE_SET_EVALS, fixed.shape[0]))
     return best_y, best_t, nodes, complete
 
 
