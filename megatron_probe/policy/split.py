@@ -138,7 +138,7 @@ _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 # the time split's branch and bound stops after search_node_budget(copies, ranks) node bounds: SEARCH_WORK
 # // (copies + ranks) (a node costs about that much work) gives about 30 nodes at E 128, EP 8 (the
 # whole time split 65-68 us per layer at the median on 2 x 240 saved generated steps, this
-# project's 2-core x86 CPU; 1,600 gave 40 nodes, the same worst step and 74-78 us), but 6-20 at E 512,
+# project's 2-core x86 CPU; 1,600 gave 40 nodes, the same worst step and 74-78 us), but 12-13 at E 512,
 # EP 32: too few for one dive to a leaf, which can branch on up to ranks - 1 split experts (an
 # optimal split whose experts and ranks form a forest exists), so at least two nodes per rank (64
 # there, where the greedy split it replaces takes 550 us); the best split found is kept

@@ -377,10 +377,11 @@ def _relaxation(mask, T, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, 
     can use a holder only where a piece of at least one token and its ``o_u`` fit under ``T`` on
     top of ``base`` (``off`` filled here, with the decided experts' unused copies), so it needs at
     least ``pieces[i]`` copies (the fewest whose room, largest first, holds its tokens); it carries
-    its tokens plus ``pieces[i] o_u`` over its usable holders (a split over copies ``S`` pays
-    ``o_u |S|``, and on copy ``r`` at least ``o_u x_r / tot``: spreading the ``o_u`` with the
-    tokens bounds every such split from below; with ``T`` unbounded, one ``o_u`` and every
-    holder: the LP relaxation of the time MILP). The exact token split of these amounts over the
+    its tokens plus ``pieces[i] o_u`` over its usable holders (a split over copies ``S`` puts
+    ``x_r + o_u`` on each copy of ``S``, in all its tokens plus ``|S| o_u`` >= ``pieces[i] o_u``:
+    those amounts, scaled down to the carried total, are a relaxed placement no heavier on any
+    rank, so the relaxation bounds every such split from below; with ``T`` unbounded, one ``o_u``
+    and every holder: the LP relaxation of the time MILP). The exact token split of these amounts over the
     usable copies is the bound: its slowest rank; ``BIG`` when an open expert's tokens fit on no
     set of its holders (no split at most ``T`` here). Built from scratch, every expert first on
     its least-loaded usable holder: warm-started from a parent's split, the same bound comes with
@@ -409,11 +410,11 @@ def _relaxation(mask, T, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, 
             continue
         room = 0
         for k in range(hold_ptr[i], hold_ptr[i + 1]):
-            cap = T - base[hold_rank[k]] - o_u
+            cap = T - base[hold_rank[k]] - o_u  # the most tokens a piece on this copy can take
             taken[k] = False
             if cap < 1:
                 off[k] = True
-            else:
+            elif room < tot[i]:  # (summed only up to the tokens: no overflow at a huge T)
                 room += cap
         if room < tot[i]:
             return BIG
@@ -423,6 +424,8 @@ def _relaxation(mask, T, tot, fixed, fixed_active, hold_ptr, hold_rank, on_ptr, 
             for k in range(hold_ptr[i], hold_ptr[i + 1]):
                 if not off[k] and not taken[k] and (bk < 0 or base[hold_rank[k]] < base[hold_rank[bk]]):
                     bk = k
+            if bk < 0:  # (cannot happen: the rooms above hold the tokens)
+                return BIG
             taken[bk] = True
             need -= T - base[hold_rank[bk]] - o_u
             pieces[i] += 1
