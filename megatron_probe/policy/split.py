@@ -45,8 +45,8 @@ falls); a node whose relaxed split leaves every undecided expert on one copy is 
 below it. It branches on the most constrained undecided expert (the fewest usable holders; ties:
 the farthest from unsplit), one child per set of usable holders with at least its fewest pieces,
 and prunes at the best split found. A search
-that ends is exact (in token units); it is stopped after :func:`search_node_budget` node bounds (about
-30 at E = 128, EP = 8; 64 at E = 512, EP = 32), keeping the best split found, improved by
+that ends is exact (in token units); it is stopped after :func:`search_node_budget` node bounds (35-52
+at E = 128, EP = 8; 64 at E = 512, EP = 32), keeping the best split found, improved by
 the local search over the active sets again (add a copy of an expert that a slowest rank's group
 computes, or drop that group's copy of it, each such set priced by its exact split, the best
 kept while it lowers the slowest time or the number of ranks at it; at most
@@ -136,9 +136,9 @@ class _Holds:
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
 # the time split's branch and bound stops after search_node_budget(copies, ranks) node bounds: SEARCH_WORK
-# // (copies + ranks) (a node costs about that much work) gives about 30 nodes at E 128, EP 8 (the
+# // (copies + ranks) (a node costs about that much work) gives 35-52 nodes at E 128, EP 8 (the
 # whole time split 65-68 us per layer at the median on 2 x 240 saved generated steps, this
-# project's 2-core x86 CPU; 1,600 gave 40 nodes, the same worst step and 74-78 us), but 12-13 at E 512,
+# project's 2-core x86 CPU; 1,600 gave 47-69, the same worst step and 74-78 us), but 12-19 at E 512,
 # EP 32: too few for one dive to a leaf, which can branch on up to ranks - 1 split experts (an
 # optimal split whose experts and ranks form a forest exists), so at least two nodes per rank (64
 # there, where the greedy split it replaces takes 550 us); the best split found is kept
