@@ -293,7 +293,8 @@ def test_time_search_finds_the_optimum_one_below_its_incumbent():
     one token unit above the optimum (with no split of it), an unbounded search ends complete and
     returns the optimum, and its split has that time; from the optimum itself it ends complete
     without a faster split. Off-by-one errors in the bound at a target (a holder kept out one
-    token too early, the target one unit too low) make it miss the optimum here."""
+    token too early, the target one unit too low) make it miss the optimum here. The search's
+    rounding of a relaxed split is a valid split of the time it reports."""
     from megatron_probe.policy import split_kernels as K
 
     rng = np.random.default_rng(7)
@@ -318,6 +319,18 @@ def test_time_search_finds_the_optimum_one_below_its_incumbent():
         t2, _, complete2 = K.time_search(np.zeros((m, ep), np.int64), opt, *args, 10 ** 6)
         assert complete2 and t2 == opt
         found += nodes > 1
+        # the search's rounding of the root relaxation: a valid split whose reported time is its own
+        nk = len(hold_rank)
+        yr, load = np.zeros((m, ep), np.int64), np.zeros(ep, np.int64)
+        K._relaxation(np.zeros(m, np.int64), K.BIG // 2, *args[:7], o_u, np.zeros(nk, np.bool_), yr, load,
+                      np.zeros((5, ep), np.int64), np.zeros(ep, np.int64), np.zeros(m, np.int64), np.zeros(nk, np.bool_),
+                      K.BIG)
+        y2 = np.zeros((m, ep), np.int64)
+        t3 = K._rounded(yr, np.zeros(m, np.int64), K.BIG, *args, np.zeros((5, ep), np.int64), np.zeros(nk, np.bool_),
+                        np.zeros(m, np.int64), np.zeros(nk, np.bool_), y2, np.zeros(ep, np.int64),
+                        np.zeros(ep, np.int64), np.zeros(m, np.int64))
+        assert (y2.sum(1) == tot).all() and (y2 >= 0).all()
+        assert int(_unit_times_of(y2, holders, fixed, fixed_active, o_u).max()) == t3 >= opt
     assert found > 50  # most cases need the search, not only its root
 
 

@@ -44,8 +44,10 @@ unbounded: the LP relaxation of the time MILP; the target makes it tighter as th
 falls); a node whose relaxed split leaves every undecided expert on one copy is a split, the best
 below it. It branches on the most constrained undecided expert (the fewest usable holders; ties:
 the farthest from unsplit), one child per set of usable holders with at least its fewest pieces,
-and prunes at the best split found. A search
-that ends is exact (in token units); it is stopped after :func:`search_node_budget` node bounds (35-52
+and prunes at the best split found; at every second branching node it rounds the relaxed split
+(each undecided expert active on the copies its relaxed amount uses, the exact split of those
+sets) for a better incumbent. A search
+that ends is exact (in token units); it is stopped after :func:`search_node_budget` node bounds (29-43
 at E = 128, EP = 8; 64 at E = 512, EP = 32), keeping the best split found, improved by
 the local search over the active sets again (add a copy of an expert that a slowest rank's group
 computes, or drop that group's copy of it, each such set priced by its exact split, the best
@@ -136,14 +138,15 @@ class _Holds:
 _HOLDS_CACHE: "dict[tuple, _Holds]" = {}
 
 # the time split's branch and bound stops after search_node_budget(copies, ranks) node bounds: SEARCH_WORK
-# // (copies + ranks) (a node costs about that much work) gives 35-52 nodes at E 128, EP 8 (the
-# whole time split 65-68 us per layer at the median on 2 x 240 saved generated steps, this
-# project's 2-core x86 CPU; 1,600 gave 47-69, the same worst step and 74-78 us), but 12-19 at E 512,
+# // (copies + ranks) (a node costs about that much work) gives 29-43 nodes at E 128, EP 8 on saved
+# generated resident steps (the whole time split 66-67 us per layer at the median on 2 x 240 of
+# them, this project's 2-core x86 CPU, with the search's rounding every second node; 1,200 without
+# it: 35-52 nodes, 65-68 us; 1,600: 47-69 nodes, 74-78 us, the same worst step), but 10-16 at E 512,
 # EP 32: too few for one dive to a leaf, which can branch on up to ranks - 1 split experts (an
 # optimal split whose experts and ranks form a forest exists), so at least two nodes per rank (64
 # there, where the greedy split it replaces takes 550 us); the best split found is kept
 # (docs/balancer.md: how far that is from the optimum where the search stops)
-SEARCH_WORK = 1200
+SEARCH_WORK = 1000
 SEARCH_NODES_PER_RANK = 2
 
 
