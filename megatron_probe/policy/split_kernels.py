@@ -512,11 +512,19 @@ def _rounded(y, mask, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, on_
     for i in range(m):
         for k in range(hold_ptr[i], hold_ptr[i + 1]):
             tokens[hold_rank[k]] += y2[i, hold_rank[k]]
-    t = unit_times(y2, tokens, fixed_active, hold_ptr, hold_rank, o_u).max()
+    return _polished_if_faster(y2, tokens, t_best, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u)
+
+
+@njit(cache=True)
+def _polished_if_faster(x, tokens, t_best, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u):
+    """The slowest time (token units) of the split ``x`` (``tokens``: its tokens per rank), after
+    the local search's moves, applied to ``x`` in place, when it beats ``t_best`` (a split exact for
+    its active sets can still gain from moves between them)."""
+    t = unit_times(x, tokens, fixed_active, hold_ptr, hold_rank, o_u).max()
     if t < t_best:
-        x, t2 = _local_search(y2, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, 0, 64)
+        x2, t2 = _local_search(x, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, 0, 64)
         if t2 < t:
-            y2[:, :] = x
+            x[:, :] = x2
             return t2
     return t
 
@@ -605,12 +613,8 @@ def time_search(y_best, t_best, tot, fixed, fixed_active, hold_ptr, hold_rank, o
                             v = tot[i]
                         x[i, r] = v
                         tokens[r] += v
-                t = unit_times(x, tokens, fixed_active, hold_ptr, hold_rank, o_u).max()
-                if t < t_best:  # polished by the local search's moves (a leaf is exact for its sets only)
-                    x2, t2 = _local_search(x, tokens, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u, 0, 64)
-                    if t2 < t:
-                        x[:, :] = x2
-                        t = t2
+                t = _polished_if_faster(x, tokens, t_best, fixed_active, hold_ptr, hold_rank, on_ptr, on_idx, o_u)
+                if t < t_best:
                     t_best = t
                     y_best[:, :] = x
             else:
