@@ -9,12 +9,14 @@ because some limits (how many replica slots make sense) depend on the model.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
 EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop", "fp8")
 ASSIGNMENT_POLICIES = ("locality_even",)
 REPLICA_MODES = ("streamed", "resident", "auto")
+DISPATCH_SPLITS = ("time", "tokens", "tokens_device")
 LAYER0_COUNTS = ("previous", "predict")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -85,6 +87,13 @@ class ProbeConfig:
             all (off: static placement); suspend copies during every All-to-All (off: copies run
             through them); re-assign tokens on the true counts at dispatch (off: the default
             locality-first even split over the copies that arrived).
+        dispatch_split: the re-assignment's split of the true counts over the copies that exist
+            (``pipeline_reassign``; every rank computes the same). ``time``: the cost model's time
+            objective on the host (``policy.split``: exact token split, local search and bounded
+            branch and bound over the active copies). ``tokens``: the exact min-max token split on
+            the host. ``tokens_device``: the same exact token split as one Triton launch on the
+            counts' device, no host synchronisation of its own (``policy.split_triton``; needs
+            triton, and on CPU ``TRITON_INTERPRET=1``, where it is slow: for tests).
         hardware_profile: cost-model profile the planner uses (a preset name or a JSON file).
         copy_charge_us: time one replica copy costs *each* of its two ranks beyond what overlap
             hides (0: copies are free inside the slot budget, as PROBE assumes for GPUs with copy
@@ -152,6 +161,7 @@ class ProbeConfig:
     pipeline_plan: bool = True
     pipeline_phase_lock: bool = True
     pipeline_reassign: bool = True
+    dispatch_split: str = "time"
     hardware_profile: str = "h200-sxm"
     copy_charge_us: float = 0.0
     cost_gate: bool = True
@@ -232,6 +242,11 @@ class ProbeConfig:
             raise ValueError(f"layer0_counts={self.layer0_counts!r} is not one of {LAYER0_COUNTS}")
         if self.replica_mode not in REPLICA_MODES:
             raise ValueError(f"replica_mode={self.replica_mode!r} is not one of {REPLICA_MODES}")
+        if self.dispatch_split not in DISPATCH_SPLITS:
+            raise ValueError(f"dispatch_split={self.dispatch_split!r} is not one of {DISPATCH_SPLITS}")
+        if self.dispatch_split == "tokens_device" and importlib.util.find_spec("triton") is None:
+            raise ValueError("dispatch_split='tokens_device' needs triton (pip install triton); valid without it: "
+                             "'time' or 'tokens'")
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
                 f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}"

@@ -3,7 +3,9 @@
 PROBE planner on the GPU (CUDA events), eagerly and captured in a CUDA graph (possible only
 because the planner makes no host synchronisation), checking the GPU plan equals the host plan:
 the tensor-op planner and the fused Triton planner (``policy/planner_triton.py``), at E 128/256
-and EP 8/32. On CPU the Triton planner runs only under ``TRITON_INTERPRET=1``.
+and EP 8/32; and the exact token split on the device (``policy/split_triton.py``) over each
+plan's placement, eagerly and as a CUDA graph, checked against the host split's optimum. On CPU
+the Triton kernels run only under ``TRITON_INTERPRET=1``.
 
   python tools/gpu_check_planner.py --out results/gpu_planner
 """
@@ -70,6 +72,7 @@ def main():
                 row.update(_graph_row("triton_", tri, c_dev, host, dev))
         except Exception as ex:  # report, do not hide
             row["triton_error"] = f"{type(ex).__name__}: {ex}"[:300]
+        row.update(_token_split_row(counts, host[0], lay, dev))
         t0 = rank_times(static_assignment(counts, lay), cost)
         t1 = rank_times(host[1], cost)
         row["ir_time_static"] = round(imbalance_ratio(t0), 3)
@@ -80,27 +83,62 @@ def main():
     with open(os.path.join(a.out, "gpu_planner.json"), "w") as f:
         json.dump(report, f, indent=1)
     ok = all(r["gpu_equals_host"] and r.get("graph_equals_host", True) and r.get("triton_equals_host", False)
-             and r.get("triton_graph_equals_host", True) for r in rows)
-    print("all plans equal the host plan:", ok)
+             and r.get("triton_graph_equals_host", True) and r.get("token_split_optimal", False)
+             and r.get("token_split_graph_equal", True) for r in rows)
+    print("all plans equal the host plan, every device token split optimal:", ok)
     return 0 if ok else 1
+
+
+def _token_split_row(counts, placement, lay, dev):
+    """The exact token split on the device (``policy/split_triton.py``) over the host plan's
+    placement: whether it converged to the host split's optimum, its eager time and, on a GPU, its
+    CUDA-graph replay (equal to the eager split) and time; or the error."""
+    from megatron_probe.policy.split import placement_split
+    from megatron_probe.policy.split_triton import placement_token_split_device
+
+    out = {}
+    try:
+        want = int(placement_split(counts, placement, lay, "tokens").sum((0, 1)).max())
+        c_dev, pl_dev = counts.to(dev), placement.to(dev)
+        split = lambda x: placement_token_split_device(x, pl_dev, lay)  # noqa: E731
+        A, state = split(c_dev)
+        state = state.cpu().tolist()
+        out["token_split_optimal"] = bool(state[0] == 1 and state[2] == want
+                                          and torch.equal(A.sum(2).cpu(), counts))
+        out["token_split_rounds"] = state[1]
+        out["token_split_eager_us_median"] = round(time_us(lambda: split(c_dev), dev, reps=30, warmup=3), 1)
+        if dev.type == "cuda":
+            graph, (g_A, g_state) = _captured(split, c_dev)
+            out["token_split_graph_equal"] = bool(torch.equal(g_A, A) and g_state.cpu().tolist() == state)
+            out["token_split_graph_us_median"] = round(time_us(graph.replay, dev, reps=30, warmup=0), 1)
+    except Exception as ex:  # report, do not hide
+        out["token_split_error"] = f"{type(ex).__name__}: {ex}"[:300]
+    return out
+
+
+def _captured(fn, counts):
+    """``(graph, outputs)``: ``fn`` on a copy of ``counts`` captured in a CUDA graph (warmed up on
+    a side stream), replayed once."""
+    static_in = counts.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(static_in)
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, outputs
 
 
 def _graph_row(prefix, plan, counts, host, dev):
     """``plan(counts)`` captured in a CUDA graph (warmed up on a side stream): whether its replay
     equals the host plan, and its median replay time; or the error."""
     try:
-        static_in = counts.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                plan(static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            g_pl, g_A = plan(static_in)
-        graph.replay()
-        torch.cuda.synchronize()
+        graph, (g_pl, g_A) = _captured(plan, counts)
         return {f"{prefix}graph_equals_host": bool(torch.equal(g_pl.cpu(), host[0]) and torch.equal(g_A.cpu(), host[1])),
                 f"{prefix}graph_us_median": round(time_us(graph.replay, dev, reps=30, warmup=0), 1)}
     except Exception as ex:  # report, do not hide
