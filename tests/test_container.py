@@ -275,6 +275,16 @@ def test_nsys_command_captures_probe_step_ranges(tool):
     assert tool.build_parser().parse_args(flags).max_steps is None
 
 
+def test_nvtx_stage_colors_need_no_matplotlib():
+    """Every stage colour is one the nvtx package knows itself (others need matplotlib, which the
+    container does not install: the range would raise)."""
+    from megatron_probe.mechanism import profiling
+
+    builtin = {"green", "blue", "yellow", "purple", "rapids", "cyan", "red", "white", "darkgreen", "orange"}
+    assert set(profiling._COLORS.values()) <= builtin, set(profiling._COLORS.values()) - builtin
+    assert set(profiling._COLORS) == set(profiling.STAGES)
+
+
 def test_nsys_capture_name_matches_the_ranges_the_code_opens(monkeypatch):
     """The capture trigger is the name and domain nvtx_range gives the serving loop's step range."""
     from megatron_probe.mechanism import profiling

@@ -487,9 +487,24 @@ def pipeline_streamed_reload(rank, ws):
 def pipeline_dispatch_split(rank, ws, split):
     """``ProbeConfig.dispatch_split`` ``tokens`` (host) and ``tokens_device`` (the Triton kernel,
     here under its interpreter): the output equals the plain model's, and every layer that
-    re-assigned used an exact token split (its slowest rank equals the host optimum)."""
+    re-assigned used an exact token split (its slowest rank equals the host optimum). The control
+    path's stages open their NVTX ranges (recorded through a stand-in for the nvtx module)."""
     from megatron_probe import ProbeConfig
     from megatron_probe.experiments.tiny_moe import forward_logits
+    from megatron_probe.mechanism import profiling
+
+    ranges = set()
+
+    class RecordingNvtx:
+        @staticmethod
+        def push_range(message, color=None, domain=None):
+            ranges.add(message)
+
+        @staticmethod
+        def pop_range(domain=None):
+            pass
+
+    profiling._nvtx = RecordingNvtx
     from megatron_probe.policy.cost_model import ExpertCost
     from megatron_probe.policy.split import placement_split
     from megatron_probe.runtime.model_walk import moe_layers
@@ -516,6 +531,9 @@ def pipeline_dispatch_split(rank, ws, split):
             pipe.end_step()
     pipe.close()
     assert checked > 0, (rank, split)  # replicas existed and the configured split placed tokens
+    want = {"probe.plan", "probe.prefetch.phase1", "probe.agree", "probe.wait", "probe.split", "probe.dispatch",
+            "probe.experts", "probe.combine", "probe.metrics", "probe.end_step"}
+    assert want <= ranges, (rank, sorted(want - ranges))
 
 
 @pytest.mark.parametrize("split", ["tokens", "tokens_device"])

@@ -15,9 +15,11 @@ try:
 except ImportError:  # optional: profiling only
     _nvtx = None
 
-STAGES = ("predict", "plan", "prefetch.phase1", "prefetch.phase2", "wait", "counts", "dispatch", "experts", "combine")
+STAGES = ("predict", "plan", "prefetch.phase1", "prefetch.phase2", "agree", "wait", "counts", "split", "dispatch",
+          "experts", "combine", "metrics")
 _COLORS = {"predict": "purple", "plan": "yellow", "prefetch.phase1": "green", "prefetch.phase2": "green",
-           "wait": "red", "counts": "blue", "dispatch": "blue", "experts": "orange", "combine": "cyan"}
+           "agree": "red", "wait": "red", "counts": "blue", "split": "yellow", "dispatch": "blue", "experts": "orange",
+           "combine": "cyan", "metrics": "darkgreen"}  # nvtx's own names: no matplotlib needed
 
 
 class nvtx_range:

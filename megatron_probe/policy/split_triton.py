@@ -142,7 +142,8 @@ def _kernel():
             M = tl.where(closed, tl.maximum(M, (s + n - 1) // n), M)
             rounds += 1
         tl.store(y_ptr + offs_e[:, None] * ep + offs_r[None, :], Y, mask=m2)
-        tl.store(state_ptr + 0, done.to(tl.int64))
+        # optimal when no rank is above M (also when the last round allowed got there)
+        tl.store(state_ptr + 0, (tl.max(tl.where(rmask, load, -BIG)) <= M).to(tl.int64))
         tl.store(state_ptr + 1, rounds.to(tl.int64))
         tl.store(state_ptr + 2, tl.max(tl.where(rmask, load, -BIG)))
 

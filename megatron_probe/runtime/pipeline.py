@@ -618,10 +618,11 @@ class LookaheadPipeline:
         plan = self._plans.pop(layer, None)
         row = self.metrics.new_row(self.step, layer, 0 if plan is None else plan.invalid)
         t0 = time.perf_counter()
-        if self.mode == "resident":
-            placement = self._resident_placement(layer, plan, row)
-        else:
-            placement = self._streamed_placement(layer, plan, row)
+        with nvtx_range("agree"):
+            if self.mode == "resident":
+                placement = self._resident_placement(layer, plan, row)
+            else:
+                placement = self._streamed_placement(layer, plan, row)
         self._charge(layer, "agree_us", t0)
         row["fallbacks"] = row["dropped"] + row["invalid"]  # planned replicas not used: tokens stayed home
         dispatcher.set_placement(placement)
@@ -638,9 +639,10 @@ class LookaheadPipeline:
         launch on the counts' device)."""
         t0 = time.perf_counter()
         try:
-            if self.cfg.dispatch_split == "tokens_device":
-                return placement_token_split_device(counts, placement.to(counts.device), layout)[0]
-            return placement_split(counts, placement, layout, self.cfg.dispatch_split, self.cost)
+            with nvtx_range("split"):
+                if self.cfg.dispatch_split == "tokens_device":
+                    return placement_token_split_device(counts, placement.to(counts.device), layout)[0]
+                return placement_split(counts, placement, layout, self.cfg.dispatch_split, self.cost)
         finally:
             self._charge(self._split_layer, "split_us", t0)
 
@@ -768,14 +770,20 @@ class LookaheadPipeline:
         self._static_ir[layer] = self._static_imbalance(counts)
         row["ir_before"] = round(self._static_ir[layer], 4)
         t0 = time.perf_counter()
+        with nvtx_range("metrics"):
+            self._observe_layer(layer, row, counts, dispatcher)
+        self._charge(layer, "metrics_us", t0)
+        row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
+
+    def _observe_layer(self, layer: int, row: Dict, counts: torch.Tensor, dispatcher) -> None:
+        """The layer's true counts to its resident planner and forecaster, and its balance after
+        the split (``ir_after``, ``time_vs_static``) into ``row``."""
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
         if self.forecaster is not None:
             self.forecaster.observe_true(layer, counts)
         if dispatcher.slots_in_use == self.layout.num_local_experts:  # no replica: the static split
             row.update(ir_after=row["ir_before"], time_vs_static=1.0)
-            self._charge(layer, "metrics_us", t0)
-            row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
             return
         # NumPy on the host tensors (views, no copy): a few microseconds where torch takes tens
         on = dispatcher.last_assignment.numpy().sum(0)  # [E, ep]: what each rank computed of each expert
@@ -786,8 +794,6 @@ class LookaheadPipeline:
         static_us = float((c * total.sum(1) + o * (total > 0).sum(1)).max())
         used_us = float((c * used + o * (on > 0).sum(0)).max())
         row["time_vs_static"] = round(used_us / static_us, 4) if static_us > 0 else 1.0
-        self._charge(layer, "metrics_us", t0)
-        row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
 
     # ------------------------------------------------------------------ steps
     def end_step(self) -> List[Dict]:
