@@ -9,14 +9,13 @@ because some limits (how many replica slots make sense) depend on the model.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
 EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop", "fp8")
 ASSIGNMENT_POLICIES = ("locality_even",)
 REPLICA_MODES = ("streamed", "resident", "auto")
-DISPATCH_SPLITS = ("time", "tokens", "tokens_device")
+DISPATCH_SPLITS = ("time", "tokens")
 LAYER0_COUNTS = ("previous", "predict")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -91,9 +90,9 @@ class ProbeConfig:
             (``pipeline_reassign``; every rank computes the same). ``time``: the cost model's time
             objective on the host (``policy.split``: exact token split, local search and bounded
             branch and bound over the active copies). ``tokens``: the exact min-max token split on
-            the host. ``tokens_device``: the same exact token split as one Triton launch on the
-            counts' device, no host synchronisation of its own (``policy.split_triton``; needs
-            triton, and on CPU ``TRITON_INTERPRET=1``, where it is slow: for tests).
+            the host. (The dispatcher gathers the counts to the host for the All-to-All's split
+            sizes, so the same split on the device, ``policy.split_triton``, waits for the
+            device-resident control path.)
         hardware_profile: cost-model profile the planner uses (a preset name or a JSON file).
         copy_charge_us: time one replica copy costs *each* of its two ranks beyond what overlap
             hides (0: copies are free inside the slot budget, as PROBE assumes for GPUs with copy
@@ -244,9 +243,6 @@ class ProbeConfig:
             raise ValueError(f"replica_mode={self.replica_mode!r} is not one of {REPLICA_MODES}")
         if self.dispatch_split not in DISPATCH_SPLITS:
             raise ValueError(f"dispatch_split={self.dispatch_split!r} is not one of {DISPATCH_SPLITS}")
-        if self.dispatch_split == "tokens_device" and importlib.util.find_spec("triton") is None:
-            raise ValueError("dispatch_split='tokens_device' needs triton (pip install triton); valid without it: "
-                             "'time' or 'tokens'")
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
                 f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}"

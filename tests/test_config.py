@@ -46,18 +46,12 @@ def test_unknown_backend_and_policy():
         ProbeConfig(assignment_policy="greedy")
 
 
-def test_dispatch_split_choices(monkeypatch):
+def test_dispatch_split_choices():
     assert ProbeConfig().dispatch_split == "time"
     for v in ("time", "tokens"):
         ProbeConfig(dispatch_split=v)
-    with pytest.raises(ValueError, match=r"dispatch_split='exact' is not one of \('time', 'tokens', 'tokens_device'\)"):
+    with pytest.raises(ValueError, match=r"dispatch_split='exact' is not one of \('time', 'tokens'\)"):
         ProbeConfig(dispatch_split="exact")
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
-    with pytest.raises(ValueError, match="dispatch_split='tokens_device' needs triton"):
-        ProbeConfig(dispatch_split="tokens_device")
 
 
 def test_pipeline_fault_and_export_options():

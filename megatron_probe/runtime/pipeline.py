@@ -35,7 +35,7 @@ Two replica modes (``ProbeConfig.replica_mode``, chosen once by :func:`choose_re
 
 In both modes the dispatch split is the balanced split of the true counts over the copies that
 exist (``policy.split.placement_split``, time objective; ``ProbeConfig.dispatch_split`` chooses
-the exact token split instead, on the host or on the counts' device), the same on every rank.
+the exact token split instead), the same on every rank.
 
 MoE layer 0 is forecast and planned at its transformer layer's input (phase 2 only). Dispatch
 always follows the true router; the placement only decides where each (token, expert) pair is
@@ -88,7 +88,6 @@ from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving
 from megatron_probe.policy.planner import load_kernels as load_planner_kernels, no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import load_kernels as load_split_kernels, placement_split
-from megatron_probe.policy.split_triton import placement_token_split_device
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
 from megatron_probe.runtime.lookahead import LookaheadRuntime
@@ -634,14 +633,11 @@ class LookaheadPipeline:
 
     def _split(self, counts: torch.Tensor, placement: torch.Tensor, layout) -> torch.Tensor:
         """The dispatch split on the true counts over the copies that exist, the same on every
-        rank: ``ProbeConfig.dispatch_split`` (the balanced split of ``policy.split``, by default on
-        the cost model's time objective; or the exact token split, on the host or as a Triton
-        launch on the counts' device)."""
+        rank: the balanced split of ``policy.split`` on ``ProbeConfig.dispatch_split``'s objective
+        (by default the cost model's time; or the exact token split)."""
         t0 = time.perf_counter()
         try:
             with nvtx_range("split"):
-                if self.cfg.dispatch_split == "tokens_device":
-                    return placement_token_split_device(counts, placement.to(counts.device), layout)[0]
                 return placement_split(counts, placement, layout, self.cfg.dispatch_split, self.cost)
         finally:
             self._charge(self._split_layer, "split_us", t0)
