@@ -87,7 +87,25 @@ def test_triton_planner_small_cases_and_bad_input():
         want = plan_probe_host(counts, layout, cost, **kw)
         got = plan_probe_triton(counts, layout, cost, **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (i, kw)
+    with pytest.raises(ValueError, match=r"split='time' is not one of \('greedy', 'tokens'\)"):
+        plan_probe_triton(torch.zeros(2, 4, dtype=torch.long), ExpertLayout(4, 2, 1), ExpertCost(0.1, 0.0), split="time")
     with pytest.raises(ValueError, match=r"counts \(2, 3\) != \[ep, E\] = \[2, 4\]"):
         plan_probe_triton(torch.zeros(2, 3, dtype=torch.long), ExpertLayout(4, 2, 1), ExpertCost(0.1, 0.0))
     with pytest.raises(ValueError, match="counts must be integer token counts, not torch.float32"):
         plan_probe_triton(torch.zeros(2, 4), ExpertLayout(4, 2, 1), ExpertCost(0.1, 0.0))
+
+
+def test_triton_planner_with_the_exact_token_split():
+    """``split="tokens"``: the host plan's slots, and the exact token split over them (the host
+    split's optimum, every token once) as the assignment; never more tokens on the busiest rank
+    than the greedy's own moves."""
+    from megatron_probe.policy.split import placement_split
+
+    for i in range(0, 60, 5):
+        counts, layout, cost, kw = _case(i)
+        want_slots, greedy = plan_probe_host(counts, layout, cost, **kw)
+        slots, got = plan_probe_triton(counts, layout, cost, split="tokens", **kw)
+        assert torch.equal(slots, want_slots), (i, kw)
+        assert torch.equal(got.sum(2), counts)
+        best = int(placement_split(counts, slots, layout, "tokens").sum((0, 1)).max())
+        assert int(got.sum((0, 1)).max()) == best <= int(greedy.sum((0, 1)).max()), (i, kw)
