@@ -243,7 +243,8 @@ def _bad_workload(tmp_path):
     (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3: must be >= 1 and divide the 2 processes"),
     (["--regime", "scaled", "--tensor-model-parallel-size", "2"], "the scaled regime replays MoE layers only"),
     (["--pipeline-model-parallel-size", "4"], "pipeline parallel size 4 does not divide the model's num_layers 6"),
-    (["--pipeline-model-parallel-size", "2", "--probe-predictor-state", "x.pt"], "the stages are not mapped onto it"),
+    (["--pipeline-model-parallel-size", "2", "--probe-predictor-state", "x.pt"],
+     "x.pt: no such file; expected a megatron_probe predictor state file"),  # read and checked under PP too
     (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size 2: the PROBE dispatcher takes expert TP"),
     (["--expert-tensor-parallel-size", "2", "--tensor-model-parallel-size", "2"],
      "--expert-tensor-parallel-size 2 with --data-parallel-size 1: Megatron's expert layout"),

@@ -326,9 +326,25 @@ def pipeline_stages(rank, ws):
     with torch.no_grad():
         refs = [forward(b) for b in batches]
     scale = max(float(r.abs().max()) for r in refs)
+    # a whole model's predictor warm start (4 MoE layers), mapped onto each stage's 2 layers
+    from megatron_probe.policy.predictor import PredictorSet
+    from megatron_probe.runtime.lookahead import router_spec
+
+    g = torch.Generator().manual_seed(42)  # the same file on every rank
+    routers = [(torch.randn(cfg.num_experts, cfg.hidden_size, generator=g), None, None) for _ in range(4)]
+    whole = PredictorSet.from_routers(routers, router_spec(moe_layers(model)[0].config), 8)
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    warm = os.path.join(tempfile.gettempdir(), f"probe_pp_warm_{os.getpid()}.pt")
+    whole.save(warm)
     pcfg = ProbeConfig(replica_slots_per_rank=2, predictor_hidden=8, transfer_chunk_mib=0.001, cost_gate=False,
-                       prefetch_deadline_ms=10_000.0)
-    pipe = LookaheadPipeline(model, pcfg, cost=ExpertCost(1.0, 0.0))
+                       prefetch_deadline_ms=10_000.0, predictor_state=warm)
+    pipe = LookaheadPipeline(model, pcfg, cost=ExpertCost(1.0, 0.0), stage_layers=(2 * stage, 4))
+    os.remove(warm)
+    loaded = pipe.runtime.predictors
+    assert torch.equal(loaded[1].fc2.weight, whole[2 * stage + 1].fc2.weight)  # the stage's share of the file
+    assert torch.equal(loaded[0].fc2.weight, whole[0].fc2.weight) == (stage == 0)  # stage 1's first: its own start
     assert dist.get_process_group_ranks(pipe.comms.data_group) == [2 * stage, 2 * stage + 1]
     max_abs = 0.0
     with torch.inference_mode():

@@ -83,6 +83,39 @@ def _set(seed=0, E=8, H=24, layers=3, D=16, wseed=0):
     return PredictorSet.from_routers(routers, RouterSpec(E, 2), D, layer0=True, seed=seed)
 
 
+def test_predictor_state_mapped_onto_pipeline_stages(tmp_path):
+    """A whole model's state (4 MoE layers) loads into the sets of two pipeline stages (2 layers
+    each, numbered from 0): every layer takes its whole-model weights, except stage 1's first
+    layer, which is forecast from the stage's input and keeps its own start; a stage that does not
+    fit the model, or a file for another layer count, is refused."""
+    gen = torch.Generator().manual_seed(3)
+    routers = [(torch.randn(8, 24, generator=gen), None, None) for _ in range(4)]
+    whole = PredictorSet.from_routers(routers, RouterSpec(8, 2), 16, layer0=True)
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.add_(torch.randn_like(p))
+    path = str(tmp_path / "pred.pt")
+    whole.save(path)
+    h = torch.randn(10, 24)
+    for stage in (0, 1):
+        part = PredictorSet.from_routers(routers[2 * stage:2 * stage + 2], RouterSpec(8, 2), 16, layer0=True, seed=9)
+        start = {L: part[L](h).clone() for L in part.layers}
+        part.load(path, first_layer=2 * stage, model_layers=4)
+        for L in part.layers:
+            if stage == 1 and L == 0:
+                assert torch.equal(part[L](h), start[L])  # its own start: another input than the file's layer 2
+            else:
+                assert torch.equal(part[L](h), whole[2 * stage + L](h)), (stage, L)
+    part = PredictorSet.from_routers(routers[2:], RouterSpec(8, 2), 16, layer0=True)
+    with pytest.raises(ValueError, match="a stage of 2 MoE layers from layer 3 does not fit a model of 4"):
+        part.load(path, first_layer=3, model_layers=4)
+    with pytest.raises(ValueError, match="num_layers is 4 there, 6 here"):
+        part.load(path, first_layer=2, model_layers=6)
+    with pytest.raises(ValueError, match="residual_hidden is 16 there, 8 here"):
+        PredictorSet.from_routers(routers[2:], RouterSpec(8, 2), 8, layer0=True).load(path, first_layer=2,
+                                                                                     model_layers=4)
+
+
 def test_predictor_state_round_trip_and_refusals(tmp_path):
     a = _set(seed=0)
     with torch.no_grad():

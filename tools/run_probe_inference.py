@@ -193,13 +193,9 @@ def validate(a, p):
         check_model_flags(cfg, expect, a.load)
         fields = probe_fields(a)
         fields.setdefault("replica_slots_per_rank", 3)
-        if a.pipeline_model_parallel_size > 1 and fields.get("predictor_state"):
-            raise ValueError(f"--probe-predictor-state with --pipeline-model-parallel-size "
-                             f"{a.pipeline_model_parallel_size}: a predictor state holds every layer's predictor and "
-                             "the stages are not mapped onto it yet; drop the flag (each stage then learns online)")
-        if ("predictor_state" not in fields and os.path.exists(default_predictor_path(a.load))
-                and a.pipeline_model_parallel_size == 1):
+        if "predictor_state" not in fields and os.path.exists(default_predictor_path(a.load)):
             fields["predictor_state"] = default_predictor_path(a.load)  # the warm start beside the checkpoint
+            # (under pipeline parallelism each stage takes its layers' share: build_predictors)
         pc = ProbeConfig(**fields)
         pc.validate_for_model(cfg.num_experts, a.expert_model_parallel_size, cfg.topk)
         check_tensor_parallel(cfg, a.tensor_model_parallel_size)

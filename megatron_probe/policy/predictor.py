@@ -262,16 +262,58 @@ class PredictorSet(nn.Module):
                     "state": {k: v.detach().cpu() for k, v in self.state_dict().items()},
                     "extra": extra or {}}, path)
 
-    def load(self, path: str) -> Dict:
+    def load(self, path: str, first_layer: int = 0, model_layers: Optional[int] = None) -> Dict:
         """Load residual weights saved by :meth:`save`; returns the saved ``extra``. Refuses a file
         that is not a predictor state (:func:`read_predictor_state`) and state from another model or
-        another predictor shape, naming what differs."""
+        another predictor shape, naming what differs.
+
+        A pipeline stage's set (``first_layer``, ``model_layers``: this set's layer ``L`` is layer
+        ``first_layer + L`` of a model of ``model_layers`` MoE layers) takes its layers' weights
+        from a whole model's file. Its first layer, forecast at the stage's input like layer 0, keeps
+        its own start where ``first_layer`` > 0: the file's predictor of that layer was distilled on
+        another input (the previous MoE layer's). The router fingerprint covers the whole model,
+        so the caller checks the file against it (the serving script does, before any worker)."""
+        if first_layer or (model_layers is not None and model_layers != self.num_layers):
+            return self._load_stage(path, first_layer, model_layers)
         blob = read_predictor_state(path)
         check_predictor_meta(blob, path, self.describe())
         try:
             self.load_state_dict(blob["state"])
         except RuntimeError as e:  # cannot happen after the checks above; named, should it ever
             raise ValueError(f"{path}: predictor state does not fit: {str(e).splitlines()[-1].strip()}") from None
+        return blob.get("extra", {})
+
+
+    def _load_stage(self, path: str, first_layer: int, model_layers: Optional[int]) -> Dict:
+        if model_layers is None or not (0 <= first_layer and first_layer + self.num_layers <= model_layers):
+            raise ValueError(f"a stage of {self.num_layers} MoE layers from layer {first_layer} does not fit a model "
+                             f"of {model_layers} MoE layers")
+        blob = read_predictor_state(path)
+        theirs, mine = blob["meta"], self.describe()
+        if theirs["num_layers"] != model_layers:
+            raise ff.InputFileError(f"{path}: predictor state is for another model or predictor shape: num_layers is "
+                                    f"{theirs['num_layers']} there, {model_layers} here (the whole model)")
+        for key in ("hidden_size", "router", "residual_hidden"):
+            if theirs.get(key) != mine[key]:
+                raise ff.InputFileError(f"{path}: predictor state is for another model or predictor shape: {key} is "
+                                        f"{theirs.get(key)!r} there, {mine[key]!r} here")
+        state = {}
+        for L in self.layers:
+            if L == 0 and first_layer > 0:
+                continue  # forecast from the stage's input: the file's predictor saw another input
+            g = first_layer + L
+            if g not in theirs["layers"]:
+                raise ff.InputFileError(f"{path}: predictor state has no predictor for MoE layer {g} (it has "
+                                        f"{theirs['layers']}); this stage needs layers {first_layer}.."
+                                        f"{first_layer + self.num_layers - 1}")
+            for part in ("fc1", "fc2"):
+                key = f"predictors.{g}.{part}.weight"
+                if key in blob["state"]:
+                    state[f"predictors.{L}.{part}.weight"] = blob["state"][key]
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not (k.startswith("predictors.0.") and first_layer > 0) for k in missing):
+            raise ValueError(f"{path}: predictor state does not fit this stage: missing {missing}, unexpected "
+                             f"{unexpected}")
         return blob.get("extra", {})
 
 

@@ -66,9 +66,12 @@ def _router_parts(router):
     return router.weight, getattr(router, "bias", None), eb
 
 
-def build_predictors(model, probe_config: ProbeConfig) -> PredictorSet:
+def build_predictors(model, probe_config: ProbeConfig, first_layer: int = 0,
+                     model_layers: Optional[int] = None) -> PredictorSet:
     """A predictor set for ``model`` (frozen copies of its routers, residual from the config,
-    warm-started from ``probe_config.predictor_state`` when given)."""
+    warm-started from ``probe_config.predictor_state`` when given). A pipeline stage passes where
+    its MoE layers sit in the whole model (``first_layer``, ``model_layers``): the warm start's
+    layers are mapped onto it (``PredictorSet.load``)."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model has no MoE layer to predict")
@@ -78,7 +81,7 @@ def build_predictors(model, probe_config: ProbeConfig) -> PredictorSet:
                                       probe_config.predictor_hidden, layer0=probe_config.predictor_layer0,
                                       logits_dtype=logits_dtype)
     if probe_config.predictor_state:
-        preds.load(probe_config.predictor_state)
+        preds.load(probe_config.predictor_state, first_layer, model_layers)
     return preds
 
 

@@ -71,7 +71,7 @@ import datetime
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -90,7 +90,7 @@ from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import load_kernels as load_split_kernels, placement_split
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
-from megatron_probe.runtime.lookahead import LookaheadRuntime
+from megatron_probe.runtime.lookahead import LookaheadRuntime, build_predictors
 from megatron_probe.runtime.model_walk import layer_holding, moe_layers
 from megatron_probe.runtime.pipeline_metrics import PipelineMetrics
 from megatron_probe.serving.wandb_logger import WandbLogger
@@ -287,13 +287,17 @@ def check_same_cost(cost: ExpertCost, group) -> None:
                          "identical inputs on every rank: average or broadcast a measured cost first")
 
 
-def default_forecaster(model, cfg: ProbeConfig, group) -> Optional[Forecaster]:
+def default_forecaster(model, cfg: ProbeConfig, group, stage_layers: Optional[Tuple[int, int]] = None
+                       ) -> Optional[Forecaster]:
     """The forecaster ``cfg`` asks for: none without planning, last step's counts without the
-    predictors (``pipeline_predict=False``), else the lookahead runtime."""
+    predictors (``pipeline_predict=False``), else the lookahead runtime (``stage_layers``: a
+    pipeline stage's first MoE layer and the whole model's MoE layers, for the warm start)."""
     if not cfg.pipeline_plan:
         return None
     if not cfg.pipeline_predict:
         return PreviousStepForecaster()
+    if stage_layers is not None:
+        return LookaheadRuntime(model, cfg, group, predictors=build_predictors(model, cfg, *stage_layers))
     return LookaheadRuntime(model, cfg, group)
 
 
@@ -304,12 +308,16 @@ class LookaheadPipeline:
     JSON lines; ``events_path`` (default: beside ``metrics_path``, ``<stem>.events.jsonl``): the
     event log when ``event_log`` is on; ``metrics_sink``: any object with ``log(dict, step=)`` and
     ``finish()`` that receives each step's metrics (default: a :class:`WandbLogger` when
-    ``wandb_project`` is set, on EP rank 0, under ``run_dir`` or the metrics' folder)."""
+    ``wandb_project`` is set, on EP rank 0, under ``run_dir`` or the metrics' folder);
+    ``stage_layers``: under pipeline parallelism, ``(first MoE layer of this stage, MoE layers of
+    the whole model)``, so the predictor warm start (``predictor_state``, a whole model's) is
+    mapped onto the stage's layers."""
 
     def __init__(self, model, probe_config: Optional[ProbeConfig] = None, ep_group=None,
                  runtime: Optional[Forecaster] = None, cost: Optional[ExpertCost] = None,
                  metrics_path: Optional[str] = None, budget_in: Optional[int] = None,
-                 events_path: Optional[str] = None, metrics_sink=None, run_dir: Optional[str] = None):
+                 events_path: Optional[str] = None, metrics_sink=None, run_dir: Optional[str] = None,
+                 stage_layers: Optional[Tuple[int, int]] = None):
         from megatron_probe.mcore.layer import ProbeMoELayer
 
         self.layers = moe_layers(model)
@@ -384,7 +392,7 @@ class LookaheadPipeline:
         self._static_ir: Dict[int, float] = {}  # per layer, the last dispatch's static imbalance
         self._split_layer = 0
         self._end_us_total = 0.0  # time spent in end_step, all steps
-        self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group)
+        self.runtime = runtime if runtime is not None else default_forecaster(model, cfg, self.ctl_group, stage_layers)
         self.default_wait = WaitPolicy(cfg.prefetch_deadline_ms)
         self.forecaster, self.wait_policy = self.runtime, self.default_wait
         self.active = True

@@ -217,7 +217,14 @@ def _probe_pipeline(model, opts: ServeOptions, rank: int, ep_rank: int, probe_cf
     layer_rows = f"{os.path.splitext(opts.metrics_path)[0]}.layers.rank{rank}.jsonl" if opts.metrics_path else None
     if layer_rows and os.path.exists(layer_rows):
         os.remove(layer_rows)
-    pipe = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost, metrics_path=layer_rows)
+    stage_layers = None
+    if opts.pp > 1:  # this stage's MoE layers in the whole model (stages hold equal shares): the warm start's
+        from megatron.core import parallel_state
+
+        n = len(moe_layers(model))
+        stage_layers = (parallel_state.get_pipeline_model_parallel_rank() * n, opts.pp * n)
+    pipe = LookaheadPipeline(model, probe_cfg, ep_group=group, cost=cost, metrics_path=layer_rows,
+                             stage_layers=stage_layers)
     if opts.cost_model == "measured" and opts.ep > 1 and not probe_cfg.copy_charge_us:
         from megatron_probe.experiments.calibration import measure_copy_us
 
