@@ -152,9 +152,9 @@ def _kernel():
 
 
 def default_max_rounds(num_experts: int, ep: int) -> int:
-    """The round cap of :func:`placement_token_split_device`: generous (the host split needs 7-17
-    rounds at the median at E 128, EP 8; each round lowers an excess, fills a deficit, empties a
-    path edge or raises ``M``)."""
+    """The round cap of :func:`placement_token_split_device`: generous (the host split makes 7-10
+    pushes or raises at the median at E 128, EP 8, at most 17 seen; each round lowers an excess,
+    fills a deficit, empties a path edge or raises ``M``)."""
     return 64 * (num_experts + ep)
 
 
