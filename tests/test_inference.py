@@ -78,7 +78,10 @@ def test_engine_rejects_a_request_longer_than_the_model():
 @needs_ckpt
 def test_inference_script_compare_at_ep2(tmp_path):
     out = tmp_path / "res.json"
+    # the hardware profile's cost model and no gate: replicas are copied (the CPU's measured copy
+    # charge would rule every copy out)
     r = _script("--compare", "--expert-model-parallel-size", "2", "--workload", "shift", "--max-requests", "6",
+                "--cost-model", "profile", "--probe-cost-gate", "false",
                 "--max-new-tokens", "6", "--micro-batch-size", "2", "--json", str(out), "--plots-dir",
                 str(tmp_path / "plots"), "--metrics-jsonl", str(tmp_path / "steps.jsonl"), "--quiet",
                 "--wandb-project", "probe-test", "--wandb-dir", str(tmp_path / "wb"))
@@ -112,6 +115,9 @@ def test_inference_script_compare_at_ep2(tmp_path):
     for r_ in (0, 1):  # the pipeline's own per-layer rows, one file per rank
         layer_rows = [json.loads(x) for x in (tmp_path / f"steps.layers.rank{r_}.jsonl").read_text().splitlines()]
         assert len(layer_rows) == probe["steps"] * 6 and all("ir_before" in x for x in layer_rows)
+        # each rank records its EP group's copies; the summary counts them once, not once per rank
+        assert sum(x["copies"] for x in layer_rows) == probe["copies"] > 0
+        assert sum(x["bytes"] for x in layer_rows) == probe["bytes"] > 0
     assert "tokens identical" in r.stdout and "PROBE/stock" in r.stdout
     # the offline wandb run holds every step of both modes and the summary
     from megatron_probe.serving.wandb_logger import read_offline_run

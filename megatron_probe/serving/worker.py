@@ -138,6 +138,10 @@ def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]
     local["stage"] = rank // (ws // opts.pp)
     # the rank whose requests and tokens count: TP rank 0 of the last stage
     local["lead"] = in_stage % opts.tp == 0 and rank // (ws // opts.pp) == opts.pp - 1
+    # every rank of an EP group reports its group's copies (the plan is the group's): they count once
+    # per expert group (its first rank: expert TP shard 0, EP rank 0), their bytes once per shard
+    local["copy_lead"] = in_stage % (opts.ep * opts.etp) == 0
+    local["shard_lead"] = (in_stage // opts.etp) % opts.ep == 0
     for m in modes.values():
         if m.pipe is not None:
             m.pipe.close()
@@ -389,9 +393,12 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
         out.update(_ir_summary([x for s in steps.values() for x in s["ir"]]))
         pipe = [g["pipeline"].get(m) for g in gathered if g["pipeline"].get(m)]
         if pipe:
-            out["copies"] = sum(p["copies"] for p in pipe)
-            out["dropped"] = sum(p["dropped"] for p in pipe)
-            out["bytes"] = sum(p["bytes"] for p in pipe)
+            # an expert copy under expert TP is one shard per TP peer: one copy, the shards' bytes
+            groups = [g["pipeline"][m] for g in gathered if g["pipeline"].get(m) and g.get("copy_lead", True)]
+            shards = [g["pipeline"][m] for g in gathered if g["pipeline"].get(m) and g.get("shard_lead", True)]
+            out["copies"] = sum(p["copies"] for p in groups)
+            out["dropped"] = sum(p["dropped"] for p in groups)
+            out["bytes"] = sum(p["bytes"] for p in shards)
             wait_s = max(p["wait_ms_total"] for p in pipe) / 1e3
             out["exposed_wait_s"] = round(wait_s, 4)
             out["exposed_wait_fraction"] = round(wait_s / secs, 4) if secs else None
