@@ -202,18 +202,20 @@ def plan_probe_triton(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCo
         slots = torch.full((ep, R), EMPTY_SLOT, dtype=torch.int64, device=device)
     k = max(1, int(k_max))
     moves = torch.full((k, 3), -1, dtype=torch.int64, device=device)
-    # the static plan (every token home), then the moved experts' blocks rewritten in parallel
-    out = torch.zeros((ep, E, ep), dtype=torch.int64, device=device)
-    experts = torch.arange(E, device=device)
-    out[:, experts, experts // L] = cnt
     moves[:, 2] = 0
     greedy, expand = _kernels()
-    if k_max > 0 and R > 0:  # else the static plan (the host loop runs no iteration either)
+    planned = k_max > 0 and R > 0  # else the static plan (the host loop runs no iteration either)
+    if planned:
         greedy[(1,)](cnt, slots, moves, ep, E, L, R, cap_in, cap_out, o_u, ch, int(bool(early_exit)),
                      EP_B=_pow2(ep), E_B=_pow2(E), R_B=_pow2(R), K_MAX=k)
         if split == "tokens":
             from megatron_probe.policy.split_triton import placement_token_split_device
 
             return slots, placement_token_split_device(cnt, slots, layout)[0]
+    # the static plan (every token home), then the moved experts' blocks rewritten in parallel
+    out = torch.zeros((ep, E, ep), dtype=torch.int64, device=device)
+    experts = torch.arange(E, device=device)
+    out[:, experts, experts // L] = cnt
+    if planned:
         expand[(k,)](cnt, moves, out, ep, E, L, EP_B=_pow2(ep), K_MAX=k)
     return slots, out

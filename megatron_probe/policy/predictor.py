@@ -283,20 +283,15 @@ class PredictorSet(nn.Module):
             raise ValueError(f"{path}: predictor state does not fit: {str(e).splitlines()[-1].strip()}") from None
         return blob.get("extra", {})
 
-
     def _load_stage(self, path: str, first_layer: int, model_layers: Optional[int]) -> Dict:
         if model_layers is None or not (0 <= first_layer and first_layer + self.num_layers <= model_layers):
             raise ValueError(f"a stage of {self.num_layers} MoE layers from layer {first_layer} does not fit a model "
                              f"of {model_layers} MoE layers")
         blob = read_predictor_state(path)
-        theirs, mine = blob["meta"], self.describe()
-        if theirs["num_layers"] != model_layers:
-            raise ff.InputFileError(f"{path}: predictor state is for another model or predictor shape: num_layers is "
-                                    f"{theirs['num_layers']} there, {model_layers} here (the whole model)")
-        for key in ("hidden_size", "router", "residual_hidden"):
-            if theirs.get(key) != mine[key]:
-                raise ff.InputFileError(f"{path}: predictor state is for another model or predictor shape: {key} is "
-                                        f"{theirs.get(key)!r} there, {mine[key]!r} here")
+        theirs = blob["meta"]
+        # the whole model's layer count; the fingerprint covers all its routers (the caller's check)
+        check_predictor_meta(blob, path, {**self.describe(), "num_layers": model_layers},
+                             keys=("num_layers", "hidden_size", "router", "residual_hidden"), fingerprint=False)
         state = {}
         for L in self.layers:
             if L == 0 and first_layer > 0:
@@ -353,15 +348,18 @@ def read_predictor_state(path: str) -> Dict:
     return blob
 
 
-def check_predictor_meta(blob: Dict, path: str, mine: Dict) -> None:
+def check_predictor_meta(blob: Dict, path: str, mine: Dict,
+                         keys=("num_layers", "hidden_size", "router", "layers", "residual_hidden"),
+                         fingerprint: bool = True) -> None:
     """Refuse a predictor state (:func:`read_predictor_state`) made for another model or another
-    predictor shape than ``mine`` (a :meth:`PredictorSet.describe`), naming what differs."""
+    predictor shape than ``mine`` (a :meth:`PredictorSet.describe`), naming what differs: the
+    ``keys`` of its meta, and the router fingerprint unless ``fingerprint`` is False."""
     theirs = blob["meta"]
-    for key in ("num_layers", "hidden_size", "router", "layers", "residual_hidden"):
+    for key in keys:
         if theirs.get(key) != mine[key]:
             raise ff.InputFileError(f"{path}: predictor state is for another model or predictor shape: {key} is "
                                     f"{theirs.get(key)!r} there, {mine[key]!r} here")
-    if theirs.get("fingerprint") != mine["fingerprint"]:
+    if fingerprint and theirs.get("fingerprint") != mine["fingerprint"]:
         raise ff.InputFileError(f"{path}: predictor state was distilled for another model: router fingerprint "
                                 f"{theirs.get('fingerprint')} there, {mine['fingerprint']} here (rebuild it with "
                                 f"tools/distill_predictor.py for this checkpoint)")

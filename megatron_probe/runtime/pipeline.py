@@ -296,9 +296,7 @@ def default_forecaster(model, cfg: ProbeConfig, group, stage_layers: Optional[Tu
         return None
     if not cfg.pipeline_predict:
         return PreviousStepForecaster()
-    if stage_layers is not None:
-        return LookaheadRuntime(model, cfg, group, predictors=build_predictors(model, cfg, *stage_layers))
-    return LookaheadRuntime(model, cfg, group)
+    return LookaheadRuntime(model, cfg, group, predictors=build_predictors(model, cfg, *(stage_layers or (0, None))))
 
 
 class LookaheadPipeline:

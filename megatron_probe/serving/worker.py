@@ -391,14 +391,14 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
                "requests_finished": sum(r["finished"] for r in reqs), "requests": len(reqs)}
         # one IR per step and layer: the max-over-ranks load / mean (the same on every rank)
         out.update(_ir_summary([x for s in steps.values() for x in s["ir"]]))
-        pipe = [g["pipeline"].get(m) for g in gathered if g["pipeline"].get(m)]
+        ranks = [(g, g["pipeline"][m]) for g in gathered if g["pipeline"].get(m)]
+        pipe = [p for _, p in ranks]
         if pipe:
             # an expert copy under expert TP is one shard per TP peer: one copy, the shards' bytes
-            groups = [g["pipeline"][m] for g in gathered if g["pipeline"].get(m) and g.get("copy_lead", True)]
-            shards = [g["pipeline"][m] for g in gathered if g["pipeline"].get(m) and g.get("shard_lead", True)]
+            groups = [p for g, p in ranks if g.get("copy_lead", True)]
             out["copies"] = sum(p["copies"] for p in groups)
             out["dropped"] = sum(p["dropped"] for p in groups)
-            out["bytes"] = sum(p["bytes"] for p in shards)
+            out["bytes"] = sum(p["bytes"] for g, p in ranks if g.get("shard_lead", True))
             wait_s = max(p["wait_ms_total"] for p in pipe) / 1e3
             out["exposed_wait_s"] = round(wait_s, 4)
             out["exposed_wait_fraction"] = round(wait_s / secs, 4) if secs else None
