@@ -8,7 +8,9 @@
 3. equivalence at EP = 2 with two ranks sharing the GPU over gloo (CUDA tensors staged through
    host memory): the replica path (bank fill, slot mapping, S = L + R grouped GEMM) on CUDA;
 4. timings with CUDA events: expert compute per backend, and one PROBE MoE layer forward
-   against the stock Megatron MoELayer (alltoall dispatcher) in the same process, as a ratio.
+   against the stock Megatron MoELayer (alltoall dispatcher) in the same process, as a ratio;
+5. the EP 1 PROBE layer at decode sizes with no host synchronisation (sync debug mode "error"),
+   captured in a CUDA graph, replayed against eager output, eager and replay times.
 
   python tools/gpu_check.py --out results/gpu_check          (tools/gpu_check.sh wraps it)
   python tools/gpu_check.py --device cpu --quick             (dry run of the same code on CPU)
@@ -223,6 +225,112 @@ def time_layer(device, quick, out_dir):
     return json.load(open(path)) if os.path.exists(path) else []
 
 
+def _graph_worker(rank, ws, device_type, quick, out_path):
+    """The EP 1 PROBE layer (grouped_mm, bf16) at decode sizes: an eager forward with CUDA's sync
+    debug mode set to error (any host synchronisation raises), then captured in a CUDA graph and
+    replayed on new inputs against eager forwards of the same inputs; eager and replay times. On
+    CPU (dry run) the same forward on meta tensors, which raises on any host read."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_probe import ProbeConfig, probe_layer_spec
+    from megatron_probe.mcore.cpu import initialize_megatron_parallel
+    from megatron_probe.mcore.router import ProbeRouter
+
+    warnings.filterwarnings("ignore")
+    initialize_megatron_parallel(1, device=device_type)
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16
+    # (experts, top-k, hidden, expert FFN): top-2 sums two outputs per token, which no order of
+    # the scatter-add can round differently, so replay must equal eager bit for bit; top-8 at
+    # Qwen3-30B-A3B's expert shape may differ in the last bit (atomic adds), reported against
+    # eager run twice
+    shapes = [(16, 2, 256, 256)] if quick else [(16, 2, 1024, 1024), (128, 8, 2048, 768)]
+    rows = []
+    for E, K, H, Fh in shapes:
+        cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=8, ffn_hidden_size=Fh,
+                                num_moe_experts=E, moe_router_topk=K, add_bias_linear=False, gated_linear_unit=True,
+                                activation_func=F.silu, bias_activation_fusion=False, params_dtype=dtype, bf16=True,
+                                moe_aux_loss_coeff=0.0, moe_router_dtype="fp32", expert_model_parallel_size=1,
+                                use_cpu_initialization=True, moe_token_dispatcher_type="alltoall")
+        spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
+        spec.submodules.mlp.submodules.router = ProbeRouter
+        probe_spec = probe_layer_spec(spec, ProbeConfig(expert_backend="grouped_mm")).submodules.mlp
+        layer = build_module(probe_spec, config=cfg).to(device).eval()
+        gen = torch.Generator().manual_seed(E)
+        for T in ((1, 8) if quick else (1, 8, 64, 256)):
+            row = {"experts": E, "topk": K, "hidden": H, "ffn": Fh, "tokens": T, "dtype": "bf16", "ep": 1}
+            x = torch.randn(T, 1, H, generator=gen).to(device, dtype)
+            with torch.no_grad():
+                first, again = layer(x)[0], layer(x)[0]
+                row["eager_twice_max_abs"] = (first.float() - again.float()).abs().max().item()
+                if not cuda:
+                    on_meta = build_module(probe_spec, config=cfg).eval()
+                    on_meta(x)  # resolves the expert backend on the CPU
+                    try:
+                        on_meta.to("meta")(x.to("meta"))
+                        row["host_reads"] = "none (meta tensors)"
+                    except (NotImplementedError, RuntimeError) as e:
+                        row["host_reads"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    rows.append(row)
+                    print(f"[graph] {row}", flush=True)
+                    continue
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    layer(x)
+                    row["host_syncs"] = "none"
+                except RuntimeError as e:
+                    row["host_syncs"] = str(e)[:300]
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                static_x = x.clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+                    for _ in range(3):
+                        layer(static_x)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph):
+                        static_out = layer(static_x)[0]
+                except RuntimeError as e:
+                    row["captured"] = False
+                    row["capture_error"] = str(e)[:300]
+                    rows.append(row)
+                    print(f"[graph] {row}", flush=True)
+                    continue
+                row["captured"] = True
+                exact, worst = True, 0.0
+                for seed in range(5):
+                    xi = torch.randn(T, 1, H, generator=gen).to(device, dtype)
+                    static_x.copy_(xi)
+                    graph.replay()
+                    ref = layer(xi)[0]
+                    exact = exact and torch.equal(static_out, ref)
+                    worst = max(worst, (static_out.float() - ref.float()).abs().max().item())
+                row["replay_equals_eager"] = exact
+                row["replay_max_abs"] = worst
+                timer = Timer(device)
+                row["eager_ms"] = round(timer(lambda: layer(static_x)), 4)
+                row["replay_ms"] = round(timer(graph.replay), 4)
+            rows.append(row)
+            print(f"[graph] {row}", flush=True)
+    if rank == 0:
+        json.dump(rows, open(out_path, "w"))
+
+
+def graph_layer(device, quick, out_dir):
+    from megatron_probe.mcore.launch import run_distributed
+
+    path = os.path.join(out_dir, "graph_ep1.json")
+    run_distributed(_graph_worker, 1, device.type, quick, path, backend="nccl" if device.type == "cuda" else "gloo")
+    return json.load(open(path)) if os.path.exists(path) else []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "results", "gpu_check"))
@@ -270,8 +378,12 @@ def main():
     report["experts"] = time_expert_backends(device, a.quick)
     report["fp8_gemm"] = time_fp8_gemm(device, a.quick)
     report["layer"] = time_layer(device, a.quick, a.out)
+    report["graph_ep1"] = graph_layer(device, a.quick, a.out)
     report["seconds"] = round(time.time() - t0, 1)
-    report["passed"] = all(e.get("passed") for e in eq)
+    graph_ok = all(r.get("replay_equals_eager", True) and r.get("host_syncs", "none") == "none"
+                   and r.get("captured", True) and r.get("host_reads", "none").startswith("none")
+                   for r in report["graph_ep1"] if r["topk"] == 2) and bool(report["graph_ep1"])
+    report["passed"] = all(e.get("passed") for e in eq) and graph_ok
     with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
     print("\n== summary ==")
@@ -285,6 +397,8 @@ def main():
     for r in report["layer"]:
         print(f"layer probe[{r['probe_backend']}]/stock = {r['probe_over_stock']} ({r['probe_ms']} vs {r['stock_ms']}"
               f"/{r['stock_ms_again']} ms, {r['shape']})")
+    for r in report["graph_ep1"]:
+        print("graph ep1", r)
     for s in report["skipped"]:
         print("skipped:", s)
     print(f"total {report['seconds']} s; all equivalence passed: {report['passed']}")

@@ -8,8 +8,10 @@ each (token, expert) pair is computed, never *whether*, so the layer output cann
 
 Order of operations (the ``alltoall`` dispatcher's, plus the slot mapping):
 1. ``dispatch_preprocess``: all-gather per-expert counts ``[ep, E]``; choose or check the
-   assignment; permute tokens expert-major with Megatron's ``permute`` (so the combine sums each
-   token's top-k outputs in the stock order); then reorder the pairs by destination slot.
+   assignment; order the pairs expert-major as Megatron's ``permute`` does (so the combine sums
+   each token's top-k outputs in the stock order), then by destination slot. The per-pair work
+   runs on the tokens' device; the host sees only ``[ep, E]``-sized tables. At EP 1 with nothing
+   attached, nothing at all is read back to the host (a CUDA graph can capture the layer).
 2. ``token_dispatch``: one uneven all-to-all for tokens and one for probs.
 3. ``dispatch_postprocess``: chunks arrive ``[src][slot]``; sort them ``[slot][src]`` and hand
    the experts ``tokens_per_expert`` of length ``S``.
@@ -52,7 +54,7 @@ from typing import ContextManager, Optional, Protocol
 
 import torch
 
-from megatron.core.transformer.moe.moe_utils import permute, sort_chunks_by_idxs, unpermute
+from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_probe.config import ProbeConfig
@@ -67,6 +69,18 @@ from megatron_probe.policy.placement import (
     validate_assignment,
     validate_placement,
 )
+
+
+def _pair_entries(routing_map: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Each routed (token, expert) pair as an index into the ``[E, tokens]`` routing map, in
+    Megatron's ``permute`` order (expert-major, token-minor), ``num_pairs`` of them. Each pair's
+    position comes from a cumulative sum, not from ``masked_select`` (whose size a GPU reads
+    back to the host); entries not selected all land in one spare position, dropped after."""
+    flat = routing_map.T.reshape(-1)
+    position = torch.where(flat, flat.long().cumsum(0) - 1, num_pairs)
+    entry = torch.empty(num_pairs + 1, dtype=torch.long, device=flat.device)
+    entry.scatter_(0, position, torch.arange(flat.numel(), device=flat.device))
+    return entry[:num_pairs]
 
 
 class AssignmentFn(Protocol):
@@ -157,6 +171,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         """Lookup tables derived from the placement: slot of each expert on each rank, and the
         expert held by each of this rank's slots."""
         self._holder_slots = holder_slots(self.placement, self.layout)
+        self._holder_slots_on = None  # its copy where the tokens are (_device_table)
         self._my_slot_experts = slot_experts(self.placement, self.layout)[self.ep_rank]
         self._replicated = bool((self.placement >= 0).any())
 
@@ -207,6 +222,9 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         if routing_map.shape != (hidden.shape[0], E):
             raise ValueError(f"routing_map {tuple(routing_map.shape)} != ({hidden.shape[0]}, {E})")
 
+        if self._stays_on_device():
+            return self._preprocess_on_device(hidden, routing_map, probs)
+
         local_counts = routing_map.sum(dim=0).long()
         extra, self.extra_counts = self.extra_counts, None
         max_columns, self._extra_max_columns = self._extra_max_columns, []
@@ -234,22 +252,27 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         S = S if self._replicated else self.layout.num_local_experts
         self.slots_in_use = S
 
+        # the pairs expert-major, token-minor (Megatron's permute order), built where the tokens
+        # are: the host handles only [ep, E]-sized tables, never a per-pair array
         num_pairs = int(counts[me].sum())
-        permuted, permuted_probs, self.reversed_mapping = permute(
-            hidden, routing_map, probs=probs, num_out_tokens=num_pairs, fused=False
-        )
-        # destination slot of every pair (pairs are expert-major, token-minor)
+        device = hidden.device
+        pair_entry = _pair_entries(routing_map, num_pairs)
+        self.reversed_mapping = pair_entry % routing_map.shape[0]
         mine = assign[me]  # [E, ep]
-        pair_expert = torch.repeat_interleave(torch.arange(E), counts[me])
-        first_pair = torch.cumsum(counts[me], 0) - counts[me]
-        rank_in_expert = torch.arange(num_pairs) - first_pair[pair_expert]
-        bounds = torch.cumsum(mine, dim=1)  # [E, ep]: pairs [bounds[d-1], bounds[d]) go to d
-        pair_dst = torch.searchsorted(bounds[pair_expert], rank_in_expert.unsqueeze(1), right=True).squeeze(1)
-        pair_slot = self._holder_slots[pair_dst, pair_expert]
-        pair_global_slot = pair_dst * S + pair_slot
-        self.send_order = torch.sort(pair_global_slot, stable=True).indices
-        send_counts = torch.bincount(pair_global_slot, minlength=ep * S).view(ep, S)
-        self.input_splits = send_counts.sum(1).tolist()
+        if self._replicated:
+            # destination slot of every pair: pairs [bounds[d-1], bounds[d]) of an expert go to d
+            counts_dev = counts[me].to(device)
+            pair_expert = pair_entry // routing_map.shape[0]
+            first_pair = torch.cumsum(counts_dev, 0) - counts_dev
+            rank_in_expert = torch.arange(num_pairs, device=device) - first_pair[pair_expert]
+            bounds = torch.cumsum(mine, dim=1).to(device)  # [E, ep]
+            pair_dst = torch.searchsorted(bounds[pair_expert], rank_in_expert.unsqueeze(1), right=True).squeeze(1)
+            pair_slot = self._device_table(device)[pair_dst, pair_expert]
+            self.send_order = torch.sort(pair_dst * S + pair_slot, stable=True).indices
+            sent = pair_entry.index_select(0, self.send_order)
+        else:  # every pair goes home, and expert order is home-slot order: nothing to reorder
+            self.send_order, sent = None, pair_entry
+        self.input_splits = mine.sum(0).tolist()  # [ep]: pairs to each rank
 
         # what each source sends to each of my slots, derived from the shared assignment
         held = self._my_slot_experts[:S]  # [S]
@@ -259,10 +282,55 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self.recv_counts = recv  # [src, slot]
         self.output_splits = recv.sum(1).tolist()
         self.tokens_per_slot = recv.sum(0)
+        return (hidden.index_select(0, sent % routing_map.shape[0]),
+                probs.T.reshape(-1).index_select(0, sent))
 
-        device = permuted.device
-        order = self.send_order.to(device)
-        return permuted.index_select(0, order), permuted_probs.index_select(0, order)
+    def _device_table(self, device) -> torch.Tensor:
+        """The slot of each expert on each rank (``[ep, E]``, -1 where none), on ``device``,
+        copied once per placement."""
+        if self._holder_slots_on is None or self._holder_slots_on.device != device:
+            self._holder_slots_on = self._holder_slots.to(device)
+        return self._holder_slots_on
+
+    def _stays_on_device(self) -> bool:
+        """Whether this dispatch can run without reading anything back to the host (so a CUDA
+        graph can capture it): one EP rank and no expert TP (no count exchange, no split sizes,
+        every token computed at home) and nobody who needs the counts on the host (no hooks, no
+        assignment source, no carried counts). The pairs are sized as tokens x top-k, Megatron's
+        dropless count (its alltoall dispatcher's too), so a router that pads the routing map for
+        quantisation takes the host path."""
+        return (self.ep_size == 1 and self.tp_size == 1 and self.hooks is None and self.assignment_fn is None
+                and self._pending_assignment is None and self.extra_counts is None
+                and not getattr(self.config, "moe_router_padding_for_quantization", False))
+
+    def _preprocess_on_device(self, hidden, routing_map, probs):
+        """The EP 1 dispatch on the tokens' device: the rows and probs of Megatron's ``permute``
+        (expert-major, token-minor) from :func:`_pair_entries`, sized by the dropless count. The
+        counts stay on the device (``last_counts`` ``[1, E]``, ``last_assignment`` ``[1, E, 1]``)."""
+        tokens, E = routing_map.shape
+        topk = self.config.moe_router_topk
+        per_token = routing_map.sum(dim=1)
+        if per_token.device.type == "cpu":  # free to check here; on a device a read would synchronise
+            bad = (per_token != topk).nonzero()
+            if bad.numel():
+                t = int(bad[0, 0])
+                raise ValueError(f"routing_map row {t} selects {int(per_token[t])} experts; the dropless dispatch "
+                                 f"takes exactly moe_router_topk={topk} per token")
+        else:
+            torch._assert_async((per_token == topk).all(), "routing_map rows must select moe_router_topk experts")
+        counts = routing_map.sum(dim=0).long().unsqueeze(0)
+        self.last_counts, self.last_assignment, self.last_extra = counts, counts.unsqueeze(-1), None
+        self.dispatches += 1
+        self.slots_in_use = self.layout.num_local_experts
+        num_pairs = tokens * topk
+        pair_entry = _pair_entries(routing_map, num_pairs)
+        self.reversed_mapping = pair_entry % tokens
+        self.send_order = None  # one rank: the pairs are already in slot order
+        self.input_splits = self.output_splits = [num_pairs]
+        self.tokens_per_slot = counts[0]
+        permuted = hidden.index_select(0, self.reversed_mapping)
+        permuted_probs = probs.T.reshape(-1).index_select(0, pair_entry)
+        return permuted, permuted_probs
 
     def _choose_assignment(self, counts: torch.Tensor) -> torch.Tensor:
         if self._pending_assignment is not None:
@@ -320,9 +388,11 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, hidden_states):
         # undo the slot ordering: pair i of the expert-major order was sent at position inv[i]
-        order = self.send_order.to(hidden_states.device)
-        pairs = torch.empty_like(hidden_states)
-        pairs = pairs.index_copy(0, order, hidden_states)
+        if self.send_order is None:  # the dispatch on the device: pairs in the expert-major order
+            pairs = hidden_states
+        else:
+            order = self.send_order.to(hidden_states.device)
+            pairs = torch.empty_like(hidden_states).index_copy(0, order, hidden_states)
         out = unpermute(
             pairs, self.reversed_mapping, restore_shape=self.hidden_shape_before_permute,
             routing_map=self.routing_map, fused=False,

@@ -86,9 +86,13 @@ class SlotExpertCompute:
             return self._blocks(x, tokens_per_slot, probs, fc1, fc2, bank_version)
         if self.backend is None:
             self.backend = resolve_backend(self.requested_backend, fc1.device, fc1.dtype)
-        counts = [int(c) for c in tokens_per_slot.tolist()]
-        if sum(counts) != x.shape[0]:
-            raise RuntimeError(f"tokens_per_slot sums to {sum(counts)}, but {x.shape[0]} tokens arrived")
+        if tokens_per_slot.device.type == "cpu":  # free to check here; on a device a read would synchronise
+            total = int(tokens_per_slot.sum())
+            if total != x.shape[0]:
+                raise RuntimeError(f"tokens_per_slot sums to {total}, but {x.shape[0]} tokens arrived")
+        # grouped_mm takes its group offsets as a tensor, so counts on the device never visit the
+        # host (the EP 1 dispatch is capturable); the other backends need host sizes
+        counts = tokens_per_slot if self.backend == "grouped_mm" else [int(c) for c in tokens_per_slot.tolist()]
         if self.config.moe_apply_probs_on_input:
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
@@ -124,12 +128,17 @@ class SlotExpertCompute:
         sizes = [b.shape[0] for b in fc1_blocks]
         if sum(sizes) != tokens_per_slot.numel():
             raise RuntimeError(f"weight blocks hold {sum(sizes)} slots, tokens_per_slot has {tokens_per_slot.numel()}")
-        per_block = [int(c) for c in torch.stack([t.sum() for t in tokens_per_slot.split(sizes)]).tolist()]
-        outs = []
         if not hasattr(self, "_block_computes"):
             self._block_computes = []
         while len(self._block_computes) < len(sizes):  # one per block position: natives, replicas
             self._block_computes.append(SlotExpertCompute(self.config, self.requested_backend))
+        if len(sizes) == 1:  # the natives alone: nothing to split, so no host read of the block sizes
+            if x.shape[0] == 0:
+                return x.new_empty((0, fc2_blocks[0].shape[1]))
+            version = bank_version[0] if isinstance(bank_version, (list, tuple)) else (bank_version, 0)
+            return self._block_computes[0](x, tokens_per_slot, probs, fc1_blocks[0], fc2_blocks[0], version)
+        per_block = [int(c) for c in torch.stack([t.sum() for t in tokens_per_slot.split(sizes)]).tolist()]
+        outs = []
         for i, (xs, ps, tps, w1, w2) in enumerate(zip(x.split(per_block), probs.split(per_block),
                                                       tokens_per_slot.split(sizes), fc1_blocks, fc2_blocks)):
             if xs.shape[0] == 0:

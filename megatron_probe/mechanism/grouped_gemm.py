@@ -8,7 +8,7 @@ Backends (``ProbeConfig.expert_backend``):
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Union
 
 import torch
 
@@ -42,14 +42,18 @@ def linear_loop(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> tor
     return torch.cat(outs, dim=0)
 
 
-def linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
+def linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: Union[List[int], torch.Tensor]) -> torch.Tensor:
+    """``counts``: a list, or a tensor (on the tokens' device: the offsets never visit the host)."""
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[1]))
-    offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(x.device)
+    if isinstance(counts, torch.Tensor):
+        offs = counts.to(x.device).cumsum(0).to(torch.int32)
+    else:
+        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(x.device)
     return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offs)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int], backend: str):
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Union[List[int], torch.Tensor], backend: str):
     if len(counts) != weight.shape[0]:
         raise ValueError(f"{len(counts)} token counts for {weight.shape[0]} weight groups")
     if backend == "grouped_mm":
