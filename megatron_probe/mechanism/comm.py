@@ -12,6 +12,15 @@ import torch
 import torch.distributed as dist
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table onto ``device`` without stalling the host: a copy from pageable memory
+    waits for the stream, one from pinned memory does not (the caching host allocator keeps the
+    pinned buffer until the copy has run)."""
+    if t.device == device or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1

@@ -58,7 +58,13 @@ from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs, unpermu
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.mechanism.comm import all_gather_rows, all_gather_varying_rows, all_reduce_sum, all_to_all
+from megatron_probe.mechanism.comm import (
+    all_gather_rows,
+    all_gather_varying_rows,
+    all_reduce_sum,
+    all_to_all,
+    host_to_device,
+)
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.placement import (
     ExpertLayout,
@@ -261,11 +267,10 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         mine = assign[me]  # [E, ep]
         if self._replicated:
             # destination slot of every pair: pairs [bounds[d-1], bounds[d]) of an expert go to d
-            counts_dev = counts[me].to(device)
             pair_expert = pair_entry // routing_map.shape[0]
-            first_pair = torch.cumsum(counts_dev, 0) - counts_dev
+            first_pair = torch.cumsum(local_counts, 0) - local_counts  # this rank's counts, on its device
             rank_in_expert = torch.arange(num_pairs, device=device) - first_pair[pair_expert]
-            bounds = torch.cumsum(mine, dim=1).to(device)  # [E, ep]
+            bounds = host_to_device(torch.cumsum(mine, dim=1), device)  # [E, ep]
             pair_dst = torch.searchsorted(bounds[pair_expert], rank_in_expert.unsqueeze(1), right=True).squeeze(1)
             pair_slot = self._device_table(device)[pair_dst, pair_expert]
             self.send_order = torch.sort(pair_dst * S + pair_slot, stable=True).indices
@@ -289,7 +294,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         """The slot of each expert on each rank (``[ep, E]``, -1 where none), on ``device``,
         copied once per placement."""
         if self._holder_slots_on is None or self._holder_slots_on.device != device:
-            self._holder_slots_on = self._holder_slots.to(device)
+            self._holder_slots_on = host_to_device(self._holder_slots, device)
         return self._holder_slots_on
 
     def _stays_on_device(self) -> bool:

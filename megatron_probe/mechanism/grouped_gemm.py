@@ -12,6 +12,8 @@ from typing import List, Union
 
 import torch
 
+from megatron_probe.mechanism.comm import host_to_device
+
 _GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
@@ -46,10 +48,11 @@ def linear_grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: Union[List[
     """``counts``: a list, or a tensor (on the tokens' device: the offsets never visit the host)."""
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[1]))
-    if isinstance(counts, torch.Tensor):
-        offs = counts.to(x.device).cumsum(0).to(torch.int32)
-    else:
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(x.device)
+    if isinstance(counts, torch.Tensor) and counts.device == x.device:
+        offs = counts.cumsum(0).to(torch.int32)
+    else:  # made on the host: one small copy that does not stall it
+        host = counts.cpu() if isinstance(counts, torch.Tensor) else torch.tensor(counts)
+        offs = host_to_device(host.cumsum(0).to(torch.int32), x.device)
     return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offs)
 
 
