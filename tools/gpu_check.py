@@ -378,11 +378,22 @@ def main():
     report["experts"] = time_expert_backends(device, a.quick)
     report["fp8_gemm"] = time_fp8_gemm(device, a.quick)
     report["layer"] = time_layer(device, a.quick, a.out)
-    report["graph_ep1"] = graph_layer(device, a.quick, a.out)
+    from megatron_probe.experiments.equivalence import available_backends
+
+    if "grouped_mm" in available_backends(device, torch.bfloat16):
+        report["graph_ep1"] = graph_layer(device, a.quick, a.out)
+    else:  # the capturable path needs torch._grouped_mm in bf16 (compute capability >= 9.0 on a GPU)
+        report["graph_ep1"] = []
+        report["skipped"].append(f"EP 1 CUDA graph step not run: torch._grouped_mm does not run in bf16 on {device}")
     report["seconds"] = round(time.time() - t0, 1)
-    graph_ok = all(r.get("replay_equals_eager", True) and r.get("host_syncs", "none") == "none"
-                   and r.get("captured", True) and r.get("host_reads", "none").startswith("none")
-                   for r in report["graph_ep1"] if r["topk"] == 2) and bool(report["graph_ep1"])
+    # every row: no host synchronisation (or read, on CPU) and captured; bit-exact replay only
+    # where top-2 makes it so (top-8's atomic adds may round differently: its difference is reported)
+    graph_ok = all(r.get("host_syncs", "none") == "none" and r.get("captured", True)
+                   and r.get("host_reads", "none").startswith("none")
+                   and (r["topk"] != 2 or r.get("replay_equals_eager", True))
+                   for r in report["graph_ep1"])
+    if not report["graph_ep1"] and not any(s.startswith("EP 1 CUDA graph") for s in report["skipped"]):
+        graph_ok = False
     report["passed"] = all(e.get("passed") for e in eq) and graph_ok
     with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -302,11 +302,10 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         graph can capture it): one EP rank and no expert TP (no count exchange, no split sizes,
         every token computed at home) and nobody who needs the counts on the host (no hooks, no
         assignment source, no carried counts). The pairs are sized as tokens x top-k, Megatron's
-        dropless count (its alltoall dispatcher's too), so a router that pads the routing map for
-        quantisation takes the host path."""
+        dropless count: its own alltoall dispatcher sizes them so too (a router must select
+        exactly top-k experts per token; ``_preprocess_on_device`` checks it)."""
         return (self.ep_size == 1 and self.tp_size == 1 and self.hooks is None and self.assignment_fn is None
-                and self._pending_assignment is None and self.extra_counts is None
-                and not getattr(self.config, "moe_router_padding_for_quantization", False))
+                and self._pending_assignment is None and self.extra_counts is None)
 
     def _preprocess_on_device(self, hidden, routing_map, probs):
         """The EP 1 dispatch on the tokens' device: the rows and probs of Megatron's ``permute``
