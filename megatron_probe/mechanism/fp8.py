@@ -21,6 +21,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from megatron_probe.mechanism.comm import host_to_device
+
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0
 GROUP_ALIGN = 16
@@ -54,16 +56,22 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
-def padded_rows(counts: List[int], align: int = GROUP_ALIGN) -> Tuple[List[int], torch.Tensor]:
+def padded_rows(counts: List[int], align: int = GROUP_ALIGN,
+                device: Optional[torch.device] = None) -> Tuple[List[int], torch.Tensor]:
     """Each group's row count rounded up to ``align``, and where each real row lands in the padded
-    layout (``index [sum(counts)]``)."""
+    layout (``index [sum(counts)]``, built on ``device`` from two per-group vectors: the host
+    never makes a per-row array)."""
     padded = [-(-c // align) * align for c in counts]
-    starts, idx, at = [], [], 0
-    for c, p in zip(counts, padded):
-        starts.append(at)
-        idx.append(torch.arange(at, at + c))
-        at += p
-    return padded, (torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long))
+    device = device or torch.device("cpu")
+    total = sum(counts)
+    if not counts or total == 0:
+        return padded, torch.zeros(0, dtype=torch.long, device=device)
+    # a row's padded index: its own index plus the padding of the groups before it
+    gap = torch.tensor(padded, dtype=torch.long) - torch.tensor(counts, dtype=torch.long)
+    shift = gap.cumsum(0) - gap
+    per_group = host_to_device(torch.stack([shift, torch.tensor(counts, dtype=torch.long)]), device)
+    shifts = torch.repeat_interleave(per_group[0], per_group[1], output_size=total)
+    return padded, torch.arange(total, device=device) + shifts
 
 
 def reference_mm(a_q, b_q_t, scale_a, scale_b, offs, out_dtype):
@@ -89,11 +97,9 @@ def fp8_grouped_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
     if x.shape[0] == 0:
         return x.new_empty((0, w_q.shape[1]), dtype=out_dtype)
     mm = mm or _SCALED_GROUPED_MM
-    padded, rows = padded_rows(counts)
-    rows = rows.to(x.device)
-    xp = x.new_zeros((sum(padded), x.shape[1]))
-    xp[rows] = x
+    padded, rows = padded_rows(counts, device=x.device)
+    xp = x.new_zeros((sum(padded), x.shape[1])).index_copy_(0, rows, x)
     x_q, x_scale = quantize_rows(xp)
-    offs = torch.tensor(padded, dtype=torch.int32).cumsum(0).to(torch.int32).to(x.device)
+    offs = host_to_device(torch.tensor(padded, dtype=torch.int64).cumsum(0).to(torch.int32), x.device)
     y = mm(x_q, w_q.transpose(-2, -1), x_scale, w_scale, offs=offs, out_dtype=out_dtype)
     return y[rows]
