@@ -10,7 +10,8 @@
 4. timings with CUDA events: expert compute per backend, and one PROBE MoE layer forward
    against the stock Megatron MoELayer (alltoall dispatcher) in the same process, as a ratio;
 5. the EP 1 PROBE layer at decode sizes with no host synchronisation (sync debug mode "error"),
-   captured in a CUDA graph, replayed against eager output, eager and replay times.
+   captured in a CUDA graph, replayed against eager output, eager and replay times beside the
+   stock layer's eager time and its host synchronisations.
 
   python tools/gpu_check.py --out results/gpu_check          (tools/gpu_check.sh wraps it)
   python tools/gpu_check.py --device cpu --quick             (dry run of the same code on CPU)
@@ -260,6 +261,11 @@ def _graph_worker(rank, ws, device_type, quick, out_path):
         spec.submodules.mlp.submodules.router = ProbeRouter
         probe_spec = probe_layer_spec(spec, ProbeConfig(expert_backend="grouped_mm")).submodules.mlp
         layer = build_module(probe_spec, config=cfg).to(device).eval()
+        # the stock layer (Megatron's alltoall dispatcher) beside it, same weights: what a user
+        # runs today, eager (its permute reads the pair count on the host, so it is not captured)
+        stock = build_module(spec.submodules.mlp, config=cfg).to(device).eval() if cuda else None
+        if stock is not None:
+            stock.load_state_dict(layer.state_dict())
         gen = torch.Generator().manual_seed(E)
         for T in ((1, 8) if quick else (1, 8, 64, 256)):
             row = {"experts": E, "topk": K, "hidden": H, "ffn": Fh, "tokens": T, "dtype": "bf16", "ep": 1}
@@ -317,6 +323,16 @@ def _graph_worker(rank, ws, device_type, quick, out_path):
                 timer = Timer(device)
                 row["eager_ms"] = round(timer(lambda: layer(static_x)), 4)
                 row["replay_ms"] = round(timer(graph.replay), 4)
+                row["stock_eager_ms"] = round(timer(lambda: stock(static_x)), 4)
+                row["stock_max_abs_vs_probe"] = (stock(static_x)[0].float() - layer(static_x)[0].float()).abs().max().item()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    stock(static_x)
+                    row["stock_host_syncs"] = "none"
+                except RuntimeError as e:
+                    row["stock_host_syncs"] = str(e)[:200]
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
             rows.append(row)
             print(f"[graph] {row}", flush=True)
     if rank == 0:
