@@ -226,6 +226,19 @@ def time_layer(device, quick, out_dir):
     return json.load(open(path)) if os.path.exists(path) else []
 
 
+def _host_syncs(fn) -> str:
+    """``"none"`` when ``fn()`` runs without a host synchronisation (CUDA's sync debug mode set to
+    error raises at the first one), else the start of that error."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as e:
+        return str(e)[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _graph_worker(rank, ws, device_type, quick, out_path):
     """The EP 1 PROBE layer (grouped_mm, bf16) at decode sizes: an eager forward with CUDA's sync
     debug mode set to error (any host synchronisation raises), then captured in a CUDA graph and
@@ -284,14 +297,7 @@ def _graph_worker(rank, ws, device_type, quick, out_path):
                     rows.append(row)
                     print(f"[graph] {row}", flush=True)
                     continue
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    layer(x)
-                    row["host_syncs"] = "none"
-                except RuntimeError as e:
-                    row["host_syncs"] = str(e)[:300]
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                row["host_syncs"] = _host_syncs(lambda: layer(x))
                 static_x = x.clone()
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -325,14 +331,7 @@ def _graph_worker(rank, ws, device_type, quick, out_path):
                 row["replay_ms"] = round(timer(graph.replay), 4)
                 row["stock_eager_ms"] = round(timer(lambda: stock(static_x)), 4)
                 row["stock_max_abs_vs_probe"] = (stock(static_x)[0].float() - layer(static_x)[0].float()).abs().max().item()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    stock(static_x)
-                    row["stock_host_syncs"] = "none"
-                except RuntimeError as e:
-                    row["stock_host_syncs"] = str(e)[:200]
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
+                row["stock_host_syncs"] = _host_syncs(lambda: stock(static_x))
             rows.append(row)
             print(f"[graph] {row}", flush=True)
     if rank == 0:

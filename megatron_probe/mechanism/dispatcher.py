@@ -287,8 +287,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         self.recv_counts = recv  # [src, slot]
         self.output_splits = recv.sum(1).tolist()
         self.tokens_per_slot = recv.sum(0)
-        return (hidden.index_select(0, sent % routing_map.shape[0]),
-                probs.T.reshape(-1).index_select(0, sent))
+        rows = self.reversed_mapping if self.send_order is None else sent % routing_map.shape[0]
+        return hidden.index_select(0, rows), probs.T.reshape(-1).index_select(0, sent)
 
     def _device_table(self, device) -> torch.Tensor:
         """The slot of each expert on each rank (``[ep, E]``, -1 where none), on ``device``,
