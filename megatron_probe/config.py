@@ -16,6 +16,7 @@ EXPERT_BACKENDS = ("auto", "te", "grouped_mm", "loop", "fp8")
 ASSIGNMENT_POLICIES = ("locality_even",)
 REPLICA_MODES = ("streamed", "resident", "auto")
 DISPATCH_SPLITS = ("time", "tokens")
+COPY_TRANSPORTS = ("p2p", "peer_memory", "stream")
 LAYER0_COUNTS = ("previous", "predict")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -80,6 +81,15 @@ class ProbeConfig:
         prefetch_deadline_ms: how long layer L's dispatch waits for its replica copies; a copy
             still incomplete then is dropped from the plan (its tokens stay home) and counted.
         transfer_chunk_mib: copies move in chunks of this size (the unit of pausing).
+        copy_transport: how the live pipeline moves replica weights (``mechanism.device_transfer``).
+            ``p2p``: send/recv on a dedicated group from a worker thread, chunked and paused
+            during every All-to-All (gloo on CPU, NCCL on GPU; across hosts). ``peer_memory``:
+            the receiving rank pulls the expert out of its home rank's native rows (symmetric
+            memory on GPUs: ``copy_`` on a side stream, the copy engine, no SMs; shared-memory
+            files on CPU, a worker thread); the home rank takes no part; every EP rank on one
+            host. ``stream``: NCCL send/recv batched on a side stream, no thread (GPU; on CPU it
+            runs each batch at submit, for tests). On the device both order copies against the
+            All-to-All with CUDA events instead of pausing a thread.
         pipeline_predict / pipeline_plan / pipeline_phase_lock / pipeline_reassign: stages of the
             live pipeline, each switchable for ablation: forecast layer L with the lookahead
             predictor (off: the previous step's true counts of layer L); replicate and split at
@@ -156,6 +166,7 @@ class ProbeConfig:
     replica_memory_cap_mib: Optional[float] = None
     prefetch_deadline_ms: float = 50.0
     transfer_chunk_mib: float = 4.0
+    copy_transport: str = "p2p"
     pipeline_predict: bool = True
     pipeline_plan: bool = True
     pipeline_phase_lock: bool = True
@@ -193,6 +204,8 @@ class ProbeConfig:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"transfer_retry_steps={v!r}; valid: an int >= 0 (engine steps before copying "
                              "resumes after a failed transfer; 0: never)")
+        if self.copy_transport not in COPY_TRANSPORTS:
+            raise ValueError(f"copy_transport={self.copy_transport!r}; valid: {', '.join(COPY_TRANSPORTS)}")
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode={self.wandb_mode!r} is not one of {WANDB_MODES}")
         if self.wandb_project is not None and (not isinstance(self.wandb_project, str) or not self.wandb_project):

@@ -386,7 +386,17 @@ def _set_hot_experts(model, shift: int, num_experts: int):
         layer.router.expert_bias.copy_(bias)
 
 
-def pipeline_resident(rank, ws):
+def _check_transport(pipe, model, transport):
+    """The pipeline copies with ``transport``'s engine; pull copies read natives in peer memory."""
+    from megatron_probe.runtime.model_walk import moe_layers
+
+    kind = {"p2p": "TransferEngine", "peer_memory": "PullCopyEngine", "stream": "StreamCopyEngine"}[transport]
+    assert type(pipe.engine).__name__ == kind, (transport, type(pipe.engine))
+    peer = [m.expert_bank._peer_fc1 is not None for m in moe_layers(model)]
+    assert all(peer) if transport == "peer_memory" else not any(peer), (transport, peer)
+
+
+def pipeline_resident(rank, ws, transport="p2p"):
     """Resident mode on a load that moves (the hot expert of every layer changes every 4 steps):
     output equal to the plain model's at every step while resident replicas change; copies only
     when a slot changes; replica memory layers x R experts; after every rank's native weights
@@ -410,8 +420,9 @@ def pipeline_resident(rank, ws):
     # forecast: last step's counts (the predictors copy the expert bias once, so they would not
     # follow the test's bias moves)
     pcfg = ProbeConfig(replica_slots_per_rank=R, replica_mode="resident", pipeline_predict=False, cost_gate=False,
-                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0)
+                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0, copy_transport=transport)
     pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+    _check_transport(pipe, model, transport)
     held = []
     with torch.inference_mode():
         for step, b in enumerate(batches):
@@ -456,7 +467,7 @@ def pipeline_resident(rank, ws):
     return [[p.tolist() for p in step] for step in held]
 
 
-def pipeline_streamed_reload(rank, ws):
+def pipeline_streamed_reload(rank, ws, transport="p2p"):
     """Streamed replicas in a 2-MoE-layer model (each layer alone in its bank, so the bank's record
     of what it holds lasts from step to step and unchanged slots are not re-sent): after every
     rank's native weights change in place, the slots are copied again and the output equals the
@@ -472,8 +483,9 @@ def pipeline_streamed_reload(rank, ws):
         ref = forward_logits(model, b)
     scale = float(ref.abs().max())
     pcfg = ProbeConfig(replica_slots_per_rank=2, replica_mode="streamed", pipeline_predict=False, cost_gate=False,
-                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0)
+                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0, copy_transport=transport)
     pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+    _check_transport(pipe, model, transport)
     with torch.inference_mode():
         for step in range(4):  # the same batch: the same plan every step once counts are known
             got = forward_logits(model, b)

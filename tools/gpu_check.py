@@ -11,7 +11,11 @@
    against the stock Megatron MoELayer (alltoall dispatcher) in the same process, as a ratio;
 5. the EP 1 PROBE layer at decode sizes with no host synchronisation (sync debug mode "error"),
    captured in a CUDA graph, replayed against eager output, eager and replay times beside the
-   stock layer's eager time and its host synchronisations.
+   stock layer's eager time and its host synchronisations;
+6. copies on one GPU: the pull engine (``copy_transport='peer_memory'``) on symmetric memory,
+   ordered against the main stream, one expert's copy bandwidth on the side stream, and how much
+   copy-engine copies and an SM copy kernel slow a concurrent grouped GEMM (NCCL copies need two
+   GPUs).
 
   python tools/gpu_check.py --out results/gpu_check          (tools/gpu_check.sh wraps it)
   python tools/gpu_check.py --device cpu --quick             (dry run of the same code on CPU)
@@ -346,6 +350,132 @@ def graph_layer(device, quick, out_dir):
     return json.load(open(path)) if os.path.exists(path) else []
 
 
+# one expert's weights (fc1 gated [2F, H], fc2 [H, F], bf16) of the FP8 step's two models
+COPY_SHAPES = {name: ((2 * Fh, H), (H, Fh)) for name, (H, Fh, _, _) in FP8_SHAPES.items()}
+
+
+def _copy_worker(rank, ws, device_type, quick, out_path):
+    """Copies on one device: the pull engine (``copy_transport='peer_memory'``) on symmetric
+    memory of a world of one, its ordering against the main stream (a copy issued after a write
+    on the main stream reads the write; a read after ``wait_ops`` / ``pause`` sees the copy), the
+    bandwidth of one expert's copy on the side stream, and how much such copies (a memcpy: the
+    copy engine) and an SM copy kernel of the same bytes (what NCCL's send/recv uses) slow a
+    grouped GEMM running at the same time. NCCL copies need two GPUs: not measured here."""
+    import torch.distributed as dist
+
+    from megatron_probe.mcore.cpu import initialize_megatron_parallel
+    from megatron_probe.mechanism.device_transfer import StreamCopyEngine
+    from megatron_probe.mechanism.grouped_gemm import grouped_linear
+    from megatron_probe.mechanism.peer_memory import peer_tensors
+    from megatron_probe.mechanism.transfer import CopyOp
+
+    warnings.filterwarnings("ignore")
+    initialize_megatron_parallel(1, device=device_type)
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    group, dtype = dist.group.WORLD, torch.bfloat16
+    out = {"device": str(device), "rows": []}
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"small": ((256, 128), (128, 128))} if quick else COPY_SHAPES
+    for model, (s1, s2) in shapes.items():
+        # the "home rank" is this one (rank 1 in the op is never contacted by a pull copy)
+        srcs = [peer_tensors(s, dtype, device, group) for s in (s1, s2)]
+        local = [t for t, _ in srcs]
+        remote = [peers[0] for _, peers in srcs]
+        dst = [torch.zeros(s, dtype=dtype, device=device) for s in (s1, s2)]
+        engine = StreamCopyEngine(group, pull=True, device=device)
+        nbytes = sum(t.numel() * t.element_size() for t in dst)
+        row = {"model": model, "expert_mib": round(nbytes / 2 ** 20, 2), "symmetric_memory": cuda}
+        # ordering: the source written on the main stream behind a long kernel, then the copy
+        exact = True
+        for k in range(3):
+            vals = [torch.randn(s, generator=gen).to(device, dtype) for s in (s1, s2)]
+            if cuda:
+                a = torch.randn(4096, 4096, device=device, dtype=dtype)
+                for _ in range(8):
+                    a = a @ a.T / 64  # the main stream is busy when the copy is issued
+            for t, v in zip(local, vals):
+                t.copy_(v)
+            batch = engine.submit([CopyOp(1, 0, ("check", k))], [remote], [dst])
+            if k % 2 == 0:
+                batch.wait_ops([0])
+            else:
+                engine.pause()  # an All-to-All would come next: it waits for the copy
+            exact = exact and all(torch.equal(d, v) for d, v in zip(dst, vals))
+        row["ordered_copy_exact"] = exact
+        reps = 3 if quick else 20
+        engine.drain()
+        t0 = time.perf_counter()
+        for k in range(reps):
+            engine.submit([CopyOp(1, 0, ("bw", k))], [remote], [dst])
+        engine.drain()
+        sec = (time.perf_counter() - t0) / reps
+        row["copy_ms"] = round(sec * 1e3, 4)
+        row["copy_gb_s"] = round(nbytes / sec / 1e9, 1)
+        if cuda:
+            H, Fh = s2
+            G, pairs = 19, 32768
+            counts = [pairs // G] * (G - 1) + [pairs - (pairs // G) * (G - 1)]
+            x = torch.randn(pairs, H, device=device, dtype=dtype)
+            w = torch.randn(G, 2 * Fh, H, device=device, dtype=dtype) / H ** 0.5
+            gemm = lambda: grouped_linear(x, w, counts, "grouped_mm")
+
+            def gemm_ms(side_work=None, n=10):
+                for _ in range(3):
+                    gemm()
+                torch.cuda.synchronize()
+                if side_work is not None:
+                    side_work()  # queued on the side stream: runs while the GEMMs below run
+                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0.record()
+                for _ in range(n):
+                    gemm()
+                t1.record()
+                torch.cuda.synchronize()
+                return t0.elapsed_time(t1) / n
+
+            alone = gemm_ms()
+            side = torch.cuda.Stream(device)
+            busy = max(1, int(12 * alone / max(row["copy_ms"], 1e-3)))  # copies for longer than the GEMMs
+
+            def ce_copies():
+                for k in range(busy):
+                    engine.submit([CopyOp(1, 0, ("ce", k))], [remote], [dst])
+
+            def sm_copies():
+                with torch.cuda.stream(side):
+                    for _ in range(busy):
+                        for d, r in zip(dst, remote):
+                            torch.mul(r, 1, out=d)  # an elementwise kernel: the copy on SMs
+
+            ce = gemm_ms(ce_copies)
+            engine.drain()
+            sm = gemm_ms(sm_copies)
+            torch.cuda.synchronize()
+            row.update(gemm_shape=f"grouped_mm bf16 pairs={pairs} groups={G} N={2 * Fh} K={H}",
+                       gemm_alone_ms=round(alone, 4), gemm_with_ce_copies_ms=round(ce, 4),
+                       gemm_with_sm_copies_ms=round(sm, 4),
+                       ce_copy_slowdown_pct=round(100 * (ce / alone - 1), 2),
+                       sm_copy_slowdown_pct=round(100 * (sm / alone - 1), 2))
+        engine.close()
+        out["rows"].append(row)
+        print(f"[copies] {row}", flush=True)
+    out["not_measured"] = ("NCCL send/recv copies (copy_transport='stream') and copies between GPUs: one GPU "
+                           "has no peer; the pull copy here reads this GPU's own symmetric memory")
+    json.dump(out, open(out_path, "w"))
+
+
+def copy_paths(device, quick, out_dir):
+    from megatron_probe.mcore.launch import run_distributed
+
+    path = os.path.join(out_dir, "copies_1gpu.json")
+    try:  # a failure here (e.g. symmetric memory refused) is reported; the other steps' results stay
+        run_distributed(_copy_worker, 1, device.type, quick, path, backend="nccl" if device.type == "cuda" else "gloo")
+    except Exception as e:
+        return {"rows": [], "error": f"{type(e).__name__}: {str(e)[:500]} (the worker's traceback is in the log)"}
+    return json.load(open(path)) if os.path.exists(path) else {"rows": [], "error": "the worker wrote no result"}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "results", "gpu_check"))
@@ -400,6 +530,7 @@ def main():
     else:  # the capturable path needs torch._grouped_mm in bf16 (compute capability >= 9.0 on a GPU)
         report["graph_ep1"] = []
         report["skipped"].append(f"EP 1 CUDA graph step not run: torch._grouped_mm does not run in bf16 on {device}")
+    report["copies"] = copy_paths(device, a.quick, a.out)
     report["seconds"] = round(time.time() - t0, 1)
     # every row: no host synchronisation (or read, on CPU) and captured; bit-exact replay only
     # where top-2 makes it so (top-8's atomic adds may round differently: its difference is reported)
@@ -409,7 +540,8 @@ def main():
                    for r in report["graph_ep1"])
     if not report["graph_ep1"] and not any(s.startswith("EP 1 CUDA graph") for s in report["skipped"]):
         graph_ok = False
-    report["passed"] = all(e.get("passed") for e in eq) and graph_ok
+    copies_ok = bool(report["copies"]["rows"]) and all(r["ordered_copy_exact"] for r in report["copies"]["rows"])
+    report["passed"] = all(e.get("passed") for e in eq) and graph_ok and copies_ok
     with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=2)
     print("\n== summary ==")
@@ -425,6 +557,8 @@ def main():
               f"/{r['stock_ms_again']} ms, {r['shape']})")
     for r in report["graph_ep1"]:
         print("graph ep1", r)
+    for r in report["copies"]["rows"]:
+        print("copies", r)
     for s in report["skipped"]:
         print("skipped:", s)
     print(f"total {report['seconds']} s; all equivalence passed: {report['passed']}")

@@ -381,7 +381,7 @@ def run_scaled(a, opts) -> dict:
                  predictor_hidden=pc.predictor_hidden, layers=a.scaled_layers, hidden=a.scaled_hidden_size,
                  ffn=a.scaled_ffn_hidden_size, replica_slots=pc.replica_slots_per_rank,
                  replica_mode=pc.replica_mode, cost_gate=pc.cost_gate, layer0_counts=pc.layer0_counts, deadline_ms=pc.prefetch_deadline_ms,
-                 chunk_mib=pc.transfer_chunk_mib, threads=opts.threads,
+                 chunk_mib=pc.transfer_chunk_mib, copy_transport=pc.copy_transport, threads=opts.threads,
                  copy_charge="none" if a.scaled_copy_charge == "none" else "measured", seed=opts.seed,
                  max_steps=opts.max_steps, max_tokens=a.scaled_max_tokens, progress=opts.progress,
                  collective_timeout_s=pc.collective_timeout_s, host_malloc_reuse=pc.host_malloc_reuse)

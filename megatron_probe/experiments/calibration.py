@@ -44,11 +44,14 @@ def measure_copy_us(pipe, bank, rank: int, group) -> float:
 
     ts = []
     scratch = [torch.empty_like(bank.fc1[0]), torch.empty_like(bank.fc2[0])] if rank == 1 else None
+    if pipe.engine.pulls:  # a pull copy reads rank 0's rows from rank 1 (rank 0 takes no part)
+        source = bank.remote_rows(0) if rank == 1 else None
+    else:
+        source = [bank.fc1[0], bank.fc2[0]] if rank == 0 else None
     for _ in range(2):
         dist.barrier(group=group)
         t0 = time.perf_counter()
-        batch = pipe.engine.submit([CopyOp(0, 1, "probe-copy-cost")],
-                                   [[bank.fc1[0], bank.fc2[0]] if rank == 0 else None], [scratch])
+        batch = pipe.engine.submit([CopyOp(0, 1, "probe-copy-cost")], [source], [scratch])
         batch.wait()
         ts.append((time.perf_counter() - t0) * 1e6)
     c = torch.tensor([min(ts)], dtype=torch.float64)

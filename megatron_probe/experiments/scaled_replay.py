@@ -155,7 +155,8 @@ class ScaledReplay:
         torch.set_num_threads(opts["threads"])
         self.rank, self.ws = rank, ws
         pcfg = ProbeConfig(replica_slots_per_rank=opts["replica_slots"], prefetch_deadline_ms=opts["deadline_ms"],
-                           transfer_chunk_mib=opts["chunk_mib"], pipeline_predict=True,
+                           transfer_chunk_mib=opts["chunk_mib"], copy_transport=opts.get("copy_transport", "p2p"),
+                           pipeline_predict=True,
                            replica_mode=opts.get("replica_mode", "streamed"), cost_gate=opts.get("cost_gate", True),
                            layer0_counts=opts.get("layer0_counts", "previous"),
                            collective_timeout_s=opts.get("collective_timeout_s", 300.0),

@@ -53,6 +53,10 @@ class ExpertBank(torch.nn.Module):
         self.version = 0  # bumped whenever the native rows are re-allocated
         self.replica_version = 0  # bumped whenever the replica rows in use change identity or content
         self.bytes_received = 0
+        # set by use_peer_memory (the natives then readable by every EP rank): each EP rank's
+        # rows as read from here
+        self._peer_fc1: Optional[List[torch.Tensor]] = None
+        self._peer_fc2: Optional[List[torch.Tensor]] = None
 
     # ------------------------------------------------------------------ native weights
     def adopt(self, fc1_refs: List[ParamRef], fc2_refs: List[ParamRef]) -> None:
@@ -62,14 +66,14 @@ class ExpertBank(torch.nn.Module):
         if len(fc1_refs) != L or len(fc2_refs) != L:
             raise ValueError(f"expected {L} native experts, got {len(fc1_refs)} / {len(fc2_refs)}")
         self._fc1_refs, self._fc2_refs = list(fc1_refs), list(fc2_refs)
-        self.fc1 = self._rebuild(self._fc1_refs)
-        self.fc2 = self._rebuild(self._fc2_refs)
+        self.fc1 = self._rebuild(self._fc1_refs, self.fc1)
+        self.fc2 = self._rebuild(self._fc2_refs, self.fc2)
         self.version += 1
         if not self.shared:
             self.replica_fc1 = self._own_rows(self.replica_fc1, self.fc1)
             self.replica_fc2 = self._own_rows(self.replica_fc2, self.fc2)
 
-    def _rebuild(self, refs: List[ParamRef]) -> torch.Tensor:
+    def _rebuild(self, refs: List[ParamRef], current: Optional[torch.Tensor] = None) -> torch.Tensor:
         params = [getattr(m, n) for m, n in refs]
         shape, dtype, device = params[0].shape, params[0].dtype, params[0].device
         for i, p in enumerate(params):
@@ -78,14 +82,62 @@ class ExpertBank(torch.nn.Module):
                     f"native expert {i} weight is {tuple(p.shape)} {p.dtype} on {p.device}, "
                     f"expert 0 is {tuple(shape)} {dtype} on {device}; experts must match"
                 )
-        bank = torch.empty((len(params),) + tuple(shape), dtype=dtype, device=device)
+        want = (len(params),) + tuple(shape)
+        if self._peer_fc1 is not None and current is not None:
+            # peer-readable rows never move (every rank maps them): new weights are copied in
+            if tuple(current.shape) != want or current.dtype != dtype or current.device != device:
+                raise ValueError(f"native weights changed to {want} {dtype} on {device}, but this bank's rows are "
+                                 f"in peer memory as {tuple(current.shape)} {current.dtype} on {current.device}, "
+                                 "which cannot change: load weights of the same shape and dtype in place")
+            bank = current
+        else:
+            bank = torch.empty(want, dtype=dtype, device=device)
         with torch.no_grad():
             bank.copy_(torch.stack([p.detach() for p in params]))
-        for i, ((module, name), p) in enumerate(zip(refs, params)):
+        self._bind(bank, refs)
+        return bank
+
+    @staticmethod
+    def _bind(bank: torch.Tensor, refs: List[ParamRef]) -> None:
+        """Re-bind each parameter as a view of its row of ``bank`` (attributes kept)."""
+        for i, (module, name) in enumerate(refs):
+            p = getattr(module, name)
             view = torch.nn.Parameter(bank[i], requires_grad=p.requires_grad)
             view.__dict__.update(p.__dict__)  # keep Megatron's parameter attributes
             setattr(module, name, view)
-        return bank
+
+    # ------------------------------------------------------------------ peer-readable natives
+    def use_peer_memory(self) -> None:
+        """Move the native rows into memory every rank of the EP group can read
+        (``mechanism.peer_memory``: symmetric memory on GPUs, shared-memory files on CPU), so a
+        rank can pull a replica straight out of the expert's home rank (:meth:`remote_rows`).
+        Collective over the EP group (every rank, every layer in the same order); a no-op once
+        done. The parameters stay views of the rows, so the state dict and outputs are unchanged."""
+        if self._peer_fc1 is not None:
+            return
+        from megatron_probe.mechanism.peer_memory import peer_tensors
+
+        self.ensure_current()
+        views = []
+        for rows, refs in ((self.fc1, self._fc1_refs), (self.fc2, self._fc2_refs)):
+            local, peers = peer_tensors(rows.shape, rows.dtype, rows.device, self.ep_group)
+            with torch.no_grad():
+                local.copy_(rows)
+            self._bind(local, refs)
+            views.append((local, peers))
+        (self.fc1, self._peer_fc1), (self.fc2, self._peer_fc2) = views
+        self.version += 1
+
+    def remote_rows(self, expert: int) -> List[torch.Tensor]:
+        """``[fc1, fc2]`` of expert ``expert`` on its home rank, read from this rank (needs
+        :meth:`use_peer_memory`)."""
+        if self._peer_fc1 is None:
+            raise RuntimeError("remote_rows needs the natives in peer memory (use_peer_memory())")
+        L = self.layout.num_local_experts
+        home, j = divmod(int(expert), L)
+        if not 0 <= home < self.layout.ep_size:
+            raise ValueError(f"expert {expert} is not in 0..{L * self.layout.ep_size - 1}")
+        return [self._peer_fc1[home][j], self._peer_fc2[home][j]]
 
     def _own_rows(self, rows: Optional[torch.Tensor], natives: torch.Tensor) -> torch.Tensor:
         """The own replica rows for natives like ``natives``: the old rows converted when only

@@ -84,12 +84,15 @@ def replica_copies(placement: torch.Tensor, layout: ExpertLayout, me: int,
                    unchanged: Callable[[int, int, int], bool],
                    native_rows: Callable[[int], List[torch.Tensor]],
                    slot_rows: Callable[[int], List[torch.Tensor]],
-                   key: Callable[[int, int, int], Hashable] = lambda r, s, e: (r, s, e)) -> ReplicaCopies:
+                   key: Callable[[int, int, int], Hashable] = lambda r, s, e: (r, s, e),
+                   remote_rows: Optional[Callable[[int], List[torch.Tensor]]] = None) -> ReplicaCopies:
     """The one way a replica is planned to be filled (the live layer's synchronous fill and the
     pipeline's prefetch alike): for every slot ``(r, s)`` of ``placement [ep, R]`` that names an
     expert ``e`` and is not ``unchanged(r, s, e)``, a copy from ``e``'s home rank into slot ``s`` of
     rank ``r``. ``native_rows(e)``: this rank's weights of its native expert ``e``;
-    ``slot_rows(s)``: this rank's tensors of replica slot ``s``."""
+    ``slot_rows(s)``: this rank's tensors of replica slot ``s``. ``remote_rows(e)`` (pull copies,
+    ``device_transfer``): expert ``e``'s rows on its home rank as this rank reads them; given, they
+    are the source of every copy this rank receives."""
     L = layout.num_local_experts
     out = ReplicaCopies([], [], [], {}, {})
     for r in range(placement.shape[0]):
@@ -104,7 +107,10 @@ def replica_copies(placement: torch.Tensor, layout: ExpertLayout, me: int,
             if home == me:
                 out.send[(r, s)] = i
             out.ops.append(CopyOp(home, r, key=key(r, s, e)))
-            out.src.append(native_rows(e) if home == me else None)
+            if remote_rows is not None and r == me:
+                out.src.append(remote_rows(e))
+            else:
+                out.src.append(native_rows(e) if home == me else None)
             out.dst.append(slot_rows(s) if r == me else None)
     return out
 
@@ -133,6 +139,61 @@ def copy_now(copies: ReplicaCopies, group) -> None:
         work.wait()
         if target is not None:
             target.copy_(buf)
+
+
+def checked_ops(closed: bool, ops: Sequence[CopyOp], src_tensors, dst_tensors) -> List[CopyOp]:
+    """The op list of a ``submit``, after the checks every engine makes."""
+    if closed:
+        raise RuntimeError("transfer engine is closed")
+    ops = list(ops)
+    if len(src_tensors) != len(ops) or len(dst_tensors) != len(ops):
+        raise ValueError(f"{len(ops)} ops but {len(src_tensors)} source and {len(dst_tensors)} destination entries")
+    for i, op in enumerate(ops):
+        if op.src == op.dst:
+            raise ValueError(f"copy {i} ({op}) has the same source and destination rank")
+    return ops
+
+
+def _check_contiguous(i: int, op: CopyOp, tensors) -> None:
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError(f"copy {i} ({op}): tensors must be contiguous")
+
+
+def exchanged_ops(ops: Sequence[CopyOp], src_tensors, dst_tensors, me: int) -> list:
+    """``(index, op, tensors, tensors)`` of the copies ``me`` sends (its source tensors) or receives
+    (its destination tensors): both ranks of a copy take part."""
+    work = []
+    for i, op in enumerate(ops):
+        if me not in (op.src, op.dst):
+            continue
+        tensors = src_tensors[i] if op.src == me else dst_tensors[i]
+        if not tensors:
+            role = "sends" if op.src == me else "receives"
+            raise ValueError(f"rank {me} {role} copy {i} ({op}) but was given no tensors for it")
+        _check_contiguous(i, op, tensors)
+        work.append((i, op, list(tensors), list(tensors)))
+    return work
+
+
+def pulled_ops(ops: Sequence[CopyOp], src_tensors, dst_tensors, me: int) -> list:
+    """``(index, op, sources, destinations)`` of the copies ``me`` receives by pulling: a pull
+    copy's sources are the home rank's rows as this rank reads them
+    (``replica_copies(remote_rows=...)``); the home rank has nothing to do."""
+    work = []
+    for i, op in enumerate(ops):
+        if op.dst != me:
+            continue
+        src, dst = src_tensors[i], dst_tensors[i]
+        if not src or not dst:
+            what = "source (the home rank's rows as read from here)" if not src else "destination"
+            raise ValueError(f"rank {me} pulls copy {i} ({op}) but was given no {what}")
+        if len(src) != len(dst) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(src, dst)):
+            raise ValueError(f"copy {i} ({op}): sources {[tuple(a.shape) for a in src]} do not match "
+                             f"destinations {[tuple(b.shape) for b in dst]}")
+        _check_contiguous(i, op, list(src) + list(dst))
+        work.append((i, op, list(src), list(dst)))
+    return work
 
 
 def _chunks(tensors: Sequence[torch.Tensor], chunk_bytes: int):
@@ -219,6 +280,8 @@ class TransferEngine:
     chunk's interval. :attr:`fault` is a test hook: ``fault(op_index, op, chunk_index)`` is
     called right before this rank moves a chunk (both ranks committed) and may raise.
     """
+
+    pulls = False  # both ranks of a copy take part (``device_transfer.PullCopyEngine``: the receiver alone)
 
     def __init__(self, group, chunk_bytes: int = 1 << 20, device: Optional[torch.device] = None,
                  timeout_s: float = 300.0, store=None, event_log: Optional[EventLog] = None):
@@ -314,26 +377,9 @@ class TransferEngine:
         op this rank sends, ``src_tensors[i]`` holds the contiguous tensors to send; for each op it
         receives, ``dst_tensors[i]`` the contiguous tensors (same shapes and dtypes) to fill.
         Entries of other ranks' ops are ignored. On a broken engine the copies fail at once."""
-        if self._closed:
-            raise RuntimeError("transfer engine is closed")
-        ops = list(ops)
-        if len(src_tensors) != len(ops) or len(dst_tensors) != len(ops):
-            raise ValueError(f"{len(ops)} ops but {len(src_tensors)} source and {len(dst_tensors)} destination entries")
-        work, mine = [], []
-        for i, op in enumerate(ops):
-            if op.src == op.dst:
-                raise ValueError(f"copy {i} ({op}) has the same source and destination rank")
-            if op.src == self.rank or op.dst == self.rank:
-                tensors = src_tensors[i] if op.src == self.rank else dst_tensors[i]
-                if not tensors:
-                    role = "sends" if op.src == self.rank else "receives"
-                    raise ValueError(f"rank {self.rank} {role} copy {i} ({op}) but was given no tensors for it")
-                for t in tensors:
-                    if not t.is_contiguous():
-                        raise ValueError(f"copy {i} ({op}): tensors must be contiguous")
-                work.append((i, op, list(tensors)))
-                mine.append(i)
-        batch = TransferBatch(ops, mine, self._seq)
+        ops = checked_ops(self._closed, ops, src_tensors, dst_tensors)
+        work = self._work_items(ops, src_tensors, dst_tensors)
+        batch = TransferBatch(ops, [w[0] for w in work], self._seq)
         self._seq += 1
         if self.broken is not None:
             batch._fail(RuntimeError(f"transfer engine is broken: {self.broken}"))
@@ -343,6 +389,10 @@ class TransferEngine:
                 self._idle.clear()
             self._queue.put((batch, work))
         return batch
+
+    def _work_items(self, ops: List[CopyOp], src_tensors, dst_tensors) -> list:
+        """``(index, op, tensors)`` of the copies this rank sends or receives."""
+        return [(i, op, tensors) for i, op, tensors, _ in exchanged_ops(ops, src_tensors, dst_tensors, self.rank)]
 
     def _break(self, reason: str) -> None:
         if self.broken is None:

@@ -81,6 +81,7 @@ from megatron_probe.mechanism.comm import group_rank, group_size
 from megatron_probe.mechanism.event_log import EventLog, now_ns
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
+from megatron_probe.mechanism.device_transfer import PullCopyEngine, StreamCopyEngine
 from megatron_probe.mechanism.transfer import TransferEngine, replica_copies
 from megatron_probe.policy.cost_model import ExpertCost, ModelShape, get_profile
 from megatron_probe.policy.placement import EMPTY_SLOT, empty_placement
@@ -158,9 +159,18 @@ class PipelineComms:
         return cls(ep_group, ep, me, ctl, cls._engine(transfer, cfg, device, events), ranks, data, spares)
 
     @staticmethod
-    def _engine(group, cfg: ProbeConfig, device, events: Optional[EventLog]) -> TransferEngine:
-        return TransferEngine(group, chunk_bytes=int(cfg.transfer_chunk_mib * 2 ** 20), device=device,
-                              timeout_s=cfg.collective_timeout_s, event_log=events)
+    def _engine(group, cfg: ProbeConfig, device, events: Optional[EventLog]):
+        """The copy engine ``cfg.copy_transport`` names (``mechanism.device_transfer``)."""
+        chunk = int(cfg.transfer_chunk_mib * 2 ** 20)
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        if cfg.copy_transport == "stream" or (cfg.copy_transport == "peer_memory" and on_gpu):
+            return StreamCopyEngine(group, pull=cfg.copy_transport == "peer_memory", device=device,
+                                    timeout_s=cfg.collective_timeout_s, event_log=events)
+        if cfg.copy_transport == "peer_memory":
+            return PullCopyEngine(group, chunk_bytes=chunk, device=device, timeout_s=cfg.collective_timeout_s,
+                                  event_log=events)
+        return TransferEngine(group, chunk_bytes=chunk, device=device, timeout_s=cfg.collective_timeout_s,
+                              event_log=events)
 
     def renew_engine(self, cfg: ProbeConfig, device, events: Optional[EventLog]) -> Optional[TransferEngine]:
         """Close the (broken) engine and start a new one on the next spare group (a failed transfer
@@ -352,6 +362,9 @@ class LookaheadPipeline:
                 m.expert_bank.set_own_placement(empty_placement(self.layout))  # start empty: warm start fills
             m.token_dispatcher.hooks = self
             m.token_dispatcher.layer_index = i
+        if self.engine.pulls and self.ep > 1:
+            for m in self.layers:  # collective, layer by layer: the natives readable by every EP rank
+                m.expert_bank.use_peer_memory()
         # the dispatches run on the data group (its timeout) while the pipeline exists
         self._stock_groups = [m.token_dispatcher.ep_group for m in self.layers]
         for m in self.layers:
@@ -512,7 +525,7 @@ class LookaheadPipeline:
                                 unchanged=lambda r, s, e: self.pool.holds(b, layer, r, s, e),
                                 native_rows=self.layers[layer].expert_bank.native_rows,
                                 slot_rows=lambda s: self.pool.slot_tensors(b, s),
-                                key=lambda r, s, e: (layer, e, s))
+                                key=lambda r, s, e: (layer, e, s), remote_rows=self._remote_rows(layer))
         plan = LayerPlan(placement=placement, invalid=invalid, recv_ops=copies.recv, send_ops=copies.send,
                          copies=len(copies.ops), bytes=len(copies.ops) * self.pool.expert_bytes)
         with nvtx_range(f"prefetch.{phase}"):
@@ -535,7 +548,7 @@ class LookaheadPipeline:
         copies = replica_copies(placement, self.layout, self.me,
                                 unchanged=lambda r, s, e: int(held[r, s]) == e,
                                 native_rows=bank.native_rows, slot_rows=bank.own_slot_rows,
-                                key=lambda r, s, e: (layer, e, s))
+                                key=lambda r, s, e: (layer, e, s), remote_rows=self._remote_rows(layer))
         for op in copies.ops:  # a slot being overwritten holds nothing usable until its copy is agreed
             res.held[op.dst, op.key[2]] = EMPTY_SLOT
         plan = LayerPlan(placement=placement, invalid=invalid, recv_ops=copies.recv, send_ops=copies.send,
@@ -544,6 +557,10 @@ class LookaheadPipeline:
             with nvtx_range(f"prefetch.{phase}"):
                 plan.batch = self.engine.submit(copies.ops, copies.src, copies.dst)
         self._plans[layer] = plan
+
+    def _remote_rows(self, layer: int):
+        """Pull copies read the home rank's rows (``copy_transport='peer_memory'``)."""
+        return self.layers[layer].expert_bank.remote_rows if self.engine.pulls else None
 
     def _check_natives(self, layer: int) -> bool:
         """A layer's native weights changed since its replicas were copied (a reload, in place or

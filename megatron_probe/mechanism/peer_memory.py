@@ -1,0 +1,102 @@
+"""Memory every rank of a group can read directly: the source side of pull copies.
+
+A pull copy needs no sender: the receiving rank reads the expert's weights straight out of the
+home rank's memory and writes them into its own slot. That takes the home rank out of the copy
+(no send to post, no partner to commit with), and on GPUs the read is a ``copy_`` that the copy
+engine runs over NVLink without using SMs.
+
+:func:`peer_tensors` allocates one such tensor per rank and returns the local one (to compute
+with) and a view of every rank's (to read from):
+
+* **CUDA**: ``torch.distributed._symmetric_memory`` (``empty`` + ``rendezvous``; each peer's
+  buffer through ``get_buffer``). Within one node (NVLink or PCIe peer access).
+* **CPU**: a file in shared memory (``/dev/shm`` where it exists, else the temp folder) per rank,
+  mapped by every rank of the group with ``torch.from_file(shared=True)``; the file name is
+  removed once every rank has mapped it, so nothing outlives the processes. Within one host.
+
+Both are collective over ``group`` and refuse ranks on different hosts by name. The tensors never
+move once allocated: the caller writes new weights into them in place.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+import warnings
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_probe.mechanism.comm import group_rank, group_size
+
+_handles: list = []  # CUDA symmetric-memory handles: kept alive as long as their buffers are used
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _gather(obj, group) -> list:
+    out = [None] * group_size(group)
+    if len(out) == 1:
+        return [obj]
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def check_one_host(group, what: str = "peer-memory copies") -> None:
+    """Every rank of ``group`` on this host, or a ValueError naming the ranks and their hosts."""
+    hosts = _gather(socket.gethostname(), group)
+    if len(set(hosts)) > 1:
+        raise ValueError(f"{what} need every rank of the group on one host; ranks are on "
+                         f"{dict(enumerate(hosts))} (use copy_transport='p2p' across hosts)")
+
+
+def peer_tensors(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                 group) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``(local, peers)``: a new uninitialised tensor of ``shape`` on this rank and, for every group
+    rank ``r``, a tensor that reads rank ``r``'s (``peers[me]`` is ``local`` itself). Collective:
+    every rank calls it with the same shape and dtype, in the same order. ``group=None``: this
+    rank alone."""
+    shape = tuple(int(s) for s in shape)
+    shapes = _gather((shape, str(dtype), device.type), group)
+    if len(set(shapes)) > 1:
+        raise ValueError(f"peer tensors must have the same shape, dtype and device type on every rank; "
+                         f"got {dict(enumerate(shapes))}")
+    me = group_rank(group)
+    if device.type == "cuda":
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if group is None:  # (None: one rank) symmetric memory needs a process group, even of one rank
+            if not (dist.is_initialized() and dist.get_world_size() == 1):
+                raise ValueError("peer tensors on CUDA need a process group: pass the EP group "
+                                 "(None stands for one rank, which needs a world of one)")
+            group = dist.group.WORLD
+        with warnings.catch_warnings():  # needed before torch 2.8, deprecated (a no-op) since
+            warnings.simplefilter("ignore")
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        local = symm_mem.empty(shape, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(local, group)
+        _handles.append(handle)
+        peers = [local if r == me else handle.get_buffer(r, shape, dtype)
+                 for r in range(group_size(group))]
+        return local, peers
+    if device.type != "cpu":
+        raise ValueError(f"peer tensors on {device}: supported are cuda (symmetric memory) and cpu "
+                         "(shared-memory files)")
+    check_one_host(group)
+    numel = 1
+    for s in shape:
+        numel *= s
+    path = os.path.join(_shm_dir(), f"megatron_probe_peer_{uuid.uuid4().hex}")
+    local = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+    paths = _gather(path, group)
+    peers = [local if r == me else torch.from_file(p, shared=True, size=numel, dtype=dtype).view(shape)
+             for r, p in enumerate(paths)]
+    if group_size(group) > 1:
+        dist.barrier(group=group)  # every rank has mapped every file: the names can go
+    os.unlink(path)
+    return local, peers
