@@ -34,7 +34,7 @@ def peer_memory_worker(rank, ws):
         local.mul_(2)  # in place: every peer reads the new values
     dist.barrier()
     assert torch.equal(peers[0], 2 * torch.arange(15, dtype=torch.bfloat16).view(3, 5)), (rank, peers[0])
-    left = glob.glob(os.path.join(_shm_dir(), "megatron_probe_peer_*"))
+    left = glob.glob(os.path.join(_shm_dir(), f"megatron_probe_peer_{os.getpid()}_*"))
     assert not left, (rank, left)
     try:
         peer_tensors((4 + rank,), torch.float32, torch.device("cpu"), dist.group.WORLD)
@@ -205,3 +205,90 @@ def test_gpu_check_copy_step_dry_run(tmp_path):
     rows = out["rows"]
     assert len(rows) == 1 and rows[0]["ordered_copy_exact"] is True and rows[0]["copy_gb_s"] > 0, out
     assert "NCCL" in out["not_measured"], out  # the report says what one device cannot measure
+
+
+def reload_without_sync_worker(rank, ws):
+    """Pull copies after a weight load that the ranks finish at different times, with no
+    collective of the model's in between: rank 0 (home of layer 0's hot expert) is still loading
+    when the others start the next forward and plan layer 0's copies out of its rows. The step's barrier makes them wait,
+    so the output equals the plain model's with the new weights."""
+    from megatron_probe import ProbeConfig
+    from megatron_probe.experiments.tiny_moe import forward_logits
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.runtime.pipeline import LookaheadPipeline
+    from test_pipeline import _skewed_gpt
+
+    model, _, _, unit_cost = _skewed_gpt(rank, ws, num_layers=2)
+    b = torch.randint(0, 6, (1, 30 + 2 * rank), generator=torch.Generator().manual_seed(5 + rank))
+    # layer 0 planned from its previous counts at the forward's start, before any collective
+    pcfg = ProbeConfig(replica_slots_per_rank=2, replica_mode="streamed", predictor_hidden=8, cost_gate=False,
+                       transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0, copy_transport="peer_memory")
+    pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
+    assert pipe.runtime is not None and pipe.runtime.forecasts(0), rank
+    with torch.inference_mode():
+        for _ in range(2):
+            forward_logits(model, b)
+            pipe.end_step()
+        if rank == 0:  # home of layer 0's hot expert: still loading while the others pull it
+            time.sleep(1.0)
+        for m in moe_layers(model):
+            m.expert_bank.fc1.mul_(1.05)
+            m.expert_bank.fc2.mul_(0.97)
+        got = forward_logits(model, b)
+        pipe.end_step()
+        copies = sum(r["copies"] for r in pipe.history if r["step"] == 2 and r["layer"] == 0)
+        pipe.activate(False)
+        want = forward_logits(model, b)
+    pipe.close()
+    diff = float((got - want).abs().max())
+    assert copies > 0, (rank, "no copy after the load", pipe.history)
+    assert diff <= 1e-5 * float(want.abs().max()), (rank, "a replica of the old weights was used", diff)
+
+
+def test_pull_copies_wait_for_every_rank_to_finish_loading():
+    run_ranks(reload_without_sync_worker, 2)
+
+
+def peer_bank_worker(rank, ws):
+    """``ExpertBank.use_peer_memory``: the state dict and the output unchanged; ``remote_rows``
+    reads the home rank's natives; weights loaded in place stay visible to peers; a dtype change
+    afterwards is refused by name (peer rows cannot change)."""
+    from megatron_probe.runtime.model_walk import moe_layers
+    from megatron_probe.experiments.tiny_moe import forward_logits
+    from test_pipeline import _skewed_gpt
+
+    model, batches, refs, _ = _skewed_gpt(rank, ws, num_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    banks = [m.expert_bank for m in moe_layers(model)]
+    for bank in banks:
+        bank.use_peer_memory()
+    after = model.state_dict()
+    assert set(after) >= set(before) and all(torch.equal(after[k], v) for k, v in before.items()), rank
+    with torch.no_grad():
+        assert torch.equal(forward_logits(model, batches[0]), refs[0]), rank
+    L = banks[0].layout.num_local_experts
+    mine = [torch.stack([bank.fc1[j].flatten() for j in range(L)]) for bank in banks]
+    gathered = [[torch.zeros_like(t) for _ in range(ws)] for t in mine]
+    for t, out in zip(mine, gathered):
+        dist.all_gather(out, t)
+    for bank, out in zip(banks, gathered):
+        for e in range(L * ws):
+            assert torch.equal(bank.remote_rows(e)[0].flatten(), out[e // L][e % L]), (rank, e)
+    dist.barrier()  # every rank done reading before anyone writes
+    with torch.no_grad():
+        banks[0].fc1.add_(1.0)  # in place, on every rank
+    dist.barrier()
+    home = (rank + 1) % ws
+    want = (gathered[0][home][0] + 1.0).view_as(banks[0].fc1[0])  # its first native expert, +1
+    assert torch.equal(banks[0].remote_rows(home * L)[0], want), rank
+    model.half()
+    err = None
+    try:
+        banks[0].weights(differentiable=False)
+    except ValueError as e:
+        err = str(e)
+    assert err is not None and "peer memory" in err and "torch.float16" in err, (rank, err)
+
+
+def test_bank_natives_in_peer_memory():
+    run_ranks(peer_bank_worker, 2)

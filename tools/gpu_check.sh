@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check, in one go (foundation: about 2 minutes on one H200 before its EP 1 CUDA-graph step
-# was added, that step not yet run on a GPU; planner: about 1 minute; predictor: under a minute, not
-# yet run on a GPU).
+# Every GPU check, in one go (foundation: about 2 minutes on one H200 before its EP 1 CUDA-graph and
+# copy steps were added, neither yet run on a GPU; planner: about 1 minute; predictor: under a minute,
+# not yet run on a GPU).
 # On a machine without megatron-core (e.g. a bare CUDA image), carry wheels in .whl/ (numba and
 # llvmlite too: the host planner every GPU plan is compared with is compiled with numba):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \

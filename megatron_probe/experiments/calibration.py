@@ -49,6 +49,8 @@ def measure_copy_us(pipe, bank, rank: int, group) -> float:
     else:
         source = [bank.fc1[0], bank.fc2[0]] if rank == 0 else None
     for _ in range(2):
+        if bank.fc1.device.type == "cuda":
+            torch.cuda.synchronize()  # a device-ordered copy would otherwise wait for queued work too
         dist.barrier(group=group)
         t0 = time.perf_counter()
         batch = pipe.engine.submit([CopyOp(0, 1, "probe-copy-cost")], [source], [scratch])

@@ -64,6 +64,12 @@ class PullCopyEngine(TransferEngine):
     def _work_items(self, ops: List[CopyOp], src_tensors, dst_tensors) -> list:
         return pulled_ops(ops, src_tensors, dst_tensors, self.rank)
 
+    def barrier(self) -> None:
+        """Every rank's writes of its natives are done (host memory: they were done in program
+        order) before any rank's next pull: a barrier on the engine's group, which pulls leave idle."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
     def _run(self, batch: TransferBatch, work) -> None:
         log = self.event_log
         for i, op, src, dst in work:
@@ -150,12 +156,27 @@ class StreamCopyEngine:
         self._closed = False
         self._unfenced = 0  # batches issued since the main stream last waited for the copies
         self._cuda = self.device.type == "cuda"
+        self.orders_on_device = self._cuda
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._last = None  # event after the last issued batch
-        if self._cuda and not self.pulls and group is not None and dist.get_backend(group) == "nccl":
+        self._nccl = self._cuda and group is not None and "nccl" in str(dist.get_backend(group))
+        if self._nccl and not self.pulls:
             # NCCL: the group's communicator is made by a call every rank joins (a first batch of
             # send/recv between two ranks only would leave it undefined)
-            dist.barrier(group=group, device_ids=[self.device.index or 0])
+            self.barrier()
+
+    def barrier(self) -> None:
+        """Every rank's work issued so far on its main stream (writes of its natives included)
+        is done before any copy issued after this, on every rank: an all-reduce on the main stream
+        with NCCL (copies wait for the main stream), else a host barrier after the device's work."""
+        if self.group is None:
+            return
+        if self._nccl:
+            dist.all_reduce(torch.zeros(1, device=self.device), group=self.group)
+            return
+        if self._cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        dist.barrier(group=self.group)
 
     # ------------------------------------------------------------------ control
     def pause(self) -> None:
@@ -214,9 +235,13 @@ class StreamCopyEngine:
         batch.chunks_moved = len(work)
         self.bytes_moved += nbytes
         self.chunks_moved += len(work)
-        if self.event_log is not None:  # the host's issue interval (on CPU: the copies themselves)
-            self.event_log.record("recv" if self.pulls else "send", _layer_of(ops[work[0][0]].key), t0, now_ns(),
-                                  bytes=nbytes, op=work[0][0], chunk=0)
+        if self.event_log is not None:
+            # on CPU the copies ran here (a chunk interval); on the device this is when they were
+            # issued, not when they ran, so it is not a chunk kind (CUDA events order them)
+            kind = ("copy_issue" if self._cuda else
+                    "recv" if any(w[1].dst == self.rank for w in work) else "send")
+            self.event_log.record(kind, _layer_of(ops[work[0][0]].key), t0, now_ns(), bytes=nbytes,
+                                  op=work[0][0], chunk=0)
         return batch
 
     def _issue(self, work) -> None:

@@ -66,8 +66,11 @@ class ExpertBank(torch.nn.Module):
         if len(fc1_refs) != L or len(fc2_refs) != L:
             raise ValueError(f"expected {L} native experts, got {len(fc1_refs)} / {len(fc2_refs)}")
         self._fc1_refs, self._fc2_refs = list(fc1_refs), list(fc2_refs)
-        self.fc1 = self._rebuild(self._fc1_refs, self.fc1)
-        self.fc2 = self._rebuild(self._fc2_refs, self.fc2)
+        # in peer memory the rows every peer reads are the ones written (``module.to()`` may have
+        # replaced the fc1 / fc2 buffers themselves)
+        peer = self._peer_fc1 is not None
+        self.fc1 = self._rebuild(self._fc1_refs, self._peer_fc1[self.ep_rank] if peer else None)
+        self.fc2 = self._rebuild(self._fc2_refs, self._peer_fc2[self.ep_rank] if peer else None)
         self.version += 1
         if not self.shared:
             self.replica_fc1 = self._own_rows(self.replica_fc1, self.fc1)
@@ -83,7 +86,7 @@ class ExpertBank(torch.nn.Module):
                     f"expert 0 is {tuple(shape)} {dtype} on {device}; experts must match"
                 )
         want = (len(params),) + tuple(shape)
-        if self._peer_fc1 is not None and current is not None:
+        if current is not None:
             # peer-readable rows never move (every rank maps them): new weights are copied in
             if tuple(current.shape) != want or current.dtype != dtype or current.device != device:
                 raise ValueError(f"native weights changed to {want} {dtype} on {device}, but this bank's rows are "

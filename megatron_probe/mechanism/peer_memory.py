@@ -11,11 +11,13 @@ with) and a view of every rank's (to read from):
 * **CUDA**: ``torch.distributed._symmetric_memory`` (``empty`` + ``rendezvous``; each peer's
   buffer through ``get_buffer``). Within one node (NVLink or PCIe peer access).
 * **CPU**: a file in shared memory (``/dev/shm`` where it exists, else the temp folder) per rank,
-  mapped by every rank of the group with ``torch.from_file(shared=True)``; the file name is
-  removed once every rank has mapped it, so nothing outlives the processes. Within one host.
+  its space reserved up front, mapped by every rank of the group with
+  ``torch.from_file(shared=True)``; the file name is removed once every rank has mapped it, so
+  nothing outlives the processes. Within one host.
 
 Both are collective over ``group`` and refuse ranks on different hosts by name. The tensors never
-move once allocated: the caller writes new weights into them in place.
+move once allocated: the caller writes new weights into them in place, and must order those
+writes before any peer's read (the live pipeline: a barrier at each step's first plan).
 """
 
 from __future__ import annotations
@@ -47,12 +49,9 @@ def _gather(obj, group) -> list:
     return out
 
 
-def check_one_host(group, what: str = "peer-memory copies") -> None:
-    """Every rank of ``group`` on this host, or a ValueError naming the ranks and their hosts."""
-    hosts = _gather(socket.gethostname(), group)
-    if len(set(hosts)) > 1:
-        raise ValueError(f"{what} need every rank of the group on one host; ranks are on "
-                         f"{dict(enumerate(hosts))} (use copy_transport='p2p' across hosts)")
+def _check_same(items: list, what: str) -> None:
+    if len(set(items)) > 1:
+        raise ValueError(f"{what}; got {dict(enumerate(items))}")
 
 
 def peer_tensors(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
@@ -60,12 +59,16 @@ def peer_tensors(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
     """``(local, peers)``: a new uninitialised tensor of ``shape`` on this rank and, for every group
     rank ``r``, a tensor that reads rank ``r``'s (``peers[me]`` is ``local`` itself). Collective:
     every rank calls it with the same shape and dtype, in the same order. ``group=None``: this
-    rank alone."""
+    rank alone. Every rank raises the same error when one cannot take part."""
     shape = tuple(int(s) for s in shape)
-    shapes = _gather((shape, str(dtype), device.type), group)
-    if len(set(shapes)) > 1:
-        raise ValueError(f"peer tensors must have the same shape, dtype and device type on every rank; "
-                         f"got {dict(enumerate(shapes))}")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"peer tensors on {device}: supported are cuda (symmetric memory) and cpu "
+                         "(shared-memory files)")
+    info = _gather(((shape, str(dtype), device.type), socket.gethostname()), group)
+    _check_same([i[1] for i in info], "peer memory needs every rank of the group on one host (use "
+                "copy_transport='p2p' across hosts): ranks are on these hosts")
+    _check_same([i[0] for i in info], "peer tensors must have the same shape, dtype and device type on "
+                "every rank")
     me = group_rank(group)
     if device.type == "cuda":
         import torch.distributed._symmetric_memory as symm_mem
@@ -75,7 +78,7 @@ def peer_tensors(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                 raise ValueError("peer tensors on CUDA need a process group: pass the EP group "
                                  "(None stands for one rank, which needs a world of one)")
             group = dist.group.WORLD
-        with warnings.catch_warnings():  # needed before torch 2.8, deprecated (a no-op) since
+        with warnings.catch_warnings():  # required before torch 2.8; deprecated since
             warnings.simplefilter("ignore")
             symm_mem.enable_symm_mem_for_group(group.group_name)
         local = symm_mem.empty(shape, dtype=dtype, device=device)
@@ -84,19 +87,35 @@ def peer_tensors(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
         peers = [local if r == me else handle.get_buffer(r, shape, dtype)
                  for r in range(group_size(group))]
         return local, peers
-    if device.type != "cpu":
-        raise ValueError(f"peer tensors on {device}: supported are cuda (symmetric memory) and cpu "
-                         "(shared-memory files)")
-    check_one_host(group)
     numel = 1
     for s in shape:
         numel *= s
-    path = os.path.join(_shm_dir(), f"megatron_probe_peer_{uuid.uuid4().hex}")
-    local = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
-    paths = _gather(path, group)
-    peers = [local if r == me else torch.from_file(p, shared=True, size=numel, dtype=dtype).view(shape)
-             for r, p in enumerate(paths)]
-    if group_size(group) > 1:
-        dist.barrier(group=group)  # every rank has mapped every file: the names can go
-    os.unlink(path)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    folder = _shm_dir()
+    path = os.path.join(folder, f"megatron_probe_peer_{os.getpid()}_{uuid.uuid4().hex}")
+    local, error = None, None
+    try:
+        # the space reserved now: a shared file grown lazily would raise SIGBUS at the first write
+        # past what the folder holds (a container's /dev/shm is often 64 MiB)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(1, nbytes))
+        finally:
+            os.close(fd)
+        local = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+    except OSError as e:
+        error = f"rank {me}: cannot reserve {nbytes / 2 ** 20:.1f} MiB in {folder} ({e})"
+    try:
+        paths = _gather((path, error), group)
+        errors = [err for _, err in paths if err is not None]
+        if errors:
+            raise ValueError("peer memory on CPU: " + "; ".join(errors) + " (free space there, or use "
+                             "copy_transport='p2p')")
+        peers = [local if r == me else torch.from_file(p, shared=True, size=numel, dtype=dtype).view(shape)
+                 for r, (p, _) in enumerate(paths)]
+        if group_size(group) > 1:
+            dist.barrier(group=group)  # every rank has mapped every file: the names can go
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
     return local, peers

@@ -282,6 +282,7 @@ class TransferEngine:
     """
 
     pulls = False  # both ranks of a copy take part (``device_transfer.PullCopyEngine``: the receiver alone)
+    orders_on_device = False  # copies ordered by the host (``device_transfer.StreamCopyEngine``: by CUDA events)
 
     def __init__(self, group, chunk_bytes: int = 1 << 20, device: Optional[torch.device] = None,
                  timeout_s: float = 300.0, store=None, event_log: Optional[EventLog] = None):

@@ -346,6 +346,15 @@ class LookaheadPipeline:
         self.comms = PipelineComms.create(ep_group, cfg, bank0.fc1.device, self.events)
         self.ep_group, self.ep, self.me = ep_group, self.comms.ep, self.comms.me
         self.ctl_group, self.engine = self.comms.ctl_group, self.comms.engine
+        self._natives_synced = False  # pull copies: every rank's natives written before this step's reads
+        if self.engine.pulls and self.ep > 1:
+            try:  # collective, layer by layer: the natives readable by every EP rank
+                for m in self.layers:
+                    m.expert_bank.use_peer_memory()
+            except BaseException:  # (every rank raises alike) nothing of this pipeline is left behind
+                self.engine.close()
+                self.comms.destroy_groups()
+                raise
         cap = None if cfg.replica_memory_cap_mib is None else int(cfg.replica_memory_cap_mib * 2 ** 20)
         self.mode = choose_replica_mode(cfg.replica_mode, len(self.layers), self.layout.replica_slots,
                                         bank0.expert_bytes(), cap)
@@ -362,9 +371,6 @@ class LookaheadPipeline:
                 m.expert_bank.set_own_placement(empty_placement(self.layout))  # start empty: warm start fills
             m.token_dispatcher.hooks = self
             m.token_dispatcher.layer_index = i
-        if self.engine.pulls and self.ep > 1:
-            for m in self.layers:  # collective, layer by layer: the natives readable by every EP rank
-                m.expert_bank.use_peer_memory()
         # the dispatches run on the data group (its timeout) while the pipeline exists
         self._stock_groups = [m.token_dispatcher.ep_group for m in self.layers]
         for m in self.layers:
@@ -498,8 +504,25 @@ class LookaheadPipeline:
         stages = self._stage_us.setdefault(layer, {})
         stages[stage] = stages.get(stage, 0.0) + us
 
+    def _sync_natives(self) -> None:
+        """Pull copies read a home rank's natives without it taking part, so nothing else orders
+        the read after the home's last write of them (a checkpoint load between two steps, or a
+        re-bind that ``ensure_current`` copies in lazily). At the first plan of each step (the same
+        point on every rank: plans are identical) every rank finishes such writes and meets the
+        others at a barrier on the engine's group (which pull copies leave idle); on the device it
+        is an all-reduce on the main stream, so copies issued after it, which wait for the main
+        stream, read after every rank's writes."""
+        self._natives_synced = True
+        if not (self.engine.pulls and self.ep > 1):
+            return
+        for m in self.layers:
+            m.expert_bank.ensure_current()
+        self.engine.barrier()
+
     def _prefetch_planned(self, layer: int, phase: str) -> None:
         """Streamed: the plan's copies into bank ``layer % 2``; resident: see _prefetch_resident."""
+        if not self._natives_synced:
+            self._sync_natives()
         counts = self.forecaster.predicted_counts(layer)
         if counts is None:
             return
@@ -622,6 +645,10 @@ class LookaheadPipeline:
     def before_dispatch(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         self._layer_t0[layer] = time.perf_counter()
+        if self.engine.orders_on_device and not self.cfg.pipeline_phase_lock:
+            # the layer's stream waits for every copy issued so far: a slot may have been filled by
+            # a plan that was never agreed (phase locking does this at every All-to-All)
+            self.engine.pause()
         if self.gates is not None:
             # this rank's control cost of the layer rides on the layer's own count exchange: the
             # gate reads every rank's without a collective of its own (only while on, i.e. while
@@ -828,6 +855,7 @@ class LookaheadPipeline:
         if self.forecaster is not None:
             self.forecaster.end_step()
         self._plans.clear()  # planned but never dispatched (e.g. a shorter forward)
+        self._natives_synced = False
         if self.gates is not None:
             self._rows_of_gated_off_layers()
         if self.forecaster is not None:
