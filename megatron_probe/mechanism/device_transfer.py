@@ -10,7 +10,8 @@ agreement waits for), so the pipeline's planning, agreement and phase locking ar
 ``peer_memory``  pull copies: the receiving rank reads the expert out of its home rank's native
                  rows (:mod:`~megatron_probe.mechanism.peer_memory`) and writes its own slot; the
                  home rank takes no part. GPU: :class:`StreamCopyEngine` (``copy_`` on a side
-                 stream: the copy engine over NVLink, no SMs, no thread). CPU:
+                 stream, a memcpy the driver gives a copy engine, no thread; not yet run on a
+                 GPU). CPU:
                  :class:`PullCopyEngine` (a worker thread copies chunk by chunk out of shared
                  memory, paused like the p2p engine, with no partner to commit with). One host.
 ``stream``       :class:`StreamCopyEngine` with NCCL send/recv batched on a side stream: no host
@@ -24,6 +25,8 @@ stream wait for every copy issued so far. So no copy overlaps an All-to-All and 
 the host. The difference from the host engine: a copy that outgrows its window delays the
 All-to-All instead of being deferred past it (the planner's slot budget sizes copies to the
 window), and a copy is never late at the agreement: the layer's stream waits for its event.
+Pull copies also need the home rank's writes of its natives ordered before them: the pipeline's
+barrier at each step's first plan (:meth:`StreamCopyEngine.barrier`, :meth:`PullCopyEngine.barrier`).
 A failed NCCL copy is not seen per copy (NCCL reports errors asynchronously, and its watchdog
 tears the job down); the agreement's failure path is the host engines'.
 
