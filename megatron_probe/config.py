@@ -87,8 +87,9 @@ class ProbeConfig:
             the receiving rank pulls the expert out of its home rank's native rows (symmetric
             memory on GPUs: ``copy_`` on a side stream, a memcpy the copy engine runs; shared-memory
             files on CPU, a worker thread); the home rank takes no part; every EP rank on one
-            host; one barrier per step (at its first plan) orders the pulls after every rank's
-            weight writes. ``stream``: NCCL send/recv batched on a side stream, no thread (GPU; on CPU it
+            host; a barrier at each step's first plan (steps that plan nothing skip it)
+            orders the pulls after every rank's weight writes; it waits up to
+            ``collective_timeout_s`` for a late rank. ``stream``: NCCL send/recv batched on a side stream, no thread (GPU; on CPU it
             runs each batch at submit, for tests). On the device both order copies against the
             All-to-All with CUDA events instead of pausing a thread.
         pipeline_predict / pipeline_plan / pipeline_phase_lock / pipeline_reassign: stages of the

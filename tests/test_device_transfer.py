@@ -34,6 +34,14 @@ def peer_memory_worker(rank, ws):
         local.mul_(2)  # in place: every peer reads the new values
     dist.barrier()
     assert torch.equal(peers[0], 2 * torch.arange(15, dtype=torch.bfloat16).view(3, 5)), (rank, peers[0])
+    if _shm_dir() == "/dev/shm":  # tmpfs refuses at once a reservation larger than it is
+        err = None
+        try:
+            peer_tensors((1 << 40,), torch.float32, torch.device("cpu"), dist.group.WORLD)  # 4 TiB
+        except ValueError as e:
+            err = str(e)
+        assert err is not None and "cannot reserve 4194304.0 MiB" in err and all(
+            f"rank {r}:" in err for r in range(ws)), (rank, err)
     left = glob.glob(os.path.join(_shm_dir(), f"megatron_probe_peer_{os.getpid()}_*"))
     assert not left, (rank, left)
     try:

@@ -49,6 +49,13 @@ def _gather(obj, group) -> list:
     return out
 
 
+def _raise_gathered(errors: list, hint: str) -> None:
+    """Every rank's error (None: none), gathered: all ranks raise the same, or none does."""
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise ValueError("peer memory on CPU: " + "; ".join(errors) + f" ({hint})")
+
+
 def _check_same(items: list, what: str) -> None:
     if len(set(items)) > 1:
         raise ValueError(f"{what}; got {dict(enumerate(items))}")
@@ -103,18 +110,19 @@ def peer_tensors(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
         finally:
             os.close(fd)
         local = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
-    except OSError as e:
-        error = f"rank {me}: cannot reserve {nbytes / 2 ** 20:.1f} MiB in {folder} ({e})"
+    except Exception as e:  # (OSError: no space; any other) gathered, so every rank raises alike
+        error = f"rank {me}: cannot reserve {nbytes / 2 ** 20:.1f} MiB in {folder} ({type(e).__name__}: {e})"
     try:
         paths = _gather((path, error), group)
-        errors = [err for _, err in paths if err is not None]
-        if errors:
-            raise ValueError("peer memory on CPU: " + "; ".join(errors) + " (free space there, or use "
-                             "copy_transport='p2p')")
-        peers = [local if r == me else torch.from_file(p, shared=True, size=numel, dtype=dtype).view(shape)
-                 for r, (p, _) in enumerate(paths)]
-        if group_size(group) > 1:
-            dist.barrier(group=group)  # every rank has mapped every file: the names can go
+        _raise_gathered([err for _, err in paths], "free space there, or use copy_transport='p2p'")
+        peers, error = [], None
+        try:
+            peers = [local if r == me else torch.from_file(p, shared=True, size=numel, dtype=dtype).view(shape)
+                     for r, (p, _) in enumerate(paths)]
+        except Exception as e:
+            error = f"rank {me}: cannot map a peer's file ({type(e).__name__}: {e})"
+        # every rank has mapped every file (or says why not) before the names go
+        _raise_gathered(_gather(error, group), "use copy_transport='p2p'")
     finally:
         if os.path.exists(path):
             os.unlink(path)

@@ -458,6 +458,7 @@ class LookaheadPipeline:
         layer planned on its true counts right before its dispatch, its copies waited for in
         full and reported in ``free_ms``)."""
         self.active = on
+        self._natives_synced = False  # weights may have changed while off: the next plan syncs first
         self.forecaster = (forecaster or self.runtime) if on else self.runtime
         self.wait_policy = (wait or self.default_wait) if on else self.default_wait
         for layer, m in enumerate(self.layers):
@@ -512,12 +513,11 @@ class LookaheadPipeline:
         others at a barrier on the engine's group (which pull copies leave idle); on the device it
         is an all-reduce on the main stream, so copies issued after it, which wait for the main
         stream, read after every rank's writes."""
+        if self.engine.pulls and self.ep > 1:
+            for m in self.layers:
+                m.expert_bank.ensure_current()
+            self.engine.barrier()
         self._natives_synced = True
-        if not (self.engine.pulls and self.ep > 1):
-            return
-        for m in self.layers:
-            m.expert_bank.ensure_current()
-        self.engine.barrier()
 
     def _prefetch_planned(self, layer: int, phase: str) -> None:
         """Streamed: the plan's copies into bank ``layer % 2``; resident: see _prefetch_resident."""
