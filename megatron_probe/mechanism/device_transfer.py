@@ -45,8 +45,8 @@ import torch.distributed as dist
 
 from megatron_probe.mechanism.comm import global_rank, group_rank, needs_host_staging
 from megatron_probe.mechanism.event_log import EventLog, now_ns
-from megatron_probe.mechanism.transfer import (CopyOp, TransferBatch, TransferEngine, _chunks, _layer_of, checked_ops,
-                                               exchanged_ops, pulled_ops)
+from megatron_probe.mechanism.transfer import (CopyOp, TransferEngine, _layer_of, checked_ops, exchanged_ops,
+                                               pulled_ops)
 
 
 class PullCopyEngine(TransferEngine):
@@ -73,29 +73,9 @@ class PullCopyEngine(TransferEngine):
         if self.group is not None:
             dist.barrier(group=self.group)
 
-    def _run(self, batch: TransferBatch, work) -> None:
-        log = self.event_log
-        for i, op, src, dst in work:
-            layer = _layer_of(op.key)
-            for c, (ti, s, e) in enumerate(_chunks(dst, self.chunk_bytes)):
-                self._gate(f"{batch.seq}/{i}/{c}")  # parks while paused; no partner to commit with
-                try:
-                    t0 = now_ns()
-                    if self.fault is not None:
-                        self.fault(i, op, c)
-                    dst[ti].view(-1)[s:e].copy_(src[ti].view(-1)[s:e])
-                    t1 = now_ns()
-                finally:
-                    self._set_busy(False)
-                nbytes = (e - s) * dst[ti].element_size()
-                if log is not None:
-                    log.record("recv", layer, t0, t1, peer=op.src, bytes=nbytes, op=i, chunk=c)
-                batch.bytes_moved += nbytes
-                batch.chunks_moved += 1
-                self.chunks_moved += 1
-            if self._stream is not None:
-                self._stream.synchronize()  # (CUDA tensors: the copy is usable once flagged)
-            batch._events[i].set()
+    def _move(self, op: CopyOp, src: torch.Tensor, dst: torch.Tensor) -> str:
+        dst.copy_(src)  # the gate parks between chunks while paused; no partner to commit with
+        return "recv"
 
 
 class StreamBatch:

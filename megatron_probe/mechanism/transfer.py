@@ -392,8 +392,8 @@ class TransferEngine:
         return batch
 
     def _work_items(self, ops: List[CopyOp], src_tensors, dst_tensors) -> list:
-        """``(index, op, tensors)`` of the copies this rank sends or receives."""
-        return [(i, op, tensors) for i, op, tensors, _ in exchanged_ops(ops, src_tensors, dst_tensors, self.rank)]
+        """``(index, op, tensors, tensors)`` of the copies this rank sends or receives."""
+        return exchanged_ops(ops, src_tensors, dst_tensors, self.rank)
 
     def _break(self, reason: str) -> None:
         if self.broken is None:
@@ -480,35 +480,46 @@ class TransferEngine:
             delay = min(2 * delay, 5e-4)
 
     def _run(self, batch: TransferBatch, work) -> None:
+        """Move ``work`` (``(index, op, sources, destinations)``) chunk by chunk, each chunk
+        behind the gate (pause, commit) and moved by :meth:`_move`."""
         log = self.event_log
-        for i, op, tensors in work:
-            sending = op.src == self.rank
-            peer = op.dst if sending else op.src
+        for i, op, src, dst in work:
+            peer = op.dst if op.src == self.rank else op.src
             layer = _layer_of(op.key)
-            for c, (ti, s, e) in enumerate(_chunks(tensors, self.chunk_bytes)):
+            for c, (ti, s, e) in enumerate(_chunks(dst, self.chunk_bytes)):
                 self._gate(f"{batch.seq}/{i}/{c}")
                 try:
                     t0 = now_ns()
                     if self.fault is not None:
                         self.fault(i, op, c)
-                    flat = tensors[ti].view(-1)[s:e]
-                    staged = needs_host_staging(self.group, flat)
-                    if sending:
-                        dist.send(flat.cpu() if staged else flat, global_rank(self.group, peer), group=self.group)
-                    else:
-                        buf = torch.empty(flat.shape, dtype=flat.dtype) if staged else flat
-                        dist.recv(buf, global_rank(self.group, peer), group=self.group)
-                        if staged:
-                            flat.copy_(buf)
+                    kind = self._move(op, src[ti].view(-1)[s:e], dst[ti].view(-1)[s:e])
                     t1 = now_ns()
                 finally:
                     self._set_busy(False)
-                nbytes = flat.numel() * flat.element_size()
+                nbytes = (e - s) * dst[ti].element_size()
                 if log is not None:
-                    log.record("send" if sending else "recv", layer, t0, t1, peer=peer, bytes=nbytes, op=i, chunk=c)
+                    log.record(kind, layer, t0, t1, peer=peer, bytes=nbytes, op=i, chunk=c)
                 batch.bytes_moved += nbytes
                 batch.chunks_moved += 1
                 self.chunks_moved += 1
             if self._stream is not None:
                 self._stream.synchronize()  # the copy is usable by other streams once flagged
             batch._events[i].set()
+
+    def _move(self, op: CopyOp, src: torch.Tensor, dst: torch.Tensor) -> str:
+        """One chunk of ``op``: sent from ``src`` or received into ``dst`` (the same chunk of this
+        rank's tensors); returns the event log's kind."""
+        sending = op.src == self.rank
+        peer = global_rank(self.group, op.dst if sending else op.src)
+        if needs_host_staging(self.group, dst):
+            if sending:
+                dist.send(src.cpu(), peer, group=self.group)
+            else:
+                buf = torch.empty(dst.shape, dtype=dst.dtype)
+                dist.recv(buf, peer, group=self.group)
+                dst.copy_(buf)
+        elif sending:
+            dist.send(src, peer, group=self.group)
+        else:
+            dist.recv(dst, peer, group=self.group)
+        return "send" if sending else "recv"
