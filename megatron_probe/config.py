@@ -17,6 +17,7 @@ ASSIGNMENT_POLICIES = ("locality_even",)
 REPLICA_MODES = ("streamed", "resident", "auto")
 DISPATCH_SPLITS = ("time", "tokens")
 COPY_TRANSPORTS = ("p2p", "peer_memory", "stream")
+CONTROL_PATHS = ("host", "device")
 LAYER0_COUNTS = ("previous", "predict")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -102,9 +103,18 @@ class ProbeConfig:
             (``pipeline_reassign``; every rank computes the same). ``time``: the cost model's time
             objective on the host (``policy.split``: exact token split, local search and bounded
             branch and bound over the active copies). ``tokens``: the exact min-max token split on
-            the host. (The dispatcher gathers the counts to the host for the All-to-All's split
-            sizes, so the same split on the device, ``policy.split_triton``, waits for the
-            device-resident control path.)
+            the host (on the device with ``control_path="device"``).
+        control_path: where the live pipeline's per-layer control runs. ``host`` (default): the
+            dispatcher reads the all-gathered ``[ep, E]`` counts back and plans and splits on the
+            host (the compiled planner and either split objective). ``device``: the counts, the
+            forecasts, the plan and the split stay on the tokens' device: layer L's placement is
+            planned by the Triton planner (``policy.planner_triton``) on a side stream while layer
+            L-1's experts run, the dispatch split is the exact token split on the device
+            (``policy.split_triton``), and each dispatch reads back only the All-to-All's split
+            sizes, in one pinned copy; the true counts for metrics and the cost gate are read once
+            per step, at its end. Needs ``dispatch_split="tokens"`` and streamed replicas (the
+            time split and the resident decision are host code), and Triton where the tokens are
+            (a CUDA GPU, or ``TRITON_INTERPRET=1`` on CPU, for tests).
         hardware_profile: cost-model profile the planner uses (a preset name or a JSON file).
         copy_charge_us: time one replica copy costs *each* of its two ranks beyond what overlap
             hides (0: copies are free inside the slot budget, as PROBE assumes for GPUs with copy
@@ -174,6 +184,7 @@ class ProbeConfig:
     pipeline_phase_lock: bool = True
     pipeline_reassign: bool = True
     dispatch_split: str = "time"
+    control_path: str = "host"
     hardware_profile: str = "h200-sxm"
     copy_charge_us: float = 0.0
     cost_gate: bool = True
@@ -258,6 +269,17 @@ class ProbeConfig:
             raise ValueError(f"replica_mode={self.replica_mode!r} is not one of {REPLICA_MODES}")
         if self.dispatch_split not in DISPATCH_SPLITS:
             raise ValueError(f"dispatch_split={self.dispatch_split!r} is not one of {DISPATCH_SPLITS}")
+        if self.control_path not in CONTROL_PATHS:
+            raise ValueError(f"control_path={self.control_path!r} is not one of {CONTROL_PATHS}")
+        if self.control_path == "device":
+            if self.dispatch_split != "tokens":
+                raise ValueError(f"control_path='device' with dispatch_split={self.dispatch_split!r}: the time "
+                                 "objective's split is host code; valid: dispatch_split='tokens' (the exact token "
+                                 "split, on the device), or control_path='host'")
+            if self.replica_mode == "resident":
+                raise ValueError("control_path='device' with replica_mode='resident': the resident decision is "
+                                 "host code; valid: replica_mode 'streamed' or 'auto' (streamed on the device "
+                                 "path), or control_path='host'")
         if self.expert_backend not in EXPERT_BACKENDS:
             raise ValueError(
                 f"expert_backend={self.expert_backend!r} is not one of {EXPERT_BACKENDS}"

@@ -52,3 +52,23 @@ def build_both(rank, ws):
 
 def test_spec_objects_for_megatron_scripts():
     run_ranks(build_both, 1)
+
+
+def test_megatron_inference_engine_serves_the_probe_spec_dry_run(tmp_path):
+    """``tools/megatron_engine_check.py`` on CPU (its dry run: Megatron's CUDA placements sent to
+    the CPU): Megatron-Core's static inference engine serves a GPT model built from the spec
+    object, and its greedy tokens and their log-probabilities equal the stock model's under the
+    same engine, and the tokens equal greedy decoding by full recompute."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from megatron_engine_check import engine_worker
+
+    path = str(tmp_path / "engine_ep1.json")
+    run_ranks(engine_worker, 1, "cpu", True, path)
+    out = json.load(open(path))
+    assert out["passed"], out
+    assert out["dry_run_with_cpu_shims"] and out["max_log_prob_diff_vs_stock"] <= out["log_prob_tolerance"], out
+    assert len(out["probe_tokens"]) == 4 and all(len(t) == out["new_tokens"] for t in out["probe_tokens"]), out

@@ -67,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="process-group backend (auto: NCCL on GPU, gloo on CPU; gloo on GPU lets "
                         "several ranks share one GPU, staging transfers through host memory)")
+    p.add_argument("--control-path", choices=["host", "device"], default="host",
+                   help="ProbeConfig.control_path: device keeps counts and assignment on the tokens' device "
+                        "(Triton: a CUDA GPU, or TRITON_INTERPRET=1 on CPU)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock MoELayer comparison")
     p.add_argument("--json", help="write the result JSON here")
     a = p.parse_args(argv)
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
         ep=a.ep, experts=a.experts, topk=a.topk, replica_slots=a.replica_slots, trials=a.trials,
         dtype=a.dtype, backend=a.backend, fp8_recipe=a.fp8, hidden=a.hidden, ffn=a.ffn,
         max_tokens=a.max_tokens, seed=a.seed, device=device, compare_stock=not a.no_stock, first_trial=a.first_trial,
-        dp=a.dp, tp=a.tp, pp=a.pp, sp=a.sp, etp=a.etp,
+        dp=a.dp, tp=a.tp, pp=a.pp, sp=a.sp, etp=a.etp, control_path=a.control_path,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.json")

@@ -6,7 +6,9 @@
    (loop, torch._grouped_mm, TE GroupedLinear) and, with TE, FP8 (DelayedScaling,
    Float8CurrentScaling, MXFP8BlockScaling);
 3. equivalence at EP = 2 with two ranks sharing the GPU over gloo (CUDA tensors staged through
-   host memory): the replica path (bank fill, slot mapping, S = L + R grouped GEMM) on CUDA;
+   host memory): the replica path (bank fill, slot mapping, S = L + R grouped GEMM) on CUDA; and
+   the same with ``control_path='device'`` (counts, the Triton token split and the dispatch's one
+   read-back of its split sizes on the GPU);
 4. timings with CUDA events: expert compute per backend, and one PROBE MoE layer forward
    against the stock Megatron MoELayer (alltoall dispatcher) in the same process, as a ratio;
 5. the EP 1 PROBE layer at decode sizes with no host synchronisation (sync debug mode "error"),
@@ -61,12 +63,13 @@ def env_report():
     return info
 
 
-def run_equivalence(name, args, out_dir, timeout=300):
+def run_equivalence(name, args, out_dir, timeout=300, env=None):
     path = os.path.join(out_dir, f"eq_{name}.json")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "check_equivalence.py"), *args, "--json", path]
     t0 = time.time()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                           env=None if env is None else {**os.environ, **env})
         rc, tail = r.returncode, (r.stdout + r.stderr).strip().splitlines()[-3:]
     except subprocess.TimeoutExpired:
         rc, tail = 124, ["timed out"]
@@ -503,6 +506,15 @@ def main():
     eq.append(run_equivalence("shared_gpu_ep2_fp32", ["--ep", "2", "--experts", "8", "--topk", "2",
                                                       "--replica-slots", "2", "--trials", tr,
                                                       "--dist-backend", "gloo"] + dev, a.out))
+    # ProbeConfig.control_path="device": counts, the Triton token split and the sizes' one
+    # read-back on the GPU (on CPU, the dry run, under the Triton interpreter)
+    interp = None if device.type == "cuda" else {"TRITON_INTERPRET": "1"}
+    eq.append(run_equivalence("shared_gpu_ep2_device_control_fp32", [
+        "--ep", "2", "--experts", "8", "--topk", "2", "--replica-slots", "2", "--trials", tr, "--dist-backend", "gloo",
+        "--control-path", "device"] + dev, a.out, env=interp))
+    eq.append(run_equivalence("shared_gpu_ep2_device_control_bf16", [
+        "--ep", "2", "--experts", "16", "--topk", "4", "--replica-slots", "3", "--trials", tr, "--dtype", "bf16",
+        "--dist-backend", "gloo", "--control-path", "device"] + big + dev, a.out, env=interp))
     if report["env"]["te_available"] and device.type == "cuda":
         for recipe in ("delayed", "current", "mxfp8"):
             eq.append(run_equivalence(f"te_fp8_{recipe}", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",

@@ -58,6 +58,9 @@ class EquivalenceOptions:
     sp: bool = False  # sequence parallel over the TP peers: each holds its own share of the tokens
     etp: int = 1  # expert tensor parallel: 1, or tp (each expert's weights split over the TP peers)
     pp: int = 1  # pipeline stages: world = pp x dp x ep, each stage's layer on its own expert groups
+    # ProbeConfig.control_path: "device" keeps counts and assignment on the tokens' device (the
+    # assignment given as an assignment source; "policy" and "split" trials: the device token split)
+    control_path: str = "host"
 
 
 @dataclass
@@ -328,8 +331,10 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
         )
         RouterReplay.clear_global_router_replay_instances()
         stock_spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
-        pspec = probe_layer_spec(stock_spec, ProbeConfig(replica_slots_per_rank=opts.replica_slots,
-                                                         expert_backend=backend)).submodules.mlp
+        on_device = opts.control_path == "device"
+        pspec = probe_layer_spec(stock_spec, ProbeConfig(
+            replica_slots_per_rank=opts.replica_slots, expert_backend=backend, control_path=opts.control_path,
+            dispatch_split="tokens" if on_device else "time")).submodules.mlp
         layer = build_module(pspec, config=cfg).to(device)
         layer.eval()
         sd = _global_state(layer.state_dict(), w_router, w1, w2, bias if use_bias else None, rank * L, L, dtype,
@@ -347,7 +352,10 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
             if place_kind == "planned":
                 placement, split_cost = planned_placement(gen, counts, layer.layout)
             layer.set_replica_placement(placement.clone())
-            if assign_mode == "random":
+            if on_device:  # an assignment source working where the counts are
+                given = random_assignment(gen, counts, placement, layer.layout) if assign_mode == "random" else None
+                layer.token_dispatcher.assignment_fn = _device_assignment(given)
+            elif assign_mode == "random":
                 layer.set_next_assignment(random_assignment(gen, counts, placement, layer.layout))
             elif assign_mode == "split":  # the live pipeline's dispatch split on the true counts
                 layer.set_next_assignment(placement_split(counts, placement, layer.layout, "time",
@@ -401,6 +409,18 @@ def run_rank(rank: int, world_size: int, opts: EquivalenceOptions) -> Optional[E
     RouterReplay.clear_global_router_replay_instances()
     destroy_megatron_parallel()
     return report if world_rank == 0 else None
+
+
+def _device_assignment(given: Optional[torch.Tensor]):
+    """An assignment source for the device control path: ``given`` (host) moved to the counts'
+    device, or (None) the exact token split there (``policy.split_triton``)."""
+    from megatron_probe.policy.split_triton import placement_token_split_device
+
+    def assign(counts, placement, layout):
+        if given is not None:
+            return given.to(counts.device)
+        return placement_token_split_device(counts, placement.to(counts.device), layout)[0]
+    return assign
 
 
 _CPU_GROUPS: Dict = {}

@@ -21,6 +21,21 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def device_to_host(t: torch.Tensor) -> torch.Tensor:
+    """A small device tensor on the host, through pinned memory: the copy is queued on the
+    current stream behind the work that produces ``t`` and the host waits for that copy alone
+    (an event), the one read-back a device-resident dispatch makes per layer. A host tensor is
+    returned as it is."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return out
+
+
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1

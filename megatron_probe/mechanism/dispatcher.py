@@ -63,12 +63,14 @@ from megatron_probe.mechanism.comm import (
     all_gather_varying_rows,
     all_reduce_sum,
     all_to_all,
+    device_to_host,
     host_to_device,
 )
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.policy.placement import (
     ExpertLayout,
     assignment_from_placement,
+    check_assignment_async,
     empty_placement,
     holder_slots,
     slot_experts,
@@ -132,6 +134,8 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
                     "expert_tensor_parallel_size 1 or tensor_model_parallel_size")
             self.etp_gathers_tokens = bool(config.sequence_parallel)
         self.probe_config = probe_config or ProbeConfig()
+        # "device": counts and assignment stay where the tokens are (the live pipeline sets its own)
+        self.control_path = self.probe_config.control_path
         self.num_experts = config.num_moe_experts
         self.num_local_experts = num_local_experts
         self.local_expert_indices = list(local_expert_indices)
@@ -162,6 +166,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         # rank alike, read back as ``last_extra`` [ep, n] after it
         self.extra_counts: Optional[torch.Tensor] = None
         self.last_extra: Optional[torch.Tensor] = None
+        self.counts_ready = None  # device control on a GPU: the event after the last count exchange
         self._extra_max_columns: list = []  # carried columns combined over expert TP by max, not sum
 
     # ------------------------------------------------------------------ plan inputs
@@ -178,6 +183,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         expert held by each of this rank's slots."""
         self._holder_slots = holder_slots(self.placement, self.layout)
         self._holder_slots_on = None  # its copy where the tokens are (_device_table)
+        self._slot_experts_on = None  # this rank's slot experts there (_device_slot_experts)
         self._my_slot_experts = slot_experts(self.placement, self.layout)[self.ep_rank]
         self._replicated = bool((self.placement >= 0).any())
 
@@ -243,15 +249,27 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
                 extra = peers.sum(0)
             if max_columns:
                 extra[max_columns] = peers[:, max_columns].max(0).values
+        # device-resident control: the counts, the assignment and everything derived from them
+        # stay where the tokens are; only the All-to-All's split sizes come back (below)
+        on_device = self._control_on_device()
         with nvtx_range("counts"):
             if extra is None:
-                counts = all_gather_rows(local_counts, self.ep_group).cpu()  # [ep, E]
+                counts = all_gather_rows(local_counts, self.ep_group)  # [ep, E]
                 self.last_extra = None
             else:  # the piggybacked counts (e.g. the next layer's forecast) travel in the same gather
-                both = all_gather_rows(torch.cat([local_counts, extra.to(local_counts)]), self.ep_group).cpu()
+                both = all_gather_rows(torch.cat([local_counts, extra.to(local_counts)]), self.ep_group)
                 counts, self.last_extra = both[:, :E].contiguous(), both[:, E:].contiguous()
+            if not on_device:
+                counts = counts.cpu()
+                self.last_extra = None if self.last_extra is None else self.last_extra.cpu()
+            # on a GPU, where the exchange ends on the stream: work on another stream that reads
+            # the counts or the carried forecasts waits for this alone
+            self.counts_ready = None
+            if on_device and counts.device.type == "cuda":
+                self.counts_ready = torch.cuda.Event()
+                self.counts_ready.record()
         me = self.ep_rank
-        assign = self._choose_assignment(counts)  # [ep, E, ep], CPU
+        assign = self._choose_assignment(counts, on_device)  # [ep, E, ep], CPU unless on_device
         self.last_counts, self.last_assignment = counts, assign
         self.dispatches += 1
         # no replica anywhere (the assignment then sends every token home): the native slots only
@@ -260,7 +278,7 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
 
         # the pairs expert-major, token-minor (Megatron's permute order), built where the tokens
         # are: the host handles only [ep, E]-sized tables, never a per-pair array
-        num_pairs = int(counts[me].sum())
+        num_pairs = self._dropless_pairs(routing_map) if on_device else int(counts[me].sum())
         device = hidden.device
         pair_entry = _pair_entries(routing_map, num_pairs)
         self.reversed_mapping = pair_entry % routing_map.shape[0]
@@ -277,14 +295,16 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
             sent = pair_entry.index_select(0, self.send_order)
         else:  # every pair goes home, and expert order is home-slot order: nothing to reorder
             self.send_order, sent = None, pair_entry
-        self.input_splits = mine.sum(0).tolist()  # [ep]: pairs to each rank
-
         # what each source sends to each of my slots, derived from the shared assignment
-        held = self._my_slot_experts[:S]  # [S]
-        recv = torch.zeros(ep, S, dtype=torch.long)
+        held = self._device_slot_experts(assign.device)[:S] if on_device else self._my_slot_experts[:S]  # [S]
         valid = held >= 0
-        recv[:, valid] = assign[:, held[valid], me]
-        self.recv_counts = recv  # [src, slot]
+        recv = assign[:, held.clamp_min(0), me] * valid  # [src, slot]; an empty slot receives nothing
+        if on_device:  # the one read-back of the dispatch: the sizes the All-to-All takes on the host
+            sizes = device_to_host(torch.cat([mine.sum(0), recv.reshape(-1)]))
+            self.input_splits, recv = sizes[:ep].tolist(), sizes[ep:].view(ep, S)
+        else:
+            self.input_splits = mine.sum(0).tolist()  # [ep]: pairs to each rank
+        self.recv_counts = recv  # [src, slot], host
         self.output_splits = recv.sum(1).tolist()
         self.tokens_per_slot = recv.sum(0)
         rows = self.reversed_mapping if self.send_order is None else sent % routing_map.shape[0]
@@ -296,6 +316,38 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         if self._holder_slots_on is None or self._holder_slots_on.device != device:
             self._holder_slots_on = host_to_device(self._holder_slots, device)
         return self._holder_slots_on
+
+    def _device_slot_experts(self, device) -> torch.Tensor:
+        """The expert held by each of this rank's slots (``[S]``, -1 where empty), on ``device``,
+        copied once per placement."""
+        if self._slot_experts_on is None or self._slot_experts_on.device != device:
+            self._slot_experts_on = host_to_device(self._my_slot_experts, device)
+        return self._slot_experts_on
+
+    def _control_on_device(self) -> bool:
+        """Whether this dispatch keeps its counts and assignment on the tokens' device
+        (``ProbeConfig.control_path="device"``): with an assignment source that works there (the
+        live pipeline's device split) or no replica at all. A pending host assignment, or replicas
+        with the default host policy, take the host path."""
+        return (self.control_path == "device" and self._pending_assignment is None
+                and (self.assignment_fn is not None or not self._replicated))
+
+    def _dropless_pairs(self, routing_map: torch.Tensor) -> int:
+        """This rank's (token, expert) pairs without reading its counts back: tokens x top-k,
+        Megatron's dropless count (a router must select exactly top-k experts per token; checked
+        here, on the device as an asynchronous assertion)."""
+        tokens = routing_map.shape[0]
+        topk = self.config.moe_router_topk
+        per_token = routing_map.sum(dim=1)
+        if per_token.device.type == "cpu":  # free to check here; on a device a read would synchronise
+            bad = (per_token != topk).nonzero()
+            if bad.numel():
+                t = int(bad[0, 0])
+                raise ValueError(f"routing_map row {t} selects {int(per_token[t])} experts; the dropless dispatch "
+                                 f"takes exactly moe_router_topk={topk} per token")
+        else:
+            torch._assert_async((per_token == topk).all(), "routing_map rows must select moe_router_topk experts")
+        return tokens * topk
 
     def _stays_on_device(self) -> bool:
         """Whether this dispatch can run without reading anything back to the host (so a CUDA
@@ -311,24 +363,13 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         """The EP 1 dispatch on the tokens' device: the rows and probs of Megatron's ``permute``
         (expert-major, token-minor) from :func:`_pair_entries`, sized by the dropless count. The
         counts stay on the device (``last_counts`` ``[1, E]``, ``last_assignment`` ``[1, E, 1]``)."""
-        tokens, E = routing_map.shape
-        topk = self.config.moe_router_topk
-        per_token = routing_map.sum(dim=1)
-        if per_token.device.type == "cpu":  # free to check here; on a device a read would synchronise
-            bad = (per_token != topk).nonzero()
-            if bad.numel():
-                t = int(bad[0, 0])
-                raise ValueError(f"routing_map row {t} selects {int(per_token[t])} experts; the dropless dispatch "
-                                 f"takes exactly moe_router_topk={topk} per token")
-        else:
-            torch._assert_async((per_token == topk).all(), "routing_map rows must select moe_router_topk experts")
+        num_pairs = self._dropless_pairs(routing_map)
         counts = routing_map.sum(dim=0).long().unsqueeze(0)
         self.last_counts, self.last_assignment, self.last_extra = counts, counts.unsqueeze(-1), None
         self.dispatches += 1
         self.slots_in_use = self.layout.num_local_experts
-        num_pairs = tokens * topk
         pair_entry = _pair_entries(routing_map, num_pairs)
-        self.reversed_mapping = pair_entry % tokens
+        self.reversed_mapping = pair_entry % routing_map.shape[0]
         self.send_order = None  # one rank: the pairs are already in slot order
         self.input_splits = self.output_splits = [num_pairs]
         self.tokens_per_slot = counts[0]
@@ -336,18 +377,23 @@ class ProbeTokenDispatcher(MoETokenDispatcher):
         permuted_probs = probs.T.reshape(-1).index_select(0, pair_entry)
         return permuted, permuted_probs
 
-    def _choose_assignment(self, counts: torch.Tensor) -> torch.Tensor:
+    def _choose_assignment(self, counts: torch.Tensor, on_device: bool = False) -> torch.Tensor:
         if self._pending_assignment is not None:
             assign, self._pending_assignment = self._pending_assignment, None
             validate_assignment(assign, counts, self.placement, self.layout)
             return assign
         if self.assignment_fn is None and not self._replicated:
             # no replica: every token goes to its expert's home rank (what any policy gives), built
-            # directly; the common case of a gated-off or plain layer
+            # directly where the counts are; the common case of a gated-off or plain layer
             E = self.num_experts
-            assign = torch.zeros(self.ep_size, E, self.ep_size, dtype=torch.long)
-            experts = torch.arange(E)
+            assign = torch.zeros(self.ep_size, E, self.ep_size, dtype=torch.long, device=counts.device)
+            experts = torch.arange(E, device=counts.device)
             assign[:, experts, experts // self.layout.num_local_experts] = counts
+            return assign
+        if on_device:  # the source's assignment stays where the counts are, checked there
+            assign = self.assignment_fn(counts, self.placement, self.layout).long()
+            if self.probe_config.validate_assignment:
+                check_assignment_async(assign, counts, self._device_table(counts.device) >= 0)
             return assign
         if self.assignment_fn is not None:
             assign = self.assignment_fn(counts, self.placement, self.layout).cpu().long()

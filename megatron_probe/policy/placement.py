@@ -197,6 +197,19 @@ def validate_assignment(
     validate_split(assign, counts, holds)
 
 
+def check_assignment_async(assign: torch.Tensor, counts: torch.Tensor, holds: torch.Tensor) -> None:
+    """:func:`validate_split`'s checks as device assertions (``torch._assert_async``), for an
+    assignment that must not be read back to the host: no negative entry, every source's tokens
+    of every expert sent exactly once, nothing sent to a rank without a copy (``holds [ep, E]``
+    bool, on the assignment's device). On a GPU a failure surfaces at the next synchronisation
+    (a device-side assertion, without the index :func:`validate_split` names); on CPU at once."""
+    a = assign.long()
+    torch._assert_async((a >= 0).all(), "assignment has a negative entry")
+    torch._assert_async((a.sum(-1) == counts.long()).all(), "assignment loses or duplicates tokens")
+    torch._assert_async(((a > 0) & ~holds.T.unsqueeze(0)).logical_not().all(),
+                        "assignment sends tokens to a rank without a copy of the expert")
+
+
 def validate_split(assign: torch.Tensor, counts: torch.Tensor, holds: torch.Tensor) -> None:
     """:func:`validate_assignment` for any layout: ``holds [ep, E]`` bool says which rank has a
     copy of which expert (natives included; a layout whose natives move, such as EPLB's)."""

@@ -174,14 +174,15 @@ def _kernels():
 def plan_probe_triton(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCost, budget_in: Optional[int] = None,
                       budget_out: Optional[int] = None, k_max: int = 16, placement: Optional[torch.Tensor] = None,
                       copy_charge_us: float = 0.0, early_exit: bool = True,
-                      split: str = "greedy") -> Tuple[torch.Tensor, torch.Tensor]:
+                      split: str = "greedy", assignment: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """:func:`~megatron_probe.policy.planner.plan_probe_host` in two Triton launches on the
     counts' device (the same arguments, the same ``(slots [ep, R], assignment [ep, E, ep])``),
     with no host synchronisation on the way. ``counts``: ``[ep, E]`` integer tokens, non-negative
     (the caller's promise: :func:`plan_probe_host` checks it, here it would cost a sync).
     ``split="tokens"``: the same slots, and as the assignment the exact min-max token split over
     them (``policy.split_triton``, one more launch instead of the greedy's expansion) rather than
-    the greedy's own moves."""
+    the greedy's own moves. ``assignment=False``: the slots only (one launch; ``None`` for the
+    assignment), for a caller that splits the true counts later."""
     if split not in ("greedy", "tokens"):
         raise ValueError(f"split={split!r} is not one of ('greedy', 'tokens')")
     from megatron_probe.policy.planner import planner_scalars
@@ -208,10 +209,14 @@ def plan_probe_triton(counts: torch.Tensor, layout: ExpertLayout, cost: ExpertCo
     if planned:
         greedy[(1,)](cnt, slots, moves, ep, E, L, R, cap_in, cap_out, o_u, ch, int(bool(early_exit)),
                      EP_B=_pow2(ep), E_B=_pow2(E), R_B=_pow2(R), K_MAX=k)
+        if not assignment:
+            return slots, None
         if split == "tokens":
             from megatron_probe.policy.split_triton import placement_token_split_device
 
             return slots, placement_token_split_device(cnt, slots, layout)[0]
+    if not assignment:
+        return slots, None
     # the static plan (every token home), then the moved experts' blocks rewritten in parallel
     out = torch.zeros((ep, E, ep), dtype=torch.int64, device=device)
     experts = torch.arange(E, device=device)

@@ -67,7 +67,7 @@ class PreviousStepForecaster:
         return self._prev.get(layer)
 
     def observe_true(self, layer: int, counts: torch.Tensor) -> None:
-        self._prev[layer] = counts.detach().cpu().long().clone()
+        self._prev[layer] = counts.detach().long().clone()  # where they are (the device control path's device)
 
     def topk_accuracy(self) -> Optional[float]:
         return None

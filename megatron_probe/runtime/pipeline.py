@@ -89,6 +89,7 @@ from megatron_probe.policy.gate import GateSettings, LayerGate, balancing_saving
 from megatron_probe.policy.planner import load_kernels as load_planner_kernels, no_copy_can_pay, plan_with_copy_charge
 from megatron_probe.policy.resident import ResidentPlanner, ResidentSettings
 from megatron_probe.policy.split import load_kernels as load_split_kernels, placement_split
+from megatron_probe.runtime.device_control import DeviceControl, check_device_control
 from megatron_probe.runtime.forecasters import Forecaster, PreviousStepForecaster, WaitPolicy
 from megatron_probe.runtime.host_malloc import apply_host_malloc_setting
 from megatron_probe.runtime.lookahead import LookaheadRuntime, build_predictors
@@ -340,6 +341,8 @@ class LookaheadPipeline:
                 raise ValueError("all MoE layers must share one expert layout (experts, EP size, replica slots)")
         ep_group = ep_group if ep_group is not None else self.layers[0].token_dispatcher.ep_group
         bank0 = self.layers[0].expert_bank
+        if cfg.control_path == "device":  # refused before any group or bank is made
+            check_device_control(bank0.fc1.device)
         # before the first plan (a no-op where the serving script or a benchmark set it already)
         self.host_malloc = apply_host_malloc_setting(cfg.host_malloc_reuse)
         self.events = EventLog(group_rank(ep_group)) if cfg.event_log else None
@@ -356,8 +359,9 @@ class LookaheadPipeline:
                 self.comms.destroy_groups()
                 raise
         cap = None if cfg.replica_memory_cap_mib is None else int(cfg.replica_memory_cap_mib * 2 ** 20)
-        self.mode = choose_replica_mode(cfg.replica_mode, len(self.layers), self.layout.replica_slots,
-                                        bank0.expert_bytes(), cap)
+        # the device control path plans streamed replicas only (the resident decision is host code)
+        mode = "streamed" if cfg.control_path == "device" and cfg.replica_mode == "auto" else cfg.replica_mode
+        self.mode = choose_replica_mode(mode, len(self.layers), self.layout.replica_slots, bank0.expert_bytes(), cap)
         self.pool: Optional[ReplicaBankPool] = None
         self.resident: List[ResidentLayer] = []
         if self.mode == "streamed":
@@ -371,6 +375,7 @@ class LookaheadPipeline:
                 m.expert_bank.set_own_placement(empty_placement(self.layout))  # start empty: warm start fills
             m.token_dispatcher.hooks = self
             m.token_dispatcher.layer_index = i
+            m.token_dispatcher.control_path = cfg.control_path
         # the dispatches run on the data group (its timeout) while the pipeline exists
         self._stock_groups = [m.token_dispatcher.ep_group for m in self.layers]
         for m in self.layers:
@@ -382,6 +387,10 @@ class LookaheadPipeline:
             cost = ExpertCost.from_profile(get_profile(cfg.hardware_profile), shape)
         self.cost = cost
         check_same_cost(cost, self.ctl_group)
+        # control_path="device": plan, split and the step's read-back on the tokens' device
+        self.control = DeviceControl(bank0.fc1.device, self.layout, cost) if cfg.control_path == "device" else None
+        self._counts_ready = None  # the count exchange the next device plan reads (its event on a GPU)
+        self._step_reads: List[tuple] = []  # device control: per layer, what the step end reads back
         # the planner's and the split's compiled loops, loaded before the first step, not inside it
         load_planner_kernels()
         load_split_kernels()
@@ -530,17 +539,23 @@ class LookaheadPipeline:
             self._prefetch_resident(layer, phase, counts)
             return
         with nvtx_range("plan"):
-            # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
-            # the copies are issued from the host, so the placement is needed there anyway
-            counts = counts.detach().cpu().long()
-            if self._budget() == 0 or no_copy_can_pay(counts, self.layout, self.cost, self._charge_of_copy()):
+            if self.control is None:
+                # the host twin plans identically (tested) and is ~20x faster on host-resident counts;
+                # the copies are issued from the host, so the placement is needed there anyway
+                counts = counts.detach().cpu().long()
+            if self._budget() == 0 or (self.control is None and no_copy_can_pay(
+                    counts, self.layout, self.cost, self._charge_of_copy())):
                 # the planner would keep the static plan (the usual case where copies cannot pay;
                 # exact, see no_copy_can_pay): no plan, checks or copy list. The bank's record is
                 # dropped, as an empty plan's mark did
                 self._plans[layer] = None
                 self.pool.held_layer[self.pool.bank_of(layer)] = None
                 return
-            placement, invalid = self._valid_placement(self._plan(counts))
+            if self.control is None:
+                raw = self._plan(counts)
+            else:  # the same plan on the device, on a side stream; its placement read back
+                raw = self.control.plan(counts, self._budget(), self._charge_of_copy(), self._counts_ready)
+            placement, invalid = self._valid_placement(raw)
         b = self.pool.bank_of(layer)
         version = self.layers[layer].expert_bank.native_version()
         self.pool.forget_if_stale(b, layer, version)  # copies of older natives are never reused
@@ -688,6 +703,8 @@ class LookaheadPipeline:
         t0 = time.perf_counter()
         try:
             with nvtx_range("split"):
+                if self.control is not None:  # the exact token split, where the counts are
+                    return self.control.split(counts, placement)
                 return placement_split(counts, placement, layout, self.cfg.dispatch_split, self.cost)
         finally:
             self._charge(self._split_layer, "split_us", t0)
@@ -804,35 +821,66 @@ class LookaheadPipeline:
 
     def before_experts(self, dispatcher) -> None:
         if self.forecaster is not None and self.forecaster.lookahead:
-            self._prefetch(dispatcher.layer_index + 1, "phase1")
+            self._counts_ready = dispatcher.counts_ready  # the exchange that carried the forecast
+            try:
+                self._prefetch(dispatcher.layer_index + 1, "phase1")
+            finally:
+                self._counts_ready = None
 
     def after_combine(self, dispatcher) -> None:
         layer = dispatcher.layer_index
         row = self.metrics.row(layer)
         counts = dispatcher.last_counts  # [ep, E] true counts, all-gathered by the dispatch
-        self._last_counts[layer] = counts
-        if layer in self._cost_columns:
-            self._peer_cost[layer] = float(dispatcher.last_extra[:, self._cost_columns.pop(layer)].max())
-        self._static_ir[layer] = self._static_imbalance(counts)
-        row["ir_before"] = round(self._static_ir[layer], 4)
         t0 = time.perf_counter()
-        with nvtx_range("metrics"):
-            self._observe_layer(layer, row, counts, dispatcher)
-        self._charge(layer, "metrics_us", t0)
-        row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
-
-    def _observe_layer(self, layer: int, row: Dict, counts: torch.Tensor, dispatcher) -> None:
-        """The layer's true counts to its resident planner and forecaster, and its balance after
-        the split (``ir_after``, ``time_vs_static``) into ``row``."""
         if self.mode == "resident":
             self.resident[layer].planner.observe(counts)
         if self.forecaster is not None:
             self.forecaster.observe_true(layer, counts)
-        if dispatcher.slots_in_use == self.layout.num_local_experts:  # no replica: the static split
+        self._charge(layer, "metrics_us", t0)
+        columns = self._cost_columns.pop(layer, None)
+        seen = [counts]
+        if columns is not None:
+            seen.append(dispatcher.last_extra[:, columns])
+        if dispatcher.slots_in_use != self.layout.num_local_experts:  # replicas used: the split's balance
+            seen.append(dispatcher.last_assignment)
+        if self.control is not None:  # read back at the step's end, every layer's in one copy
+            self._step_reads.append((layer, row, columns is not None, seen))
+        else:
+            self._account_layer(layer, row, columns is not None, seen)
+        row["layer_ms"] = round((time.perf_counter() - self._layer_t0.pop(layer)) * 1e3, 3)
+
+    def _account_layer(self, layer: int, row: Dict, has_cost: bool, seen: List[torch.Tensor]) -> None:
+        """A dispatched layer's host figures: its true counts, static imbalance and carried cost
+        for the gate, and its metrics, from ``seen`` (host tensors: the counts, the carried cost
+        column when ``has_cost``, the assignment when replicas were used)."""
+        counts = seen[0]
+        self._last_counts[layer] = counts
+        if has_cost:
+            self._peer_cost[layer] = float(seen[1].max())
+        self._static_ir[layer] = self._static_imbalance(counts)
+        row["ir_before"] = round(self._static_ir[layer], 4)
+        t0 = time.perf_counter()
+        with nvtx_range("metrics"):
+            self._observe_layer(row, counts, seen[1 + has_cost] if len(seen) > 1 + has_cost else None)
+        self._charge(layer, "metrics_us", t0)
+
+    def _read_back_step(self) -> None:
+        """Device control: every layer's figures of this step, read back in one copy."""
+        reads, self._step_reads = self._step_reads, []
+        host = self.control.read_back([t for *_, seen in reads for t in seen])
+        at = 0
+        for layer, row, has_cost, seen in reads:
+            self._account_layer(layer, row, has_cost, host[at:at + len(seen)])
+            at += len(seen)
+
+    def _observe_layer(self, row: Dict, counts: torch.Tensor, assignment: Optional[torch.Tensor]) -> None:
+        """The layer's balance after the split (``ir_after``, ``time_vs_static``) into ``row``;
+        ``assignment``: the dispatch's (host), None when no replica was used (the static split)."""
+        if assignment is None:  # no replica: the static split
             row.update(ir_after=row["ir_before"], time_vs_static=1.0)
             return
         # NumPy on the host tensors (views, no copy): a few microseconds where torch takes tens
-        on = dispatcher.last_assignment.numpy().sum(0)  # [E, ep]: what each rank computed of each expert
+        on = assignment.numpy().sum(0)  # [E, ep]: what each rank computed of each expert
         used = on.sum(0)
         row["ir_after"] = round(float(used.max() / used.mean()), 4) if used.sum() > 0 else 1.0
         total = counts.numpy().sum(0).reshape(self.ep, -1)  # static: each rank its own experts
@@ -852,6 +900,8 @@ class LookaheadPipeline:
             self._end_us_total += (time.perf_counter() - t_end) * 1e6
 
     def _end_step(self) -> List[Dict]:
+        if self._step_reads:
+            self._read_back_step()
         if self.forecaster is not None:
             self.forecaster.end_step()
         self._plans.clear()  # planned but never dispatched (e.g. a shorter forward)
@@ -898,12 +948,16 @@ class LookaheadPipeline:
     def _rows_of_gated_off_layers(self) -> None:
         """Gated-off layers ran with no hook work: their rows and the gate's inputs (true counts,
         static imbalance) come from their dispatchers, for each layer that dispatched this step."""
+        seen = []
         for layer, m in enumerate(self.layers):
             d = m.token_dispatcher
             if d.hooks is not self._off_hooks or d.dispatches == self._dispatches_seen.get(layer):
                 continue
             self._dispatches_seen[layer] = d.dispatches
-            counts = d.last_counts
+            seen.append((layer, d.last_counts))
+        if self.control is not None:  # on the device: every layer's counts in one copy
+            seen = list(zip([layer for layer, _ in seen], self.control.read_back([c for _, c in seen])))
+        for layer, counts in seen:
             self._last_counts[layer] = counts
             self._static_ir[layer] = self._static_imbalance(counts)
             row = self.metrics.new_row(self.step, layer, 0)
@@ -956,7 +1010,8 @@ class LookaheadPipeline:
         if not out:
             return {}
         out.update({"step_end_us": round(self._end_us_total / max(1, self.step), 1),
-                    "replica_mode": self.mode, "replica_memory_bytes": self.replica_memory_bytes(),
+                    "replica_mode": self.mode, "control_path": self.cfg.control_path,
+                    "replica_memory_bytes": self.replica_memory_bytes(),
                     "paused_s": round(self.engine.paused_seconds + self._engines_replaced["paused_s"], 3),
                     "pause_wait_s": round(self.engine.pause_wait_seconds + self._engines_replaced["pause_wait_s"], 6),
                     "chunks": self.engine.chunks_moved + self._engines_replaced["chunks"],
@@ -980,5 +1035,6 @@ class LookaheadPipeline:
         self.activate(False)  # the plain layer again: static placement, no hooks, Megatron's group
         for m, g in zip(self.layers, self._stock_groups):
             m.token_dispatcher.ep_group = g
+            m.token_dispatcher.control_path = m.token_dispatcher.probe_config.control_path
         self.comms.destroy_groups()
         self.ctl_group = None

@@ -404,6 +404,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
             out["exposed_wait_fraction"] = round(wait_s / secs, 4) if secs else None
             out["replica_memory_mib"] = round(pipe[0]["replica_memory_bytes"] / 2 ** 20, 3)
             out["replica_mode"] = pipe[0].get("replica_mode")
+            out["control_path"] = pipe[0].get("control_path")
             if "control_us" in pipe[0]:
                 # the control path per layer and step (us), mean over ranks, per stage
                 out["control_us"] = {k: round(_mean(p["control_us"][k] for p in pipe), 1) for k in pipe[0]["control_us"]}
