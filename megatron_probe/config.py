@@ -108,12 +108,14 @@ class ProbeConfig:
             dispatcher reads the all-gathered ``[ep, E]`` counts back and plans and splits on the
             host (the compiled planner and either split objective). ``device``: the counts, the
             forecasts, the plan and the split stay on the tokens' device: layer L's placement is
-            planned by the Triton planner (``policy.planner_triton``) on a side stream while layer
-            L-1's experts run, the dispatch split is the exact token split on the device
+            planned by the Triton planner (``policy.planner_triton``) on a side stream beside layer
+            L-1's All-to-All (the host waits for the planner alone, then issues the copies that
+            overlap L-1's experts), the dispatch split is the exact token split on the device
             (``policy.split_triton``), and each dispatch reads back only the All-to-All's split
             sizes, in one pinned copy; the true counts for metrics and the cost gate are read once
-            per step, at its end. Needs ``dispatch_split="tokens"`` and streamed replicas (the
-            time split and the resident decision are host code), and Triton where the tokens are
+            per step, at its end. Needs ``dispatch_split="tokens"``, ``pipeline_reassign`` and
+            streamed replicas (the time split, the default split and the resident decision are
+            host code), and Triton where the tokens are
             (a CUDA GPU, or ``TRITON_INTERPRET=1`` on CPU, for tests).
         hardware_profile: cost-model profile the planner uses (a preset name or a JSON file).
         copy_charge_us: time one replica copy costs *each* of its two ranks beyond what overlap
@@ -276,6 +278,10 @@ class ProbeConfig:
                 raise ValueError(f"control_path='device' with dispatch_split={self.dispatch_split!r}: the time "
                                  "objective's split is host code; valid: dispatch_split='tokens' (the exact token "
                                  "split, on the device), or control_path='host'")
+            if not self.pipeline_reassign:
+                raise ValueError("control_path='device' with pipeline_reassign=False: the default split over the "
+                                 "copies is host code; valid: pipeline_reassign=True (the exact token split on the "
+                                 "device), or control_path='host'")
             if self.replica_mode == "resident":
                 raise ValueError("control_path='device' with replica_mode='resident': the resident decision is "
                                  "host code; valid: replica_mode 'streamed' or 'auto' (streamed on the device "

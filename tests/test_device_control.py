@@ -116,6 +116,8 @@ def test_bad_device_control_settings_are_refused_by_name(monkeypatch):
         ProbeConfig(control_path="gpu")
     with pytest.raises(ValueError, match="dispatch_split='time'.*valid: dispatch_split='tokens'"):
         ProbeConfig(control_path="device")
+    with pytest.raises(ValueError, match="pipeline_reassign=False"):
+        ProbeConfig(control_path="device", dispatch_split="tokens", pipeline_reassign=False)
     with pytest.raises(ValueError, match="replica_mode='resident'"):
         ProbeConfig(control_path="device", dispatch_split="tokens", replica_mode="resident")
     ProbeConfig(control_path="device", dispatch_split="tokens", replica_mode="auto")
@@ -204,3 +206,27 @@ def test_serving_script_with_device_control_matches_the_host_control_path(tmp_pa
     assert dev["copies"] > 0, dev  # replicas were planned and used
     for key in ("copies", "ir_before", "ir_after"):
         assert dev[key] == host[key], (key, host[key], dev[key])
+
+
+def test_gpu_check_device_control_step_dry_run(tmp_path):
+    """The GPU check's device-control step on CPU (the interpreter): the live pipeline on the
+    device path with the cost gate off and on (its cost column carried on the device), the
+    output equal to the plain model's on both ranks, copies made."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, json, torch, gpu_check; "
+            f"r = gpu_check.device_control_pipeline(torch.device('cpu'), True, {str(tmp_path)!r}); "
+            f"json.dump(r, open({str(tmp_path / 'r.json')!r}, 'w')); sys.exit(0 if r['passed'] else 1)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(root, "tools"), root]))
+    env.pop("TRITON_INTERPRET", None)  # the step sets it for its CPU workers itself
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    out = json.load(open(tmp_path / "r.json"))
+    runs = [run for rank in out["ranks"] for run in rank["runs"]]
+    assert len(runs) == 4 and {run["cost_gate"] for run in runs} == {False, True}, out
+    assert all(run["read_backs"] >= run["steps"] for run in runs), out  # at least one per step end

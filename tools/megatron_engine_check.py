@@ -187,6 +187,8 @@ def engine_worker(rank, ws, device_type, quick, out_path):
     lengths = [5, 9, 9, 14] if quick else [8, 17, 17, 30]
     prompts = [torch.randint(0, cfg.vocab_size - 1, (n,), generator=gen).tolist() for n in lengths]
     new_tokens = 6 if quick else 16
+    # the reference first, on the model as built (before any engine has held it)
+    recomputed = [_recompute(probe, p, new_tokens, device) for p in prompts]
     shims = _cpu_shims() if device.type == "cpu" else contextlib.nullcontext()
     with shims, torch.inference_mode():
         stock_out, stock_lp, stock_s, _ = _serve(stock, cfg, prompts, new_tokens)
@@ -200,7 +202,6 @@ def engine_worker(rank, ws, device_type, quick, out_path):
                 dynamic = {"error": f"{type(e).__name__}: {e}"[:500]}
     # the log-probabilities of the generated tokens: a difference argmax would not show
     lp_diff = max(abs(a - b) for x, y in zip(stock_lp, probe_lp) for a, b in zip(x, y))
-    recomputed = [_recompute(probe, p, new_tokens, device) for p in prompts]
     out = {"device": str(device), "dry_run_with_cpu_shims": device.type == "cpu",
            "spec": "megatron_probe.mcore.spec probe_gpt_layer_local_spec", "engine": "StaticInferenceEngine(legacy=True)",
            "model": cfg_kw, "prompt_lengths": lengths, "new_tokens": new_tokens,

@@ -6,9 +6,14 @@ the device to reach that point, so the host stops queueing work ahead of it. Her
 
 * **plan**: layer L's forecast counts (carried by layer L-1's count exchange, so on the device)
   go to the Triton planner (``policy.planner_triton``, the host planner's plan exactly) on a side
-  stream that waits only for that count exchange (an event the dispatcher records), while layer
-  L-1's experts run on the main stream. The host needs the ``[ep, R]`` placement to issue the
-  copies, so it reads that back, waiting for the planner's launches alone;
+  stream that waits only for that count exchange (an event the dispatcher records), beside the
+  main stream's queued work (layer L-1's dispatch All-to-All and chunk sort). The host needs the
+  ``[ep, R]`` placement to issue the copies (which then overlap layer L-1's experts), so it reads
+  it back right there, before it queues the experts, waiting for the planner alone, not for the
+  main stream. (Deferring that wait past the experts' launch would let the host queue them
+  first, but the copies would then be issued behind them and miss their window.) Layer 0's plan,
+  before the forward, and a plan from a forecaster that is not one layer ahead wait for the whole
+  main stream instead (their counts come with no event);
 * **split**: the dispatch split is the exact token split on the device (``policy.split_triton``);
   the dispatcher then reads back only the All-to-All's split sizes, in one pinned copy
   (``mechanism.dispatcher``);
@@ -57,15 +62,17 @@ class DeviceControl:
         self.plan_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.read_backs = 0  # host reads this object made (plans and step ends), for tests and summaries
 
-    def _on_plan_stream(self, ready: Optional[object]):
-        """The side stream, after ``ready`` (the event of the count exchange that produced the
-        counts; None: everything queued on the main stream so far)."""
+    def _on_plan_stream(self, ready):
+        """The side stream, after ``ready``: the event of the count exchange that produced the
+        counts, or the counts themselves (a host tensor needs no wait; a device tensor of unknown
+        origin waits for everything queued on the main stream so far)."""
         if self.plan_stream is None:
             return contextlib.nullcontext()
-        if ready is not None:
-            self.plan_stream.wait_event(ready)
+        if isinstance(ready, torch.Tensor):
+            if ready.device.type == "cuda":
+                self.plan_stream.wait_stream(torch.cuda.current_stream(self.device))
         else:
-            self.plan_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.plan_stream.wait_event(ready)
         return torch.cuda.stream(self.plan_stream)
 
     def plan(self, counts: torch.Tensor, budget_in: int, copy_charge_us: float,
@@ -75,12 +82,14 @@ class DeviceControl:
         stream; the host waits for the planner only."""
         from megatron_probe.policy.planner_triton import plan_probe_triton
 
-        counts = counts.detach().to(self.device).long()
-        with nvtx_range("plan_device"), self._on_plan_stream(ready):
+        src = counts.detach()
+        with nvtx_range("plan_device"), self._on_plan_stream(src if ready is None else ready):
+            if self.plan_stream is not None and src.device.type == "cuda":
+                src.record_stream(self.plan_stream)  # read on the side stream: kept until it has run
+            # converted on the side stream, after the wait (a copy made on the main stream would race)
+            counts = src.to(self.device).long()
             slots = plan_probe_triton(counts, self.layout, self.cost, budget_in=budget_in,
                                       copy_charge_us=copy_charge_us, assignment=False)[0]
-            if self.plan_stream is not None:
-                counts.record_stream(self.plan_stream)  # read on the side stream: kept until it has run
             self.read_backs += 1
             return device_to_host(slots).clone()
 
@@ -93,14 +102,18 @@ class DeviceControl:
             return placement_token_split_device(counts, host_to_device(placement, counts.device), self.layout)[0]
 
     def read_back(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """``tensors`` (integer, on the device) on the host, in one copy."""
-        if not tensors:
-            return []
-        flat = torch.cat([t.reshape(-1).long() for t in tensors])
-        self.read_backs += 1
-        host = device_to_host(flat)
+        """``tensors`` (integer) on the host: those on the device in one copy, host ones as they
+        are (a dispatch that took the host path left its figures there)."""
+        on_device = [t for t in tensors if t.device == self.device]
+        host = None
+        if on_device:
+            self.read_backs += 1
+            host = device_to_host(torch.cat([t.reshape(-1).long() for t in on_device]))
         out, at = [], 0
         for t in tensors:
+            if t.device != self.device:
+                out.append(t.long().cpu())
+                continue
             out.append(host[at:at + t.numel()].view(t.shape).clone())
             at += t.numel()
         return out

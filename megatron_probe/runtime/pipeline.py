@@ -77,7 +77,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_probe.config import ProbeConfig
-from megatron_probe.mechanism.comm import group_rank, group_size
+from megatron_probe.mechanism.comm import group_rank, group_size, host_to_device
 from megatron_probe.mechanism.event_log import EventLog, now_ns
 from megatron_probe.mechanism.profiling import nvtx_range
 from megatron_probe.mechanism.replica_pool import ReplicaBankPool
@@ -470,13 +470,16 @@ class LookaheadPipeline:
         self._natives_synced = False  # weights may have changed while off: the next plan syncs first
         self.forecaster = (forecaster or self.runtime) if on else self.runtime
         self.wait_policy = (wait or self.default_wait) if on else self.default_wait
+        self._step_reads.clear()  # a step cut short (its rows are not written)
         for layer, m in enumerate(self.layers):
+            d = m.token_dispatcher
+            d.control_path = self.cfg.control_path if on else d.probe_config.control_path
             if on:
                 self._install_hooks(layer)
             else:
-                m.token_dispatcher.hooks = None
-                m.token_dispatcher.assignment_fn = None
-                m.token_dispatcher.set_placement(self._empty)
+                d.hooks = None
+                d.assignment_fn = None
+                d.set_placement(self._empty)
 
     def _install_hooks(self, layer: int) -> None:
         """The pipeline's hooks on ``layer``'s dispatcher, or the stock path's when its gate is off
@@ -669,8 +672,10 @@ class LookaheadPipeline:
             # gate reads every rank's without a collective of its own (only while on, i.e. while
             # these hooks are installed: off, the cost is not measured, so the last figure holds)
             ema = self._cost_ema[layer]
-            self._cost_columns[layer] = dispatcher.carry(torch.tensor([0 if ema is None else round(ema)]),
-                                                         over_expert_tp="max")
+            cost = torch.tensor([0 if ema is None else round(ema)])
+            if self.control is not None:  # made where the counts are: a pageable copy would synchronise
+                cost = host_to_device(cost, self._device)
+            self._cost_columns[layer] = dispatcher.carry(cost, over_expert_tp="max")
         if self.forecaster is not None and not self.forecaster.lookahead:
             t0 = time.perf_counter()
             self._prefetch(layer, "at_dispatch")
@@ -842,7 +847,10 @@ class LookaheadPipeline:
         if columns is not None:
             seen.append(dispatcher.last_extra[:, columns])
         if dispatcher.slots_in_use != self.layout.num_local_experts:  # replicas used: the split's balance
-            seen.append(dispatcher.last_assignment)
+            # [E, ep] (what each rank computed of each expert) is all the metrics read; on the
+            # device it is summed there, so the step end reads [E, ep], not [ep, E, ep]
+            a = dispatcher.last_assignment
+            seen.append(a.sum(0) if self.control is not None else a)
         if self.control is not None:  # read back at the step's end, every layer's in one copy
             self._step_reads.append((layer, row, columns is not None, seen))
         else:
@@ -852,7 +860,8 @@ class LookaheadPipeline:
     def _account_layer(self, layer: int, row: Dict, has_cost: bool, seen: List[torch.Tensor]) -> None:
         """A dispatched layer's host figures: its true counts, static imbalance and carried cost
         for the gate, and its metrics, from ``seen`` (host tensors: the counts, the carried cost
-        column when ``has_cost``, the assignment when replicas were used)."""
+        column when ``has_cost``, the assignment ``[ep, E, ep]`` or its sum over sources
+        ``[E, ep]`` when replicas were used)."""
         counts = seen[0]
         self._last_counts[layer] = counts
         if has_cost:
@@ -875,12 +884,14 @@ class LookaheadPipeline:
 
     def _observe_layer(self, row: Dict, counts: torch.Tensor, assignment: Optional[torch.Tensor]) -> None:
         """The layer's balance after the split (``ir_after``, ``time_vs_static``) into ``row``;
-        ``assignment``: the dispatch's (host), None when no replica was used (the static split)."""
+        ``assignment``: the dispatch's (host; ``[ep, E, ep]`` or summed over sources), None when
+        no replica was used (the static split)."""
         if assignment is None:  # no replica: the static split
             row.update(ir_after=row["ir_before"], time_vs_static=1.0)
             return
         # NumPy on the host tensors (views, no copy): a few microseconds where torch takes tens
-        on = assignment.numpy().sum(0)  # [E, ep]: what each rank computed of each expert
+        on = assignment.numpy()
+        on = on.sum(0) if on.ndim == 3 else on  # [E, ep]: what each rank computed of each expert
         used = on.sum(0)
         row["ir_after"] = round(float(used.max() / used.mean()), 4) if used.sum() > 0 else 1.0
         total = counts.numpy().sum(0).reshape(self.ep, -1)  # static: each rank its own experts
@@ -1027,6 +1038,7 @@ class LookaheadPipeline:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._step_reads.clear()  # figures of a step that never ended
         self.engine.drain(2 * self.cfg.collective_timeout_s)  # bounded: a broken peer fails the copies
         self.engine.close()
         if self.runtime is not None:
