@@ -27,7 +27,7 @@ def _counting_reads():
     return calls
 
 
-def pipeline_device_control(rank, ws, predict):
+def pipeline_device_control(rank, ws, predict, transport="p2p"):
     """The same model and steps under the host and the device control path (previous-step
     forecasts, or the lookahead predictors with ``predict``): the output equals the plain model's
     at every step under both; without the predictors (deterministic forecasts) every layer's
@@ -48,7 +48,7 @@ def pipeline_device_control(rank, ws, predict):
         pcfg = ProbeConfig(replica_slots_per_rank=2, replica_mode="auto" if path == "device" else "streamed",
                            pipeline_predict=predict, cost_gate=False,
                            transfer_chunk_mib=0.001, prefetch_deadline_ms=10_000.0, dispatch_split="tokens",
-                           control_path=path)
+                           control_path=path, copy_transport=transport)
         pipe = LookaheadPipeline(model, pcfg, cost=unit_cost)
         placements, slowest, reads, reassigned = [], [], [], 0
         with torch.inference_mode():
@@ -90,6 +90,12 @@ def test_device_control_plans_like_the_host_and_keeps_the_output(ws):
 @pytest.mark.slow
 def test_device_control_with_the_lookahead_predictors_keeps_the_output():
     run_ranks(pipeline_device_control, 2, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["peer_memory", "stream"])
+def test_device_control_with_the_other_copy_transports(transport):
+    run_ranks(pipeline_device_control, 2, False, transport)
 
 
 @pytest.mark.parametrize("ep,dp,tp,etp,sp,seed", [(2, 1, 1, 1, False, 5), (4, 1, 1, 1, False, 6),
