@@ -12,8 +12,9 @@ the device to reach that point, so the host stops queueing work ahead of it. Her
   it back right there, before it queues the experts, waiting for the planner alone, not for the
   main stream. (Deferring that wait past the experts' launch would let the host queue them
   first, but the copies would then be issued behind them and miss their window.) Layer 0's plan,
-  before the forward, and a plan from a forecaster that is not one layer ahead wait for the whole
-  main stream instead (their counts come with no event);
+  before the forward, and a plan from a forecaster that is not one layer ahead on device counts
+  wait for the whole main stream instead (their counts come with no event; host counts, such as
+  the oracle's, need no wait);
 * **split**: the dispatch split is the exact token split on the device (``policy.split_triton``);
   the dispatcher then reads back only the All-to-All's split sizes, in one pinned copy
   (``mechanism.dispatcher``);

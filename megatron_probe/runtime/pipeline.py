@@ -470,7 +470,8 @@ class LookaheadPipeline:
         self._natives_synced = False  # weights may have changed while off: the next plan syncs first
         self.forecaster = (forecaster or self.runtime) if on else self.runtime
         self.wait_policy = (wait or self.default_wait) if on else self.default_wait
-        self._step_reads.clear()  # a step cut short (its rows are not written)
+        if self._step_reads:  # layers that ran this step: their figures, as the host path has them by now
+            self._read_back_step()
         for layer, m in enumerate(self.layers):
             d = m.token_dispatcher
             d.control_path = self.cfg.control_path if on else d.probe_config.control_path
