@@ -104,3 +104,33 @@ def test_native_version_sees_every_weight_change_and_own_slots_record_their_plac
         bank.own_slot_rows(0)
     bank.use_own_replicas()
     assert bank.replica_fc1.shape == (1, 5, 3) and bool((bank.placement == -1).all())
+
+
+def test_bank_rebuilt_under_inference_mode_stays_a_normal_tensor():
+    """A model moved after its bank was built (``model.cuda()`` before serving; here a dtype
+    change, which also gives the parameters new storage) has its bank rebuilt at the next use,
+    and serving runs under ``torch.inference_mode()``. Rows allocated there would be inference
+    tensors: no version counter (``native_version`` would raise) and not writable outside
+    inference mode (the copy thread, a checkpoint load). The bank is rebuilt as normal tensors."""
+    from megatron_probe.mechanism.expert_bank import ExpertBank
+    from megatron_probe.policy.placement import ExpertLayout
+
+    layout = ExpertLayout(num_experts=4, ep_size=2, replica_slots=1)
+    experts = [torch.nn.Linear(3, 5, bias=False) for _ in range(2)]
+    outs = [torch.nn.Linear(5, 3, bias=False) for _ in range(2)]
+    bank = ExpertBank(layout)
+    bank.adopt([(m, "weight") for m in experts], [(m, "weight") for m in outs])
+    for m in experts + outs:
+        m.to(torch.float64)  # new storage: the views are broken
+    with torch.inference_mode():
+        v_in = bank.native_version()  # rebuilds here
+        fc1, fc2 = bank.weights(differentiable=False)
+    assert not bank.fc1.is_inference() and not bank.fc2.is_inference()
+    assert not bank.replica_fc1.is_inference() and not bank.replica_fc2.is_inference()
+    assert bank.fc1.dtype == torch.float64 and torch.equal(bank.fc1[1], experts[1].weight.detach())
+    assert experts[0].weight.data_ptr() == bank.fc1[0].data_ptr(), "parameter is not a view of the rebuilt bank"
+    assert bank.native_version() == v_in
+    with torch.no_grad():  # outside inference mode: a checkpoint load, a replica copy
+        experts[0].weight.mul_(2.0)
+        bank.replica_fc1[0].copy_(bank.fc1[1])
+    assert bank.native_version() != v_in

@@ -48,3 +48,26 @@ def test_zero_cap_refuses_any_replica():
         _pool(1, 0.0)
     with pytest.raises(ValueError, match="replica_memory_cap_mib=-1"):
         ProbeConfig(replica_memory_cap_mib=-1)
+
+
+def test_pool_built_under_inference_mode_is_writable_by_the_copy_thread():
+    """A pipeline built inside ``torch.inference_mode()`` still gets banks the copy thread (which
+    runs outside inference mode) can write into."""
+    import threading
+
+    with torch.inference_mode():
+        pool = _pool(2, None)
+    assert not pool.fc1.is_inference() and not pool.fc2.is_inference()
+    errors = []
+
+    def copy_in():
+        try:
+            pool.slot_tensors(0, 1)[0].copy_(torch.ones(2 * F, H))
+        except Exception as e:  # an inference tensor refuses in-place writes here
+            errors.append(e)
+
+    t = threading.Thread(target=copy_in)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert bool((pool.fc1[0, 1] == 1).all())

@@ -219,3 +219,73 @@ def test_soak_report_names_what_grew():
     assert report(opts, 1, [good])["passed"]
     with pytest.raises(ValueError, match="replica_mode='mirrored'"):
         SoakOptions(replica_mode="mirrored")
+
+
+def test_gpu_preflight_names_what_is_there_and_what_is_not(tmp_path):
+    """The GPU check's preflight on this machine: package versions, the compiler and Python.h
+    Triton's launcher needs, and the Triton launch reported as not run without a CUDA device
+    (on a GPU it must say ``ok``); a missing output path is refused with the usage."""
+    out = tmp_path / "pre.json"
+    tool = os.path.join(ROOT, "tools", "gpu_preflight.py")
+    r = subprocess.run([sys.executable, tool, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    import torch
+
+    assert res["packages"]["torch"] == torch.__version__, res["packages"]
+    assert res["packages"]["megatron.core"] != "present" and not res["packages"]["megatron.core"].startswith("missing")
+    assert res["packages"]["transformer_engine"].startswith("missing"), res["packages"]  # not installable here
+    assert isinstance(res["python_h"], bool) and isinstance(res["libcuda"], list)
+    if not torch.cuda.is_available():
+        assert res["triton_launch"] == "not run: no CUDA device", res
+    bad = subprocess.run([sys.executable, tool], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "OUT.json" in bad.stderr, bad.stderr[-500:]
+
+
+def test_gpu_check_keeps_what_ran_when_a_section_fails(tmp_path):
+    """A section that raises is recorded by name and the report written after each section keeps
+    the others (none of them has run on a GPU: one failure must not lose the rest)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    report = {"errors": {}, "complete": False}
+    path = str(tmp_path / "gpu_check.json")
+
+    def broken(n):
+        raise RuntimeError(f"no kernel for {n}")
+
+    assert gpu_check.guarded("fp8_gemm", report, broken, 3) == []
+    assert report["errors"] == {"fp8_gemm": "RuntimeError: no kernel for 3"}
+    report["layer"] = gpu_check.guarded("layer", report, lambda a, b: [a + b], 1, 2)
+    gpu_check.save(report, path)
+    saved = json.load(open(path))
+    assert saved["layer"] == [3] and saved["errors"] == report["errors"] and saved["complete"] is False
+    assert not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.slow
+def test_gpu_check_script_stops_a_step_at_its_time_limit(tmp_path):
+    """``tools/gpu_check.sh`` on CPU: the preflight runs, a step past its limit is stopped (exit
+    124) and named in the log and in ``summary.json``, the script still writes the summary, and
+    ``PACK_TO`` gets the summary and one archive of the whole folder (a device call brings back
+    at most 8 files)."""
+    import tarfile
+
+    dest, pack = tmp_path / "results", tmp_path / "out"
+    env = dict(os.environ, OUT=str(dest), PACK_TO=str(pack), PYTHON=sys.executable,
+               GPU_CHECK_LIMITS="300 300 1 300")
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), "predictor"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.load(open(dest / "summary.json"))
+    step = summary["steps"]["predictor"]
+    assert step["exit_status"] == 124 and step["timed_out"] is True, summary
+    assert summary["preflight"]["packages"]["torch"], summary["preflight"]
+    assert "stopped at its time limit of 1 s" in (dest / "logs" / "predictor.log").read_text()
+    assert sorted(os.listdir(pack)) == ["gpu_check_results.tar.gz", "summary.json"], os.listdir(pack)
+    with tarfile.open(pack / "gpu_check_results.tar.gz") as tar:
+        names = tar.getnames()
+    for name in ("summary.json", "preflight.json", "logs/predictor.log", "logs/preflight.log"):
+        assert f"results/{name}" in names, names

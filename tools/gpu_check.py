@@ -351,6 +351,8 @@ def graph_layer(device, quick, out_dir):
     from megatron_probe.mcore.launch import run_distributed
 
     path = os.path.join(out_dir, "graph_ep1.json")
+    if os.path.exists(path):  # a rerun into the same folder must not report the last run's rows
+        os.remove(path)
     run_distributed(_graph_worker, 1, device.type, quick, path, backend="nccl" if device.type == "cuda" else "gloo")
     return json.load(open(path)) if os.path.exists(path) else []
 
@@ -467,18 +469,35 @@ def _copy_worker(rank, ws, device_type, quick, out_path):
         print(f"[copies] {row}", flush=True)
     out["not_measured"] = ("NCCL send/recv copies (copy_transport='stream') and copies between GPUs: one GPU "
                            "has no peer; the pull copy here reads this GPU's own symmetric memory")
+    out["copy_engine_note"] = ("on one GPU the pull copy is a same-device cudaMemcpyAsync: whether the driver runs it "
+                               "on a copy engine or on SMs is the driver's choice, so ce_copy_slowdown_pct is that "
+                               "memcpy's cost to the GEMM; the copy-engine case proper is a peer copy between GPUs")
     json.dump(out, open(out_path, "w"))
+    if cuda:  # symmetric-memory handles released before the process exits (a crash there would hide the result)
+        from megatron_probe.mechanism import peer_memory
+
+        torch.cuda.synchronize()
+        del srcs, local, remote
+        peer_memory.release_cuda_handles()
 
 
 def copy_paths(device, quick, out_dir):
     from megatron_probe.mcore.launch import run_distributed
 
     path = os.path.join(out_dir, "copies_1gpu.json")
+    if os.path.exists(path):  # a rerun into the same folder must not report the last run's result
+        os.remove(path)
+    error = None
     try:  # a failure here (e.g. symmetric memory refused) is reported; the other steps' results stay
         run_distributed(_copy_worker, 1, device.type, quick, path, backend="nccl" if device.type == "cuda" else "gloo")
     except Exception as e:
-        return {"rows": [], "error": f"{type(e).__name__}: {str(e)[:500]} (the worker's traceback is in the log)"}
-    return json.load(open(path)) if os.path.exists(path) else {"rows": [], "error": "the worker wrote no result"}
+        error = f"{type(e).__name__}: {str(e)[:500]} (the worker's traceback is in the log)"
+    if not os.path.exists(path):
+        return {"rows": [], "error": error or "the worker wrote no result"}
+    result = json.load(open(path))  # written before a failure at the worker's exit: kept, the error beside it
+    if error is not None:
+        result["error_after_result"] = error
+    return result
 
 
 def _device_control_worker(rank, ws, device_type, quick, out_dir):
@@ -542,6 +561,10 @@ def device_control_pipeline(device, quick, out_dir):
     model's (fp32, 1e-5 of the logits' scale) on both ranks and copies made with the gate off."""
     from megatron_probe.mcore.launch import run_distributed
 
+    for r in range(2):  # a rerun into the same folder must not report the last run's results
+        stale = os.path.join(out_dir, f"device_control_rank{r}.json")
+        if os.path.exists(stale):
+            os.remove(stale)
     saved = os.environ.get("TRITON_INTERPRET")
     if device.type == "cpu":  # the dry run: the Triton kernels under the interpreter in the workers
         os.environ["TRITON_INTERPRET"] = "1"
@@ -567,6 +590,28 @@ def device_control_pipeline(device, quick, out_dir):
                             "NCCL path needs two GPUs"}
 
 
+def save(report, path):
+    """Write the report so far (``complete`` False until the last section): a step stopped by its time
+    limit or an error in a later section keeps what was measured."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def guarded(name, report, fn, *args):
+    """``fn(*args)``, or ``[]`` with the error recorded in ``report["errors"][name]`` and its traceback
+    printed: one section's failure (none of these has run on a GPU yet) leaves the others' results."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        report["errors"][name] = f"{type(e).__name__}: {str(e)[:500]}"
+        print(f"[{name}] FAILED: {report['errors'][name]}", flush=True)
+        return []
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(ROOT, "results", "gpu_check"))
@@ -576,61 +621,78 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     device = torch.device(a.device)
     t0 = time.time()
-    report = {"env": env_report(), "equivalence": [], "experts": [], "layer": [], "skipped": []}
+    report = {"env": env_report(), "equivalence": [], "experts": [], "layer": [], "skipped": [], "errors": {},
+              "complete": False}
     print(json.dumps(report["env"]), flush=True)
     ngpu = max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
     tr = "4" if a.quick else "14"
     dev = ["--device", a.device]
     big = ["--hidden", "256", "--ffn", "512", "--max-tokens", "256"]
+    json_path = os.path.join(a.out, "gpu_check.json")
+    save(report, json_path)  # after every section: a later failure or the step's time limit keeps these
+    # the issue's measured targets first (FP8 GEMM, the EP 1 CUDA graph, the copies), then the timings,
+    # then the equivalence runs (about 20 s each, mostly process start): under the step's time limit the
+    # sections that did not run are the ones missing from the JSON
+    report["fp8_gemm"] = guarded("fp8_gemm", report, time_fp8_gemm, device, a.quick)
+    save(report, json_path)
+    from megatron_probe.experiments.equivalence import available_backends
+
+    if "grouped_mm" in available_backends(device, torch.bfloat16):
+        report["graph_ep1"] = guarded("graph_ep1", report, graph_layer, device, a.quick, a.out)
+    else:  # the capturable path needs torch._grouped_mm in bf16 (compute capability >= 9.0 on a GPU)
+        report["graph_ep1"] = []
+        report["skipped"].append(f"EP 1 CUDA graph step not run: torch._grouped_mm does not run in bf16 on {device}")
+    save(report, json_path)
+    report["copies"] = copy_paths(device, a.quick, a.out)
+    save(report, json_path)
+    report["experts"] = guarded("experts", report, time_expert_backends, device, a.quick)
+    save(report, json_path)
+    report["layer"] = guarded("layer", report, time_layer, device, a.quick, a.out)
+    save(report, json_path)
     eq = report["equivalence"]
-    eq.append(run_equivalence("nccl_fp32", ["--ep", str(ngpu), "--experts", "8", "--topk", "2",
-                                            "--replica-slots", "0" if ngpu == 1 else "2", "--trials", tr] + dev, a.out))
-    eq.append(run_equivalence("nccl_bf16", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
-                                            "--replica-slots", "0" if ngpu == 1 else "3", "--trials", tr,
-                                            "--dtype", "bf16"] + big + dev, a.out))
-    eq.append(run_equivalence("shared_gpu_ep2_bf16", ["--ep", "2", "--experts", "16", "--topk", "4",
-                                                      "--replica-slots", "3", "--trials", tr, "--dtype", "bf16",
-                                                      "--dist-backend", "gloo"] + big + dev, a.out))
-    eq.append(run_equivalence("shared_gpu_ep2_fp32", ["--ep", "2", "--experts", "8", "--topk", "2",
-                                                      "--replica-slots", "2", "--trials", tr,
-                                                      "--dist-backend", "gloo"] + dev, a.out))
+
+    def add_eq(result):  # each equivalence run kept as soon as it ends
+        eq.append(result)
+        save(report, json_path)
+
+    add_eq(run_equivalence("nccl_fp32", ["--ep", str(ngpu), "--experts", "8", "--topk", "2",
+                                         "--replica-slots", "0" if ngpu == 1 else "2", "--trials", tr] + dev, a.out))
+    add_eq(run_equivalence("nccl_bf16", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
+                                         "--replica-slots", "0" if ngpu == 1 else "3", "--trials", tr,
+                                         "--dtype", "bf16"] + big + dev, a.out))
+    add_eq(run_equivalence("shared_gpu_ep2_bf16", ["--ep", "2", "--experts", "16", "--topk", "4",
+                                                   "--replica-slots", "3", "--trials", tr, "--dtype", "bf16",
+                                                   "--dist-backend", "gloo"] + big + dev, a.out))
+    add_eq(run_equivalence("shared_gpu_ep2_fp32", ["--ep", "2", "--experts", "8", "--topk", "2",
+                                                   "--replica-slots", "2", "--trials", tr,
+                                                   "--dist-backend", "gloo"] + dev, a.out))
     # ProbeConfig.control_path="device": counts, the Triton token split and the sizes' one
     # read-back on the GPU (on CPU, the dry run, under the Triton interpreter)
     interp = None if device.type == "cuda" else {"TRITON_INTERPRET": "1"}
-    eq.append(run_equivalence("shared_gpu_ep2_device_control_fp32", [
+    add_eq(run_equivalence("shared_gpu_ep2_device_control_fp32", [
         "--ep", "2", "--experts", "8", "--topk", "2", "--replica-slots", "2", "--trials", tr, "--dist-backend", "gloo",
         "--control-path", "device"] + dev, a.out, env=interp))
-    eq.append(run_equivalence("shared_gpu_ep2_device_control_bf16", [
+    add_eq(run_equivalence("shared_gpu_ep2_device_control_bf16", [
         "--ep", "2", "--experts", "16", "--topk", "4", "--replica-slots", "3", "--trials", tr, "--dtype", "bf16",
         "--dist-backend", "gloo", "--control-path", "device"] + big + dev, a.out, env=interp))
     if report["env"]["te_available"] and device.type == "cuda":
         for recipe in ("delayed", "current", "mxfp8"):
-            eq.append(run_equivalence(f"te_fp8_{recipe}", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
-                                                             "--replica-slots", "0", "--trials", "7", "--dtype",
-                                                             "bf16", "--backend", "te", "--fp8", recipe] + big + dev,
-                                      a.out))
+            add_eq(run_equivalence(f"te_fp8_{recipe}", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
+                                                          "--replica-slots", "0", "--trials", "7", "--dtype",
+                                                          "bf16", "--backend", "te", "--fp8", recipe] + big + dev,
+                                   a.out))
     else:
         report["skipped"].append("Transformer Engine not importable here: TE GroupedLinear and FP8 recipes not run")
     from megatron_probe.mechanism.fp8 import fp8_unsupported_reason
 
     why_not_fp8 = fp8_unsupported_reason(device)
     if why_not_fp8 is None:  # FP8 without TE: the layer against the dense reference at the FP8 tolerance
-        eq.append(run_equivalence("fp8_rowwise", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
-                                                  "--replica-slots", "0" if ngpu == 1 else "3", "--trials", "7",
-                                                  "--dtype", "bf16", "--backend", "fp8"] + big + dev, a.out))
+        add_eq(run_equivalence("fp8_rowwise", ["--ep", str(ngpu), "--experts", "16", "--topk", "4",
+                                               "--replica-slots", "0" if ngpu == 1 else "3", "--trials", "7",
+                                               "--dtype", "bf16", "--backend", "fp8"] + big + dev, a.out))
     else:
         report["skipped"].append(f"expert_backend='fp8' not run: {why_not_fp8}")
-    report["experts"] = time_expert_backends(device, a.quick)
-    report["fp8_gemm"] = time_fp8_gemm(device, a.quick)
-    report["layer"] = time_layer(device, a.quick, a.out)
-    from megatron_probe.experiments.equivalence import available_backends
-
-    if "grouped_mm" in available_backends(device, torch.bfloat16):
-        report["graph_ep1"] = graph_layer(device, a.quick, a.out)
-    else:  # the capturable path needs torch._grouped_mm in bf16 (compute capability >= 9.0 on a GPU)
-        report["graph_ep1"] = []
-        report["skipped"].append(f"EP 1 CUDA graph step not run: torch._grouped_mm does not run in bf16 on {device}")
-    report["copies"] = copy_paths(device, a.quick, a.out)
+    save(report, json_path)
     report["device_control"] = device_control_pipeline(device, a.quick, a.out)
     report["seconds"] = round(time.time() - t0, 1)
     # every row: no host synchronisation (or read, on CPU) and captured; bit-exact replay only
@@ -642,9 +704,10 @@ def main():
     if not report["graph_ep1"] and not any(s.startswith("EP 1 CUDA graph") for s in report["skipped"]):
         graph_ok = False
     copies_ok = bool(report["copies"]["rows"]) and all(r["ordered_copy_exact"] for r in report["copies"]["rows"])
-    report["passed"] = all(e.get("passed") for e in eq) and graph_ok and copies_ok and report["device_control"]["passed"]
-    with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    report["passed"] = (all(e.get("passed") for e in eq) and graph_ok and copies_ok
+                        and report["device_control"]["passed"] and not report["errors"])
+    report["complete"] = True
+    save(report, json_path)
     print("\n== summary ==")
     for e in eq:
         print(f"{e['name']:22s} passed={e.get('passed')} trials={e.get('trials')} max_abs={e.get('max_abs_diff')} "

@@ -67,14 +67,18 @@ class ExpertBank(torch.nn.Module):
             raise ValueError(f"expected {L} native experts, got {len(fc1_refs)} / {len(fc2_refs)}")
         self._fc1_refs, self._fc2_refs = list(fc1_refs), list(fc2_refs)
         # in peer memory the rows every peer reads are the ones written (``module.to()`` may have
-        # replaced the fc1 / fc2 buffers themselves)
+        # replaced the fc1 / fc2 buffers themselves). Normal tensors even when called under
+        # ``torch.inference_mode()`` (a model moved with ``.cuda()`` is rebuilt at its first served
+        # step): inference tensors keep no version counter (``native_version``) and cannot be
+        # written outside inference mode (the copy thread, a checkpoint load)
         peer = self._peer_fc1 is not None
-        self.fc1 = self._rebuild(self._fc1_refs, self._peer_fc1[self.ep_rank] if peer else None)
-        self.fc2 = self._rebuild(self._fc2_refs, self._peer_fc2[self.ep_rank] if peer else None)
-        self.version += 1
-        if not self.shared:
-            self.replica_fc1 = self._own_rows(self.replica_fc1, self.fc1)
-            self.replica_fc2 = self._own_rows(self.replica_fc2, self.fc2)
+        with torch.inference_mode(False):
+            self.fc1 = self._rebuild(self._fc1_refs, self._peer_fc1[self.ep_rank] if peer else None)
+            self.fc2 = self._rebuild(self._fc2_refs, self._peer_fc2[self.ep_rank] if peer else None)
+            self.version += 1
+            if not self.shared:
+                self.replica_fc1 = self._own_rows(self.replica_fc1, self.fc1)
+                self.replica_fc2 = self._own_rows(self.replica_fc2, self.fc2)
 
     def _rebuild(self, refs: List[ParamRef], current: Optional[torch.Tensor] = None) -> torch.Tensor:
         params = [getattr(m, n) for m, n in refs]

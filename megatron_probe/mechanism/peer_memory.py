@@ -37,6 +37,13 @@ from megatron_probe.mechanism.comm import group_rank, group_size
 _handles: list = []  # CUDA symmetric-memory handles: kept alive as long as their buffers are used
 
 
+def release_cuda_handles() -> None:
+    """Drop the CUDA symmetric-memory handles this process keeps, once no peer tensor of it is used
+    any more (e.g. at the end of a worker: a handle torn down at interpreter exit, after the process
+    group, can crash the exit and hide what the worker wrote)."""
+    _handles.clear()
+
+
 def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 

@@ -36,8 +36,9 @@ class ReplicaBankPool:
                 f"{_mib(per_expert)} MiB per expert), over replica_memory_cap_mib={_mib(memory_cap_bytes)}; "
                 f"valid: replica_slots_per_rank <= {fit} at this cap, or replica_memory_cap_mib >= {_mib(need, up=True)}")
         self.expert_bytes = per_expert
-        self.fc1 = torch.zeros((NUM_BANKS, R) + tuple(fc1_shape), dtype=dtype, device=device)
-        self.fc2 = torch.zeros((NUM_BANKS, R) + tuple(fc2_shape), dtype=dtype, device=device)
+        with torch.inference_mode(False):  # written by the copy thread, outside any inference mode
+            self.fc1 = torch.zeros((NUM_BANKS, R) + tuple(fc1_shape), dtype=dtype, device=device)
+            self.fc2 = torch.zeros((NUM_BANKS, R) + tuple(fc2_shape), dtype=dtype, device=device)
         # what each bank's slots hold, for every rank: expert ids of layer `held_layer[b]`
         self.held = [torch.full((layout.ep_size, R), EMPTY_SLOT, dtype=torch.long) for _ in range(NUM_BANKS)]
         self.held_layer = [None] * NUM_BANKS

@@ -385,10 +385,14 @@ class TransferEngine:
         if self.broken is not None:
             batch._fail(RuntimeError(f"transfer engine is broken: {self.broken}"))
         elif work:
+            ready = None
+            if self._stream is not None:  # the side stream writes a slot only after the main stream's
+                ready = torch.cuda.Event()  # work queued so far, reads of that slot included
+                ready.record(torch.cuda.current_stream(self._stream.device))
             with self._cv:
                 self._outstanding += 1
                 self._idle.clear()
-            self._queue.put((batch, work))
+            self._queue.put((batch, work, ready))
         return batch
 
     def _work_items(self, ops: List[CopyOp], src_tensors, dst_tensors) -> list:
@@ -408,7 +412,7 @@ class TransferEngine:
             item = self._queue.get()
             if item is None:
                 return
-            batch, work = item
+            batch, work, ready = item
             batch.started_at = time.monotonic()
             if self.broken is not None or self._closed:
                 batch._fail(RuntimeError(f"transfer engine is {'closed' if self._closed else 'broken'}: "
@@ -419,6 +423,7 @@ class TransferEngine:
                 try:
                     if self._stream is not None:
                         with torch.cuda.stream(self._stream):
+                            self._stream.wait_event(ready)
                             self._run(batch, work)
                     else:
                         self._run(batch, work)
