@@ -134,3 +134,9 @@ def test_bank_rebuilt_under_inference_mode_stays_a_normal_tensor():
         experts[0].weight.mul_(2.0)
         bank.replica_fc1[0].copy_(bank.fc1[1])
     assert bank.native_version() != v_in
+    # placements recorded during a served step are filled in place later, outside inference mode
+    with torch.inference_mode():
+        bank.set_own_placement(torch.tensor([[2], [-1]]))
+    assert not bank.placement.is_inference()
+    bank.use_shared_replicas()  # empties the record in place
+    assert bool((bank.placement == -1).all())

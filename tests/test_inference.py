@@ -264,3 +264,12 @@ def test_inference_script_rejects_bad_input(tmp_path, args, msg):
     r = _script(*args, timeout=120)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert msg in r.stderr, r.stderr[-2000:]
+
+
+def test_compare_names_where_each_differing_request_first_differs():
+    from megatron_probe.serving.worker import first_differences
+
+    stock = {0: [5, 6, 7], 1: [1, 2, 3, 4], 2: [9, 9], 3: [4]}
+    probe = {0: [5, 6, 7], 1: [1, 2, 8, 4], 2: [9, 9, 1], 4: [3]}
+    assert first_differences(stock, probe) == {1: 2, 2: 2, 3: 0}
+    assert first_differences(stock, stock) == {}

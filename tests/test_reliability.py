@@ -99,6 +99,22 @@ def test_roll_call_names_the_rank_that_never_answers_and_the_store_host_when_the
 
 
 # ---------------------------------------------------------------------------- the launcher
+def test_launcher_gives_nccl_groups_gloo_for_host_tensors_and_takes_torchruns_local_rank(monkeypatch):
+    """Under NCCL the default group (and every group made from it without a backend) also gets
+    gloo, so the control path's small host tensors have a backend; a process picks its GPU from
+    torchrun's LOCAL_RANK, not from its global rank. (NCCL itself needs a GPU: its run is in
+    tools/gpu_check.sh.)"""
+    from megatron_probe.mcore import launch
+
+    assert launch.process_group_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert launch.process_group_backend("gloo") == "gloo"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert launch.local_device_index(11) == 3  # rank 11 is the fourth process of its node
+    monkeypatch.delenv("LOCAL_RANK")
+    if torch.cuda.is_available():
+        assert launch.local_device_index(11) == 11 % torch.cuda.device_count()
+
+
 def _dies_in_a_stage(rank, ws, how):
     from megatron_probe.mechanism.profiling import nvtx_range
 

@@ -71,3 +71,7 @@ def test_pool_built_under_inference_mode_is_writable_by_the_copy_thread():
     t.join()
     assert not errors, errors
     assert bool((pool.fc1[0, 1] == 1).all())
+    with torch.inference_mode():  # a bank's record taken during a served step ...
+        pool.mark(0, 3, torch.tensor([[1, 5], [0, -1], [2, 3], [-1, -1]]))
+    pool.mark(0, 4, torch.full((4, 2), -1))  # ... emptied in place for another layer outside it
+    assert pool.held_layer[0] == 4 and bool((pool.held[0] == -1).all())

@@ -434,7 +434,10 @@ def main(argv=None) -> int:
     if a.json:
         print(f"json: {a.json}")
     if res.get("tokens_identical") is False:
-        print("ERROR: PROBE's tokens differ from the stock layer's", file=sys.stderr)
+        first = res.get("first_difference", {})
+        where = ", ".join(f"request {i} at token {k}" for i, k in sorted(first.items())[:8])
+        print(f"ERROR: PROBE's tokens differ from the stock layer's in {len(first)} request(s): {where}",
+              file=sys.stderr)
         return 1
     return 0
 

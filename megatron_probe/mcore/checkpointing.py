@@ -86,7 +86,7 @@ def _any_rank(flag: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([int(flag)], device="cuda" if "nccl" in str(dist.get_backend()) else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

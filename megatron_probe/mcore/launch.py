@@ -35,6 +35,26 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+# with NCCL the process groups also get gloo for host tensors: the pipeline's control collectives
+# (the cost agreement, the copy agreement, the expert-cost calibration) and the serving engine's
+# totals are small CPU tensors, and a group made with NCCL alone refuses them ("No backend type
+# associated with device type cpu"); Megatron's groups and ours made without a backend inherit both
+PROCESS_GROUP_BACKENDS = {"nccl": "cpu:gloo,cuda:nccl"}
+
+
+def process_group_backend(backend: str) -> str:
+    """The backend string ``init_process_group`` gets for ``backend`` (``nccl``: NCCL for CUDA
+    tensors and gloo for host tensors; others unchanged)."""
+    return PROCESS_GROUP_BACKENDS.get(backend, backend)
+
+
+def local_device_index(rank: int) -> int:
+    """This process's GPU: torchrun's ``LOCAL_RANK`` (right with several nodes, or fewer processes
+    than GPUs on a node), else the rank modulo the GPUs (ranks spawned on one machine)."""
+    local = os.environ.get("LOCAL_RANK")
+    return int(local) if local is not None else rank % torch.cuda.device_count()
+
+
 def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
@@ -65,9 +85,9 @@ def _shutdown():
 
 def _init(rank, world_size, backend, timeout_s=None):
     if torch.cuda.is_available():  # gloo too: several ranks may share one GPU
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_device_index(rank))
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    dist.init_process_group(process_group_backend(backend), rank=rank, world_size=world_size, timeout=timeout)
 
 
 class RanksFailed(RuntimeError):

@@ -74,6 +74,12 @@ def needs_host_staging(group, t: torch.Tensor) -> bool:
     return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
 
 
+def nccl_moves(group, t: torch.Tensor) -> bool:
+    """Does NCCL move ``t`` on ``group``: a CUDA tensor on a group with NCCL, alone (``nccl``) or
+    beside gloo for host tensors (``cpu:gloo,cuda:nccl``, what the launcher sets up)."""
+    return t.device.type == "cuda" and "nccl" in str(dist.get_backend(group))
+
+
 def _all_to_all_raw(x, output_splits: List[int], input_splits: List[int], group):
     if group_size(group) == 1:
         return x

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_probe.mechanism.comm import group_size, needs_host_staging
+from megatron_probe.mechanism.comm import group_size, needs_host_staging, nccl_moves
 
 
 class PendingCounts:
@@ -47,7 +47,7 @@ def gather_counts_async(local_counts: torch.Tensor, group) -> PendingCounts:
     x = local_counts.contiguous()
     if needs_host_staging(group, x):
         x = x.cpu()
-    if dist.get_backend(group) == "nccl":
+    if nccl_moves(group, x):
         out = x.new_empty((n,) + tuple(x.shape))
         work = dist.all_gather_into_tensor(out, x, group=group, async_op=True)
         return PendingCounts(work, None, out, local_counts.device)

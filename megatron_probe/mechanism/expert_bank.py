@@ -27,6 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron_probe.mechanism.comm import group_rank
+from megatron_probe.mechanism.replica_pool import placement_record
 from megatron_probe.mechanism.transfer import copy_now, replica_copies
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout, validate_placement
 
@@ -47,7 +48,7 @@ class ExpertBank(torch.nn.Module):
         self.register_buffer("replica_fc2", None, persistent=False)
         # what the replica rows in use hold, for every rank ([ep, R], -1 empty): fills and
         # attachments are collective with the same placement on every rank
-        self.placement = torch.full((layout.ep_size, layout.replica_slots), EMPTY_SLOT, dtype=torch.long)
+        self.placement = placement_record(torch.full((layout.ep_size, layout.replica_slots), EMPTY_SLOT))
         self.shared = False  # replicas come from an attached shared block, not the own rows
         self._attached: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.version = 0  # bumped whenever the native rows are re-allocated
@@ -255,7 +256,7 @@ class ExpertBank(torch.nn.Module):
             raise ValueError(f"replica block {tuple(fc1.shape)}/{tuple(fc2.shape)} does not match {R} slots of "
                              f"{tuple(self.fc1.shape[1:])}/{tuple(self.fc2.shape[1:])}")
         self._attached = (fc1, fc2)
-        self.placement = placement.detach().cpu().long().clone()
+        self.placement = placement_record(placement)
         self.replica_version += 1
 
     def detach_replicas(self) -> None:
@@ -280,7 +281,7 @@ class ExpertBank(torch.nn.Module):
             raise RuntimeError("this bank uses shared replica rows: attach_replicas records their placement")
         placement = placement.detach().cpu().long()
         if not torch.equal(placement, self.placement):
-            self.placement = placement.clone()
+            self.placement = placement_record(placement)
             self.replica_version += 1
 
     def fill(self, placement: torch.Tensor) -> int:
@@ -301,7 +302,7 @@ class ExpertBank(torch.nn.Module):
                                 native_rows=self.native_rows,
                                 slot_rows=lambda s: [self.replica_fc1[s], self.replica_fc2[s]])
         copy_now(copies, self.ep_group)
-        self.placement = placement.clone()
+        self.placement = placement_record(placement)
         if copies.received:
             self.replica_version += 1
         self.bytes_received += copies.received * self.expert_bytes()

@@ -16,6 +16,14 @@ import torch
 
 from megatron_probe.policy.placement import EMPTY_SLOT, ExpertLayout
 
+
+def placement_record(placement: torch.Tensor) -> torch.Tensor:
+    """A placement ``[ep, R]`` as a new int64 host tensor for a record that is later written in
+    place (``fill_``): never an inference tensor, even when taken inside ``torch.inference_mode()``
+    (the serving engine's step), since such a tensor refuses in-place writes outside it."""
+    with torch.inference_mode(False):
+        return placement.detach().cpu().long().clone()
+
 NUM_BANKS = 2
 
 
@@ -40,7 +48,7 @@ class ReplicaBankPool:
             self.fc1 = torch.zeros((NUM_BANKS, R) + tuple(fc1_shape), dtype=dtype, device=device)
             self.fc2 = torch.zeros((NUM_BANKS, R) + tuple(fc2_shape), dtype=dtype, device=device)
         # what each bank's slots hold, for every rank: expert ids of layer `held_layer[b]`
-        self.held = [torch.full((layout.ep_size, R), EMPTY_SLOT, dtype=torch.long) for _ in range(NUM_BANKS)]
+        self.held = [placement_record(torch.full((layout.ep_size, R), EMPTY_SLOT)) for _ in range(NUM_BANKS)]
         self.held_layer = [None] * NUM_BANKS
         # the version of the natives each bank's copies were made from (ExpertBank.native_version)
         self.held_version = [None] * NUM_BANKS
@@ -76,7 +84,7 @@ class ReplicaBankPool:
             self.held[bank].fill_(EMPTY_SLOT)
         self.held_layer[bank] = layer
         self.held_version[bank] = version
-        self.held[bank] = placement.detach().cpu().long().clone()
+        self.held[bank] = placement_record(placement)
 
 
 def _mib(nbytes: int, up: bool = False) -> str:

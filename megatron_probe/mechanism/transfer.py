@@ -498,6 +498,8 @@ class TransferEngine:
                     if self.fault is not None:
                         self.fault(i, op, c)
                     kind = self._move(op, src[ti].view(-1)[s:e], dst[ti].view(-1)[s:e])
+                    if self._stream is not None:  # on CUDA send/recv return once queued: the chunk is
+                        self._stream.synchronize()  # busy until it has moved (phase locking, the log)
                     t1 = now_ns()
                 finally:
                     self._set_busy(False)
@@ -507,9 +509,7 @@ class TransferEngine:
                 batch.bytes_moved += nbytes
                 batch.chunks_moved += 1
                 self.chunks_moved += 1
-            if self._stream is not None:
-                self._stream.synchronize()  # the copy is usable by other streams once flagged
-            batch._events[i].set()
+            batch._events[i].set()  # (on CUDA every chunk was synchronised: usable by any stream now)
 
     def _move(self, op: CopyOp, src: torch.Tensor, dst: torch.Tensor) -> str:
         """One chunk of ``op``: sent from ``src`` or received into ``dst`` (the same chunk of this

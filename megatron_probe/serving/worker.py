@@ -103,6 +103,21 @@ class ServingMode:
     pipe: object = None
 
 
+def first_differences(stock: Dict, probe: Dict) -> Dict:
+    """``{request: index of its first generated token that differs}`` for every request whose tokens
+    differ (a missing or shorter list differs where it ends). On a GPU, bf16 GEMMs whose kernels
+    depend on the row count can flip a near-tie late in a request; a difference at the first tokens
+    points at a bug."""
+    out = {}
+    for i, a in stock.items():
+        b = probe.get(i)
+        if b is None:
+            out[i] = 0
+        elif a != b:
+            out[i] = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return out
+
+
 def serve_worker(rank: int, ws: int, opts: ServeOptions, out_path: Optional[str]) -> None:
     """Serve ``opts.workload`` in every mode of ``opts.modes`` on this rank; rank 0 gathers every
     rank's rows and requests and writes the result (:func:`summarise`) to ``out_path``. With
@@ -437,6 +452,7 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
         diff = sorted(i for i in a if a[i] != b.get(i))
         res["tokens_identical"] = not diff and set(a) == set(b)
         res["requests_differing"] = diff
+        res["first_difference"] = first_differences(a, b)
         s, p = modes["stock"], modes["probe"]
         res["throughput_ratio"] = _ratio(p["throughput_tok_s"], s["throughput_tok_s"])
         res["ttft_ratio"] = _ratio(p["ttft_mean_s"], s["ttft_mean_s"])
