@@ -347,12 +347,19 @@ def _graph_worker(rank, ws, device_type, quick, out_path):
         json.dump(rows, open(out_path, "w"))
 
 
+def remove_stale(*paths):
+    """Remove a worker's result files before it runs: a rerun into the same folder must not report
+    the last run's results as its own."""
+    for path in paths:
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def graph_layer(device, quick, out_dir):
     from megatron_probe.mcore.launch import run_distributed
 
     path = os.path.join(out_dir, "graph_ep1.json")
-    if os.path.exists(path):  # a rerun into the same folder must not report the last run's rows
-        os.remove(path)
+    remove_stale(path)
     run_distributed(_graph_worker, 1, device.type, quick, path, backend="nccl" if device.type == "cuda" else "gloo")
     return json.load(open(path)) if os.path.exists(path) else []
 
@@ -485,8 +492,7 @@ def copy_paths(device, quick, out_dir):
     from megatron_probe.mcore.launch import run_distributed
 
     path = os.path.join(out_dir, "copies_1gpu.json")
-    if os.path.exists(path):  # a rerun into the same folder must not report the last run's result
-        os.remove(path)
+    remove_stale(path)
     error = None
     try:  # a failure here (e.g. symmetric memory refused) is reported; the other steps' results stay
         run_distributed(_copy_worker, 1, device.type, quick, path, backend="nccl" if device.type == "cuda" else "gloo")
@@ -561,10 +567,7 @@ def device_control_pipeline(device, quick, out_dir):
     model's (fp32, 1e-5 of the logits' scale) on both ranks and copies made with the gate off."""
     from megatron_probe.mcore.launch import run_distributed
 
-    for r in range(2):  # a rerun into the same folder must not report the last run's results
-        stale = os.path.join(out_dir, f"device_control_rank{r}.json")
-        if os.path.exists(stale):
-            os.remove(stale)
+    remove_stale(*(os.path.join(out_dir, f"device_control_rank{r}.json") for r in range(2)))
     saved = os.environ.get("TRITON_INTERPRET")
     if device.type == "cpu":  # the dry run: the Triton kernels under the interpreter in the workers
         os.environ["TRITON_INTERPRET"] = "1"

@@ -24,6 +24,7 @@ def placement_record(placement: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode(False):
         return placement.detach().cpu().long().clone()
 
+
 NUM_BANKS = 2
 
 

@@ -449,10 +449,10 @@ def summarise(gathered: List[Dict], opts: ServeOptions, wl, ws: int) -> Dict:
     if len(opts.modes) == 2:
         a = {r["id"]: r["tokens"] for g in lead for r in g["requests"]["stock"]}
         b = {r["id"]: r["tokens"] for g in lead for r in g["requests"]["probe"]}
-        diff = sorted(i for i in a if a[i] != b.get(i))
-        res["tokens_identical"] = not diff and set(a) == set(b)
-        res["requests_differing"] = diff
-        res["first_difference"] = first_differences(a, b)
+        first = first_differences(a, b)
+        res["tokens_identical"] = not first and set(a) == set(b)
+        res["requests_differing"] = sorted(first)
+        res["first_difference"] = first
         s, p = modes["stock"], modes["probe"]
         res["throughput_ratio"] = _ratio(p["throughput_tok_s"], s["throughput_tok_s"])
         res["ttft_ratio"] = _ratio(p["ttft_mean_s"], s["ttft_mean_s"])
